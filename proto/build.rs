@@ -1,0 +1,21 @@
+//! Compiles `fedgate/v1/*.proto` with protox (no system protoc) and writes the descriptor set for reflection.
+
+use prost::Message;
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "fedgate/v1/common.proto",
+        "fedgate/v1/federation.proto",
+        "fedgate/v1/agency.proto",
+        "fedgate/v1/provider.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("fedgate_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
