@@ -1,1 +1,21 @@
-//! placeholder
+//! The fedgate gateway: everything a node of the province's data-exchange federation does.
+//!
+//! One module per concern: identities ([`ident`]), TLS and the development PKI ([`tls`], [`pki`]), the tree
+//! ([`topology`]), the catalog ([`catalog`]), upward streams ([`uplink`]), share policy ([`policy`]), routing
+//! ([`route`]), storage ([`store`]), the gRPC services ([`service`]) and their assembly ([`node`]).
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod ident;
+pub mod node;
+pub mod pki;
+pub mod policy;
+pub mod route;
+pub mod service;
+pub mod store;
+pub mod tls;
+pub mod topology;
+pub mod uplink;

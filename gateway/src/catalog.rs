@@ -1,0 +1,288 @@
+//! The catalog: resource ids, validation of published entries, and search over a node's subtree.
+
+use std::fmt;
+use std::str::FromStr;
+
+use fedgate_proto::v1::{CatalogEntry, SearchCatalogRequest, ShareMode, ShareType};
+
+use crate::error::{Error, Result};
+use crate::ident::{DivisionCode, Uscc};
+use crate::store::CatalogQuery;
+
+/// Longest local code a provider may choose.
+const MAX_LOCAL_CODE: usize = 64;
+/// Default and largest page of a search.
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+/// A resource id `"<node code>:<local code>"`: the node that holds the resource and the provider's own code.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResourceId {
+    node: DivisionCode,
+    local: String,
+}
+
+impl ResourceId {
+    /// Builds an id from its parts, checking the local code.
+    pub fn new(node: DivisionCode, local: &str) -> Result<Self> {
+        check_local_code(local)?;
+        Ok(Self {
+            node,
+            local: local.to_owned(),
+        })
+    }
+
+    /// The node that holds the resource.
+    pub fn node(&self) -> DivisionCode {
+        self.node
+    }
+
+    /// The provider-chosen part.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+}
+
+fn check_local_code(local: &str) -> Result<()> {
+    if local.is_empty() || local.len() > MAX_LOCAL_CODE {
+        return Err(Error::InvalidArgument(format!(
+            "resource local code {local:?} must have 1 to {MAX_LOCAL_CODE} characters"
+        )));
+    }
+    if let Some(c) = local
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "resource local code {local:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"
+        )));
+    }
+    Ok(())
+}
+
+impl FromStr for ResourceId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let Some((node, local)) = s.split_once(':') else {
+            return Err(Error::InvalidArgument(format!(
+                "resource id {s:?} must have the form \"<node code>:<local code>\""
+            )));
+        };
+        let node = node
+            .parse::<DivisionCode>()
+            .map_err(|e| Error::InvalidArgument(format!("resource id {s:?}: {e}")))?;
+        Self::new(node, local)
+    }
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.node, self.local)
+    }
+}
+
+/// Parses the `resource_id` field of a request, naming the field on error.
+pub fn parse_resource_id(field: &str, value: &str) -> Result<ResourceId> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    value
+        .parse()
+        .map_err(|e: Error| Error::InvalidArgument(format!("{field}: {e}")))
+}
+
+fn is_field_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Validates an entry an agency publishes at `node` and completes the parts the node owns.
+pub fn prepare_publish(
+    node: DivisionCode,
+    provider: &Uscc,
+    mut entry: CatalogEntry,
+    now_rfc3339: String,
+) -> Result<CatalogEntry> {
+    let id = if entry.id.contains(':') {
+        let id = parse_resource_id("entry.id", &entry.id)?;
+        if id.node() != node {
+            return Err(Error::InvalidArgument(format!(
+                "entry.id {:?} names node {} but this is node {node}",
+                entry.id,
+                id.node()
+            )));
+        }
+        id
+    } else {
+        ResourceId::new(node, &entry.id)
+            .map_err(|e| Error::InvalidArgument(format!("entry.id: {e}")))?
+    };
+    if !entry.provider_uscc.is_empty() && entry.provider_uscc != provider.as_str() {
+        return Err(Error::PermissionDenied(format!(
+            "entry.provider_uscc {} differs from the caller's certificate ({provider})",
+            entry.provider_uscc
+        )));
+    }
+    if entry.title.trim().is_empty() {
+        return Err(Error::InvalidArgument("entry.title is required".into()));
+    }
+    let share_type = ShareType::try_from(entry.share_type).unwrap_or(ShareType::Unspecified);
+    if share_type == ShareType::Unspecified {
+        return Err(Error::InvalidArgument(format!(
+            "entry.share_type of {id} must be UNCONDITIONAL, CONDITIONAL or NOT_SHARED"
+        )));
+    }
+    if entry.fields.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "entry.fields of {id} must list at least one data item"
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &entry.fields {
+        if !is_field_name(&f.name) {
+            return Err(Error::InvalidArgument(format!(
+                "entry.fields of {id}: field name {:?} must be 1-64 letters, digits or '_'",
+                f.name
+            )));
+        }
+        if !seen.insert(f.name.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "entry.fields of {id}: field {:?} is listed twice",
+                f.name
+            )));
+        }
+    }
+    if !entry.key_field.is_empty() && !seen.contains(entry.key_field.as_str()) {
+        return Err(Error::InvalidArgument(format!(
+            "entry.key_field {:?} of {id} is not one of its fields",
+            entry.key_field
+        )));
+    }
+    if entry
+        .share_modes
+        .iter()
+        .any(|m| ShareMode::try_from(*m).is_err() || *m == ShareMode::Unspecified as i32)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "entry.share_modes of {id} contains an unknown mode"
+        )));
+    }
+    if entry.share_modes.is_empty() {
+        entry.share_modes.push(ShareMode::Query as i32);
+    }
+    for r in &entry.related {
+        parse_resource_id("entry.related", r)?;
+    }
+    entry.id = id.to_string();
+    entry.node_code = node.to_string();
+    entry.provider_uscc = provider.to_string();
+    entry.updated_at = now_rfc3339;
+    Ok(entry)
+}
+
+/// Page token of a search: the last id returned.
+fn page_token(entries: &[CatalogEntry], full: bool) -> String {
+    match entries.last() {
+        Some(e) if full => e.id.clone(),
+        _ => String::new(),
+    }
+}
+
+/// Translates a search request at `node` into a store query over the node's subtree.
+pub fn search_query(node: DivisionCode, req: &SearchCatalogRequest) -> Result<CatalogQuery> {
+    let mut node_prefix = Some(subtree_prefix(node));
+    if !req.node_code.is_empty() {
+        let filter: DivisionCode = req
+            .node_code
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("node_code: {e}")))?;
+        if !node.contains(&filter) && !filter.contains(&node) {
+            return Err(Error::InvalidArgument(format!(
+                "node_code {filter} is outside the subtree of node {node}"
+            )));
+        }
+        if node.contains(&filter) {
+            node_prefix = Some(subtree_prefix(filter));
+        }
+    }
+    let provider_uscc = if req.provider_uscc.is_empty() {
+        None
+    } else {
+        Some(
+            req.provider_uscc
+                .parse::<Uscc>()
+                .map_err(|e| Error::InvalidArgument(format!("provider_uscc: {e}")))?
+                .to_string(),
+        )
+    };
+    let share_type = match ShareType::try_from(req.share_type) {
+        Ok(ShareType::Unspecified) => None,
+        Ok(t) => Some(t),
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "share_type {} is not a known share type",
+                req.share_type
+            )));
+        }
+    };
+    let limit = match req.page_size {
+        0 => DEFAULT_PAGE,
+        n if n > MAX_PAGE => {
+            return Err(Error::InvalidArgument(format!(
+                "page_size {n} exceeds the maximum of {MAX_PAGE}"
+            )));
+        }
+        n => n,
+    };
+    Ok(CatalogQuery {
+        words: req.text.split_whitespace().map(str::to_lowercase).collect(),
+        provider_uscc,
+        classification: req.classification.clone(),
+        share_type,
+        node_prefix,
+        after_id: (!req.page_token.is_empty()).then(|| req.page_token.clone()),
+        limit,
+    })
+}
+
+/// Finishes a search page: the token for the next page, given the query's limit.
+pub fn next_page_token(entries: &[CatalogEntry], limit: u32) -> String {
+    page_token(entries, entries.len() == limit as usize)
+}
+
+/// The code prefix shared by every node in the subtree of `node`.
+pub fn subtree_prefix(node: DivisionCode) -> String {
+    let s = node.to_string();
+    let keep = match node.level() {
+        crate::ident::Level::Province => 2,
+        crate::ident::Level::City => 4,
+        crate::ident::Level::County => 6,
+    };
+    s[..keep].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_ids_parse_and_reject() {
+        let id: ResourceId = "350102:marriage".parse().expect("valid id");
+        assert_eq!(id.node().to_string(), "350102");
+        assert_eq!(id.local(), "marriage");
+        assert!("350102".parse::<ResourceId>().is_err());
+        assert!("35010:x".parse::<ResourceId>().is_err());
+        assert!("350102:a b".parse::<ResourceId>().is_err());
+        assert!("350102:".parse::<ResourceId>().is_err());
+    }
+
+    #[test]
+    fn subtree_prefixes_follow_levels() {
+        let p = |s: &str| subtree_prefix(s.parse().expect("code"));
+        assert_eq!(p("350000"), "35");
+        assert_eq!(p("350100"), "3501");
+        assert_eq!(p("350102"), "350102");
+    }
+}

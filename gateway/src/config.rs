@@ -1,0 +1,103 @@
+//! A node's configuration as plain data, read from TOML by the binary and built directly by tests.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything one node needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's 6-digit administrative division code.
+    pub code: String,
+    /// Address the gRPC listener binds, e.g. "127.0.0.1:7400".
+    pub listen: String,
+    /// TLS files of this node.
+    pub tls: TlsFiles,
+    /// Storage backend.
+    pub storage: StorageConfig,
+    /// The parent node; absent on the province.
+    #[serde(default)]
+    pub parent: Option<PeerNode>,
+    /// Child nodes this node accepts and forwards to.
+    #[serde(default)]
+    pub children: Vec<PeerNode>,
+    /// Agencies registered on this node.
+    #[serde(default)]
+    pub agencies: Vec<AgencyConfig>,
+    /// Routing limits.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+/// Paths of the PEM files that make up a node's TLS identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA certificate(s) that issue every node and agency certificate of the province.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// Where a node keeps its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// An embedded SQLite file.
+    Sqlite {
+        /// Path of the database file.
+        path: PathBuf,
+    },
+}
+
+/// A neighbouring node: its code and the address to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerNode {
+    /// Its division code.
+    pub code: String,
+    /// Its gRPC address, e.g. "https://127.0.0.1:7400".
+    pub address: String,
+}
+
+/// An agency registered on a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgencyConfig {
+    /// Unified social credit code.
+    pub uscc: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// Address of the agency's Provider service, if it provides data.
+    #[serde(default)]
+    pub provider: Option<String>,
+}
+
+/// Limits on forwarding.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Hops a share may take before it is refused.
+    pub hop_limit: u32,
+    /// Deadline of a share whose caller set none, in milliseconds.
+    pub default_timeout_ms: u64,
+    /// Time a node keeps for itself when it forwards, in milliseconds.
+    pub hop_margin_ms: u64,
+    /// Timeout of opening a connection to a neighbour or provider, in milliseconds.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            hop_limit: 8,
+            default_timeout_ms: 10_000,
+            hop_margin_ms: 20,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The errors a node answers with, and their one mapping to a gRPC status.
+
+use tonic::{Code, Status};
+
+/// Why a request to a node failed; each variant maps to exactly one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A value in the request is malformed; names the field and the value.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The thing asked for does not exist here.
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The request is well-formed but the system is not in a state to serve it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A node or agency on the way could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The request's deadline ran out.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A status returned by a node or provider further along, passed back unchanged.
+    #[error("{}", .0.message())]
+    Upstream(Status),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl Error {
+    /// The gRPC code this error is answered with.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Upstream(s) => s.code(),
+            Error::Store(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<crate::ident::IdentError> for Error {
+    fn from(e: crate::ident::IdentError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Upstream(s) => s,
+            Error::Store(err) => {
+                tracing::error!(error = %err, "storage failure");
+                Status::internal("storage failure at this node; the operator has been told")
+            }
+            other => Status::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+/// Shorthand for results whose error is a node [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,214 @@
+//! Assembles a node from its configuration and serves it until shut down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fedgate_proto::v1::Stream;
+use fedgate_proto::v1::agency_server::AgencyServer;
+use fedgate_proto::v1::federation_server::FederationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{NodeConfig, StorageConfig};
+use crate::ident::DivisionCode;
+use crate::route::Router;
+use crate::service::{AgencyService, FederationService};
+use crate::store::{SqliteStore, Store, StoreError};
+use crate::tls::{self, HandshakeFailure, TlsMaterial};
+use crate::topology::Topology;
+use crate::uplink::Uplink;
+
+/// Why a node could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid; the message names the setting.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::error::Error),
+    /// TLS files could not be loaded or used.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// Storage could not be opened.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        /// Address from the configuration.
+        addr: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A running node.
+pub struct NodeHandle {
+    code: DivisionCode,
+    addr: SocketAddr,
+    store: Arc<dyn Store>,
+    sqlite: Option<SqliteStore>,
+    uplink: Uplink,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("code", &self.code)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds the configured listen address.
+pub async fn bind(config: &NodeConfig) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(&config.listen)
+        .await
+        .map_err(|error| NodeError::Bind {
+            addr: config.listen.clone(),
+            error,
+        })
+}
+
+/// Starts a node on its configured address.
+pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    let listener = bind(&config).await?;
+    start_on(config, listener).await
+}
+
+/// Starts a node on an already bound listener (tests bind every node's port before starting any).
+pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeHandle, NodeError> {
+    let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let topology = Arc::new(Topology::from_config(&config, &tls)?);
+    let code = topology.code;
+    let (store, sqlite): (Arc<dyn Store>, Option<SqliteStore>) = match &config.storage {
+        StorageConfig::Sqlite { path } => {
+            let s = SqliteStore::open(path).await?;
+            (Arc::new(s.clone()), Some(s))
+        }
+    };
+    let addr = listener.local_addr().map_err(|error| NodeError::Bind {
+        addr: config.listen.clone(),
+        error,
+    })?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let uplink = Uplink::new();
+    let router = Router::new(topology.clone(), store.clone(), config.routing.clone());
+
+    let mut tasks = Vec::new();
+    if let Some(parent) = &topology.parent {
+        tasks.push(tokio::spawn(uplink.clone().run(
+            Stream::Catalog,
+            code,
+            parent.clone(),
+            store.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<FederationServer<FederationService>>()
+        .await;
+    health_reporter
+        .set_serving::<AgencyServer<AgencyService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fedgate_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| crate::error::Error::InvalidArgument(format!("reflection: {e}")))?;
+
+    let federation = FederationService::new(
+        topology.clone(),
+        store.clone(),
+        router.clone(),
+        uplink.clone(),
+    );
+    let agency = AgencyService::new(topology.clone(), store.clone(), router, uplink.clone());
+    let server_config = tls::server_config(&tls)?;
+    let on_failure = Arc::new(move |f: HandshakeFailure| {
+        tracing::warn!(node = %code, failure = %f, "TLS handshake refused");
+    });
+    let incoming = tls::incoming(listener, server_config, on_failure);
+    let mut stop = shutdown_rx.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(FederationServer::new(federation))
+            .add_service(AgencyServer::new(agency))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
+    );
+    tracing::info!(node = %code, %addr, "node serving");
+    Ok(NodeHandle {
+        code,
+        addr,
+        store,
+        sqlite,
+        uplink,
+        shutdown,
+        server,
+        tasks,
+    })
+}
+
+impl NodeHandle {
+    /// This node's code.
+    pub fn code(&self) -> DivisionCode {
+        self.code
+    }
+
+    /// The address the node listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node's store, for operator tools and tests.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Highest sequence number of `stream` the parent has acknowledged.
+    pub fn uplink_acked(&self, stream: Stream) -> u64 {
+        self.uplink.status(stream).acked.load(Ordering::Relaxed)
+    }
+
+    /// Items of `stream` written here but not yet acknowledged by the parent.
+    pub async fn uplink_lag(&self, stream: Stream) -> Result<u64, StoreError> {
+        let head = self.store.outbox_head(stream).await?;
+        Ok(head.saturating_sub(self.uplink_acked(stream)))
+    }
+
+    /// Stops accepting, drains in-flight requests, stops background tasks and closes storage.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let served = match self.server.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(node = %self.code, error = %e, "server task failed");
+                Ok(())
+            }
+        };
+        if let Some(s) = &self.sqlite {
+            s.close().await;
+        }
+        tracing::info!(node = %self.code, "node stopped");
+        served.map_err(NodeError::from)
+    }
+
+    /// Resolves when the server stops by itself (an error) — for the daemon to notice.
+    pub fn is_finished(&self) -> bool {
+        self.server.is_finished()
+    }
+}

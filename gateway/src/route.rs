@@ -1,0 +1,277 @@
+//! The share path: one hop of a request toward the provider's node, or serving it there.
+//!
+//! Every hop checks the hop limit and the recorded route, shrinks the deadline, and forwards over the pooled
+//! channel of the next neighbour. Intermediate nodes carry the consumer's request and the provider's answer as
+//! opaque bytes; only the provider's node decodes them.
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedgate_proto::v1::federation_client::FederationClient;
+use fedgate_proto::v1::provider_client::ProviderClient;
+use fedgate_proto::v1::{Envelope, FetchRequest, ForwardRequest, Hop, ShareRequest, ShareResponse};
+use prost::Message;
+use tonic::Status;
+
+use crate::config::RoutingConfig;
+use crate::error::{Error, Result};
+use crate::ident::DivisionCode;
+use crate::policy;
+use crate::store::Store;
+use crate::topology::{Direction, Topology};
+
+/// What a hop returns: the provider node's encoded answer and the route with elapsed times.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// Encoded `ShareResponse`.
+    pub response: Vec<u8>,
+    /// The route, the consumer's node first and the provider's node last.
+    pub route: Vec<Hop>,
+}
+
+/// Routes shares for one node.
+#[derive(Clone)]
+pub struct Router {
+    topology: Arc<Topology>,
+    store: Arc<dyn Store>,
+    limits: RoutingConfig,
+}
+
+/// Action names recorded in a route.
+pub mod action {
+    /// The consumer's node received the request from its agency.
+    pub const RECEIVED: &str = "received";
+    /// Passed toward the parent.
+    pub const FORWARDED_UP: &str = "forwarded-up";
+    /// Passed toward a child.
+    pub const FORWARDED_DOWN: &str = "forwarded-down";
+    /// The provider's node served it.
+    pub const SERVED: &str = "served";
+}
+
+/// Converts a failed call to a neighbour or provider into an error naming it.
+fn call_error(status: Status, who: &str) -> Error {
+    if status.source().is_some() {
+        Error::Unavailable(format!("{who} is unreachable: {}", status.message()))
+    } else {
+        Error::Upstream(status)
+    }
+}
+
+impl Router {
+    /// A router over this node's topology and store.
+    pub fn new(topology: Arc<Topology>, store: Arc<dyn Store>, limits: RoutingConfig) -> Self {
+        Self {
+            topology,
+            store,
+            limits,
+        }
+    }
+
+    /// The routing limits in force.
+    pub fn limits(&self) -> &RoutingConfig {
+        &self.limits
+    }
+
+    /// Serves `env` here if this node holds the resource, else forwards it one hop. The envelope's last
+    /// route entry must be this node's own hop.
+    pub async fn dispatch(
+        &self,
+        mut env: Envelope,
+        request: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Forwarded> {
+        let started = Instant::now();
+        let me = self.topology.code;
+        let target: DivisionCode = env.target_node.parse()?;
+        let mut out = if target == me {
+            set_action(&mut env, action::SERVED);
+            let response = self.serve_local(&env, &request, deadline).await?;
+            Forwarded {
+                response,
+                route: env.route,
+            }
+        } else {
+            self.forward(env, request, target, deadline).await?
+        };
+        if let Some(hop) = out
+            .route
+            .iter_mut()
+            .rev()
+            .find(|h| h.node_code == me.as_str())
+        {
+            hop.elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        }
+        Ok(out)
+    }
+
+    async fn forward(
+        &self,
+        mut env: Envelope,
+        request: Vec<u8>,
+        target: DivisionCode,
+        deadline: Instant,
+    ) -> Result<Forwarded> {
+        let me = self.topology.code;
+        let (next, direction) = self.topology.next_hop(target)?;
+        if env.hops_left == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "request {} reached the hop limit at node {me}",
+                env.request_id
+            )));
+        }
+        if env.route.iter().any(|h| h.node_code == next.code.as_str()) {
+            return Err(Error::FailedPrecondition(format!(
+                "request {} would loop: node {} is already on its route",
+                env.request_id, next.code
+            )));
+        }
+        let margin = Duration::from_millis(self.limits.hop_margin_ms);
+        let remaining = deadline
+            .checked_duration_since(Instant::now())
+            .and_then(|d| d.checked_sub(margin))
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::DeadlineExceeded(format!(
+                    "deadline of request {} ran out at node {me}",
+                    env.request_id
+                ))
+            })?;
+        set_action(
+            &mut env,
+            match direction {
+                Direction::Up => action::FORWARDED_UP,
+                Direction::Down => action::FORWARDED_DOWN,
+            },
+        );
+        env.hops_left -= 1;
+        env.timeout_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+        let mut req = tonic::Request::new(ForwardRequest {
+            envelope: Some(env),
+            request,
+        });
+        req.set_timeout(remaining);
+        let mut client = FederationClient::new(next.channel.clone());
+        let call = client.forward(req);
+        match tokio::time::timeout(remaining, call).await {
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "deadline ran out waiting for node {}",
+                next.code
+            ))),
+            Ok(Err(status)) => Err(call_error(
+                status,
+                &format!("node {} at {}", next.code, next.address),
+            )),
+            Ok(Ok(resp)) => {
+                let r = resp.into_inner();
+                Ok(Forwarded {
+                    response: r.response,
+                    route: r.route,
+                })
+            }
+        }
+    }
+
+    async fn serve_local(
+        &self,
+        env: &Envelope,
+        request: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>> {
+        let me = self.topology.code;
+        let req = ShareRequest::decode(request).map_err(|e| {
+            Error::InvalidArgument(format!("request: not an encoded ShareRequest: {e}"))
+        })?;
+        if req.resource_id != env.resource_id {
+            return Err(Error::InvalidArgument(format!(
+                "envelope names resource {} but the request names {}",
+                env.resource_id, req.resource_id
+            )));
+        }
+        let entry = self
+            .store
+            .entry(&env.resource_id)
+            .await?
+            .filter(|s| !s.withdrawn && s.entry.node_code == me.as_str())
+            .map(|s| s.entry)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "resource {} is not in the catalog of node {me}",
+                    env.resource_id
+                ))
+            })?;
+        let permit = policy::authorize(&entry, &req)?;
+        let uscc = entry.provider_uscc.as_str();
+        let link = self
+            .topology
+            .agencies
+            .values()
+            .find(|a| a.uscc.as_str() == uscc)
+            .and_then(|a| a.provider.as_ref())
+            .ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "provider agency {uscc} of {} has no Provider endpoint at node {me}",
+                    entry.id
+                ))
+            })?;
+        let remaining = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::DeadlineExceeded(format!(
+                    "deadline of request {} ran out at node {me}",
+                    env.request_id
+                ))
+            })?;
+        let mut fetch = tonic::Request::new(FetchRequest {
+            request_id: env.request_id.clone(),
+            resource_id: entry.id.clone(),
+            key_field: permit.key_field.clone(),
+            key: req.key.clone(),
+            fields: permit.fields.clone(),
+            consumer_uscc: env.consumer_uscc.clone(),
+            consumer_node: env.consumer_node.clone(),
+            purpose: req.purpose.clone(),
+        });
+        fetch.set_timeout(remaining);
+        let mut client = ProviderClient::new(link.channel.clone());
+        let call = client.fetch(fetch);
+        let records = match tokio::time::timeout(remaining, call).await {
+            Err(_) => {
+                return Err(Error::DeadlineExceeded(format!(
+                    "deadline ran out waiting for provider agency {uscc}"
+                )));
+            }
+            Ok(Err(status)) => {
+                return Err(
+                    match call_error(
+                        status,
+                        &format!("provider agency {uscc} at {}", link.address),
+                    ) {
+                        Error::Upstream(s) => Error::Upstream(Status::new(
+                            s.code(),
+                            format!("provider agency {uscc}: {}", s.message()),
+                        )),
+                        other => other,
+                    },
+                );
+            }
+            Ok(Ok(resp)) => resp.into_inner().records,
+        };
+        Ok(ShareResponse {
+            request_id: env.request_id.clone(),
+            resource_id: entry.id.clone(),
+            records: policy::shape(&permit, records),
+            route: Vec::new(),
+            entry_version: entry.version,
+        }
+        .encode_to_vec())
+    }
+}
+
+fn set_action(env: &mut Envelope, action: &str) {
+    if let Some(hop) = env.route.last_mut() {
+        hop.action = action.to_owned();
+    }
+}

@@ -1,0 +1,109 @@
+//! Durable state of a node behind one trait: the subtree catalog, the upward outboxes and children's cursors.
+//!
+//! SQL lives only in the implementations ([`sqlite`]); everything else talks to `Arc<dyn Store>`.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use fedgate_proto::v1::{CatalogChange, CatalogEntry, ShareType, Stream};
+
+pub use sqlite::SqliteStore;
+
+/// Why storage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored blob could not be decoded.
+    #[error("stored record {what} is corrupt: {error}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// Decoder message.
+        error: String,
+    },
+    /// A child's stream skipped sequence numbers.
+    #[error("stream of node {child} has a gap: expected sequence {expected}, got {got}")]
+    Gap {
+        /// The child's code.
+        child: String,
+        /// The next sequence number the store could apply.
+        expected: u64,
+        /// What arrived instead.
+        got: u64,
+    },
+}
+
+/// Filters of a catalog search; every set filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogQuery {
+    /// Lower-cased words that must all occur in title or summary.
+    pub words: Vec<String>,
+    /// Provider agency code.
+    pub provider_uscc: Option<String>,
+    /// Classification path prefix.
+    pub classification: Vec<String>,
+    /// Share type.
+    pub share_type: Option<ShareType>,
+    /// Prefix of node codes: "35" for a province, "3501" for a city, a full code for a county.
+    pub node_prefix: Option<String>,
+    /// Only ids greater than this (pagination).
+    pub after_id: Option<String>,
+    /// Maximum entries.
+    pub limit: u32,
+}
+
+/// A catalog row as stored, including withdrawn entries (kept so versions only grow).
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    /// The entry at its latest version.
+    pub entry: CatalogEntry,
+    /// Whether the latest change withdrew it.
+    pub withdrawn: bool,
+}
+
+/// One item of an upward stream as stored in an outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// Sequence number in this node's stream.
+    pub seq: u64,
+    /// The encoded item body (for the catalog stream, an encoded `CatalogChange`).
+    pub payload: Vec<u8>,
+}
+
+/// A node's durable state.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Returns the catalog row with this id, withdrawn or not.
+    async fn entry(&self, id: &str) -> Result<Option<StoredEntry>, StoreError>;
+    /// Searches live entries, ordered by id.
+    async fn search(&self, query: &CatalogQuery) -> Result<Vec<CatalogEntry>, StoreError>;
+    /// Counts live entries.
+    async fn count_entries(&self) -> Result<u64, StoreError>;
+    /// Stores a local entry under the next version and appends the change to the catalog outbox, atomically.
+    async fn publish_local(&self, entry: CatalogEntry) -> Result<CatalogEntry, StoreError>;
+    /// Withdraws a local entry under the next version and appends the change, atomically; `None` if unknown.
+    async fn withdraw_local(&self, id: &str) -> Result<Option<u64>, StoreError>;
+    /// Applies a child's catalog items above its cursor in order, re-appending each to this node's outbox,
+    /// and advances the cursor, atomically. Returns the new cursor.
+    async fn apply_child_catalog(
+        &self,
+        child: &str,
+        items: &[(u64, CatalogChange)],
+    ) -> Result<u64, StoreError>;
+    /// Last sequence number applied of a child's stream.
+    async fn cursor(&self, child: &str, stream: Stream) -> Result<u64, StoreError>;
+    /// Outbox items of a stream after a sequence number, oldest first.
+    async fn outbox_after(
+        &self,
+        stream: Stream,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError>;
+    /// Highest sequence number in a stream's outbox; 0 when empty.
+    async fn outbox_head(&self, stream: Stream) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,323 @@
+//! The embedded SQLite store: one file per node, WAL, one writer connection and a small reader pool.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fedgate_proto::v1::{CatalogChange, CatalogEntry, Stream, catalog_change};
+use prost::Message;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+
+use super::{CatalogQuery, OutboxItem, Store, StoreError, StoredEntry};
+
+/// A [`Store`] in one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    /// Closes both pools, waiting for connections to finish.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+fn decode_entry(id: &str, blob: &[u8]) -> Result<CatalogEntry, StoreError> {
+    CatalogEntry::decode(blob).map_err(|e| StoreError::Corrupt {
+        what: format!("catalog entry {id}"),
+        error: e.to_string(),
+    })
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+async fn stored_version(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: &str,
+) -> Result<Option<u64>, StoreError> {
+    let row = sqlx::query("SELECT version FROM catalog WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(row.map(|r| to_u64(r.get::<i64, _>(0))))
+}
+
+/// Writes an upsert if it is newer than what is stored.
+async fn upsert(tx: &mut Transaction<'_, Sqlite>, e: &CatalogEntry) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO catalog (id, node_code, provider_uscc, title, summary, classification, share_type, \
+         version, withdrawn, entry) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) \
+         ON CONFLICT(id) DO UPDATE SET node_code = excluded.node_code, provider_uscc = excluded.provider_uscc, \
+         title = excluded.title, summary = excluded.summary, classification = excluded.classification, \
+         share_type = excluded.share_type, version = excluded.version, withdrawn = 0, entry = excluded.entry \
+         WHERE excluded.version > catalog.version",
+    )
+    .bind(&e.id)
+    .bind(&e.node_code)
+    .bind(&e.provider_uscc)
+    .bind(&e.title)
+    .bind(&e.summary)
+    .bind(e.classification.join("/"))
+    .bind(e.share_type)
+    .bind(to_i64(e.version))
+    .bind(e.encode_to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Marks an entry withdrawn if the withdrawal is newer than what is stored.
+async fn withdraw(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: &str,
+    version: u64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE catalog SET withdrawn = 1, version = ? WHERE id = ? AND version < ?")
+        .bind(to_i64(version))
+        .bind(id)
+        .bind(to_i64(version))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn apply_change(
+    tx: &mut Transaction<'_, Sqlite>,
+    change: &CatalogChange,
+) -> Result<(), StoreError> {
+    match &change.change {
+        Some(catalog_change::Change::Upsert(e)) => upsert(tx, e).await,
+        Some(catalog_change::Change::Withdraw(w)) => withdraw(tx, &w.id, w.version).await,
+        None => Ok(()),
+    }
+}
+
+async fn append_outbox(
+    tx: &mut Transaction<'_, Sqlite>,
+    stream: Stream,
+    payload: &[u8],
+) -> Result<u64, StoreError> {
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?")
+        .bind(stream as i32)
+        .fetch_one(&mut **tx)
+        .await?;
+    let seq = to_u64(row.get::<i64, _>(0)) + 1;
+    sqlx::query("INSERT INTO outbox (stream, seq, payload) VALUES (?, ?, ?)")
+        .bind(stream as i32)
+        .bind(to_i64(seq))
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(seq)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn entry(&self, id: &str) -> Result<Option<StoredEntry>, StoreError> {
+        let row = sqlx::query("SELECT entry, withdrawn FROM catalog WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| {
+            Ok(StoredEntry {
+                entry: decode_entry(id, r.get::<&[u8], _>(0))?,
+                withdrawn: r.get::<i64, _>(1) != 0,
+            })
+        })
+        .transpose()
+    }
+
+    async fn search(&self, q: &CatalogQuery) -> Result<Vec<CatalogEntry>, StoreError> {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, entry FROM catalog WHERE withdrawn = 0");
+        for w in &q.words {
+            b.push(" AND instr(lower(title || ' ' || summary), ")
+                .push_bind(w.clone())
+                .push(") > 0");
+        }
+        if let Some(p) = &q.provider_uscc {
+            b.push(" AND provider_uscc = ").push_bind(p.clone());
+        }
+        if !q.classification.is_empty() {
+            let path = q.classification.join("/");
+            b.push(" AND (classification = ")
+                .push_bind(path.clone())
+                .push(" OR substr(classification, 1, ")
+                .push_bind(i64::try_from(path.len() + 1).unwrap_or(i64::MAX))
+                .push(") = ")
+                .push_bind(format!("{path}/"))
+                .push(")");
+        }
+        if let Some(t) = q.share_type {
+            b.push(" AND share_type = ").push_bind(t as i32);
+        }
+        if let Some(p) = &q.node_prefix {
+            b.push(" AND substr(node_code, 1, ")
+                .push_bind(i64::try_from(p.len()).unwrap_or(i64::MAX))
+                .push(") = ")
+                .push_bind(p.clone());
+        }
+        if let Some(after) = &q.after_id {
+            b.push(" AND id > ").push_bind(after.clone());
+        }
+        b.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
+        let rows = b.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|r| decode_entry(r.get::<&str, _>(0), r.get::<&[u8], _>(1)))
+            .collect()
+    }
+
+    async fn count_entries(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM catalog WHERE withdrawn = 0")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(to_u64(row.get::<i64, _>(0)))
+    }
+
+    async fn publish_local(&self, mut entry: CatalogEntry) -> Result<CatalogEntry, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        entry.version = stored_version(&mut tx, &entry.id).await?.unwrap_or(0) + 1;
+        upsert(&mut tx, &entry).await?;
+        let change = CatalogChange {
+            change: Some(catalog_change::Change::Upsert(entry.clone())),
+        };
+        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn withdraw_local(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let Some(old) = stored_version(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let version = old + 1;
+        withdraw(&mut tx, id, version).await?;
+        let change = CatalogChange {
+            change: Some(catalog_change::Change::Withdraw(
+                fedgate_proto::v1::Withdrawal {
+                    id: id.to_owned(),
+                    version,
+                },
+            )),
+        };
+        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+        tx.commit().await?;
+        Ok(Some(version))
+    }
+
+    async fn apply_child_catalog(
+        &self,
+        child: &str,
+        items: &[(u64, CatalogChange)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = ? AND stream = ?")
+            .bind(child)
+            .bind(Stream::Catalog as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let mut applied = row.map(|r| to_u64(r.get::<i64, _>(0))).unwrap_or(0);
+        for (seq, change) in items {
+            if *seq <= applied {
+                continue;
+            }
+            if *seq != applied + 1 {
+                return Err(StoreError::Gap {
+                    child: child.to_owned(),
+                    expected: applied + 1,
+                    got: *seq,
+                });
+            }
+            apply_change(&mut tx, change).await?;
+            append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+            applied = *seq;
+        }
+        sqlx::query(
+            "INSERT INTO stream_cursor (child, stream, applied) VALUES (?, ?, ?) \
+             ON CONFLICT(child, stream) DO UPDATE SET applied = excluded.applied",
+        )
+        .bind(child)
+        .bind(Stream::Catalog as i32)
+        .bind(to_i64(applied))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn cursor(&self, child: &str, stream: Stream) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = ? AND stream = ?")
+            .bind(child)
+            .bind(stream as i32)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(|r| to_u64(r.get::<i64, _>(0))).unwrap_or(0))
+    }
+
+    async fn outbox_after(
+        &self,
+        stream: Stream,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, payload FROM outbox WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(stream as i32)
+        .bind(to_i64(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| OutboxItem {
+                seq: to_u64(r.get::<i64, _>(0)),
+                payload: r.get::<Vec<u8>, _>(1),
+            })
+            .collect())
+    }
+
+    async fn outbox_head(&self, stream: Stream) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?")
+            .bind(stream as i32)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(to_u64(row.get::<i64, _>(0)))
+    }
+}

@@ -1,0 +1,175 @@
+//! One mechanism for everything that flows up: each stream's durable outbox is shipped to the parent in
+//! acknowledged batches, resumed from the parent's cursor after any outage, and applied idempotently there.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use fedgate_proto::v1::federation_client::FederationClient;
+use fedgate_proto::v1::{CatalogChange, JoinRequest, PushRequest, Stream, StreamItem, stream_item};
+use prost::Message;
+use tokio::sync::{Notify, watch};
+
+use crate::ident::DivisionCode;
+use crate::store::{OutboxItem, Store, StoreError};
+use crate::topology::Neighbour;
+
+/// Items shipped in one push.
+const BATCH: u32 = 512;
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Progress of one upward stream, readable while it runs.
+#[derive(Debug, Default)]
+pub struct StreamStatus {
+    /// Highest sequence number the parent has acknowledged.
+    pub acked: AtomicU64,
+    /// Whether the link to the parent is currently up.
+    pub connected: AtomicBool,
+}
+
+/// The upward side of a node: one shipper task per stream, woken when the outbox grows.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    wake: Arc<[Notify; 2]>,
+    status: Arc<[StreamStatus; 2]>,
+}
+
+impl Default for Uplink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn slot(stream: Stream) -> usize {
+    match stream {
+        Stream::Audit => 1,
+        _ => 0,
+    }
+}
+
+/// Why one session with the parent ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("parent call failed: {0}")]
+    Call(#[from] tonic::Status),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored outbox item {seq} is corrupt: {error}")]
+    Corrupt { seq: u64, error: String },
+}
+
+impl Uplink {
+    /// An uplink with nothing running yet.
+    pub fn new() -> Self {
+        Self {
+            wake: Arc::new([Notify::new(), Notify::new()]),
+            status: Arc::new([StreamStatus::default(), StreamStatus::default()]),
+        }
+    }
+
+    /// Tells the shipper of `stream` that its outbox grew.
+    pub fn wake(&self, stream: Stream) {
+        self.wake[slot(stream)].notify_one();
+    }
+
+    /// Progress of `stream`.
+    pub fn status(&self, stream: Stream) -> &StreamStatus {
+        &self.status[slot(stream)]
+    }
+
+    /// Ships `stream` to `parent` until `shutdown` turns true.
+    pub async fn run(
+        self,
+        stream: Stream,
+        me: DivisionCode,
+        parent: Neighbour,
+        store: Arc<dyn Store>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let session = self.session(stream, me, &parent, &store, &mut backoff);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                res = session => {
+                    self.status(stream).connected.store(false, Ordering::Relaxed);
+                    if let Err(e) = res {
+                        tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
+                            "uplink interrupted; retrying in {backoff:?}");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn session(
+        &self,
+        stream: Stream,
+        me: DivisionCode,
+        parent: &Neighbour,
+        store: &Arc<dyn Store>,
+        backoff: &mut Duration,
+    ) -> Result<(), SessionError> {
+        let mut client = FederationClient::new(parent.channel.clone());
+        let join = client
+            .join(JoinRequest {
+                node_code: me.to_string(),
+                software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .await?
+            .into_inner();
+        let mut acked = join
+            .cursors
+            .iter()
+            .find(|c| c.stream == stream as i32)
+            .map(|c| c.applied_seq)
+            .unwrap_or(0);
+        let status = self.status(stream);
+        status.acked.store(acked, Ordering::Relaxed);
+        status.connected.store(true, Ordering::Relaxed);
+        *backoff = Duration::from_millis(50);
+        tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
+        loop {
+            let items = store.outbox_after(stream, acked, BATCH).await?;
+            if items.is_empty() {
+                self.wake[slot(stream)].notified().await;
+                continue;
+            }
+            let items = items
+                .into_iter()
+                .map(|i| to_stream_item(stream, i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let resp = client
+                .push(PushRequest {
+                    stream: stream as i32,
+                    items,
+                })
+                .await?
+                .into_inner();
+            acked = resp.applied_seq;
+            status.acked.store(acked, Ordering::Relaxed);
+        }
+    }
+}
+
+fn to_stream_item(stream: Stream, item: OutboxItem) -> Result<StreamItem, SessionError> {
+    let body = match stream {
+        Stream::Catalog => stream_item::Body::Catalog(
+            CatalogChange::decode(item.payload.as_slice()).map_err(|e| SessionError::Corrupt {
+                seq: item.seq,
+                error: e.to_string(),
+            })?,
+        ),
+        _ => stream_item::Body::Audit(item.payload),
+    };
+    Ok(StreamItem {
+        seq: item.seq,
+        body: Some(body),
+    })
+}

@@ -1,0 +1,186 @@
+//! Command-line interface: parses arguments and runs one subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fedgate_gateway::config::NodeConfig;
+use fedgate_gateway::ident::{Peer, Uscc};
+use fedgate_gateway::pki::{DevCa, write_pem_files};
+
+/// Exit code for a configuration that cannot be used (EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+/// fedgate: the data-exchange backbone of a province, its cities and their counties.
+#[derive(Debug, Parser)]
+#[command(name = "fedgate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one node from a TOML configuration file.
+    Node {
+        /// Path of the node's configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a whole federation on loopback, exercise it, and report.
+    Demo {
+        /// Leave the federation running after the checks and print how to call it.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Create a development PKI: a root CA and certificates bound to node and agency codes.
+    Certs {
+        /// Directory to write the PEM files into.
+        #[arg(long, short, default_value = "fedgate-pki")]
+        out: PathBuf,
+        /// Node division codes to issue certificates for.
+        #[arg(long = "node", value_name = "CODE")]
+        nodes: Vec<String>,
+        /// Agency unified social credit codes to issue certificates for.
+        #[arg(long = "agency", value_name = "USCC")]
+        agencies: Vec<String>,
+    },
+}
+
+impl Cli {
+    /// Runs the chosen command and turns its outcome into an exit code.
+    pub fn run(self) -> ExitCode {
+        init_tracing();
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("fedgate: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = runtime.block_on(async {
+            match self.command {
+                Command::Node { config } => run_node(config).await,
+                Command::Demo { keep_running } => crate::demo::run(keep_running).await,
+                Command::Certs {
+                    out,
+                    nodes,
+                    agencies,
+                } => certs(out, nodes, agencies),
+            }
+        });
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+                eprintln!("fedgate: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Err(e) => {
+                eprintln!("fedgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// A configuration problem, reported with exit code 78.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigError(String);
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run_node(path: PathBuf) -> Result<()> {
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read configuration {}", path.display()))?;
+    let config: NodeConfig = toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("configuration {}: {e}", path.display())))?;
+    let node = fedgate_gateway::node::start(config)
+        .await
+        .map_err(|e| ConfigError(format!("cannot start node from {}: {e}", path.display())))?;
+    println!("fedgate node {} listening on {}", node.code(), node.addr());
+    shutdown_signal().await;
+    tracing::info!("shutdown requested; draining");
+    node.shutdown().await?;
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn certs(out: PathBuf, nodes: Vec<String>, agencies: Vec<String>) -> Result<()> {
+    let mut peers = Vec::new();
+    for n in &nodes {
+        peers.push(Peer::Node(
+            n.parse()
+                .map_err(|e| ConfigError(format!("--node {n}: {e}")))?,
+        ));
+    }
+    for a in &agencies {
+        peers.push(Peer::Agency(
+            a.parse::<Uscc>()
+                .map_err(|e| ConfigError(format!("--agency {a}: {e}")))?,
+        ));
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let ca = DevCa::generate("fedgate development root")?;
+    std::fs::write(out.join("ca.crt"), ca.ca_pem())?;
+    write_key(&out.join("ca.key"), &ca.ca_key_pem())?;
+    println!("{}", out.join("ca.crt").display());
+    for peer in &peers {
+        let name = match peer {
+            Peer::Node(c) => format!("node-{c}"),
+            Peer::Agency(u) => format!("agency-{u}"),
+        };
+        let cert = ca.issue(peer, &[])?;
+        let (crt, _key) = write_pem_files(&out, &name, &cert)?;
+        println!("{}  ({})", crt.display(), peer.to_uri());
+    }
+    Ok(())
+}
+
+fn write_key(path: &std::path::Path, pem: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(pem.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The `fedgate` binary's commands: node daemon, demo federation, development PKI.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod demo;
+pub mod devnet;
