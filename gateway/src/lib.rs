@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod ident;
+pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod policy;

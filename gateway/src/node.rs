@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{NodeConfig, StorageConfig};
 use crate::ident::DivisionCode;
+use crate::metrics::NodeMetrics;
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService};
 use crate::store::{SqliteStore, Store, StoreError};
@@ -52,6 +53,7 @@ pub struct NodeHandle {
     store: Arc<dyn Store>,
     sqlite: Option<SqliteStore>,
     uplink: Uplink,
+    metrics: Arc<NodeMetrics>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
@@ -99,7 +101,13 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let uplink = Uplink::new();
-    let router = Router::new(topology.clone(), store.clone(), config.routing.clone());
+    let metrics = Arc::new(NodeMetrics::default());
+    let router = Router::new(
+        topology.clone(),
+        store.clone(),
+        config.routing.clone(),
+        metrics.clone(),
+    );
 
     let mut tasks = Vec::new();
     if let Some(parent) = &topology.parent {
@@ -129,10 +137,13 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
         store.clone(),
         router.clone(),
         uplink.clone(),
+        metrics.clone(),
     );
     let agency = AgencyService::new(topology.clone(), store.clone(), router, uplink.clone());
     let server_config = tls::server_config(&tls)?;
+    let refused = metrics.clone();
     let on_failure = Arc::new(move |f: HandshakeFailure| {
+        NodeMetrics::add(&refused.tls_handshakes_refused, 1);
         tracing::warn!(node = %code, failure = %f, "TLS handshake refused");
     });
     let incoming = tls::incoming(listener, server_config, on_failure);
@@ -154,6 +165,7 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
         store,
         sqlite,
         uplink,
+        metrics,
         shutdown,
         server,
         tasks,
@@ -169,6 +181,11 @@ impl NodeHandle {
     /// The address the node listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The node's counters.
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.metrics
     }
 
     /// The node's store, for operator tools and tests.

@@ -17,6 +17,7 @@ use tonic::Status;
 use crate::config::RoutingConfig;
 use crate::error::{Error, Result};
 use crate::ident::DivisionCode;
+use crate::metrics::NodeMetrics;
 use crate::policy;
 use crate::store::Store;
 use crate::topology::{Direction, Topology};
@@ -36,6 +37,7 @@ pub struct Router {
     topology: Arc<Topology>,
     store: Arc<dyn Store>,
     limits: RoutingConfig,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// Action names recorded in a route.
@@ -61,11 +63,17 @@ fn call_error(status: Status, who: &str) -> Error {
 
 impl Router {
     /// A router over this node's topology and store.
-    pub fn new(topology: Arc<Topology>, store: Arc<dyn Store>, limits: RoutingConfig) -> Self {
+    pub fn new(
+        topology: Arc<Topology>,
+        store: Arc<dyn Store>,
+        limits: RoutingConfig,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
         Self {
             topology,
             store,
             limits,
+            metrics,
         }
     }
 
@@ -85,16 +93,24 @@ impl Router {
         let started = Instant::now();
         let me = self.topology.code;
         let target: DivisionCode = env.target_node.parse()?;
-        let mut out = if target == me {
+        let result = if target == me {
             set_action(&mut env, action::SERVED);
-            let response = self.serve_local(&env, &request, deadline).await?;
-            Forwarded {
-                response,
-                route: env.route,
-            }
+            self.serve_local(&env, &request, deadline)
+                .await
+                .map(|response| Forwarded {
+                    response,
+                    route: env.route,
+                })
         } else {
-            self.forward(env, request, target, deadline).await?
+            self.forward(env, request, target, deadline).await
         };
+        let counter = match (&result, target == me) {
+            (Err(_), _) => &self.metrics.shares_failed,
+            (Ok(_), true) => &self.metrics.shares_served,
+            (Ok(_), false) => &self.metrics.shares_forwarded,
+        };
+        NodeMetrics::add(counter, 1);
+        let mut out = result?;
         if let Some(hop) = out
             .route
             .iter_mut()

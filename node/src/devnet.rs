@@ -142,6 +142,11 @@ fn parent_in(code: DivisionCode, codes: &[DivisionCode]) -> Option<DivisionCode>
 impl Devnet {
     /// Starts every node and provider of `specs` on loopback and publishes the providers' catalogs.
     pub async fn start(specs: Vec<NodeSpec>) -> Result<Self> {
+        Self::start_with(specs, RoutingConfig::default()).await
+    }
+
+    /// Like [`Devnet::start`], with routing limits for every node.
+    pub async fn start_with(specs: Vec<NodeSpec>, routing: RoutingConfig) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("fedgate-devnet-")
             .tempdir()?;
@@ -253,7 +258,7 @@ impl Devnet {
                 parent,
                 children,
                 agencies: agency_configs.remove(&s.code).unwrap_or_default(),
-                routing: RoutingConfig::default(),
+                routing: routing.clone(),
             };
             nodes.insert(
                 s.code,

@@ -14,6 +14,7 @@ use super::{caller, deadline};
 use crate::catalog::parse_resource_id;
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer};
+use crate::metrics::NodeMetrics;
 use crate::route::Router;
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
@@ -29,6 +30,7 @@ pub struct FederationService {
     store: Arc<dyn Store>,
     router: Router,
     uplink: Uplink,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl FederationService {
@@ -38,12 +40,14 @@ impl FederationService {
         store: Arc<dyn Store>,
         router: Router,
         uplink: Uplink,
+        metrics: Arc<NodeMetrics>,
     ) -> Self {
         Self {
             topology,
             store,
             router,
             uplink,
+            metrics,
         }
     }
 
@@ -83,6 +87,9 @@ impl FederationService {
             check_catalog_change(child, &change)?;
             items.push((item.seq, change));
         }
+        NodeMetrics::add(&self.metrics.catalog_items_received, items.len() as u64);
+        tracing::debug!(%child, first = items.first().map(|i| i.0), count = items.len(), "catalog push");
+        let before = self.store.cursor(child.as_str(), Stream::Catalog).await?;
         let applied = self
             .store
             .apply_child_catalog(child.as_str(), &items)
@@ -93,6 +100,10 @@ impl FederationService {
                 )),
                 other => other.into(),
             })?;
+        NodeMetrics::add(
+            &self.metrics.catalog_items_applied,
+            applied.saturating_sub(before),
+        );
         self.uplink.wake(Stream::Catalog);
         Ok(applied)
     }
