@@ -6,6 +6,8 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "fedgate/v1/common.proto",
+        "fedgate/v1/audit.proto",
+        "fedgate/v1/governance.proto",
         "fedgate/v1/federation.proto",
         "fedgate/v1/agency.proto",
         "fedgate/v1/provider.proto",

@@ -28,6 +28,43 @@ pub struct NodeConfig {
     /// Routing limits.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// Path of the node's Ed25519 signing key (audit batches, grants); created on first start.
+    /// Defaults to the storage path with the extension `.key`.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// Audit trail settings.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// Least retention of audit records: three years (seed 002 art. 41).
+pub const MIN_RETENTION_DAYS: u32 = 1096;
+
+/// Audit trail settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Days records are kept in the node's store before they may be archived; at least three years.
+    pub retention_days: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: MIN_RETENTION_DAYS,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Path of the node's signing key, explicit or derived from the storage path.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key
+            .clone()
+            .unwrap_or_else(|| match &self.storage {
+                StorageConfig::Sqlite { path } => path.with_extension("key"),
+            })
+    }
 }
 
 /// Paths of the PEM files that make up a node's TLS identity.

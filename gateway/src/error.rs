@@ -23,6 +23,9 @@ pub enum Error {
     /// The request's deadline ran out.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// Data arrived damaged or altered.
+    #[error("{0}")]
+    DataLoss(String),
     /// A status returned by a node or provider further along, passed back unchanged.
     #[error("{}", .0.message())]
     Upstream(Status),
@@ -41,6 +44,7 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::DataLoss(_) => Code::DataLoss,
             Error::Upstream(s) => s.code(),
             Error::Store(_) => Code::Internal,
         }

@@ -6,9 +6,12 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod audit;
+pub mod calendar;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod grant;
 pub mod ident;
 pub mod metrics;
 pub mod node;

@@ -9,6 +9,8 @@ pub struct NodeMetrics {
     pub catalog_items_received: AtomicU64,
     /// Catalog stream items received from children that were new and applied.
     pub catalog_items_applied: AtomicU64,
+    /// Audit records received from children and stored.
+    pub audit_items_applied: AtomicU64,
     /// Shares this node served as the provider's node.
     pub shares_served: AtomicU64,
     /// Shares this node forwarded to a neighbour.

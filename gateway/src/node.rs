@@ -11,7 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{NodeConfig, StorageConfig};
+use crate::audit::{self, AuditLog};
+use crate::config::{MIN_RETENTION_DAYS, NodeConfig, StorageConfig};
+use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
@@ -41,6 +43,9 @@ pub enum NodeError {
         /// The OS error.
         error: std::io::Error,
     },
+    /// The node's signing key could not be loaded or created.
+    #[error("signing key: {0}")]
+    Key(#[from] GrantError),
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -54,6 +59,8 @@ pub struct NodeHandle {
     sqlite: Option<SqliteStore>,
     uplink: Uplink,
     metrics: Arc<NodeMetrics>,
+    audit: Option<AuditLog>,
+    audit_writer: JoinHandle<()>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
@@ -86,6 +93,14 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
 
 /// Starts a node on an already bound listener (tests bind every node's port before starting any).
 pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeHandle, NodeError> {
+    if config.audit.retention_days < MIN_RETENTION_DAYS {
+        return Err(NodeError::Config(crate::error::Error::InvalidArgument(
+            format!(
+                "audit.retention_days {} is below the legal minimum of {MIN_RETENTION_DAYS} days (three years)",
+                config.audit.retention_days
+            ),
+        )));
+    }
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let topology = Arc::new(Topology::from_config(&config, &tls)?);
     let code = topology.code;
@@ -101,23 +116,30 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let uplink = Uplink::new();
+    let key = Arc::new(GrantKey::load_or_create(&config.signing_key_path())?);
+    uplink.set_audit_key(key.public_key());
+    let (audit_log, audit_writer) =
+        AuditLog::start(code, store.clone(), key.clone(), uplink.clone()).await?;
     let metrics = Arc::new(NodeMetrics::default());
     let router = Router::new(
         topology.clone(),
         store.clone(),
         config.routing.clone(),
         metrics.clone(),
+        audit_log.clone(),
     );
 
     let mut tasks = Vec::new();
     if let Some(parent) = &topology.parent {
-        tasks.push(tokio::spawn(uplink.clone().run(
-            Stream::Catalog,
-            code,
-            parent.clone(),
-            store.clone(),
-            shutdown_rx.clone(),
-        )));
+        for stream in [Stream::Catalog, Stream::Audit] {
+            tasks.push(tokio::spawn(uplink.clone().run(
+                stream,
+                code,
+                parent.clone(),
+                store.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
     }
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -138,12 +160,27 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
         router.clone(),
         uplink.clone(),
         metrics.clone(),
+        audit_log.clone(),
     );
-    let agency = AgencyService::new(topology.clone(), store.clone(), router, uplink.clone());
+    let agency = AgencyService::new(
+        topology.clone(),
+        store.clone(),
+        router,
+        uplink.clone(),
+        audit_log.clone(),
+    );
     let server_config = tls::server_config(&tls)?;
     let refused = metrics.clone();
+    let tls_audit = audit_log.clone();
     let on_failure = Arc::new(move |f: HandshakeFailure| {
         NodeMetrics::add(&refused.tls_handshakes_refused, 1);
+        let mut r = audit::event(
+            fedgate_proto::v1::AuditOperation::TlsRefused,
+            format!("tcp:{}", f.remote()),
+        );
+        r.outcome = "UNAUTHENTICATED".to_owned();
+        r.detail = f.to_string();
+        tls_audit.record_detached(r);
         tracing::warn!(node = %code, failure = %f, "TLS handshake refused");
     });
     let incoming = tls::incoming(listener, server_config, on_failure);
@@ -166,6 +203,8 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
         sqlite,
         uplink,
         metrics,
+        audit: Some(audit_log),
+        audit_writer,
         shutdown,
         server,
         tasks,
@@ -204,8 +243,13 @@ impl NodeHandle {
         Ok(head.saturating_sub(self.uplink_acked(stream)))
     }
 
+    /// This node's audit log.
+    pub fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
+    }
+
     /// Stops accepting, drains in-flight requests, stops background tasks and closes storage.
-    pub async fn shutdown(self) -> Result<(), NodeError> {
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -217,6 +261,10 @@ impl NodeHandle {
                 Ok(())
             }
         };
+        self.audit = None;
+        if let Err(e) = self.audit_writer.await {
+            tracing::error!(node = %self.code, error = %e, "audit writer failed");
+        }
         if let Some(s) = &self.sqlite {
             s.close().await;
         }

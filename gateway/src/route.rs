@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 
 use fedgate_proto::v1::federation_client::FederationClient;
 use fedgate_proto::v1::provider_client::ProviderClient;
-use fedgate_proto::v1::{Envelope, FetchRequest, ForwardRequest, Hop, ShareRequest, ShareResponse};
+use fedgate_proto::v1::{
+    AuditOperation, AuditRecord, Envelope, FetchRequest, ForwardRequest, Hop, ShareMode,
+    ShareRequest, ShareResponse,
+};
 use prost::Message;
 use tonic::Status;
 
+use crate::audit::{self, AuditLog};
 use crate::config::RoutingConfig;
 use crate::error::{Error, Result};
 use crate::ident::DivisionCode;
@@ -38,6 +42,7 @@ pub struct Router {
     store: Arc<dyn Store>,
     limits: RoutingConfig,
     metrics: Arc<NodeMetrics>,
+    audit: AuditLog,
 }
 
 /// Action names recorded in a route.
@@ -68,12 +73,14 @@ impl Router {
         store: Arc<dyn Store>,
         limits: RoutingConfig,
         metrics: Arc<NodeMetrics>,
+        audit: AuditLog,
     ) -> Self {
         Self {
             topology,
             store,
             limits,
             metrics,
+            audit,
         }
     }
 
@@ -93,9 +100,10 @@ impl Router {
         let started = Instant::now();
         let me = self.topology.code;
         let target: DivisionCode = env.target_node.parse()?;
+        let mut record = share_record(&env, target == me);
         let result = if target == me {
             set_action(&mut env, action::SERVED);
-            self.serve_local(&env, &request, deadline)
+            self.serve_local(&env, &request, deadline, &mut record)
                 .await
                 .map(|response| Forwarded {
                     response,
@@ -110,6 +118,18 @@ impl Router {
             (Ok(_), false) => &self.metrics.shares_forwarded,
         };
         NodeMetrics::add(counter, 1);
+        match &result {
+            Ok(out) => record.response_digest = audit::digest(&out.response),
+            Err(e) => {
+                record.outcome = audit::outcome(e.code());
+                record.detail = e.to_string();
+            }
+        }
+        self.audit.record(record).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "node {me} could not record the request in its audit trail, so it is not answered: {e}"
+            ))
+        })?;
         let mut out = result?;
         if let Some(hop) = out
             .route
@@ -194,6 +214,7 @@ impl Router {
         env: &Envelope,
         request: &[u8],
         deadline: Instant,
+        record: &mut AuditRecord,
     ) -> Result<Vec<u8>> {
         let me = self.topology.code;
         let req = ShareRequest::decode(request).map_err(|e| {
@@ -217,6 +238,7 @@ impl Router {
                     env.resource_id
                 ))
             })?;
+        record.provider_uscc = entry.provider_uscc.clone();
         let permit = policy::authorize(&entry, &req)?;
         let uscc = entry.provider_uscc.as_str();
         let link = self
@@ -284,6 +306,32 @@ impl Router {
         }
         .encode_to_vec())
     }
+}
+
+/// The audit record of one share at this node: served here, or passed on.
+fn share_record(env: &Envelope, served: bool) -> AuditRecord {
+    let mode = ShareMode::try_from(env.mode).unwrap_or(ShareMode::Query);
+    let operation = match (served, mode) {
+        (false, _) => AuditOperation::ShareForward,
+        (true, ShareMode::Verify) => AuditOperation::ShareVerify,
+        (true, ShareMode::Statistics) => AuditOperation::ShareStatistics,
+        (true, ShareMode::Bulk) => AuditOperation::ShareBulk,
+        (true, _) => AuditOperation::ShareQuery,
+    };
+    let actor = env
+        .route
+        .last()
+        .map(|h| h.seen_peer.clone())
+        .unwrap_or_default();
+    let mut r = audit::event(operation, actor);
+    r.consumer_uscc = env.consumer_uscc.clone();
+    r.consumer_node = env.consumer_node.clone();
+    r.resource_id = env.resource_id.clone();
+    r.request_id = env.request_id.clone();
+    r.purpose = env.purpose.clone();
+    r.mode = mode.as_str_name().to_owned();
+    r.route = env.route.iter().map(|h| h.node_code.clone()).collect();
+    r
 }
 
 fn set_action(env: &mut Envelope, action: &str) {

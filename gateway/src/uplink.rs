@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fedgate_proto::v1::federation_client::FederationClient;
-use fedgate_proto::v1::{CatalogChange, JoinRequest, PushRequest, Stream, StreamItem, stream_item};
+use fedgate_proto::v1::{
+    AuditRecord, CatalogChange, JoinRequest, PushRequest, Stream, StreamItem, stream_item,
+};
 use prost::Message;
 use tokio::sync::{Notify, watch};
 
@@ -33,6 +35,7 @@ pub struct StreamStatus {
 pub struct Uplink {
     wake: Arc<[Notify; 2]>,
     status: Arc<[StreamStatus; 2]>,
+    key: Arc<std::sync::OnceLock<[u8; 32]>>,
 }
 
 impl Default for Uplink {
@@ -57,6 +60,8 @@ enum SessionError {
     Store(#[from] StoreError),
     #[error("stored outbox item {seq} is corrupt: {error}")]
     Corrupt { seq: u64, error: String },
+    #[error("parent applied up to {applied} of a batch ending at {sent}")]
+    Behind { applied: u64, sent: u64 },
 }
 
 impl Uplink {
@@ -65,7 +70,13 @@ impl Uplink {
         Self {
             wake: Arc::new([Notify::new(), Notify::new()]),
             status: Arc::new([StreamStatus::default(), StreamStatus::default()]),
+            key: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    /// Sets the audit public key this node announces when it joins its parent.
+    pub fn set_audit_key(&self, key: [u8; 32]) {
+        let _ = self.key.set(key);
     }
 
     /// Tells the shipper of `stream` that its outbox grew.
@@ -121,6 +132,7 @@ impl Uplink {
             .join(JoinRequest {
                 node_code: me.to_string(),
                 software_version: env!("CARGO_PKG_VERSION").to_owned(),
+                audit_public_key: self.key.get().map(|k| k.to_vec()).unwrap_or_default(),
             })
             .await?
             .into_inner();
@@ -141,10 +153,11 @@ impl Uplink {
                 self.wake[slot(stream)].notified().await;
                 continue;
             }
-            let items = items
+            let items: Vec<StreamItem> = items
                 .into_iter()
                 .map(|i| to_stream_item(stream, i))
                 .collect::<Result<Vec<_>, _>>()?;
+            let last = items.last().map_or(acked, |i| i.seq);
             let resp = client
                 .push(PushRequest {
                     stream: stream as i32,
@@ -152,6 +165,12 @@ impl Uplink {
                 })
                 .await?
                 .into_inner();
+            if resp.applied_seq < last {
+                return Err(SessionError::Behind {
+                    applied: resp.applied_seq,
+                    sent: last,
+                });
+            }
             acked = resp.applied_seq;
             status.acked.store(acked, Ordering::Relaxed);
         }
@@ -166,7 +185,14 @@ fn to_stream_item(stream: Stream, item: OutboxItem) -> Result<StreamItem, Sessio
                 error: e.to_string(),
             })?,
         ),
-        _ => stream_item::Body::Audit(item.payload),
+        _ => {
+            stream_item::Body::Audit(AuditRecord::decode(item.payload.as_slice()).map_err(|e| {
+                SessionError::Corrupt {
+                    seq: item.seq,
+                    error: e.to_string(),
+                }
+            })?)
+        }
     };
     Ok(StreamItem {
         seq: item.seq,

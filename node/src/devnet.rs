@@ -259,6 +259,8 @@ impl Devnet {
                 children,
                 agencies: agency_configs.remove(&s.code).unwrap_or_default(),
                 routing: routing.clone(),
+                signing_key: None,
+                audit: Default::default(),
             };
             nodes.insert(
                 s.code,

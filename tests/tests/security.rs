@@ -50,6 +50,7 @@ fn forward(route_last: &str, consumer_node: &str) -> ForwardRequest {
             }],
             hops_left: 4,
             timeout_ms: 5_000,
+            ..Default::default()
         }),
         request: Vec::new(),
     }
@@ -188,14 +189,31 @@ async fn identities_come_from_certificates_not_from_requests() -> Result<()> {
         .join(JoinRequest {
             node_code: "350102".into(),
             software_version: String::new(),
+            audit_public_key: vec![7; 32],
         })
         .await
         .expect_err("join under another code");
     assert_eq!(err.code(), Code::PermissionDenied);
+    let err = child_of_fuzhou
+        .join(JoinRequest {
+            node_code: "350103".into(),
+            software_version: String::new(),
+            audit_public_key: vec![7; 32],
+        })
+        .await
+        .expect_err("a key other than the pinned one");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("pinned"), "{}", err.message());
+    let real_key = net
+        .node(code("350103"))?
+        .audit()
+        .expect("running node")
+        .public_key();
     let joined = child_of_fuzhou
         .join(JoinRequest {
             node_code: "350103".into(),
             software_version: String::new(),
+            audit_public_key: real_key.to_vec(),
         })
         .await?
         .into_inner();

@@ -5,24 +5,29 @@ use std::time::Duration;
 
 use fedgate_proto::v1::agency_server::Agency;
 use fedgate_proto::v1::{
-    CatalogEntry, Envelope, GetEntryRequest, Hop, PublishEntryRequest, PublishEntryResponse,
-    SearchCatalogRequest, SearchCatalogResponse, ShareRequest, ShareResponse, Stream,
-    WithdrawEntryRequest, WithdrawEntryResponse,
+    AuditOperation, AuditRecord, CatalogEntry, Envelope, GetEntryRequest, Hop, PublishEntryRequest,
+    PublishEntryResponse, QueryAuditRequest, QueryAuditResponse, SearchCatalogRequest,
+    SearchCatalogResponse, ShareMode, ShareRequest, ShareResponse, Stream, WithdrawEntryRequest,
+    WithdrawEntryResponse,
 };
 use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{caller, deadline};
+use crate::audit::{self, AuditLog};
 use crate::catalog::{self, parse_resource_id};
 use crate::error::{Error, Result};
 use crate::ident::{Peer, Uscc};
 use crate::route::{Router, action};
-use crate::store::Store;
+use crate::store::{AuditQuery, Store};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
 
 /// Longest request id a caller may choose.
 const MAX_REQUEST_ID: usize = 64;
+/// Default and largest page of an audit query.
+const AUDIT_PAGE: u32 = 100;
+const MAX_AUDIT_PAGE: u32 = 1000;
 
 /// The Agency service of one node.
 #[derive(Clone)]
@@ -31,6 +36,7 @@ pub struct AgencyService {
     store: Arc<dyn Store>,
     router: Router,
     uplink: Uplink,
+    audit: AuditLog,
 }
 
 impl AgencyService {
@@ -40,24 +46,48 @@ impl AgencyService {
         store: Arc<dyn Store>,
         router: Router,
         uplink: Uplink,
+        audit: AuditLog,
     ) -> Self {
         Self {
             topology,
             store,
             router,
             uplink,
+            audit,
         }
     }
 
-    /// The calling agency, which must be registered on this node.
-    fn agency<T>(&self, req: &Request<T>) -> Result<Uscc> {
-        match caller(req)? {
-            Peer::Agency(uscc) if self.topology.agencies.contains_key(&uscc) => Ok(uscc),
-            other => Err(Error::PermissionDenied(format!(
-                "{other} is not an agency registered on node {}",
+    /// The calling agency, which must be registered on this node; a refusal is audited.
+    async fn agency<T>(&self, req: &Request<T>, rpc: &str) -> Result<Uscc, Status> {
+        let refusal = match caller(req) {
+            Ok(Peer::Agency(uscc)) if self.topology.agencies.contains_key(&uscc) => {
+                return Ok(uscc);
+            }
+            Ok(other) => (
+                other.to_uri(),
+                Error::PermissionDenied(format!(
+                    "{other} is not an agency registered on node {}",
+                    self.topology.code
+                )),
+            ),
+            Err(e) => (String::new(), e),
+        };
+        let (actor, err) = refusal;
+        let mut r = audit::event(AuditOperation::AuthRefused, actor);
+        r.outcome = audit::outcome(err.code());
+        r.detail = format!("Agency.{rpc}: {err}");
+        self.write(r).await?;
+        Err(err.into())
+    }
+
+    /// Writes a record, failing the call if it cannot be made durable.
+    async fn write(&self, record: AuditRecord) -> Result<(), Status> {
+        self.audit.record(record).await.map(|_| ()).map_err(|e| {
+            Status::unavailable(format!(
+                "node {} could not write its audit trail: {e}",
                 self.topology.code
-            ))),
-        }
+            ))
+        })
     }
 
     /// A live entry of this node's subtree.
@@ -78,6 +108,79 @@ impl AgencyService {
             .ok_or_else(|| {
                 Error::NotFound(format!("resource {id} is not in the catalog of node {me}"))
             })
+    }
+
+    async fn publish(&self, uscc: &Uscc, req: PublishEntryRequest) -> Result<CatalogEntry> {
+        let entry = req
+            .entry
+            .ok_or_else(|| Error::InvalidArgument("entry is required".into()))?;
+        let entry = catalog::prepare_publish(self.topology.code, uscc, entry, now_rfc3339())?;
+        let existing = self.store.entry(&entry.id).await?;
+        if let Some(existing) = existing.filter(|e| e.entry.provider_uscc != uscc.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "resource {} belongs to agency {}, not {uscc}",
+                entry.id, existing.entry.provider_uscc
+            )));
+        }
+        let stored = self.store.publish_local(entry).await?;
+        self.uplink.wake(Stream::Catalog);
+        Ok(stored)
+    }
+
+    async fn withdraw(&self, uscc: &Uscc, id: &str) -> Result<u64> {
+        let entry = self.subtree_entry(id).await?;
+        if entry.node_code != self.topology.code.as_str() || entry.provider_uscc != uscc.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "resource {id} is provided by agency {} at node {}, not by {uscc} here",
+                entry.provider_uscc, entry.node_code
+            )));
+        }
+        let version = self
+            .store
+            .withdraw_local(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("resource {id} is not in the catalog")))?;
+        self.uplink.wake(Stream::Catalog);
+        Ok(version)
+    }
+
+    async fn route_share(
+        &self,
+        uscc: &Uscc,
+        share: &mut ShareRequest,
+        deadline: std::time::Instant,
+    ) -> Result<ShareResponse> {
+        share.request_id = request_id(&share.request_id)?;
+        let rid = parse_resource_id("resource_id", &share.resource_id)?;
+        let me = self.topology.code;
+        let env = Envelope {
+            request_id: share.request_id.clone(),
+            resource_id: rid.to_string(),
+            target_node: rid.node().to_string(),
+            consumer_uscc: uscc.to_string(),
+            consumer_node: me.to_string(),
+            route: vec![Hop {
+                node_code: me.to_string(),
+                seen_peer: Peer::Agency(uscc.clone()).to_uri(),
+                action: action::RECEIVED.to_owned(),
+                elapsed_us: 0,
+            }],
+            hops_left: self.router.limits().hop_limit,
+            timeout_ms: 0,
+            purpose: share.purpose.clone(),
+            mode: share.mode,
+        };
+        let out = self
+            .router
+            .dispatch(env, share.encode_to_vec(), deadline)
+            .await?;
+        let mut resp = ShareResponse::decode(out.response.as_slice()).map_err(|e| {
+            Error::Upstream(Status::internal(format!(
+                "provider node answered an undecodable response: {e}"
+            )))
+        })?;
+        resp.route = out.route;
+        Ok(resp)
     }
 }
 
@@ -100,28 +203,40 @@ fn request_id(given: &str) -> Result<String> {
     Ok(given.to_owned())
 }
 
+/// Fills a record's outcome from a result.
+fn conclude<T>(record: &mut AuditRecord, result: &Result<T>) {
+    if let Err(e) = result {
+        record.outcome = audit::outcome(e.code());
+        record.detail = e.to_string();
+    }
+}
+
 #[tonic::async_trait]
 impl Agency for AgencyService {
     async fn publish_entry(
         &self,
         req: Request<PublishEntryRequest>,
     ) -> Result<Response<PublishEntryResponse>, Status> {
-        let uscc = self.agency(&req)?;
-        let entry = req
-            .into_inner()
+        let uscc = self.agency(&req, "PublishEntry").await?;
+        let mut record = audit::event(
+            AuditOperation::CatalogPublish,
+            Peer::Agency(uscc.clone()).to_uri(),
+        );
+        record.provider_uscc = uscc.to_string();
+        record.resource_id = req
+            .get_ref()
             .entry
-            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let entry = catalog::prepare_publish(self.topology.code, &uscc, entry, now_rfc3339())?;
-        let existing = self.store.entry(&entry.id).await.map_err(Error::from)?;
-        if let Some(existing) = existing.filter(|e| e.entry.provider_uscc != uscc.as_str()) {
-            return Err(Error::PermissionDenied(format!(
-                "resource {} belongs to agency {}, not {uscc}",
-                entry.id, existing.entry.provider_uscc
-            ))
-            .into());
+            .as_ref()
+            .map(|e| e.id.clone())
+            .unwrap_or_default();
+        let result = self.publish(&uscc, req.into_inner()).await;
+        conclude(&mut record, &result);
+        if let Ok(e) = &result {
+            record.resource_id = e.id.clone();
+            record.detail = format!("version {}", e.version);
         }
-        let stored = self.store.publish_local(entry).await.map_err(Error::from)?;
-        self.uplink.wake(Stream::Catalog);
+        self.write(record).await?;
+        let stored = result?;
         tracing::info!(id = %stored.id, version = stored.version, agency = %uscc, "catalog entry published");
         Ok(Response::new(PublishEntryResponse {
             entry: Some(stored),
@@ -132,31 +247,25 @@ impl Agency for AgencyService {
         &self,
         req: Request<WithdrawEntryRequest>,
     ) -> Result<Response<WithdrawEntryResponse>, Status> {
-        let uscc = self.agency(&req)?;
+        let uscc = self.agency(&req, "WithdrawEntry").await?;
         let id = req.into_inner().id;
-        let entry = self.subtree_entry(&id).await?;
-        if entry.node_code != self.topology.code.as_str() || entry.provider_uscc != uscc.as_str() {
-            return Err(Error::PermissionDenied(format!(
-                "resource {id} is provided by agency {} at node {}, not by {uscc} here",
-                entry.provider_uscc, entry.node_code
-            ))
-            .into());
-        }
-        let version = self
-            .store
-            .withdraw_local(&id)
-            .await
-            .map_err(Error::from)?
-            .ok_or_else(|| Status::not_found(format!("resource {id} is not in the catalog")))?;
-        self.uplink.wake(Stream::Catalog);
-        Ok(Response::new(WithdrawEntryResponse { version }))
+        let mut record = audit::event(
+            AuditOperation::CatalogWithdraw,
+            Peer::Agency(uscc.clone()).to_uri(),
+        );
+        record.provider_uscc = uscc.to_string();
+        record.resource_id = id.clone();
+        let result = self.withdraw(&uscc, &id).await;
+        conclude(&mut record, &result);
+        self.write(record).await?;
+        Ok(Response::new(WithdrawEntryResponse { version: result? }))
     }
 
     async fn get_entry(
         &self,
         req: Request<GetEntryRequest>,
     ) -> Result<Response<CatalogEntry>, Status> {
-        self.agency(&req)?;
+        self.agency(&req, "GetEntry").await?;
         Ok(Response::new(self.subtree_entry(&req.get_ref().id).await?))
     }
 
@@ -164,7 +273,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<SearchCatalogRequest>,
     ) -> Result<Response<SearchCatalogResponse>, Status> {
-        self.agency(&req)?;
+        self.agency(&req, "SearchCatalog").await?;
         let query = catalog::search_query(self.topology.code, req.get_ref())?;
         let entries = self.store.search(&query).await.map_err(Error::from)?;
         let next_page_token = catalog::next_page_token(&entries, query.limit);
@@ -175,38 +284,96 @@ impl Agency for AgencyService {
     }
 
     async fn share(&self, req: Request<ShareRequest>) -> Result<Response<ShareResponse>, Status> {
-        let uscc = self.agency(&req)?;
+        let uscc = self.agency(&req, "Share").await?;
         let limit = Duration::from_millis(self.router.limits().default_timeout_ms);
         let deadline = deadline(&req, limit);
         let mut share = req.into_inner();
-        share.request_id = request_id(&share.request_id)?;
-        let rid = parse_resource_id("resource_id", &share.resource_id)?;
-        let me = self.topology.code;
-        let env = Envelope {
-            request_id: share.request_id.clone(),
-            resource_id: rid.to_string(),
-            target_node: rid.node().to_string(),
-            consumer_uscc: uscc.to_string(),
-            consumer_node: me.to_string(),
-            route: vec![Hop {
-                node_code: me.to_string(),
-                seen_peer: Peer::Agency(uscc.clone()).to_uri(),
-                action: action::RECEIVED.to_owned(),
-                elapsed_us: 0,
-            }],
-            hops_left: self.router.limits().hop_limit,
-            timeout_ms: 0,
+        let result = self.route_share(&uscc, &mut share, deadline).await;
+        if let Err(e) = &result {
+            // Refusals before routing have no hop record yet; record them here.
+            if matches!(e, Error::InvalidArgument(_)) {
+                let mut r = audit::event(
+                    AuditOperation::ShareForward,
+                    Peer::Agency(uscc.clone()).to_uri(),
+                );
+                r.consumer_uscc = uscc.to_string();
+                r.consumer_node = self.topology.code.to_string();
+                r.resource_id = share.resource_id.clone();
+                r.request_id = share.request_id.clone();
+                r.purpose = share.purpose.clone();
+                r.mode = ShareMode::try_from(share.mode)
+                    .unwrap_or(ShareMode::Query)
+                    .as_str_name()
+                    .to_owned();
+                r.outcome = audit::outcome(e.code());
+                r.detail = e.to_string();
+                self.write(r).await?;
+            }
+        }
+        Ok(Response::new(result?))
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<QueryAuditRequest>,
+    ) -> Result<Response<QueryAuditResponse>, Status> {
+        let uscc = self.agency(&req, "QueryAudit").await?;
+        let q = req.into_inner();
+        let counterpart = if q.counterpart_uscc.is_empty() {
+            None
+        } else {
+            Some(
+                q.counterpart_uscc
+                    .parse::<Uscc>()
+                    .map_err(|e| Error::InvalidArgument(format!("counterpart_uscc: {e}")))?
+                    .to_string(),
+            )
         };
-        let out = self
-            .router
-            .dispatch(env, share.encode_to_vec(), deadline)
-            .await?;
-        let mut resp = ShareResponse::decode(out.response.as_slice()).map_err(|e| {
-            Status::internal(format!(
-                "provider node answered an undecodable response: {e}"
-            ))
-        })?;
-        resp.route = out.route;
-        Ok(Response::new(resp))
+        let limit = match q.page_size {
+            0 => AUDIT_PAGE,
+            n if n > MAX_AUDIT_PAGE => {
+                return Err(Error::InvalidArgument(format!(
+                    "page_size {n} exceeds the maximum of {MAX_AUDIT_PAGE}"
+                ))
+                .into());
+            }
+            n => n,
+        };
+        let after = if q.page_token.is_empty() {
+            None
+        } else {
+            Some(q.page_token.parse::<u64>().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "page_token {:?} is not a token this node issued",
+                    q.page_token
+                ))
+            })?)
+        };
+        if q.from_unix_nanos < 0 || q.to_unix_nanos < 0 {
+            return Err(Error::InvalidArgument(
+                "from_unix_nanos and to_unix_nanos must not be negative".into(),
+            )
+            .into());
+        }
+        let query = AuditQuery {
+            party: Some(uscc.to_string()),
+            counterpart,
+            node_prefix: None,
+            from_ns: (q.from_unix_nanos > 0).then_some(q.from_unix_nanos),
+            to_ns: (q.to_unix_nanos > 0).then_some(q.to_unix_nanos),
+            resource_id: (!q.resource_id.is_empty()).then(|| q.resource_id.clone()),
+            outcome: (!q.outcome.is_empty()).then(|| q.outcome.clone()),
+            after_fwd_seq: after,
+            limit,
+        };
+        let rows = self.store.audit_query(&query).await.map_err(Error::from)?;
+        let next_page_token = match rows.last() {
+            Some((pos, _)) if rows.len() == limit as usize => pos.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(QueryAuditResponse {
+            records: rows.into_iter().map(|(_, r)| r).collect(),
+            next_page_token,
+        }))
     }
 }

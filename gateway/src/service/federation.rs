@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
-    CatalogChange, ForwardRequest, ForwardResponse, Hop, JoinRequest, JoinResponse, PushRequest,
-    PushResponse, Stream, StreamCursor, catalog_change, stream_item,
+    AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop, JoinRequest,
+    JoinResponse, PushRequest, PushResponse, Stream, StreamCursor, catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
 use super::{caller, deadline};
+use crate::audit::{self, AuditLog, ChainVerifier};
 use crate::catalog::parse_resource_id;
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer};
@@ -31,6 +32,7 @@ pub struct FederationService {
     router: Router,
     uplink: Uplink,
     metrics: Arc<NodeMetrics>,
+    audit: AuditLog,
 }
 
 impl FederationService {
@@ -41,6 +43,7 @@ impl FederationService {
         router: Router,
         uplink: Uplink,
         metrics: Arc<NodeMetrics>,
+        audit: AuditLog,
     ) -> Self {
         Self {
             topology,
@@ -48,6 +51,38 @@ impl FederationService {
             router,
             uplink,
             metrics,
+            audit,
+        }
+    }
+
+    /// Records a refused call and returns the refusal.
+    async fn refuse(&self, actor: String, rpc: &str, err: Error) -> Status {
+        let mut r = audit::event(AuditOperation::AuthRefused, actor);
+        r.outcome = audit::outcome(err.code());
+        r.detail = format!("Federation.{rpc}: {err}");
+        if let Err(e) = self.audit.record(r).await {
+            tracing::error!(error = %e, "refusal not audited");
+        }
+        err.into()
+    }
+
+    /// The calling neighbour, with a refusal audited.
+    async fn checked_neighbour<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &str,
+    ) -> Result<DivisionCode, Status> {
+        match self.neighbour(req) {
+            Ok(c) => Ok(c),
+            Err(e) => Err(self.refuse(actor_of(req), rpc, e).await),
+        }
+    }
+
+    /// The calling child, with a refusal audited.
+    async fn checked_child<T>(&self, req: &Request<T>, rpc: &str) -> Result<DivisionCode, Status> {
+        match self.child(req) {
+            Ok(c) => Ok(c),
+            Err(e) => Err(self.refuse(actor_of(req), rpc, e).await),
         }
     }
 
@@ -109,6 +144,85 @@ impl FederationService {
     }
 }
 
+fn actor_of<T>(req: &Request<T>) -> String {
+    caller(req).map(|p| p.to_uri()).unwrap_or_default()
+}
+
+impl FederationService {
+    /// Checks and stores a child's audit batch: each record must continue its node's chain (hash, link and
+    /// signature), and come from the child's subtree.
+    async fn push_audit(&self, child: DivisionCode, req: PushRequest) -> Result<u64> {
+        let applied = self.store.cursor(child.as_str(), Stream::Audit).await?;
+        let mut verifiers: std::collections::HashMap<String, ChainVerifier> = Default::default();
+        let mut items = Vec::with_capacity(req.items.len());
+        for item in req.items {
+            let Some(stream_item::Body::Audit(record)) = item.body else {
+                return Err(Error::InvalidArgument(format!(
+                    "items[seq={}]: an audit stream item must carry an audit record",
+                    item.seq
+                )));
+            };
+            if item.seq <= applied {
+                continue;
+            }
+            self.check_audit(child, &record, &mut verifiers).await?;
+            items.push((item.seq, record));
+        }
+        for v in verifiers.values() {
+            if let Some(key) = v.key() {
+                let node = v.node();
+                self.store.pin_node_key(node, key).await?;
+            }
+        }
+        let count = items.len() as u64;
+        let applied = self
+            .store
+            .apply_child_audit(child.as_str(), &items)
+            .await
+            .map_err(|e| match e {
+                StoreError::Gap { expected, got, .. } => Error::FailedPrecondition(format!(
+                    "audit stream of node {child} skipped from {expected} to {got}; resend from {expected}"
+                )),
+                other => other.into(),
+            })?;
+        NodeMetrics::add(&self.metrics.audit_items_applied, count);
+        self.uplink.wake(Stream::Audit);
+        Ok(applied)
+    }
+
+    async fn check_audit(
+        &self,
+        child: DivisionCode,
+        record: &AuditRecord,
+        verifiers: &mut std::collections::HashMap<String, ChainVerifier>,
+    ) -> Result<()> {
+        let origin: DivisionCode = record
+            .node_code
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("audit record node_code: {e}")))?;
+        if !child.contains(&origin) {
+            return Err(Error::PermissionDenied(format!(
+                "node {child} forwarded an audit record of node {origin}, outside its subtree"
+            )));
+        }
+        if !verifiers.contains_key(&record.node_code) {
+            let key = self.store.node_key(&record.node_code).await?;
+            let v = match self.store.audit_head(&record.node_code).await? {
+                Some(head) => ChainVerifier::resume(&record.node_code, key, head.seq, head.hash),
+                None => ChainVerifier::new(&record.node_code, key),
+            };
+            verifiers.insert(record.node_code.clone(), v);
+        }
+        let Some(v) = verifiers.get_mut(&record.node_code) else {
+            return Err(Error::InvalidArgument("audit verifier missing".into()));
+        };
+        v.push(record).map_err(|e| {
+            tracing::error!(%child, error = %e, "audit record from child fails verification");
+            Error::DataLoss(format!("audit record from node {child} refused: {e}"))
+        })
+    }
+}
+
 /// A child may only register entries held in its own subtree.
 fn check_catalog_change(child: DivisionCode, change: &CatalogChange) -> Result<()> {
     let (id, node) = match &change.change {
@@ -139,13 +253,34 @@ fn check_catalog_change(child: DivisionCode, change: &CatalogChange) -> Result<(
 #[tonic::async_trait]
 impl Federation for FederationService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let child = self.child(&req)?;
+        let child = self.checked_child(&req, "Join").await?;
         if req.get_ref().node_code != child.as_str() {
-            return Err(Error::PermissionDenied(format!(
+            let err = Error::PermissionDenied(format!(
                 "join names node {:?} but the certificate is for node {child}",
                 req.get_ref().node_code
+            ));
+            return Err(self.refuse(actor_of(&req), "Join", err).await);
+        }
+        let key = &req.get_ref().audit_public_key;
+        if key.len() != 32 {
+            return Err(Error::InvalidArgument(format!(
+                "audit_public_key of node {child} has {} bytes, not 32",
+                key.len()
             ))
             .into());
+        }
+        let pinned = self
+            .store
+            .pin_node_key(child.as_str(), key)
+            .await
+            .map_err(Error::from)?;
+        if pinned != *key {
+            let err = Error::PermissionDenied(format!(
+                "node {child} presents audit key {} but {} is pinned for it",
+                hex::encode(key),
+                hex::encode(&pinned)
+            ));
+            return Err(self.refuse(actor_of(&req), "Join", err).await);
         }
         let mut cursors = Vec::new();
         for stream in [Stream::Catalog, Stream::Audit] {
@@ -166,7 +301,7 @@ impl Federation for FederationService {
     }
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
-        let child = self.child(&req)?;
+        let child = self.checked_child(&req, "Push").await?;
         let req = req.into_inner();
         if req.items.len() > MAX_PUSH {
             return Err(Error::InvalidArgument(format!(
@@ -177,11 +312,7 @@ impl Federation for FederationService {
         }
         let applied = match Stream::try_from(req.stream) {
             Ok(Stream::Catalog) => self.push_catalog(child, req).await?,
-            Ok(Stream::Audit) => {
-                return Err(Status::unimplemented(
-                    "the audit stream is not accepted by this node yet",
-                ));
-            }
+            Ok(Stream::Audit) => self.push_audit(child, req).await?,
             _ => {
                 return Err(
                     Error::InvalidArgument(format!("stream {} is unknown", req.stream)).into(),
@@ -197,7 +328,7 @@ impl Federation for FederationService {
         &self,
         req: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let from = self.neighbour(&req)?;
+        let from = self.checked_neighbour(&req, "Forward").await?;
         let limit = Duration::from_millis(self.router.limits().default_timeout_ms);
         let mut deadline = deadline(&req, limit);
         let ForwardRequest { envelope, request } = req.into_inner();

@@ -5,7 +5,7 @@
 pub mod sqlite;
 
 use async_trait::async_trait;
-use fedgate_proto::v1::{CatalogChange, CatalogEntry, ShareType, Stream};
+use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream};
 
 pub use sqlite::SqliteStore;
 
@@ -75,6 +75,29 @@ pub struct OutboxItem {
     pub payload: Vec<u8>,
 }
 
+/// Filters of an audit query; every set filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Records where this agency is the consumer or the provider.
+    pub party: Option<String>,
+    /// Records whose other party is this agency (with `party`).
+    pub counterpart: Option<String>,
+    /// Only records written by nodes whose code starts with this prefix.
+    pub node_prefix: Option<String>,
+    /// At or after this time (ns).
+    pub from_ns: Option<i64>,
+    /// Before this time (ns).
+    pub to_ns: Option<i64>,
+    /// About this resource.
+    pub resource_id: Option<String>,
+    /// With this outcome.
+    pub outcome: Option<String>,
+    /// Only records after this stream position (pagination).
+    pub after_fwd_seq: Option<u64>,
+    /// Maximum records.
+    pub limit: u32,
+}
+
 /// A node's durable state.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -106,4 +129,33 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<OutboxItem>, StoreError>;
     /// Highest sequence number in a stream's outbox; 0 when empty.
     async fn outbox_head(&self, stream: Stream) -> Result<u64, StoreError>;
+
+    /// Appends records this node wrote (already chained), atomically, in order.
+    async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// The last record of `node`'s chain held here.
+    async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError>;
+    /// Applies a child's audit items above its cursor in order and advances the cursor, atomically; each record
+    /// must already have been checked by the caller. Returns the new cursor.
+    async fn apply_child_audit(
+        &self,
+        child: &str,
+        items: &[(u64, AuditRecord)],
+    ) -> Result<u64, StoreError>;
+    /// Records matching a query with their stream positions, oldest first.
+    async fn audit_query(&self, query: &AuditQuery) -> Result<Vec<(u64, AuditRecord)>, StoreError>;
+    /// Records of `node`'s chain with sequence numbers above `after`, in chain order.
+    async fn audit_chain(
+        &self,
+        node: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Codes of the nodes whose records are held here.
+    async fn audit_nodes(&self) -> Result<Vec<String>, StoreError>;
+    /// Number of audit records held here.
+    async fn audit_count(&self) -> Result<u64, StoreError>;
+    /// The pinned public key of a node.
+    async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Pins a node's public key if none is pinned yet; returns the pinned key (the old one if it differs).
+    async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError>;
 }

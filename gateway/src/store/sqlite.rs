@@ -5,14 +5,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fedgate_proto::v1::{CatalogChange, CatalogEntry, Stream, catalog_change};
+use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream, catalog_change};
 use prost::Message;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
-use super::{CatalogQuery, OutboxItem, Store, StoreError, StoredEntry};
+use super::{AuditQuery, CatalogQuery, OutboxItem, Store, StoreError, StoredEntry};
 
 /// A [`Store`] in one SQLite file.
 #[derive(Debug, Clone)]
@@ -296,6 +296,22 @@ impl Store for SqliteStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<OutboxItem>, StoreError> {
+        if stream == Stream::Audit {
+            let rows = sqlx::query(
+                "SELECT fwd_seq, record FROM audit_log WHERE fwd_seq > ? ORDER BY fwd_seq LIMIT ?",
+            )
+            .bind(to_i64(after))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+            return Ok(rows
+                .iter()
+                .map(|r| OutboxItem {
+                    seq: to_u64(r.get::<i64, _>(0)),
+                    payload: r.get::<Vec<u8>, _>(1),
+                })
+                .collect());
+        }
         let rows = sqlx::query(
             "SELECT seq, payload FROM outbox WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
@@ -314,10 +330,218 @@ impl Store for SqliteStore {
     }
 
     async fn outbox_head(&self, stream: Stream) -> Result<u64, StoreError> {
+        if stream == Stream::Audit {
+            let row = sqlx::query("SELECT COALESCE(MAX(fwd_seq), 0) FROM audit_log")
+                .fetch_one(&self.reader)
+                .await?;
+            return Ok(to_u64(row.get::<i64, _>(0)));
+        }
         let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?")
             .bind(stream as i32)
             .fetch_one(&self.reader)
             .await?;
         Ok(to_u64(row.get::<i64, _>(0)))
     }
+
+    async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        insert_audit(&mut tx, records).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = ? ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| decode_audit(r.get::<&[u8], _>(0))).transpose()
+    }
+
+    async fn apply_child_audit(
+        &self,
+        child: &str,
+        items: &[(u64, AuditRecord)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = ? AND stream = ?")
+            .bind(child)
+            .bind(Stream::Audit as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let mut applied = row.map(|r| to_u64(r.get::<i64, _>(0))).unwrap_or(0);
+        let mut fresh = Vec::with_capacity(items.len());
+        for (seq, record) in items {
+            if *seq <= applied {
+                continue;
+            }
+            if *seq != applied + 1 {
+                return Err(StoreError::Gap {
+                    child: child.to_owned(),
+                    expected: applied + 1,
+                    got: *seq,
+                });
+            }
+            fresh.push(record.clone());
+            applied = *seq;
+        }
+        insert_audit(&mut tx, &fresh).await?;
+        sqlx::query(
+            "INSERT INTO stream_cursor (child, stream, applied) VALUES (?, ?, ?) \
+             ON CONFLICT(child, stream) DO UPDATE SET applied = excluded.applied",
+        )
+        .bind(child)
+        .bind(Stream::Audit as i32)
+        .bind(to_i64(applied))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn audit_query(&self, q: &AuditQuery) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT fwd_seq, record FROM audit_log WHERE 1 = 1");
+        if let Some(p) = &q.party {
+            b.push(" AND (consumer_uscc = ")
+                .push_bind(p.clone())
+                .push(" OR provider_uscc = ")
+                .push_bind(p.clone())
+                .push(")");
+            if let Some(c) = &q.counterpart {
+                b.push(" AND (consumer_uscc = ")
+                    .push_bind(c.clone())
+                    .push(" OR provider_uscc = ")
+                    .push_bind(c.clone())
+                    .push(")");
+            }
+        }
+        if let Some(p) = &q.node_prefix {
+            b.push(" AND substr(node_code, 1, ")
+                .push_bind(i64::try_from(p.len()).unwrap_or(i64::MAX))
+                .push(") = ")
+                .push_bind(p.clone());
+        }
+        if let Some(t) = q.from_ns {
+            b.push(" AND time_ns >= ").push_bind(t);
+        }
+        if let Some(t) = q.to_ns {
+            b.push(" AND time_ns < ").push_bind(t);
+        }
+        if let Some(r) = &q.resource_id {
+            b.push(" AND resource_id = ").push_bind(r.clone());
+        }
+        if let Some(o) = &q.outcome {
+            b.push(" AND outcome = ").push_bind(o.clone());
+        }
+        if let Some(a) = q.after_fwd_seq {
+            b.push(" AND fwd_seq > ").push_bind(to_i64(a));
+        }
+        b.push(" ORDER BY fwd_seq LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let rows = b.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    to_u64(r.get::<i64, _>(0)),
+                    decode_audit(r.get::<&[u8], _>(1))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn audit_chain(
+        &self,
+        node: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(node)
+        .bind(to_i64(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| decode_audit(r.get::<&[u8], _>(0)))
+            .collect()
+    }
+
+    async fn audit_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT node_code FROM audit_log ORDER BY node_code")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    async fn audit_count(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM audit_log")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(to_u64(row.get::<i64, _>(0)))
+    }
+
+    async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT public_key FROM node_key WHERE node_code = ?")
+            .bind(node)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(|r| r.get::<Vec<u8>, _>(0)))
+    }
+
+    async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO node_key (node_code, public_key) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(node)
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query("SELECT public_key FROM node_key WHERE node_code = ?")
+            .bind(node)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row.get::<Vec<u8>, _>(0))
+    }
+}
+
+fn decode_audit(blob: &[u8]) -> Result<AuditRecord, StoreError> {
+    AuditRecord::decode(blob).map_err(|e| StoreError::Corrupt {
+        what: "audit record".into(),
+        error: e.to_string(),
+    })
+}
+
+/// Rows per INSERT statement (9 binds each, well under SQLite's parameter limit).
+const AUDIT_ROWS_PER_INSERT: usize = 200;
+
+async fn insert_audit(
+    tx: &mut Transaction<'_, Sqlite>,
+    records: &[AuditRecord],
+) -> Result<(), StoreError> {
+    for chunk in records.chunks(AUDIT_ROWS_PER_INSERT) {
+        let mut b: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO audit_log (node_code, seq, time_ns, operation, consumer_uscc, provider_uscc, \
+             resource_id, outcome, record) ",
+        );
+        b.push_values(chunk, |mut row, r| {
+            row.push_bind(r.node_code.clone())
+                .push_bind(to_i64(r.seq))
+                .push_bind(r.time_unix_nanos)
+                .push_bind(r.operation)
+                .push_bind(r.consumer_uscc.clone())
+                .push_bind(r.provider_uscc.clone())
+                .push_bind(r.resource_id.clone())
+                .push_bind(r.outcome.clone())
+                .push_bind(r.encode_to_vec());
+        });
+        b.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }

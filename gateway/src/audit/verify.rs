@@ -1,0 +1,212 @@
+//! Verification of a node's audit chain: sequence, links, hashes and batch signatures.
+
+use fedgate_proto::v1::{AuditOperation, AuditRecord};
+
+use super::{GENESIS_HASH, record_hash};
+use crate::grant::verify_signature;
+
+/// The first problem found in a chain, naming the record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// A record of another node appeared in this chain.
+    #[error("record {node}#{seq} does not belong to the chain of node {expected}")]
+    WrongNode {
+        /// Node named by the record.
+        node: String,
+        /// Its sequence number.
+        seq: u64,
+        /// The chain being checked.
+        expected: String,
+    },
+    /// A sequence number was skipped or repeated: a record was deleted, inserted or moved.
+    #[error(
+        "chain of node {node}: expected record {expected} but found {found} (a record was removed, added or reordered)"
+    )]
+    Sequence {
+        /// The chain.
+        node: String,
+        /// Sequence number expected.
+        expected: u64,
+        /// Sequence number found.
+        found: u64,
+    },
+    /// A record's recorded hash does not match its content: it was altered.
+    #[error("record {node}#{seq} was altered: its content does not match its hash")]
+    Altered {
+        /// The chain.
+        node: String,
+        /// The record.
+        seq: u64,
+    },
+    /// A record does not link to its predecessor.
+    #[error("record {node}#{seq} does not link to record {prev}: the chain was cut or spliced")]
+    BrokenLink {
+        /// The chain.
+        node: String,
+        /// The record.
+        seq: u64,
+        /// Its predecessor.
+        prev: u64,
+    },
+    /// A batch signature does not verify.
+    #[error("record {node}#{seq} carries a signature that does not verify with the node's key")]
+    BadSignature {
+        /// The chain.
+        node: String,
+        /// The record.
+        seq: u64,
+    },
+    /// The chain does not start with the node's key announcement, or announces an unexpected key.
+    #[error("chain of node {node} starts with an invalid key announcement: {reason}")]
+    BadStart {
+        /// The chain.
+        node: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Records after the last signature: the end of the chain is not covered by a signature.
+    #[error("chain of node {node} ends at record {seq}, which no signature covers")]
+    UnsignedTail {
+        /// The chain.
+        node: String,
+        /// Last record.
+        seq: u64,
+    },
+}
+
+/// Checks one node's records in chain order.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    node: String,
+    next: u64,
+    prev: Vec<u8>,
+    key: Option<Vec<u8>>,
+    last_signed: u64,
+    checked: u64,
+}
+
+impl ChainVerifier {
+    /// A verifier for `node`'s chain from its first record; `key` pins the expected public key.
+    pub fn new(node: &str, key: Option<Vec<u8>>) -> Self {
+        Self {
+            node: node.to_owned(),
+            next: 1,
+            prev: GENESIS_HASH.to_vec(),
+            key,
+            last_signed: 0,
+            checked: 0,
+        }
+    }
+
+    /// A verifier that continues after record `seq` whose hash is `hash` (archived segments, forwarded batches).
+    pub fn resume(node: &str, key: Option<Vec<u8>>, seq: u64, hash: Vec<u8>) -> Self {
+        Self {
+            node: node.to_owned(),
+            next: seq + 1,
+            prev: hash,
+            key,
+            last_signed: seq,
+            checked: 0,
+        }
+    }
+
+    /// The public key in force (pinned or announced by the chain).
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    /// The node whose chain this is.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Records checked so far.
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+
+    /// Checks the next record.
+    pub fn push(&mut self, r: &AuditRecord) -> Result<(), VerifyError> {
+        let node = self.node.clone();
+        if r.node_code != node {
+            return Err(VerifyError::WrongNode {
+                node: r.node_code.clone(),
+                seq: r.seq,
+                expected: node,
+            });
+        }
+        if r.seq != self.next {
+            return Err(VerifyError::Sequence {
+                node,
+                expected: self.next,
+                found: r.seq,
+            });
+        }
+        if record_hash(r).as_slice() != r.hash.as_slice() {
+            return Err(VerifyError::Altered { node, seq: r.seq });
+        }
+        if r.prev_hash != self.prev {
+            return Err(VerifyError::BrokenLink {
+                node,
+                seq: r.seq,
+                prev: r.seq.saturating_sub(1),
+            });
+        }
+        if r.seq == 1 {
+            self.check_start(r)?;
+        }
+        if !r.signature.is_empty() {
+            let key = self.key.as_deref().ok_or_else(|| VerifyError::BadStart {
+                node: node.clone(),
+                reason: "no key is known for this node".into(),
+            })?;
+            verify_signature(key, &r.hash, &r.signature)
+                .map_err(|_| VerifyError::BadSignature { node, seq: r.seq })?;
+            self.last_signed = r.seq;
+        }
+        self.prev = r.hash.clone();
+        self.next += 1;
+        self.checked += 1;
+        Ok(())
+    }
+
+    fn check_start(&mut self, r: &AuditRecord) -> Result<(), VerifyError> {
+        let bad = |reason: String| VerifyError::BadStart {
+            node: self.node.clone(),
+            reason,
+        };
+        if r.operation != AuditOperation::ChainStart as i32 {
+            return Err(bad("record 1 is not a CHAIN_START record".into()));
+        }
+        let announced = hex::decode(&r.detail).map_err(|e| bad(format!("key is not hex: {e}")))?;
+        if announced.len() != 32 {
+            return Err(bad(format!("key has {} bytes, not 32", announced.len())));
+        }
+        match &self.key {
+            Some(k) if *k != announced => {
+                Err(bad("the announced key differs from the pinned key".into()))
+            }
+            _ => {
+                self.key = Some(announced);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the check: the last record must be covered by a signature.
+    pub fn finish(&self) -> Result<(), VerifyError> {
+        let last = self.next - 1;
+        if last > self.last_signed {
+            return Err(VerifyError::UnsignedTail {
+                node: self.node.clone(),
+                seq: last,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sequence number and hash of the last record checked.
+    pub fn head(&self) -> (u64, &[u8]) {
+        (self.next - 1, &self.prev)
+    }
+}
