@@ -145,6 +145,7 @@ impl Uplink {
         let status = self.status(stream);
         status.acked.store(acked, Ordering::Relaxed);
         status.connected.store(true, Ordering::Relaxed);
+        store.set_uplink_acked(stream, acked).await?;
         *backoff = Duration::from_millis(50);
         tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
         loop {
@@ -173,6 +174,7 @@ impl Uplink {
             }
             acked = resp.applied_seq;
             status.acked.store(acked, Ordering::Relaxed);
+            store.set_uplink_acked(stream, acked).await?;
         }
     }
 }

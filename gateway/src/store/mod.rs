@@ -130,6 +130,11 @@ pub trait Store: Send + Sync + 'static {
     /// Highest sequence number in a stream's outbox; 0 when empty.
     async fn outbox_head(&self, stream: Stream) -> Result<u64, StoreError>;
 
+    /// Records that the parent acknowledged `stream` up to `seq`.
+    async fn set_uplink_acked(&self, stream: Stream, seq: u64) -> Result<(), StoreError>;
+    /// How far the parent acknowledged `stream`, as last recorded.
+    async fn uplink_acked(&self, stream: Stream) -> Result<u64, StoreError>;
+
     /// Appends records this node wrote (already chained), atomically, in order.
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
     /// The last record of `node`'s chain held here.

@@ -343,6 +343,26 @@ impl Store for SqliteStore {
         Ok(to_u64(row.get::<i64, _>(0)))
     }
 
+    async fn set_uplink_acked(&self, stream: Stream, seq: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO uplink_ack (stream, seq) VALUES (?, ?) \
+             ON CONFLICT(stream) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+        )
+        .bind(stream as i32)
+        .bind(to_i64(seq))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn uplink_acked(&self, stream: Stream) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT seq FROM uplink_ack WHERE stream = ?")
+            .bind(stream as i32)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(|r| to_u64(r.get::<i64, _>(0))).unwrap_or(0))
+    }
+
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
         insert_audit(&mut tx, records).await?;
