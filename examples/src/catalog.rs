@@ -8,6 +8,35 @@ use fedgate_proto::v1::{CatalogEntry, Field, MaskRule, Sensitivity, ShareMode, S
 
 use crate::registry::{KEY_FIELD, Resource};
 
+/// Smallest group a statistics answer on these resources may report.
+pub const MIN_GROUP_SIZE: u32 = 5;
+
+/// The fields a statistics share of `resource` may group by: coarse ones only, so that groups stay large.
+///
+/// Household: `gender`. Marriage: `marital_status` and `registration_office`.
+pub fn statistics_dimensions(resource: Resource) -> &'static [&'static str] {
+    match resource {
+        Resource::Household => &["gender"],
+        Resource::Marriage => &["marital_status", "registration_office"],
+    }
+}
+
+/// The share modes the agency allows on `resource`.
+///
+/// Household: QUERY, VERIFY, STATISTICS and BULK. Marriage: QUERY, VERIFY and STATISTICS (no bulk export of
+/// marital data).
+pub fn share_modes(resource: Resource) -> Vec<ShareMode> {
+    match resource {
+        Resource::Household => vec![
+            ShareMode::Query,
+            ShareMode::Verify,
+            ShareMode::Statistics,
+            ShareMode::Bulk,
+        ],
+        Resource::Marriage => vec![ShareMode::Query, ShareMode::Verify, ShareMode::Statistics],
+    }
+}
+
 /// The catalog entries of both registry resources, with the given share types (seed 002 art. 8-9).
 ///
 /// Returns `[household, marriage]`; see [`entry`] for their content.
@@ -20,8 +49,9 @@ pub fn civil_affairs_entries(household: ShareType, marriage: ShareType) -> Vec<C
 
 /// The catalog entry of one registry resource with the given share type.
 ///
-/// Its `id` is the resource's local code; it is a `table` keyed by `id_number`, updated `daily`, shared in
-/// QUERY and VERIFY modes. ID numbers, names, phones and addresses are SENSITIVE with the matching mask rule;
+/// Its `id` is the resource's local code; it is a `table` keyed by `id_number`, updated `daily`, shared in the
+/// modes of [`share_modes`], with the [`statistics_dimensions`] and a minimum group size of [`MIN_GROUP_SIZE`].
+/// ID numbers, names, phones and addresses are SENSITIVE with the matching mask rule;
 /// every other item is INTERNAL and unmasked.
 pub fn entry(resource: Resource, share_type: ShareType) -> CatalogEntry {
     let (title, summary, subject) = match resource {
@@ -54,10 +84,18 @@ pub fn entry(resource: Resource, share_type: ShareType) -> CatalogEntry {
         fields: resource.fields().iter().map(|name| field(name)).collect(),
         update_frequency: "daily".to_owned(),
         share_type: share_type as i32,
-        share_modes: vec![ShareMode::Query as i32, ShareMode::Verify as i32],
+        share_modes: share_modes(resource)
+            .into_iter()
+            .map(|m| m as i32)
+            .collect(),
         usage_requirements: usage_requirements.to_owned(),
         open: false,
         key_field: KEY_FIELD.to_owned(),
+        statistics_dimensions: statistics_dimensions(resource)
+            .iter()
+            .map(|d| (*d).to_owned())
+            .collect(),
+        min_group_size: MIN_GROUP_SIZE,
         ..CatalogEntry::default()
     }
 }
@@ -161,9 +199,11 @@ mod tests {
             assert_eq!(e.format, "table");
             assert_eq!(e.update_frequency, "daily");
             assert_eq!(e.classification[0], "civil-affairs");
-            assert_eq!(
-                e.share_modes,
-                vec![ShareMode::Query as i32, ShareMode::Verify as i32]
+            assert_eq!(e.min_group_size, 5);
+            assert!(
+                e.statistics_dimensions
+                    .iter()
+                    .all(|d| r.fields().contains(&d.as_str()) && d != KEY_FIELD)
             );
             assert!(e.node_code.is_empty() && e.provider_uscc.is_empty() && e.version == 0);
             let names: Vec<_> = e.fields.iter().map(|f| f.name.as_str()).collect();
@@ -195,6 +235,30 @@ mod tests {
         assert_eq!(
             mask_of("gender"),
             Some((Sensitivity::Internal as i32, MaskRule::None as i32))
+        );
+        let modes = |e: &CatalogEntry| -> Vec<_> {
+            e.share_modes
+                .iter()
+                .filter_map(|m| ShareMode::try_from(*m).ok())
+                .collect()
+        };
+        assert_eq!(
+            modes(h),
+            [
+                ShareMode::Query,
+                ShareMode::Verify,
+                ShareMode::Statistics,
+                ShareMode::Bulk
+            ]
+        );
+        assert_eq!(
+            modes(m),
+            [ShareMode::Query, ShareMode::Verify, ShareMode::Statistics]
+        );
+        assert_eq!(h.statistics_dimensions, ["gender"]);
+        assert_eq!(
+            m.statistics_dimensions,
+            ["marital_status", "registration_office"]
         );
         assert!(h.title.contains("户籍登记") && m.title.contains("婚姻登记"));
     }

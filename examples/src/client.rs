@@ -1,9 +1,13 @@
-//! Connecting an agency to its node's `fedgate.v1.Agency` service over mutual TLS, and publishing entries.
+//! Connecting an agency to its node's `fedgate.v1.Agency` service over mutual TLS, publishing entries, and
+//! handling what a consumer keeps between calls: signed grant files and exported records.
 
+use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 use fedgate_proto::v1::agency_client::AgencyClient;
-use fedgate_proto::v1::{CatalogEntry, PublishEntryRequest};
+use fedgate_proto::v1::{CatalogEntry, Grant, PublishEntryRequest, Record, SignedGrant};
+use prost::Message;
 use tonic::Status;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -79,4 +83,133 @@ pub fn describe_status(status: &Status) -> String {
         status.message()
     };
     format!("{message} (gRPC {code:?} = {})", code as i32)
+}
+
+/// Decodes the [`Grant`] a signed grant carries, without checking its signature (only nodes can do that: they
+/// know the issuers' keys).
+pub fn decode_grant(signed: &SignedGrant) -> Result<Grant, prost::DecodeError> {
+    Grant::decode(signed.grant.as_slice())
+}
+
+/// Reads a grant file: the prost encoding of a [`SignedGrant`], as [`write_signed_grant`] writes it.
+///
+/// Fails with [`io::ErrorKind::InvalidData`] when the file does not decode, lacks the grant bytes or the
+/// signature, or its grant bytes are not a [`Grant`] with an id.
+pub fn read_signed_grant(path: &Path) -> io::Result<SignedGrant> {
+    let bytes = std::fs::read(path)?;
+    let invalid = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a signed grant file: {why}", path.display()),
+        )
+    };
+    let signed = SignedGrant::decode(bytes.as_slice()).map_err(|e| invalid(e.to_string()))?;
+    if signed.grant.is_empty() || signed.signature.is_empty() {
+        return Err(invalid("it has no grant or no signature".to_owned()));
+    }
+    let grant =
+        decode_grant(&signed).map_err(|e| invalid(format!("its grant does not decode: {e}")))?;
+    if grant.id.is_empty() {
+        return Err(invalid("its grant has no id".to_owned()));
+    }
+    Ok(signed)
+}
+
+/// Writes a grant file: the prost encoding of `grant`, which [`read_signed_grant`] reads back.
+pub fn write_signed_grant(path: &Path, grant: &SignedGrant) -> io::Result<()> {
+    std::fs::write(path, grant.encode_to_vec())
+}
+
+/// One record as a single line of JSON (no trailing newline): an object of its fields in name order.
+pub fn record_json(record: &Record) -> String {
+    let mut values: Vec<_> = record.values.iter().collect();
+    values.sort();
+    let object = values
+        .into_iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::Value::Object(object).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed() -> SignedGrant {
+        let grant = Grant {
+            id: "350102-g-7".into(),
+            consumer_uscc: "113501030000000018".into(),
+            resource_id: "350102:marriage".into(),
+            fields: vec!["marital_status".into()],
+            ..Grant::default()
+        };
+        SignedGrant {
+            grant: grant.encode_to_vec(),
+            signature: vec![7; 64],
+            public_key: vec![9; 32],
+        }
+    }
+
+    #[test]
+    fn grant_files_round_trip() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("grant.bin");
+        write_signed_grant(&path, &signed()).unwrap_or_else(|e| panic!("{e}"));
+        let back = read_signed_grant(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, signed());
+        let grant = decode_grant(&back).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(grant.id, "350102-g-7");
+        assert_eq!(grant.fields, ["marital_status"]);
+    }
+
+    #[test]
+    fn bad_grant_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let missing = read_signed_grant(&dir.path().join("none"));
+        assert!(missing.is_err_and(|e| e.kind() == io::ErrorKind::NotFound));
+
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("empty", Vec::new()),
+            ("pem", b"-----BEGIN CERTIFICATE-----\nMIIB\n".to_vec()),
+            (
+                "unsigned",
+                SignedGrant {
+                    signature: Vec::new(),
+                    ..signed()
+                }
+                .encode_to_vec(),
+            ),
+        ];
+        for (name, bytes) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
+            let err = read_signed_grant(&path);
+            assert!(
+                err.as_ref()
+                    .is_err_and(|e| e.kind() == io::ErrorKind::InvalidData),
+                "{name}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn records_become_sorted_json_lines() {
+        let record = Record {
+            values: [
+                ("name", "张*"),
+                ("id_number", "350102********1234"),
+                ("note", "a \"quoted\"\nline"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        };
+        let line = record_json(&record);
+        assert_eq!(
+            line,
+            r#"{"id_number":"350102********1234","name":"张*","note":"a \"quoted\"\nline"}"#
+        );
+        assert!(!line.contains('\n'));
+        assert_eq!(record_json(&Record::default()), "{}");
+    }
 }

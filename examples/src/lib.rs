@@ -6,8 +6,10 @@
 //!
 //! - [`registry`]: the deterministic synthetic dataset, with valid GB 11643 ID numbers;
 //! - [`catalog`]: the catalog entries the agency publishes for it;
-//! - [`provider`]: the `fedgate.v1.Provider` service its node fetches records from, over mutual TLS;
-//! - [`client`]: connecting to the node's `fedgate.v1.Agency` service and publishing entries.
+//! - [`provider`]: the `fedgate.v1.Provider` service its node fetches records, counts and export pages from,
+//!   over mutual TLS;
+//! - [`client`]: connecting to the node's `fedgate.v1.Agency` service, publishing entries, and the grant files
+//!   and JSON lines a consumer keeps.
 //!
 //! The binaries `civil-registry-provider` and `agency-client` put these together.
 //!
@@ -23,9 +25,14 @@ pub mod client;
 pub mod provider;
 pub mod registry;
 
-pub use catalog::civil_affairs_entries;
-pub use client::{connect_agency, describe_status, publish_all};
-pub use provider::{ProviderTls, RegistryProvider, serve_provider};
+pub use catalog::{MIN_GROUP_SIZE, civil_affairs_entries, share_modes, statistics_dimensions};
+pub use client::{
+    connect_agency, decode_grant, describe_status, publish_all, read_signed_grant, record_json,
+    write_signed_grant,
+};
+pub use provider::{
+    DEFAULT_EXPORT_PAGE_SIZE, MAX_EXPORT_PAGE_SIZE, ProviderTls, RegistryProvider, serve_provider,
+};
 pub use registry::{Person, Registry, RegistryError, Resource, is_valid_id_number};
 
 #[cfg(test)]

@@ -35,6 +35,31 @@ pub struct NodeConfig {
     /// Audit trail settings.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Working-day calendar and governance deadlines.
+    #[serde(default)]
+    pub calendar: crate::calendar::CalendarConfig,
+    /// Cache of authorized answers at this node.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// Cache of authorized answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Seconds an answer may be served from the cache; 0 disables caching.
+    pub ttl_secs: u64,
+    /// Answers kept at most.
+    pub capacity: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 60,
+            capacity: 100_000,
+        }
+    }
 }
 
 /// Least retention of audit records: three years (seed 002 art. 41).

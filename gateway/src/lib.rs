@@ -7,10 +7,13 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod audit;
+pub mod cache;
 pub mod calendar;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod error;
+pub mod governance;
 pub mod grant;
 pub mod ident;
 pub mod metrics;

@@ -12,7 +12,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::{self, AuditLog};
+use crate::cache::ShareCache;
+use crate::calendar::WorkCalendar;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{MIN_RETENTION_DAYS, NodeConfig, StorageConfig};
+use crate::governance::Governance;
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
@@ -61,6 +65,7 @@ pub struct NodeHandle {
     metrics: Arc<NodeMetrics>,
     audit: Option<AuditLog>,
     audit_writer: JoinHandle<()>,
+    governance: Governance,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
@@ -93,6 +98,15 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
 
 /// Starts a node on an already bound listener (tests bind every node's port before starting any).
 pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeHandle, NodeError> {
+    start_with_clock(config, listener, Arc::new(SystemClock::default())).await
+}
+
+/// Starts a node on a bound listener with the given clock (tests move time forward to reach deadlines).
+pub async fn start_with_clock(
+    config: NodeConfig,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+) -> Result<NodeHandle, NodeError> {
     if config.audit.retention_days < MIN_RETENTION_DAYS {
         return Err(NodeError::Config(crate::error::Error::InvalidArgument(
             format!(
@@ -120,6 +134,27 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
     uplink.set_audit_key(key.public_key());
     let (audit_log, audit_writer) =
         AuditLog::start(code, store.clone(), key.clone(), uplink.clone()).await?;
+    let calendar = WorkCalendar::new(&config.calendar).map_err(|e| {
+        NodeError::Config(crate::error::Error::InvalidArgument(format!(
+            "calendar: {e}"
+        )))
+    })?;
+    let governance = Governance::new(
+        code,
+        store.clone(),
+        key.clone(),
+        Arc::new(calendar),
+        clock,
+        audit_log.clone(),
+    );
+    let cache = ShareCache::new(
+        std::time::Duration::from_secs(config.cache.ttl_secs.max(1)),
+        if config.cache.ttl_secs == 0 {
+            0
+        } else {
+            config.cache.capacity
+        },
+    );
     let metrics = Arc::new(NodeMetrics::default());
     let router = Router::new(
         topology.clone(),
@@ -127,9 +162,15 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
         config.routing.clone(),
         metrics.clone(),
         audit_log.clone(),
+        governance.clone(),
+        cache,
     );
 
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(warn_overdue(
+        governance.clone(),
+        shutdown_rx.clone(),
+    )));
     if let Some(parent) = &topology.parent {
         for stream in [Stream::Catalog, Stream::Audit] {
             tasks.push(tokio::spawn(uplink.clone().run(
@@ -205,10 +246,35 @@ pub async fn start_on(config: NodeConfig, listener: TcpListener) -> Result<NodeH
         metrics,
         audit: Some(audit_log),
         audit_writer,
+        governance,
         shutdown,
         server,
         tasks,
     })
+}
+
+/// Logs a warning for every overdue application and objection, once a minute.
+async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match governance.overdue().await {
+            Ok((apps, objections)) => {
+                for a in apps.iter().filter(|a| a.decided_at == 0) {
+                    tracing::warn!(application = %a.id, resource = %a.resource_id, due_at = a.due_at,
+                        "application is overdue: no decision within its deadline");
+                }
+                for o in objections.iter().filter(|o| o.resolved_at == 0) {
+                    tracing::warn!(objection = %o.id, resource = %o.resource_id, due_at = o.due_at,
+                        "objection is overdue: not resolved within its deadline");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "overdue scan failed"),
+        }
+    }
 }
 
 impl NodeHandle {
@@ -243,32 +309,50 @@ impl NodeHandle {
         Ok(head.saturating_sub(self.uplink_acked(stream)))
     }
 
+    /// The governance of this node's resources.
+    pub fn governance(&self) -> &Governance {
+        &self.governance
+    }
+
     /// This node's audit log.
     pub fn audit(&self) -> Option<&AuditLog> {
         self.audit.as_ref()
     }
 
     /// Stops accepting, drains in-flight requests, stops background tasks and closes storage.
-    pub async fn shutdown(mut self) -> Result<(), NodeError> {
-        let _ = self.shutdown.send(true);
-        for t in self.tasks {
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let NodeHandle {
+            code,
+            sqlite,
+            audit,
+            audit_writer,
+            governance,
+            shutdown,
+            server,
+            tasks,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        for t in tasks {
             let _ = t.await;
         }
-        let served = match self.server.await {
+        let served = match server.await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(node = %self.code, error = %e, "server task failed");
+                tracing::error!(node = %code, error = %e, "server task failed");
                 Ok(())
             }
         };
-        self.audit = None;
-        if let Err(e) = self.audit_writer.await {
-            tracing::error!(node = %self.code, error = %e, "audit writer failed");
+        // The writer drains and stops once every handle to it is gone.
+        drop(audit);
+        drop(governance);
+        if let Err(e) = audit_writer.await {
+            tracing::error!(node = %code, error = %e, "audit writer failed");
         }
-        if let Some(s) = &self.sqlite {
+        if let Some(s) = &sqlite {
             s.close().await;
         }
-        tracing::info!(node = %self.code, "node stopped");
+        tracing::info!(node = %code, "node stopped");
         served.map_err(NodeError::from)
     }
 

@@ -11,15 +11,18 @@ use std::time::{Duration, Instant};
 use fedgate_proto::v1::federation_client::FederationClient;
 use fedgate_proto::v1::provider_client::ProviderClient;
 use fedgate_proto::v1::{
-    AuditOperation, AuditRecord, Envelope, FetchRequest, ForwardRequest, Hop, ShareMode,
-    ShareRequest, ShareResponse,
+    AggregateRequest, ApplyRequest, AuditOperation, AuditRecord, Envelope, ExportRequest,
+    FetchRequest, FileObjectionRequest, ForwardRequest, GetApplicationRequest, GetObjectionRequest,
+    Hop, RequestKind, RevocationNotice, ShareMode, ShareRequest, ShareResponse,
 };
 use prost::Message;
 use tonic::Status;
 
 use crate::audit::{self, AuditLog};
+use crate::cache::ShareCache;
 use crate::config::RoutingConfig;
 use crate::error::{Error, Result};
+use crate::governance::{Consumer, Governance};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::policy;
@@ -43,6 +46,8 @@ pub struct Router {
     limits: RoutingConfig,
     metrics: Arc<NodeMetrics>,
     audit: AuditLog,
+    governance: Governance,
+    cache: ShareCache,
 }
 
 /// Action names recorded in a route.
@@ -55,6 +60,8 @@ pub mod action {
     pub const FORWARDED_DOWN: &str = "forwarded-down";
     /// The provider's node served it.
     pub const SERVED: &str = "served";
+    /// The consumer's node answered from its cache.
+    pub const CACHE_HIT: &str = "cache-hit";
 }
 
 /// Converts a failed call to a neighbour or provider into an error naming it.
@@ -74,6 +81,8 @@ impl Router {
         limits: RoutingConfig,
         metrics: Arc<NodeMetrics>,
         audit: AuditLog,
+        governance: Governance,
+        cache: ShareCache,
     ) -> Self {
         Self {
             topology,
@@ -81,7 +90,61 @@ impl Router {
             limits,
             metrics,
             audit,
+            governance,
+            cache,
         }
+    }
+
+    /// The cache of authorized answers.
+    pub fn cache(&self) -> &ShareCache {
+        &self.cache
+    }
+
+    /// This node's topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Carries a revocation toward the grantee's node, recording and purging at each node; returns the nodes
+    /// that recorded it, this one first. The notice's route must already end with this node.
+    pub async fn relay_revocation(&self, notice: RevocationNotice) -> Result<Vec<String>> {
+        let me = self.topology.code;
+        self.governance.record_revocation(&notice).await?;
+        self.cache.purge_grant(&notice.grant_id);
+        let mut nodes = vec![me.to_string()];
+        let target: DivisionCode = notice
+            .consumer_node
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("consumer_node: {e}")))?;
+        if target == me {
+            return Ok(nodes);
+        }
+        let (next, _) = self.topology.next_hop(target)?;
+        if notice.route.iter().any(|n| n == next.code.as_str()) {
+            return Err(Error::FailedPrecondition(format!(
+                "revocation of {} would loop at node {}",
+                notice.grant_id, next.code
+            )));
+        }
+        let mut client = FederationClient::new(next.channel.clone());
+        let mut req = tonic::Request::new(notice);
+        req.set_timeout(Duration::from_millis(self.limits.default_timeout_ms));
+        let ack = client
+            .revoke(req)
+            .await
+            .map_err(|s| call_error(s, &format!("node {} at {}", next.code, next.address)))?;
+        nodes.extend(ack.into_inner().nodes);
+        Ok(nodes)
+    }
+
+    /// The governance of this node's resources.
+    pub fn governance(&self) -> &Governance {
+        &self.governance
+    }
+
+    /// This node's audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// The routing limits in force.
@@ -216,16 +279,67 @@ impl Router {
         deadline: Instant,
         record: &mut AuditRecord,
     ) -> Result<Vec<u8>> {
+        let consumer = Consumer {
+            uscc: env.consumer_uscc.clone(),
+            node: env.consumer_node.clone(),
+        };
+        let kind = RequestKind::try_from(env.kind).map_err(|_| {
+            Error::InvalidArgument(format!("envelope.kind {} is unknown", env.kind))
+        })?;
+        let bad = |what: &str, e: prost::DecodeError| {
+            Error::InvalidArgument(format!("request: not an encoded {what}: {e}"))
+        };
+        match kind {
+            RequestKind::Share => self.serve_share(env, request, deadline, record).await,
+            RequestKind::Apply => {
+                let req = ApplyRequest::decode(request).map_err(|e| bad("ApplyRequest", e))?;
+                same_resource(env, &req.resource_id)?;
+                Ok(self.governance.apply(&consumer, req).await?.encode_to_vec())
+            }
+            RequestKind::GetApplication => {
+                let req = GetApplicationRequest::decode(request)
+                    .map_err(|e| bad("GetApplicationRequest", e))?;
+                Ok(self
+                    .governance
+                    .application(&consumer.uscc, &req.id)
+                    .await?
+                    .encode_to_vec())
+            }
+            RequestKind::Objection => {
+                let req = FileObjectionRequest::decode(request)
+                    .map_err(|e| bad("FileObjectionRequest", e))?;
+                same_resource(env, &req.resource_id)?;
+                Ok(self
+                    .governance
+                    .file_objection(&consumer, req)
+                    .await?
+                    .encode_to_vec())
+            }
+            RequestKind::GetObjection => {
+                let req = GetObjectionRequest::decode(request)
+                    .map_err(|e| bad("GetObjectionRequest", e))?;
+                Ok(self
+                    .governance
+                    .objection(&consumer.uscc, &req.id)
+                    .await?
+                    .0
+                    .encode_to_vec())
+            }
+        }
+    }
+
+    async fn serve_share(
+        &self,
+        env: &Envelope,
+        request: &[u8],
+        deadline: Instant,
+        record: &mut AuditRecord,
+    ) -> Result<Vec<u8>> {
         let me = self.topology.code;
         let req = ShareRequest::decode(request).map_err(|e| {
             Error::InvalidArgument(format!("request: not an encoded ShareRequest: {e}"))
         })?;
-        if req.resource_id != env.resource_id {
-            return Err(Error::InvalidArgument(format!(
-                "envelope names resource {} but the request names {}",
-                env.resource_id, req.resource_id
-            )));
-        }
+        same_resource(env, &req.resource_id)?;
         let entry = self
             .store
             .entry(&env.resource_id)
@@ -239,7 +353,20 @@ impl Router {
                 ))
             })?;
         record.provider_uscc = entry.provider_uscc.clone();
-        let permit = policy::authorize(&entry, &req)?;
+        let mode = policy::requested_mode(&req)?;
+        let grant = match &req.grant {
+            Some(signed) => {
+                let fields = policy::used_fields(&req, mode);
+                let g = self
+                    .governance
+                    .check_grant(signed, &env.consumer_uscc, &entry, mode, &fields)
+                    .await?;
+                record.grant_id = g.id.clone();
+                Some(g)
+            }
+            None => None,
+        };
+        let permit = policy::authorize(&entry, &req, grant.as_ref())?;
         let uscc = entry.provider_uscc.as_str();
         let link = self
             .topology
@@ -262,56 +389,141 @@ impl Router {
                     env.request_id
                 ))
             })?;
-        let mut fetch = tonic::Request::new(FetchRequest {
+        let provider = ProviderCall {
+            client: ProviderClient::new(link.channel.clone()),
+            who: format!("provider agency {uscc} at {}", link.address),
+            uscc: uscc.to_owned(),
+            remaining,
+        };
+        let mut resp = ShareResponse {
+            request_id: env.request_id.clone(),
+            resource_id: entry.id.clone(),
+            entry_version: entry.version,
+            grant_id: permit.grant_id.clone(),
+            ..Default::default()
+        };
+        let fetch = |fields: Vec<String>| FetchRequest {
             request_id: env.request_id.clone(),
             resource_id: entry.id.clone(),
             key_field: permit.key_field.clone(),
             key: req.key.clone(),
-            fields: permit.fields.clone(),
+            fields,
             consumer_uscc: env.consumer_uscc.clone(),
             consumer_node: env.consumer_node.clone(),
             purpose: req.purpose.clone(),
-        });
-        fetch.set_timeout(remaining);
-        let mut client = ProviderClient::new(link.channel.clone());
-        let call = client.fetch(fetch);
-        let records = match tokio::time::timeout(remaining, call).await {
-            Err(_) => {
-                return Err(Error::DeadlineExceeded(format!(
-                    "deadline ran out waiting for provider agency {uscc}"
-                )));
-            }
-            Ok(Err(status)) => {
-                return Err(
-                    match call_error(
-                        status,
-                        &format!("provider agency {uscc} at {}", link.address),
-                    ) {
-                        Error::Upstream(s) => Error::Upstream(Status::new(
-                            s.code(),
-                            format!("provider agency {uscc}: {}", s.message()),
-                        )),
-                        other => other,
-                    },
-                );
-            }
-            Ok(Ok(resp)) => resp.into_inner().records,
         };
-        Ok(ShareResponse {
-            request_id: env.request_id.clone(),
-            resource_id: entry.id.clone(),
-            records: policy::shape(&permit, records),
-            route: Vec::new(),
-            entry_version: entry.version,
+        match permit.mode {
+            ShareMode::Verify => {
+                let records = provider
+                    .run(
+                        |mut c, r| async move { c.fetch(r).await },
+                        fetch(permit.fields.clone()),
+                    )
+                    .await?
+                    .records;
+                resp.checks = policy::verify(&req.verify_values, records.first());
+            }
+            ShareMode::Statistics => {
+                let groups = provider
+                    .run(
+                        |mut c, r| async move { c.aggregate(r).await },
+                        AggregateRequest {
+                            request_id: env.request_id.clone(),
+                            resource_id: entry.id.clone(),
+                            group_by: permit.fields.clone(),
+                            consumer_uscc: env.consumer_uscc.clone(),
+                        },
+                    )
+                    .await?
+                    .groups;
+                policy::check_groups(&entry, &groups)?;
+                resp.groups = groups;
+            }
+            ShareMode::Bulk => {
+                let page = provider
+                    .run(
+                        |mut c, r| async move { c.export(r).await },
+                        ExportRequest {
+                            request_id: env.request_id.clone(),
+                            resource_id: entry.id.clone(),
+                            fields: permit.fields.clone(),
+                            page_token: req.page_token.clone(),
+                            page_size: if req.page_size == 0 {
+                                policy::DEFAULT_BULK_PAGE
+                            } else {
+                                req.page_size
+                            },
+                            consumer_uscc: env.consumer_uscc.clone(),
+                        },
+                    )
+                    .await?;
+                resp.records = policy::shape(&permit, page.records);
+                resp.next_page_token = page.next_page_token;
+            }
+            ShareMode::Query | ShareMode::Unspecified => {
+                let records = provider
+                    .run(
+                        |mut c, r| async move { c.fetch(r).await },
+                        fetch(permit.fields.clone()),
+                    )
+                    .await?
+                    .records;
+                resp.records = policy::shape(&permit, records);
+            }
         }
-        .encode_to_vec())
+        Ok(resp.encode_to_vec())
     }
+}
+
+/// One call to a provider agency with the request's remaining time.
+struct ProviderCall {
+    client: ProviderClient<tonic::transport::Channel>,
+    who: String,
+    uscc: String,
+    remaining: Duration,
+}
+
+impl ProviderCall {
+    async fn run<Req, Resp, F, Fut>(&self, call: F, req: Req) -> Result<Resp>
+    where
+        F: FnOnce(ProviderClient<tonic::transport::Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(self.remaining);
+        match tokio::time::timeout(self.remaining, call(self.client.clone(), req)).await {
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "deadline ran out waiting for provider agency {}",
+                self.uscc
+            ))),
+            Ok(Err(status)) => Err(match call_error(status, &self.who) {
+                Error::Upstream(s) => Error::Upstream(Status::new(
+                    s.code(),
+                    format!("provider agency {}: {}", self.uscc, s.message()),
+                )),
+                other => other,
+            }),
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+        }
+    }
+}
+
+fn same_resource(env: &Envelope, resource_id: &str) -> Result<()> {
+    if resource_id != env.resource_id {
+        return Err(Error::InvalidArgument(format!(
+            "envelope names resource {} but the request names {resource_id}",
+            env.resource_id
+        )));
+    }
+    Ok(())
 }
 
 /// The audit record of one share at this node: served here, or passed on.
 fn share_record(env: &Envelope, served: bool) -> AuditRecord {
     let mode = ShareMode::try_from(env.mode).unwrap_or(ShareMode::Query);
+    let kind = RequestKind::try_from(env.kind).unwrap_or(RequestKind::Share);
     let operation = match (served, mode) {
+        (_, _) if kind != RequestKind::Share => AuditOperation::ShareForward,
         (false, _) => AuditOperation::ShareForward,
         (true, ShareMode::Verify) => AuditOperation::ShareVerify,
         (true, ShareMode::Statistics) => AuditOperation::ShareStatistics,
@@ -331,6 +543,10 @@ fn share_record(env: &Envelope, served: bool) -> AuditRecord {
     r.purpose = env.purpose.clone();
     r.mode = mode.as_str_name().to_owned();
     r.route = env.route.iter().map(|h| h.node_code.clone()).collect();
+    r.grant_id = env.grant_id.clone();
+    if kind != RequestKind::Share {
+        r.detail = kind.as_str_name().to_owned();
+    }
     r
 }
 

@@ -184,6 +184,7 @@ pub async fn run(keep_running: bool) -> Result<()> {
                 key,
                 fields: case.fields.iter().map(|f| (*f).to_owned()).collect(),
                 purpose: "demo: verify residence for a service application".into(),
+                ..Default::default()
             })
             .await;
         match result {

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use fedgate_examples::{
     ProviderTls, Registry, RegistryProvider, civil_affairs_entries, connect_agency, publish_all,
 };
+use fedgate_gateway::clock::SystemClock;
 use fedgate_gateway::config::{
     AgencyConfig, NodeConfig, PeerNode, RoutingConfig, StorageConfig, TlsFiles,
 };
@@ -121,6 +122,7 @@ pub struct Devnet {
     nodes: BTreeMap<DivisionCode, DevNode>,
     agencies: BTreeMap<Uscc, DevAgency>,
     stop_providers: watch::Sender<bool>,
+    clock: Arc<SystemClock>,
 }
 
 fn loopback_listener() -> impl std::future::Future<Output = std::io::Result<TcpListener>> {
@@ -261,6 +263,8 @@ impl Devnet {
                 routing: routing.clone(),
                 signing_key: None,
                 audit: Default::default(),
+                calendar: Default::default(),
+                cache: Default::default(),
             };
             nodes.insert(
                 s.code,
@@ -271,9 +275,11 @@ impl Devnet {
                 },
             );
         }
+        let clock = Arc::new(SystemClock::default());
         for (code, listener) in listeners {
             let n = nodes.get_mut(&code).context("node vanished")?;
-            n.handle = Some(node::start_on(n.config.clone(), listener).await?);
+            n.handle =
+                Some(node::start_with_clock(n.config.clone(), listener, clock.clone()).await?);
         }
 
         let mut net = Self {
@@ -282,6 +288,7 @@ impl Devnet {
             nodes,
             agencies,
             stop_providers,
+            clock,
         };
         net.publish_catalogs(&specs).await?;
         Ok(net)
@@ -302,6 +309,16 @@ impl Devnet {
             }
         }
         Ok(())
+    }
+
+    /// Moves every node's clock forward (deadlines and expiries come nearer).
+    pub fn advance_clock(&self, secs: i64) {
+        self.clock.advance(secs);
+    }
+
+    /// The clock every node of this federation uses.
+    pub fn clock(&self) -> &SystemClock {
+        &self.clock
     }
 
     /// The directory holding the PKI and databases.
@@ -452,7 +469,8 @@ impl Devnet {
         let listener = TcpListener::bind(n.addr)
             .await
             .with_context(|| format!("rebinding {} for node {code}", n.addr))?;
-        n.handle = Some(node::start_on(n.config.clone(), listener).await?);
+        n.handle =
+            Some(node::start_with_clock(n.config.clone(), listener, self.clock.clone()).await?);
         Ok(())
     }
 

@@ -84,6 +84,7 @@ pub fn query(resource: &str, key: &str, fields: &[&str]) -> ShareRequest {
         key: key.to_owned(),
         fields: fields.iter().map(|f| (*f).to_owned()).collect(),
         purpose: "integration test".to_owned(),
+        ..Default::default()
     }
 }
 

@@ -5,16 +5,22 @@ use std::time::Duration;
 
 use fedgate_proto::v1::agency_server::Agency;
 use fedgate_proto::v1::{
-    AuditOperation, AuditRecord, CatalogEntry, Envelope, GetEntryRequest, Hop, PublishEntryRequest,
-    PublishEntryResponse, QueryAuditRequest, QueryAuditResponse, SearchCatalogRequest,
+    Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
+    DecideRequest, Envelope, FileObjectionRequest, GetApplicationRequest, GetEntryRequest,
+    GetObjectionRequest, Grant, Hop, ListApplicationsRequest, ListApplicationsResponse,
+    ListObjectionsRequest, ListObjectionsResponse, Objection, ObjectionState, PublishEntryRequest,
+    PublishEntryResponse, QueryAuditRequest, QueryAuditResponse, RequestKind,
+    ResolveObjectionRequest, RevokeRequest, RevokeResponse, SearchCatalogRequest,
     SearchCatalogResponse, ShareMode, ShareRequest, ShareResponse, Stream, WithdrawEntryRequest,
     WithdrawEntryResponse,
 };
 use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{caller, deadline};
 use crate::audit::{self, AuditLog};
+use crate::cache::{CachedAnswer, ShareCache};
 use crate::catalog::{self, parse_resource_id};
 use crate::error::{Error, Result};
 use crate::ident::{Peer, Uscc};
@@ -144,19 +150,27 @@ impl AgencyService {
         Ok(version)
     }
 
-    async fn route_share(
+    /// Sends a request of `kind` toward the node holding `target`, returning the provider node's encoded answer.
+    async fn route_to(
         &self,
         uscc: &Uscc,
-        share: &mut ShareRequest,
+        (kind, target, resource_id): (RequestKind, crate::ident::DivisionCode, &str),
+        share: Option<&ShareRequest>,
+        request: Vec<u8>,
         deadline: std::time::Instant,
-    ) -> Result<ShareResponse> {
-        share.request_id = request_id(&share.request_id)?;
-        let rid = parse_resource_id("resource_id", &share.resource_id)?;
+    ) -> Result<crate::route::Forwarded> {
         let me = self.topology.code;
+        let grant_id = share
+            .and_then(|s| s.grant.as_ref())
+            .and_then(|g| Grant::decode(g.grant.as_slice()).ok())
+            .map(|g| g.id)
+            .unwrap_or_default();
         let env = Envelope {
-            request_id: share.request_id.clone(),
-            resource_id: rid.to_string(),
-            target_node: rid.node().to_string(),
+            request_id: share
+                .map(|s| s.request_id.clone())
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            resource_id: resource_id.to_owned(),
+            target_node: target.to_string(),
             consumer_uscc: uscc.to_string(),
             consumer_node: me.to_string(),
             route: vec![Hop {
@@ -167,20 +181,176 @@ impl AgencyService {
             }],
             hops_left: self.router.limits().hop_limit,
             timeout_ms: 0,
-            purpose: share.purpose.clone(),
-            mode: share.mode,
+            purpose: share.map(|s| s.purpose.clone()).unwrap_or_default(),
+            mode: share.map_or(0, |s| s.mode),
+            kind: kind as i32,
+            grant_id,
         };
+        self.router.dispatch(env, request, deadline).await
+    }
+
+    async fn route_share(
+        &self,
+        uscc: &Uscc,
+        share: &mut ShareRequest,
+        deadline: std::time::Instant,
+    ) -> Result<ShareResponse> {
+        share.request_id = request_id(&share.request_id)?;
+        let rid = parse_resource_id("resource_id", &share.resource_id)?;
+        let me = self.topology.code;
+        let governance = self.router.governance();
+        let mut grant_expiry = None;
+        if let Some(signed) = &share.grant {
+            let g = Grant::decode(signed.grant.as_slice())
+                .map_err(|e| Error::InvalidArgument(format!("grant: not an encoded Grant: {e}")))?;
+            if governance.is_revoked(&g.id).await? {
+                return Err(Error::PermissionDenied(format!(
+                    "grant {} was revoked",
+                    g.id
+                )));
+            }
+            grant_expiry = Some(g.expires_at);
+        }
+        let cache_key = (rid.node() != me)
+            .then(|| ShareCache::key(uscc.as_str(), share))
+            .flatten()
+            .filter(|_| grant_expiry.is_none_or(|t| governance.clock().unix() < t));
+        let hit = match &cache_key {
+            Some(key) => self.router.cache().get(key).await,
+            None => None,
+        };
+        if let Some(hit) = hit {
+            return self.answer_from_cache(uscc, share, &hit).await;
+        }
         let out = self
-            .router
-            .dispatch(env, share.encode_to_vec(), deadline)
+            .route_to(
+                uscc,
+                (RequestKind::Share, rid.node(), &rid.to_string()),
+                Some(share),
+                share.encode_to_vec(),
+                deadline,
+            )
             .await?;
         let mut resp = ShareResponse::decode(out.response.as_slice()).map_err(|e| {
             Error::Upstream(Status::internal(format!(
                 "provider node answered an undecodable response: {e}"
             )))
         })?;
+        if let Some(key) = cache_key {
+            self.router
+                .cache()
+                .insert(
+                    key,
+                    CachedAnswer {
+                        response: out.response,
+                        route: out.route.clone(),
+                        grant_id: resp.grant_id.clone(),
+                    },
+                )
+                .await;
+        }
         resp.route = out.route;
         Ok(resp)
+    }
+
+    async fn answer_from_cache(
+        &self,
+        uscc: &Uscc,
+        share: &ShareRequest,
+        hit: &CachedAnswer,
+    ) -> Result<ShareResponse> {
+        let me = self.topology.code;
+        let mut resp = ShareResponse::decode(hit.response.as_slice()).map_err(|e| {
+            Error::Upstream(Status::internal(format!(
+                "cached answer is undecodable: {e}"
+            )))
+        })?;
+        let mut r = audit::event(
+            AuditOperation::CacheHit,
+            Peer::Agency(uscc.clone()).to_uri(),
+        );
+        r.consumer_uscc = uscc.to_string();
+        r.consumer_node = me.to_string();
+        r.resource_id = share.resource_id.clone();
+        r.request_id = share.request_id.clone();
+        r.purpose = share.purpose.clone();
+        r.grant_id = hit.grant_id.clone();
+        r.mode = ShareMode::try_from(share.mode)
+            .unwrap_or(ShareMode::Query)
+            .as_str_name()
+            .to_owned();
+        r.route = vec![me.to_string()];
+        r.response_digest = audit::digest(&hit.response);
+        self.audit.record(r).await.map_err(|e| {
+            Error::Unavailable(format!("node {me} could not write its audit trail: {e}"))
+        })?;
+        resp.request_id = share.request_id.clone();
+        resp.from_cache = true;
+        resp.route = vec![Hop {
+            node_code: me.to_string(),
+            seen_peer: Peer::Agency(uscc.clone()).to_uri(),
+            action: action::CACHE_HIT.to_owned(),
+            elapsed_us: 0,
+        }];
+        Ok(resp)
+    }
+
+    /// Sends a governance request to the node named by an id like "350102-a-7".
+    async fn route_by_id<M: Message + Default>(
+        &self,
+        uscc: &Uscc,
+        kind: RequestKind,
+        id: &str,
+        request: Vec<u8>,
+    ) -> Result<M> {
+        let node = id
+            .split_once('-')
+            .and_then(|(n, _)| n.parse::<crate::ident::DivisionCode>().ok())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "id {id:?} must start with the division code of the node that issued it"
+                ))
+            })?;
+        let deadline = std::time::Instant::now()
+            + Duration::from_millis(self.router.limits().default_timeout_ms);
+        let out = self
+            .route_to(uscc, (kind, node, ""), None, request, deadline)
+            .await?;
+        M::decode(out.response.as_slice()).map_err(|e| {
+            Error::Upstream(Status::internal(format!(
+                "node {node} answered an undecodable {}: {e}",
+                kind.as_str_name()
+            )))
+        })
+    }
+
+    /// Sends a governance request about a resource to the resource's node.
+    async fn route_by_resource<M: Message + Default>(
+        &self,
+        uscc: &Uscc,
+        kind: RequestKind,
+        resource_id: &str,
+        request: Vec<u8>,
+    ) -> Result<M> {
+        let rid = parse_resource_id("resource_id", resource_id)?;
+        let deadline = std::time::Instant::now()
+            + Duration::from_millis(self.router.limits().default_timeout_ms);
+        let out = self
+            .route_to(
+                uscc,
+                (kind, rid.node(), &rid.to_string()),
+                None,
+                request,
+                deadline,
+            )
+            .await?;
+        M::decode(out.response.as_slice()).map_err(|e| {
+            Error::Upstream(Status::internal(format!(
+                "node {} answered an undecodable {}: {e}",
+                rid.node(),
+                kind.as_str_name()
+            )))
+        })
     }
 }
 
@@ -375,5 +545,153 @@ impl Agency for AgencyService {
             records: rows.into_iter().map(|(_, r)| r).collect(),
             next_page_token,
         }))
+    }
+
+    type BulkStream = ReceiverStream<Result<ShareResponse, Status>>;
+
+    async fn bulk(&self, req: Request<ShareRequest>) -> Result<Response<Self::BulkStream>, Status> {
+        let uscc = self.agency(&req, "Bulk").await?;
+        let mut share = req.into_inner();
+        share.mode = ShareMode::Bulk as i32;
+        share.request_id = request_id(&share.request_id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let base_id = share.request_id.clone();
+            for page in 0u64.. {
+                share.request_id = format!("{base_id}-p{page}");
+                let deadline = std::time::Instant::now()
+                    + Duration::from_millis(svc.router.limits().default_timeout_ms);
+                let result = svc.route_share(&uscc, &mut share, deadline).await;
+                let next = result.as_ref().map(|r| r.next_page_token.clone()).ok();
+                if tx.send(result.map_err(Status::from)).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some(token) if !token.is_empty() => share.page_token = token,
+                    _ => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<Application>, Status> {
+        let uscc = self.agency(&req, "Apply").await?;
+        let r = req.into_inner();
+        let resource = r.resource_id.clone();
+        Ok(Response::new(
+            self.route_by_resource(&uscc, RequestKind::Apply, &resource, r.encode_to_vec())
+                .await?,
+        ))
+    }
+
+    async fn get_application(
+        &self,
+        req: Request<GetApplicationRequest>,
+    ) -> Result<Response<Application>, Status> {
+        let uscc = self.agency(&req, "GetApplication").await?;
+        let r = req.into_inner();
+        let id = r.id.clone();
+        Ok(Response::new(
+            self.route_by_id(&uscc, RequestKind::GetApplication, &id, r.encode_to_vec())
+                .await?,
+        ))
+    }
+
+    async fn list_applications(
+        &self,
+        req: Request<ListApplicationsRequest>,
+    ) -> Result<Response<ListApplicationsResponse>, Status> {
+        let uscc = self.agency(&req, "ListApplications").await?;
+        let r = req.into_inner();
+        let state = ApplicationState::try_from(r.state)
+            .map_err(|_| Error::InvalidArgument(format!("state {} is unknown", r.state)))?;
+        let applications = self
+            .router
+            .governance()
+            .applications(uscc.as_str(), state, r.overdue_only)
+            .await?;
+        Ok(Response::new(ListApplicationsResponse { applications }))
+    }
+
+    async fn decide(&self, req: Request<DecideRequest>) -> Result<Response<Application>, Status> {
+        let uscc = self.agency(&req, "Decide").await?;
+        Ok(Response::new(
+            self.router
+                .governance()
+                .decide(&uscc, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let uscc = self.agency(&req, "Revoke").await?;
+        let r = req.into_inner();
+        let notice = self
+            .router
+            .governance()
+            .revoke(&uscc, &r.grant_id, &r.reason)
+            .await?;
+        let notified_nodes = self.router.relay_revocation(notice).await?;
+        Ok(Response::new(RevokeResponse { notified_nodes }))
+    }
+
+    async fn file_objection(
+        &self,
+        req: Request<FileObjectionRequest>,
+    ) -> Result<Response<Objection>, Status> {
+        let uscc = self.agency(&req, "FileObjection").await?;
+        let r = req.into_inner();
+        let resource = r.resource_id.clone();
+        Ok(Response::new(
+            self.route_by_resource(&uscc, RequestKind::Objection, &resource, r.encode_to_vec())
+                .await?,
+        ))
+    }
+
+    async fn get_objection(
+        &self,
+        req: Request<GetObjectionRequest>,
+    ) -> Result<Response<Objection>, Status> {
+        let uscc = self.agency(&req, "GetObjection").await?;
+        let r = req.into_inner();
+        let id = r.id.clone();
+        Ok(Response::new(
+            self.route_by_id(&uscc, RequestKind::GetObjection, &id, r.encode_to_vec())
+                .await?,
+        ))
+    }
+
+    async fn list_objections(
+        &self,
+        req: Request<ListObjectionsRequest>,
+    ) -> Result<Response<ListObjectionsResponse>, Status> {
+        let uscc = self.agency(&req, "ListObjections").await?;
+        let r = req.into_inner();
+        let state = ObjectionState::try_from(r.state)
+            .map_err(|_| Error::InvalidArgument(format!("state {} is unknown", r.state)))?;
+        let objections = self
+            .router
+            .governance()
+            .objections(uscc.as_str(), state, r.overdue_only)
+            .await?;
+        Ok(Response::new(ListObjectionsResponse { objections }))
+    }
+
+    async fn resolve_objection(
+        &self,
+        req: Request<ResolveObjectionRequest>,
+    ) -> Result<Response<Objection>, Status> {
+        let uscc = self.agency(&req, "ResolveObjection").await?;
+        Ok(Response::new(
+            self.router
+                .governance()
+                .resolve_objection(&uscc, req.into_inner())
+                .await?,
+        ))
     }
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
     AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop, JoinRequest,
-    JoinResponse, PushRequest, PushResponse, Stream, StreamCursor, catalog_change, stream_item,
+    JoinResponse, PushRequest, PushResponse, RevocationAck, RevocationNotice, Stream, StreamCursor,
+    catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
@@ -365,10 +366,19 @@ impl Federation for FederationService {
             ))
             .into());
         }
-        if parse_resource_id("envelope.resource_id", &env.resource_id)?.node() != target {
+        if !env.resource_id.is_empty()
+            && parse_resource_id("envelope.resource_id", &env.resource_id)?.node() != target
+        {
             return Err(Error::InvalidArgument(format!(
                 "envelope.target_node {target} is not the node of resource {}",
                 env.resource_id
+            ))
+            .into());
+        }
+        if !env.grant_id.is_empty() && self.router.governance().is_revoked(&env.grant_id).await? {
+            return Err(Error::PermissionDenied(format!(
+                "grant {} was revoked; node {me} refuses requests under it",
+                env.grant_id
             ))
             .into());
         }
@@ -387,5 +397,53 @@ impl Federation for FederationService {
             response: out.response,
             route: out.route,
         }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevocationNotice>,
+    ) -> Result<Response<RevocationAck>, Status> {
+        let from = self.checked_neighbour(&req, "Revoke").await?;
+        let mut notice = req.into_inner();
+        if notice.route.last().map(String::as_str) != Some(from.as_str()) {
+            let err = Error::PermissionDenied(format!(
+                "revocation route ends at {:?} but the sending certificate is for node {from}",
+                notice.route.last()
+            ));
+            return Err(self.refuse(Peer::Node(from).to_uri(), "Revoke", err).await);
+        }
+        if let Some(key) = self
+            .store
+            .node_key(&notice.issuer_node)
+            .await
+            .map_err(Error::from)?
+        {
+            let msg = crate::governance::revocation_message(&notice.grant_id, notice.revoked_at);
+            if crate::grant::verify_signature(&key, msg.as_bytes(), &notice.signature).is_err() {
+                let err = Error::PermissionDenied(format!(
+                    "revocation of {} is not signed by node {}",
+                    notice.grant_id, notice.issuer_node
+                ));
+                return Err(self.refuse(Peer::Node(from).to_uri(), "Revoke", err).await);
+            }
+        }
+        let me = self.topology.code;
+        notice.route.push(me.to_string());
+        let mut r = audit::event(AuditOperation::Revocation, Peer::Node(from).to_uri());
+        r.grant_id = notice.grant_id.clone();
+        r.consumer_node = notice.consumer_node.clone();
+        r.route = notice.route.clone();
+        r.detail = format!(
+            "relayed revocation from node {}: {}",
+            notice.issuer_node, notice.reason
+        );
+        let result = self.router.relay_revocation(notice).await;
+        if let Err(e) = &result {
+            r.outcome = audit::outcome(e.code());
+        }
+        self.audit.record(r).await.map_err(|e| {
+            Status::unavailable(format!("node {me} could not write its audit trail: {e}"))
+        })?;
+        Ok(Response::new(RevocationAck { nodes: result? }))
     }
 }

@@ -98,6 +98,63 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// Kinds of governance documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocKind {
+    /// An `Application`.
+    Application,
+    /// A `SignedGrant` this node issued.
+    Grant,
+    /// A `RevocationNotice` this node recorded.
+    Revocation,
+    /// An `Objection`.
+    Objection,
+}
+
+impl DocKind {
+    /// Name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocKind::Application => "application",
+            DocKind::Grant => "grant",
+            DocKind::Revocation => "revocation",
+            DocKind::Objection => "objection",
+        }
+    }
+}
+
+/// One governance document with the columns it is found by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc {
+    /// Kind.
+    pub kind: DocKind,
+    /// Id.
+    pub id: String,
+    /// Provider agency concerned.
+    pub provider_uscc: String,
+    /// Consumer agency concerned.
+    pub consumer_uscc: String,
+    /// Kind-specific state number.
+    pub state: i32,
+    /// Deadline (seconds since the epoch), 0 if none.
+    pub due_at: i64,
+    /// Encoded message.
+    pub body: Vec<u8>,
+}
+
+/// Filters of a document listing.
+#[derive(Debug, Clone, Default)]
+pub struct DocQuery {
+    /// Provider agency.
+    pub provider_uscc: Option<String>,
+    /// Consumer agency.
+    pub consumer_uscc: Option<String>,
+    /// State.
+    pub state: Option<i32>,
+    /// Only documents due before this instant (seconds).
+    pub due_before: Option<i64>,
+}
+
 /// A node's durable state.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -129,6 +186,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<OutboxItem>, StoreError>;
     /// Highest sequence number in a stream's outbox; 0 when empty.
     async fn outbox_head(&self, stream: Stream) -> Result<u64, StoreError>;
+
+    /// Next value of a named counter (1 for the first call).
+    async fn next_id(&self, name: &str) -> Result<u64, StoreError>;
+    /// Inserts or replaces a governance document.
+    async fn put_doc(&self, doc: &Doc) -> Result<(), StoreError>;
+    /// One governance document.
+    async fn doc(&self, kind: DocKind, id: &str) -> Result<Option<Doc>, StoreError>;
+    /// Governance documents of a kind matching the filters, by id.
+    async fn docs(&self, kind: DocKind, query: &DocQuery) -> Result<Vec<Doc>, StoreError>;
 
     /// Records that the parent acknowledged `stream` up to `seq`.
     async fn set_uplink_acked(&self, stream: Stream, seq: u64) -> Result<(), StoreError>;

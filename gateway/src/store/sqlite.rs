@@ -12,7 +12,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
-use super::{AuditQuery, CatalogQuery, OutboxItem, Store, StoreError, StoredEntry};
+use super::{
+    AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError, StoredEntry,
+};
 
 /// A [`Store`] in one SQLite file.
 #[derive(Debug, Clone)]
@@ -343,6 +345,70 @@ impl Store for SqliteStore {
         Ok(to_u64(row.get::<i64, _>(0)))
     }
 
+    async fn next_id(&self, name: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO id_counter (name, value) VALUES (?, 1) \
+             ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+        )
+        .bind(name)
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(to_u64(row.get::<i64, _>(0)))
+    }
+
+    async fn put_doc(&self, d: &Doc) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO governance_doc (kind, id, provider_uscc, consumer_uscc, state, due_at, body) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(kind, id) DO UPDATE SET \
+             provider_uscc = excluded.provider_uscc, consumer_uscc = excluded.consumer_uscc, \
+             state = excluded.state, due_at = excluded.due_at, body = excluded.body",
+        )
+        .bind(d.kind.as_str())
+        .bind(&d.id)
+        .bind(&d.provider_uscc)
+        .bind(&d.consumer_uscc)
+        .bind(d.state)
+        .bind(d.due_at)
+        .bind(&d.body)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn doc(&self, kind: DocKind, id: &str) -> Result<Option<Doc>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, provider_uscc, consumer_uscc, state, due_at, body FROM governance_doc \
+             WHERE kind = ? AND id = ?",
+        )
+        .bind(kind.as_str())
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(|r| doc_from_row(kind, &r)))
+    }
+
+    async fn docs(&self, kind: DocKind, q: &DocQuery) -> Result<Vec<Doc>, StoreError> {
+        let mut b: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT id, provider_uscc, consumer_uscc, state, due_at, body FROM governance_doc WHERE kind = ",
+        );
+        b.push_bind(kind.as_str());
+        if let Some(p) = &q.provider_uscc {
+            b.push(" AND provider_uscc = ").push_bind(p.clone());
+        }
+        if let Some(c) = &q.consumer_uscc {
+            b.push(" AND consumer_uscc = ").push_bind(c.clone());
+        }
+        if let Some(s) = q.state {
+            b.push(" AND state = ").push_bind(s);
+        }
+        if let Some(t) = q.due_before {
+            b.push(" AND due_at > 0 AND due_at < ").push_bind(t);
+        }
+        b.push(" ORDER BY id");
+        let rows = b.build().fetch_all(&self.reader).await?;
+        Ok(rows.iter().map(|r| doc_from_row(kind, r)).collect())
+    }
+
     async fn set_uplink_acked(&self, stream: Stream, seq: u64) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO uplink_ack (stream, seq) VALUES (?, ?) \
@@ -528,6 +594,18 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(row.get::<Vec<u8>, _>(0))
+    }
+}
+
+fn doc_from_row(kind: DocKind, r: &sqlx::sqlite::SqliteRow) -> Doc {
+    Doc {
+        kind,
+        id: r.get(0),
+        provider_uscc: r.get(1),
+        consumer_uscc: r.get(2),
+        state: r.get(3),
+        due_at: r.get(4),
+        body: r.get(5),
     }
 }
 

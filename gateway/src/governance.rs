@@ -1,0 +1,818 @@
+//! Share governance at the provider's node (seed 002 art. 19-25): applications, decisions, signed grants,
+//! revocations and objections, with deadlines counted in working days.
+
+use std::sync::Arc;
+
+use fedgate_proto::v1::{
+    Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
+    DecideRequest, FileObjectionRequest, Grant, Objection, ObjectionState, ResolveObjectionRequest,
+    RevocationNotice, ShareMode, ShareType, SignedGrant,
+};
+use prost::Message;
+
+use crate::audit::{self, AuditLog};
+use crate::calendar::WorkCalendar;
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::grant::{self, GrantError, GrantKey};
+use crate::ident::{DivisionCode, Peer, Uscc};
+use crate::store::{Doc, DocKind, DocQuery, Store};
+
+/// Default grant lifetime when the applicant asks for none: one year.
+const DEFAULT_GRANT_SECS: i64 = 366 * 24 * 3600;
+/// Longest text a caller may put in a purpose, scenario, reason or description.
+const MAX_TEXT: usize = 2000;
+
+/// Who is asking, as authenticated: the consumer agency and the node that vouches for it.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    /// The agency.
+    pub uscc: String,
+    /// Its node.
+    pub node: String,
+}
+
+/// Governance of the resources held at one node.
+#[derive(Clone)]
+pub struct Governance {
+    node: DivisionCode,
+    store: Arc<dyn Store>,
+    key: Arc<GrantKey>,
+    calendar: Arc<WorkCalendar>,
+    clock: Arc<dyn Clock>,
+    audit: AuditLog,
+}
+
+fn text(field: &str, value: &str, required: bool) -> Result<()> {
+    if required && value.trim().is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    if value.chars().count() > MAX_TEXT {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is longer than {MAX_TEXT} characters"
+        )));
+    }
+    Ok(())
+}
+
+fn decode<M: Message + Default>(what: &str, body: &[u8]) -> Result<M> {
+    M::decode(body).map_err(|e| {
+        Error::Store(crate::store::StoreError::Corrupt {
+            what: what.to_owned(),
+            error: e.to_string(),
+        })
+    })
+}
+
+/// Maps a refused grant to the status a caller sees.
+pub fn grant_refusal(e: GrantError) -> Error {
+    match e {
+        GrantError::Malformed(m) => Error::InvalidArgument(format!("grant: {m}")),
+        other => Error::PermissionDenied(other.to_string()),
+    }
+}
+
+fn mode_of(m: i32) -> ShareMode {
+    match ShareMode::try_from(m) {
+        Ok(ShareMode::Unspecified) | Err(_) => ShareMode::Query,
+        Ok(m) => m,
+    }
+}
+
+impl Governance {
+    /// Governance for `node`, signing with `key`.
+    pub fn new(
+        node: DivisionCode,
+        store: Arc<dyn Store>,
+        key: Arc<GrantKey>,
+        calendar: Arc<WorkCalendar>,
+        clock: Arc<dyn Clock>,
+        audit: AuditLog,
+    ) -> Self {
+        Self {
+            node,
+            store,
+            key,
+            calendar,
+            clock,
+            audit,
+        }
+    }
+
+    /// The node's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The working-day calendar in force.
+    pub fn calendar(&self) -> &WorkCalendar {
+        &self.calendar
+    }
+
+    /// This node's public key, which verifies its grants.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.public_key()
+    }
+
+    async fn write(&self, record: AuditRecord) -> Result<()> {
+        self.audit.record(record).await.map(|_| ()).map_err(|e| {
+            Error::Unavailable(format!(
+                "node {} could not write its audit trail: {e}",
+                self.node
+            ))
+        })
+    }
+
+    async fn local_entry(&self, resource_id: &str) -> Result<CatalogEntry> {
+        self.store
+            .entry(resource_id)
+            .await?
+            .filter(|s| !s.withdrawn && s.entry.node_code == self.node.as_str())
+            .map(|s| s.entry)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "resource {resource_id} is not in the catalog of node {}",
+                    self.node
+                ))
+            })
+    }
+
+    fn is_overdue(&self, due_at: i64, decided_at: i64) -> bool {
+        let at = if decided_at > 0 {
+            decided_at
+        } else {
+            self.clock.unix()
+        };
+        due_at > 0 && at >= due_at
+    }
+
+    async fn save_application(&self, a: &Application, provider: &str) -> Result<()> {
+        self.store
+            .put_doc(&Doc {
+                kind: DocKind::Application,
+                id: a.id.clone(),
+                provider_uscc: provider.to_owned(),
+                consumer_uscc: a.consumer_uscc.clone(),
+                state: a.state,
+                due_at: a.due_at,
+                body: a.encode_to_vec(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn issue(
+        &self,
+        a: &Application,
+        fields: Vec<String>,
+        mode: ShareMode,
+        expires_at: i64,
+        clear: Vec<String>,
+        grant_no: u64,
+    ) -> SignedGrant {
+        let g = Grant {
+            id: format!("{}-g-{grant_no}", self.node),
+            consumer_uscc: a.consumer_uscc.clone(),
+            consumer_node: a.consumer_node.clone(),
+            resource_id: a.resource_id.clone(),
+            fields,
+            mode: mode as i32,
+            purpose: a.purpose.clone(),
+            issued_at: self.clock.unix(),
+            expires_at,
+            issuer_node: self.node.to_string(),
+            clear_fields: clear,
+            application_id: a.id.clone(),
+        };
+        self.key.sign(&g)
+    }
+
+    async fn save_grant(&self, signed: &SignedGrant, provider: &str) -> Result<Grant> {
+        let g: Grant = decode("grant", &signed.grant)?;
+        self.store
+            .put_doc(&Doc {
+                kind: DocKind::Grant,
+                id: g.id.clone(),
+                provider_uscc: provider.to_owned(),
+                consumer_uscc: g.consumer_uscc.clone(),
+                state: 0,
+                due_at: g.expires_at,
+                body: signed.encode_to_vec(),
+            })
+            .await?;
+        Ok(g)
+    }
+
+    /// Files an application for a resource held here; unconditional resources are granted at once.
+    pub async fn apply(&self, consumer: &Consumer, req: ApplyRequest) -> Result<Application> {
+        text("purpose", &req.purpose, true)?;
+        text("scenario", &req.scenario, true)?;
+        let entry = self.local_entry(&req.resource_id).await?;
+        let share_type = ShareType::try_from(entry.share_type).unwrap_or(ShareType::NotShared);
+        let mut record = audit::event(AuditOperation::Application, Peer::Node(self.node).to_uri());
+        record.consumer_uscc = consumer.uscc.clone();
+        record.consumer_node = consumer.node.clone();
+        record.provider_uscc = entry.provider_uscc.clone();
+        record.resource_id = entry.id.clone();
+        record.purpose = req.purpose.clone();
+        let result = self
+            .file_application(consumer, &entry, share_type, req)
+            .await;
+        match &result {
+            Ok(a) => {
+                record.detail = format!(
+                    "application {} {}",
+                    a.id,
+                    ApplicationState::try_from(a.state)
+                        .unwrap_or_default()
+                        .as_str_name()
+                );
+                record.grant_id = a
+                    .grant
+                    .as_ref()
+                    .and_then(|g| Grant::decode(g.grant.as_slice()).ok())
+                    .map(|g| g.id)
+                    .unwrap_or_default();
+            }
+            Err(e) => {
+                record.outcome = audit::outcome(e.code());
+                record.detail = e.to_string();
+            }
+        }
+        self.write(record).await?;
+        result
+    }
+
+    async fn file_application(
+        &self,
+        consumer: &Consumer,
+        entry: &CatalogEntry,
+        share_type: ShareType,
+        req: ApplyRequest,
+    ) -> Result<Application> {
+        if share_type == ShareType::NotShared || share_type == ShareType::Unspecified {
+            return Err(Error::PermissionDenied(format!(
+                "resource {} is not shared; applications are not accepted",
+                entry.id
+            )));
+        }
+        let mode = mode_of(req.mode);
+        if !entry.share_modes.contains(&(mode as i32)) {
+            return Err(Error::InvalidArgument(format!(
+                "mode: resource {} does not offer {}",
+                entry.id,
+                mode.as_str_name()
+            )));
+        }
+        for f in &req.fields {
+            if !entry.fields.iter().any(|e| &e.name == f) {
+                return Err(Error::InvalidArgument(format!(
+                    "fields: {f:?} is not a field of resource {}",
+                    entry.id
+                )));
+            }
+        }
+        let now = self.clock.now();
+        let now_unix = now.unix_timestamp();
+        if req.requested_expires_at != 0 && req.requested_expires_at <= now_unix {
+            return Err(Error::InvalidArgument(format!(
+                "requested_expires_at {} is not in the future",
+                req.requested_expires_at
+            )));
+        }
+        let fields = if req.fields.is_empty() {
+            entry.fields.iter().map(|f| f.name.clone()).collect()
+        } else {
+            req.fields.clone()
+        };
+        let n = self.store.next_id("application").await?;
+        let mut a = Application {
+            id: format!("{}-a-{n}", self.node),
+            consumer_uscc: consumer.uscc.clone(),
+            consumer_node: consumer.node.clone(),
+            resource_id: entry.id.clone(),
+            purpose: req.purpose.clone(),
+            scenario: req.scenario.clone(),
+            fields,
+            mode: mode as i32,
+            requested_expires_at: if req.requested_expires_at == 0 {
+                now_unix + DEFAULT_GRANT_SECS
+            } else {
+                req.requested_expires_at
+            },
+            state: ApplicationState::Pending as i32,
+            filed_at: now_unix,
+            due_at: self.calendar.approval_deadline(now).unix_timestamp(),
+            decided_at: 0,
+            reason: String::new(),
+            grant: None,
+            overdue: false,
+        };
+        if share_type == ShareType::Unconditional {
+            let grant_no = self.store.next_id("grant").await?;
+            let signed = self.issue(
+                &a,
+                a.fields.clone(),
+                mode,
+                a.requested_expires_at,
+                Vec::new(),
+                grant_no,
+            );
+            self.save_grant(&signed, &entry.provider_uscc).await?;
+            a.state = ApplicationState::Approved as i32;
+            a.decided_at = now_unix;
+            a.reason = "unconditional resource: granted on application".into();
+            a.grant = Some(signed);
+        }
+        self.save_application(&a, &entry.provider_uscc).await?;
+        Ok(a)
+    }
+
+    /// One application, visible to its applicant and to the provider agency.
+    pub async fn application(&self, caller: &str, id: &str) -> Result<Application> {
+        let doc = self
+            .store
+            .doc(DocKind::Application, id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "application {id} is not held at node {}",
+                    self.node
+                ))
+            })?;
+        if doc.consumer_uscc != caller && doc.provider_uscc != caller {
+            return Err(Error::PermissionDenied(format!(
+                "application {id} concerns neither the caller {caller} as applicant nor as provider"
+            )));
+        }
+        let mut a: Application = decode("application", &doc.body)?;
+        a.overdue = self.is_overdue(a.due_at, a.decided_at);
+        Ok(a)
+    }
+
+    /// Applications for resources `provider` provides here, or filed by it here.
+    pub async fn applications(
+        &self,
+        caller: &str,
+        state: ApplicationState,
+        overdue_only: bool,
+    ) -> Result<Vec<Application>> {
+        let state = (state != ApplicationState::Unspecified).then_some(state as i32);
+        let mut out = Vec::new();
+        for q in [
+            DocQuery {
+                provider_uscc: Some(caller.to_owned()),
+                state,
+                ..Default::default()
+            },
+            DocQuery {
+                consumer_uscc: Some(caller.to_owned()),
+                state,
+                ..Default::default()
+            },
+        ] {
+            for d in self.store.docs(DocKind::Application, &q).await? {
+                if out.iter().any(|a: &Application| a.id == d.id) {
+                    continue;
+                }
+                let mut a: Application = decode("application", &d.body)?;
+                a.overdue = self.is_overdue(a.due_at, a.decided_at);
+                if !overdue_only || a.overdue {
+                    out.push(a);
+                }
+            }
+        }
+        out.sort_by_key(|a| a.filed_at);
+        Ok(out)
+    }
+
+    /// Every application and objection at this node that is or was late.
+    pub async fn overdue(&self) -> Result<(Vec<Application>, Vec<Objection>)> {
+        let mut apps = Vec::new();
+        for d in self
+            .store
+            .docs(DocKind::Application, &DocQuery::default())
+            .await?
+        {
+            let mut a: Application = decode("application", &d.body)?;
+            a.overdue = self.is_overdue(a.due_at, a.decided_at);
+            if a.overdue {
+                apps.push(a);
+            }
+        }
+        let mut objections = Vec::new();
+        for d in self
+            .store
+            .docs(DocKind::Objection, &DocQuery::default())
+            .await?
+        {
+            let mut o: Objection = decode("objection", &d.body)?;
+            o.overdue = self.is_overdue(o.due_at, o.resolved_at);
+            if o.overdue {
+                objections.push(o);
+            }
+        }
+        Ok((apps, objections))
+    }
+
+    /// Approves or rejects an application for a resource `provider` provides here.
+    pub async fn decide(&self, provider: &Uscc, req: DecideRequest) -> Result<Application> {
+        let mut record = audit::event(
+            if req.approve {
+                AuditOperation::Approval
+            } else {
+                AuditOperation::Rejection
+            },
+            Peer::Agency(provider.clone()).to_uri(),
+        );
+        record.provider_uscc = provider.to_string();
+        let result = self.decide_inner(provider, req).await;
+        match &result {
+            Ok(a) => {
+                record.consumer_uscc = a.consumer_uscc.clone();
+                record.consumer_node = a.consumer_node.clone();
+                record.resource_id = a.resource_id.clone();
+                record.purpose = a.purpose.clone();
+                record.grant_id = a
+                    .grant
+                    .as_ref()
+                    .and_then(|g| Grant::decode(g.grant.as_slice()).ok())
+                    .map(|g| g.id)
+                    .unwrap_or_default();
+                record.detail = format!(
+                    "application {}{}",
+                    a.id,
+                    if a.overdue {
+                        " (decided after its deadline)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Err(e) => {
+                record.outcome = audit::outcome(e.code());
+                record.detail = e.to_string();
+            }
+        }
+        self.write(record).await?;
+        result
+    }
+
+    async fn decide_inner(&self, provider: &Uscc, req: DecideRequest) -> Result<Application> {
+        text("reason", &req.reason, !req.approve)?;
+        let mut a = self
+            .application(provider.as_str(), &req.application_id)
+            .await?;
+        let doc = self.store.doc(DocKind::Application, &a.id).await?;
+        if doc.as_ref().map(|d| d.provider_uscc.as_str()) != Some(provider.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "application {} is for a resource that {provider} does not provide",
+                a.id
+            )));
+        }
+        if a.state != ApplicationState::Pending as i32 {
+            return Err(Error::FailedPrecondition(format!(
+                "application {} was already decided ({})",
+                a.id,
+                ApplicationState::try_from(a.state)
+                    .unwrap_or_default()
+                    .as_str_name()
+            )));
+        }
+        let now = self.clock.unix();
+        a.decided_at = now;
+        a.reason = req.reason.clone();
+        if !req.approve {
+            a.state = ApplicationState::Rejected as i32;
+        } else {
+            let fields = if req.fields.is_empty() {
+                a.fields.clone()
+            } else {
+                req.fields.clone()
+            };
+            if let Some(f) = fields.iter().find(|f| !a.fields.contains(f)) {
+                return Err(Error::InvalidArgument(format!(
+                    "fields: {f:?} was not asked for in application {}; approval may only narrow",
+                    a.id
+                )));
+            }
+            if let Some(f) = req.clear_fields.iter().find(|f| !fields.contains(f)) {
+                return Err(Error::InvalidArgument(format!(
+                    "clear_fields: {f:?} is not among the granted fields"
+                )));
+            }
+            let mode = match ShareMode::try_from(req.mode) {
+                Ok(ShareMode::Unspecified) => mode_of(a.mode),
+                Ok(m)
+                    if m as i32 == a.mode
+                        || a.mode == ShareMode::Query as i32 && m == ShareMode::Verify =>
+                {
+                    m
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "mode: approval may keep {} or narrow QUERY to VERIFY only",
+                        mode_of(a.mode).as_str_name()
+                    )));
+                }
+            };
+            let expires_at = match req.expires_at {
+                0 => a.requested_expires_at,
+                t if t <= now || t > a.requested_expires_at => {
+                    return Err(Error::InvalidArgument(format!(
+                        "expires_at {t} must be in the future and not after the requested expiry {}",
+                        a.requested_expires_at
+                    )));
+                }
+                t => t,
+            };
+            let grant_no = self.store.next_id("grant").await?;
+            let signed = self.issue(
+                &a,
+                fields,
+                mode,
+                expires_at,
+                req.clear_fields.clone(),
+                grant_no,
+            );
+            self.save_grant(&signed, provider.as_str()).await?;
+            a.state = ApplicationState::Approved as i32;
+            a.grant = Some(signed);
+        }
+        a.overdue = self.is_overdue(a.due_at, a.decided_at);
+        if a.overdue {
+            tracing::warn!(application = %a.id, "application decided after its deadline");
+        }
+        self.save_application(&a, provider.as_str()).await?;
+        Ok(a)
+    }
+
+    /// Revokes a grant issued here for a resource `provider` provides; returns the notice to send along the route.
+    pub async fn revoke(
+        &self,
+        provider: &Uscc,
+        grant_id: &str,
+        reason: &str,
+    ) -> Result<RevocationNotice> {
+        text("reason", reason, true)?;
+        let doc = self
+            .store
+            .doc(DocKind::Grant, grant_id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "grant {grant_id} was not issued by node {}",
+                    self.node
+                ))
+            })?;
+        if doc.provider_uscc != provider.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "grant {grant_id} covers a resource of {}, not of {provider}",
+                doc.provider_uscc
+            )));
+        }
+        let signed: SignedGrant = decode("grant", &doc.body)?;
+        let g: Grant = decode("grant", &signed.grant)?;
+        let revoked_at = self.clock.unix();
+        let notice = RevocationNotice {
+            grant_id: grant_id.to_owned(),
+            issuer_node: self.node.to_string(),
+            consumer_node: g.consumer_node.clone(),
+            revoked_at,
+            reason: reason.to_owned(),
+            signature: self
+                .key
+                .sign_bytes(revocation_message(grant_id, revoked_at).as_bytes())
+                .to_vec(),
+            route: vec![self.node.to_string()],
+        };
+        self.record_revocation(&notice).await?;
+        let mut record = audit::event(
+            AuditOperation::Revocation,
+            Peer::Agency(provider.clone()).to_uri(),
+        );
+        record.provider_uscc = provider.to_string();
+        record.consumer_uscc = g.consumer_uscc.clone();
+        record.consumer_node = g.consumer_node.clone();
+        record.resource_id = g.resource_id.clone();
+        record.grant_id = g.id.clone();
+        record.detail = reason.to_owned();
+        self.write(record).await?;
+        Ok(notice)
+    }
+
+    /// Stores a revocation seen here (issued here or passing through).
+    pub async fn record_revocation(&self, n: &RevocationNotice) -> Result<()> {
+        self.store
+            .put_doc(&Doc {
+                kind: DocKind::Revocation,
+                id: n.grant_id.clone(),
+                provider_uscc: String::new(),
+                consumer_uscc: String::new(),
+                state: 1,
+                due_at: 0,
+                body: n.encode_to_vec(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Whether a grant was revoked, as far as this node knows.
+    pub async fn is_revoked(&self, grant_id: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .doc(DocKind::Revocation, grant_id)
+            .await?
+            .is_some())
+    }
+
+    /// Checks a grant presented for a share of `entry` held here; returns the grant.
+    pub async fn check_grant(
+        &self,
+        signed: &SignedGrant,
+        consumer: &str,
+        entry: &CatalogEntry,
+        mode: ShareMode,
+        fields: &[String],
+    ) -> Result<Grant> {
+        let g = grant::open(signed, &self.key.public_key()).map_err(grant_refusal)?;
+        if g.issuer_node != self.node.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "grant {} was issued by node {}, not by the resource's node {}",
+                g.id, g.issuer_node, self.node
+            )));
+        }
+        if self.is_revoked(&g.id).await? {
+            return Err(Error::PermissionDenied(format!(
+                "grant {} was revoked",
+                g.id
+            )));
+        }
+        grant::check(
+            &g,
+            &grant::Use {
+                consumer_uscc: consumer,
+                resource_id: &entry.id,
+                mode,
+                fields,
+                now_unix: self.clock.unix(),
+            },
+        )
+        .map_err(grant_refusal)?;
+        Ok(g)
+    }
+
+    /// Files an objection against a record of a resource held here.
+    pub async fn file_objection(
+        &self,
+        consumer: &Consumer,
+        req: FileObjectionRequest,
+    ) -> Result<Objection> {
+        text("description", &req.description, true)?;
+        text("evidence", &req.evidence, false)?;
+        if req.key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "key is required: which record is wrong".into(),
+            ));
+        }
+        let entry = self.local_entry(&req.resource_id).await?;
+        let now = self.clock.now();
+        let n = self.store.next_id("objection").await?;
+        let o = Objection {
+            id: format!("{}-o-{n}", self.node),
+            consumer_uscc: consumer.uscc.clone(),
+            consumer_node: consumer.node.clone(),
+            resource_id: entry.id.clone(),
+            key: req.key.clone(),
+            description: req.description.clone(),
+            evidence: req.evidence.clone(),
+            state: ObjectionState::Open as i32,
+            filed_at: now.unix_timestamp(),
+            due_at: self.calendar.objection_deadline(now).unix_timestamp(),
+            resolved_at: 0,
+            resolution: String::new(),
+            overdue: false,
+        };
+        self.save_objection(&o, &entry.provider_uscc).await?;
+        let mut record = audit::event(
+            AuditOperation::Objection,
+            format!("urn:fedgate:agency:{}", consumer.uscc),
+        );
+        record.consumer_uscc = consumer.uscc.clone();
+        record.consumer_node = consumer.node.clone();
+        record.provider_uscc = entry.provider_uscc.clone();
+        record.resource_id = entry.id.clone();
+        record.detail = format!("objection {}", o.id);
+        self.write(record).await?;
+        Ok(o)
+    }
+
+    async fn save_objection(&self, o: &Objection, provider: &str) -> Result<()> {
+        self.store
+            .put_doc(&Doc {
+                kind: DocKind::Objection,
+                id: o.id.clone(),
+                provider_uscc: provider.to_owned(),
+                consumer_uscc: o.consumer_uscc.clone(),
+                state: o.state,
+                due_at: o.due_at,
+                body: o.encode_to_vec(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// One objection, visible to its filer and to the provider agency.
+    pub async fn objection(&self, caller: &str, id: &str) -> Result<(Objection, String)> {
+        let doc = self
+            .store
+            .doc(DocKind::Objection, id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!("objection {id} is not held at node {}", self.node))
+            })?;
+        if doc.consumer_uscc != caller && doc.provider_uscc != caller {
+            return Err(Error::PermissionDenied(format!(
+                "objection {id} concerns neither the caller {caller} as filer nor as provider"
+            )));
+        }
+        let mut o: Objection = decode("objection", &doc.body)?;
+        o.overdue = self.is_overdue(o.due_at, o.resolved_at);
+        Ok((o, doc.provider_uscc))
+    }
+
+    /// Objections about resources `provider` provides here.
+    pub async fn objections(
+        &self,
+        provider: &str,
+        state: ObjectionState,
+        overdue_only: bool,
+    ) -> Result<Vec<Objection>> {
+        let q = DocQuery {
+            provider_uscc: Some(provider.to_owned()),
+            state: (state != ObjectionState::Unspecified).then_some(state as i32),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for d in self.store.docs(DocKind::Objection, &q).await? {
+            let mut o: Objection = decode("objection", &d.body)?;
+            o.overdue = self.is_overdue(o.due_at, o.resolved_at);
+            if !overdue_only || o.overdue {
+                out.push(o);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Confirms or corrects the record an objection is about.
+    pub async fn resolve_objection(
+        &self,
+        provider: &Uscc,
+        req: ResolveObjectionRequest,
+    ) -> Result<Objection> {
+        text("resolution", &req.resolution, true)?;
+        let (mut o, owner) = self.objection(provider.as_str(), &req.objection_id).await?;
+        if owner != provider.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "objection {} is about a resource that {provider} does not provide",
+                o.id
+            )));
+        }
+        if o.state != ObjectionState::Open as i32 {
+            return Err(Error::FailedPrecondition(format!(
+                "objection {} is already resolved",
+                o.id
+            )));
+        }
+        o.state = if req.corrected {
+            ObjectionState::Corrected
+        } else {
+            ObjectionState::Confirmed
+        } as i32;
+        o.resolved_at = self.clock.unix();
+        o.resolution = req.resolution.clone();
+        o.overdue = self.is_overdue(o.due_at, o.resolved_at);
+        self.save_objection(&o, provider.as_str()).await?;
+        let mut record = audit::event(
+            AuditOperation::ObjectionResolved,
+            Peer::Agency(provider.clone()).to_uri(),
+        );
+        record.provider_uscc = provider.to_string();
+        record.consumer_uscc = o.consumer_uscc.clone();
+        record.resource_id = o.resource_id.clone();
+        record.detail = format!(
+            "objection {}: {}",
+            o.id,
+            ObjectionState::try_from(o.state)
+                .unwrap_or_default()
+                .as_str_name()
+        );
+        self.write(record).await?;
+        Ok(o)
+    }
+}
+
+/// The message an issuer signs to revoke a grant.
+pub fn revocation_message(grant_id: &str, revoked_at: i64) -> String {
+    format!("revoke:{grant_id}:{revoked_at}")
+}
