@@ -758,31 +758,18 @@ async fn stats(client: &mut AgencyClient<Channel>, request: ShareRequest) -> Res
         &response,
         &format!("{} group(s), {total} record(s)", response.groups.len()),
     );
-    let rows: Vec<(String, u64)> = response
-        .groups
-        .iter()
-        .map(|g| {
-            let dims: Vec<_> = g
-                .dimensions
-                .iter()
-                .map(|d| format!("{}={}", d.field, d.value))
-                .collect();
-            let label = if dims.is_empty() {
-                "(all)".to_owned()
-            } else {
-                dims.join("  ")
-            };
-            (label, g.count)
-        })
-        .collect();
-    let width = rows
-        .iter()
-        .map(|(label, _)| label.chars().count())
-        .max()
-        .unwrap_or(0);
-    for (label, count) in rows {
-        let pad = width.saturating_sub(label.chars().count());
-        println!("  {label}{}  {count:>10}", " ".repeat(pad));
+    for group in &response.groups {
+        let dims: Vec<_> = group
+            .dimensions
+            .iter()
+            .map(|d| format!("{}={}", d.field, d.value))
+            .collect();
+        let label = if dims.is_empty() {
+            "(all)".to_owned()
+        } else {
+            dims.join("  ")
+        };
+        println!("  {:>10}  {label}", group.count);
     }
     print_route(&response.route);
     Ok(())
@@ -841,9 +828,13 @@ async fn bulk(
         report("export complete: last page token is empty".to_owned());
         return Ok(());
     }
-    report(format!(
-        "last page token: {resume:?}; resume with --from-token {resume}"
-    ));
+    if pages == 0 {
+        report("no page received: nothing was written".to_owned());
+    } else {
+        report(format!(
+            "last page token: {resume:?}; resume with --from-token {resume}"
+        ));
+    }
     match outcome {
         Err(e) => Err(e),
         Ok(()) => Err(anyhow!(

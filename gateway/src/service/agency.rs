@@ -195,22 +195,16 @@ impl AgencyService {
         share: &mut ShareRequest,
         deadline: std::time::Instant,
     ) -> Result<ShareResponse> {
-        share.request_id = request_id(&share.request_id)?;
-        let rid = parse_resource_id("resource_id", &share.resource_id)?;
+        let (rid, grant_expiry) = match self.admit(share).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                // Refused before any hop saw it: this node records the refusal itself.
+                self.record_refusal(uscc, share, &e).await?;
+                return Err(e);
+            }
+        };
         let me = self.topology.code;
         let governance = self.router.governance();
-        let mut grant_expiry = None;
-        if let Some(signed) = &share.grant {
-            let g = Grant::decode(signed.grant.as_slice())
-                .map_err(|e| Error::InvalidArgument(format!("grant: not an encoded Grant: {e}")))?;
-            if governance.is_revoked(&g.id).await? {
-                return Err(Error::PermissionDenied(format!(
-                    "grant {} was revoked",
-                    g.id
-                )));
-            }
-            grant_expiry = Some(g.expires_at);
-        }
         let cache_key = (rid.node() != me)
             .then(|| ShareCache::key(uscc.as_str(), share))
             .flatten()
@@ -251,6 +245,65 @@ impl AgencyService {
         }
         resp.route = out.route;
         Ok(resp)
+    }
+
+    /// Checks what the consumer's node can check before routing: ids, the grant's form and revocation.
+    async fn admit(
+        &self,
+        share: &mut ShareRequest,
+    ) -> Result<(crate::catalog::ResourceId, Option<i64>)> {
+        share.request_id = request_id(&share.request_id).inspect_err(|_| {
+            share.request_id.clear();
+        })?;
+        let rid = parse_resource_id("resource_id", &share.resource_id)?;
+        let mut grant_expiry = None;
+        if let Some(signed) = &share.grant {
+            let g = Grant::decode(signed.grant.as_slice())
+                .map_err(|e| Error::InvalidArgument(format!("grant: not an encoded Grant: {e}")))?;
+            if self.router.governance().is_revoked(&g.id).await? {
+                return Err(Error::PermissionDenied(format!(
+                    "grant {} was revoked",
+                    g.id
+                )));
+            }
+            grant_expiry = Some(g.expires_at);
+        }
+        Ok((rid, grant_expiry))
+    }
+
+    async fn record_refusal(
+        &self,
+        uscc: &Uscc,
+        share: &ShareRequest,
+        e: &Error,
+    ) -> Result<(), Error> {
+        let mut r = audit::event(
+            AuditOperation::ShareForward,
+            Peer::Agency(uscc.clone()).to_uri(),
+        );
+        r.consumer_uscc = uscc.to_string();
+        r.consumer_node = self.topology.code.to_string();
+        r.resource_id = share.resource_id.clone();
+        r.request_id = share.request_id.clone();
+        r.purpose = share.purpose.clone();
+        r.grant_id = share
+            .grant
+            .as_ref()
+            .and_then(|g| Grant::decode(g.grant.as_slice()).ok())
+            .map(|g| g.id)
+            .unwrap_or_default();
+        r.mode = ShareMode::try_from(share.mode)
+            .unwrap_or(ShareMode::Query)
+            .as_str_name()
+            .to_owned();
+        r.outcome = audit::outcome(e.code());
+        r.detail = e.to_string();
+        self.audit.record(r).await.map(|_| ()).map_err(|err| {
+            Error::Unavailable(format!(
+                "node {} could not write its audit trail: {err}",
+                self.topology.code
+            ))
+        })
     }
 
     async fn answer_from_cache(
@@ -459,27 +512,6 @@ impl Agency for AgencyService {
         let deadline = deadline(&req, limit);
         let mut share = req.into_inner();
         let result = self.route_share(&uscc, &mut share, deadline).await;
-        if let Err(e) = &result {
-            // Refusals before routing have no hop record yet; record them here.
-            if matches!(e, Error::InvalidArgument(_)) {
-                let mut r = audit::event(
-                    AuditOperation::ShareForward,
-                    Peer::Agency(uscc.clone()).to_uri(),
-                );
-                r.consumer_uscc = uscc.to_string();
-                r.consumer_node = self.topology.code.to_string();
-                r.resource_id = share.resource_id.clone();
-                r.request_id = share.request_id.clone();
-                r.purpose = share.purpose.clone();
-                r.mode = ShareMode::try_from(share.mode)
-                    .unwrap_or(ShareMode::Query)
-                    .as_str_name()
-                    .to_owned();
-                r.outcome = audit::outcome(e.code());
-                r.detail = e.to_string();
-                self.write(r).await?;
-            }
-        }
         Ok(Response::new(result?))
     }
 
