@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fedgate/v1/federation.proto",
         "fedgate/v1/agency.proto",
         "fedgate/v1/provider.proto",
+        "fedgate/v1/open_data.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -41,6 +41,24 @@ pub struct NodeConfig {
     /// Cache of authorized answers at this node.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// The public open-data endpoint, usually only on the province.
+    #[serde(default)]
+    pub open_data: Option<OpenDataConfig>,
+}
+
+/// The public open-data endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenDataConfig {
+    /// Address it listens on (TLS with the node's certificate, no client certificate).
+    pub listen: String,
+    /// Calls each client address may make per minute.
+    #[serde(default = "default_open_rate")]
+    pub requests_per_minute: u32,
+}
+
+fn default_open_rate() -> u32 {
+    60
 }
 
 /// Cache of authorized answers.

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use fedgate_proto::v1::Stream;
 use fedgate_proto::v1::agency_server::AgencyServer;
 use fedgate_proto::v1::federation_server::FederationServer;
+use fedgate_proto::v1::open_data_server::OpenDataServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -21,7 +22,7 @@ use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
-use crate::service::{AgencyService, FederationService};
+use crate::service::{AgencyService, FederationService, OpenDataService};
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
@@ -59,6 +60,7 @@ pub enum NodeError {
 pub struct NodeHandle {
     code: DivisionCode,
     addr: SocketAddr,
+    open_data_addr: Option<SocketAddr>,
     store: Arc<dyn Store>,
     sqlite: Option<SqliteStore>,
     uplink: Uplink,
@@ -203,6 +205,44 @@ pub async fn start_with_clock(
         metrics.clone(),
         audit_log.clone(),
     );
+    let open_data_addr = match &config.open_data {
+        Some(open) => {
+            let listener =
+                TcpListener::bind(&open.listen)
+                    .await
+                    .map_err(|error| NodeError::Bind {
+                        addr: open.listen.clone(),
+                        error,
+                    })?;
+            let open_addr = listener.local_addr().map_err(|error| NodeError::Bind {
+                addr: open.listen.clone(),
+                error,
+            })?;
+            let svc = OpenDataService::new(router.clone(), store.clone(), open.requests_per_minute);
+            let tls_config = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+            );
+            let server = tonic::transport::Server::builder()
+                .tls_config(tls_config)
+                .map_err(NodeError::Serve)?
+                .add_service(OpenDataServer::new(svc));
+            let mut stop = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                if let Err(e) = server
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+                {
+                    tracing::error!(error = %e, "open-data endpoint stopped");
+                }
+            }));
+            tracing::info!(node = %code, addr = %open_addr, "open-data endpoint serving");
+            Some(open_addr)
+        }
+        None => None,
+    };
     let agency = AgencyService::new(
         topology.clone(),
         store.clone(),
@@ -240,6 +280,7 @@ pub async fn start_with_clock(
     Ok(NodeHandle {
         code,
         addr,
+        open_data_addr,
         store,
         sqlite,
         uplink,
@@ -286,6 +327,11 @@ impl NodeHandle {
     /// The address the node listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the public open-data endpoint, if this node runs one.
+    pub fn open_data_addr(&self) -> Option<SocketAddr> {
+        self.open_data_addr
     }
 
     /// The node's counters.

@@ -177,6 +177,42 @@ pub fn authorize(
     })
 }
 
+/// Decides whether a public open-data download of `entry` may be served: only unconditionally shared, open
+/// resources, in bulk, always masked.
+pub fn authorize_open(entry: &CatalogEntry, req: &ShareRequest) -> Result<Permit> {
+    let id = &entry.id;
+    if !entry.open {
+        return Err(Error::NotFound(format!("resource {id} is not open data")));
+    }
+    if ShareType::try_from(entry.share_type).unwrap_or(ShareType::Unspecified)
+        != ShareType::Unconditional
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "resource {id} is opened on application only: an agency applies for it through Agency.Apply"
+        )));
+    }
+    if req.page_size > MAX_BULK_PAGE {
+        return Err(Error::InvalidArgument(format!(
+            "page_size {} exceeds the maximum of {MAX_BULK_PAGE}",
+            req.page_size
+        )));
+    }
+    check_fields(entry, "fields", &req.fields)?;
+    let wanted = if req.fields.is_empty() {
+        entry.fields.iter().map(|f| f.name.clone()).collect()
+    } else {
+        req.fields.clone()
+    };
+    Ok(Permit {
+        entry: entry.clone(),
+        mode: ShareMode::Bulk,
+        fields: in_catalog_order(entry, &wanted),
+        key_field: entry.key_field.clone(),
+        clear_fields: Vec::new(),
+        grant_id: String::new(),
+    })
+}
+
 fn validate_key(entry: &CatalogEntry, key_field: &str, key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::InvalidArgument(format!(

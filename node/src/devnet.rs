@@ -13,7 +13,7 @@ use fedgate_examples::{
 };
 use fedgate_gateway::clock::SystemClock;
 use fedgate_gateway::config::{
-    AgencyConfig, NodeConfig, PeerNode, RoutingConfig, StorageConfig, TlsFiles,
+    AgencyConfig, NodeConfig, OpenDataConfig, PeerNode, RoutingConfig, StorageConfig, TlsFiles,
 };
 use fedgate_gateway::ident::{DivisionCode, Peer, Uscc};
 use fedgate_gateway::node::{self, NodeHandle};
@@ -23,6 +23,9 @@ use fedgate_proto::v1::{CatalogEntry, ShareType};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Channel;
+
+/// Calls per minute each client may make to the root's open-data endpoint.
+pub const OPEN_DATA_RATE: u32 = 120;
 
 /// One node of a development federation.
 #[derive(Debug, Clone)]
@@ -265,6 +268,10 @@ impl Devnet {
                 audit: Default::default(),
                 calendar: Default::default(),
                 cache: Default::default(),
+                open_data: parent_in(s.code, &codes).is_none().then(|| OpenDataConfig {
+                    listen: "127.0.0.1:0".into(),
+                    requests_per_minute: OPEN_DATA_RATE,
+                }),
             };
             nodes.insert(
                 s.code,

@@ -185,6 +185,7 @@ impl AgencyService {
             mode: share.map_or(0, |s| s.mode),
             kind: kind as i32,
             grant_id,
+            open_data: false,
         };
         self.router.dispatch(env, request, deadline).await
     }

@@ -354,6 +354,12 @@ impl Federation for FederationService {
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("envelope.target_node: {e}")))?;
         let from_child = self.topology.children.contains_key(&from);
+        if env.open_data && from_child {
+            return Err(Error::PermissionDenied(format!(
+                "open-data downloads come from the province downward; node {from} may not send one up"
+            ))
+            .into());
+        }
         if from_child && !from.contains(&consumer_node) {
             return Err(Error::PermissionDenied(format!(
                 "node {from} forwarded a request of node {consumer_node}, which is outside its subtree"

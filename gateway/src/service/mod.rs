@@ -3,9 +3,11 @@
 
 mod agency;
 mod federation;
+mod open_data;
 
 pub use agency::AgencyService;
 pub use federation::FederationService;
+pub use open_data::OpenDataService;
 
 use std::time::{Duration, Instant};
 
