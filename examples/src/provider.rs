@@ -384,7 +384,15 @@ pub async fn serve_provider(
     Server::builder()
         .tls_config(config)?
         .add_service(ProviderServer::new(provider))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Small request/response exchanges must not wait for delayed ACKs.
+            tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
+                conn.inspect(|c| {
+                    let _ = c.set_nodelay(true);
+                })
+            }),
+            shutdown,
+        )
         .await
 }
 

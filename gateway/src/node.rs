@@ -228,7 +228,14 @@ pub async fn start_with_clock(
                 .add_service(OpenDataServer::new(svc));
             let mut stop = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |conn| {
+                        conn.inspect(|c| {
+                            let _ = c.set_nodelay(true);
+                        })
+                    },
+                );
                 if let Err(e) = server
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop.wait_for(|s| *s).await;

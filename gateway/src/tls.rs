@@ -511,7 +511,7 @@ async fn accept_loop(
                     }
                 }
                 Err(failure) => {
-                    warn!(%remote, %failure, "rejected incoming connection");
+                    tracing::debug!(%remote, %failure, "rejected incoming connection");
                     on_failure(failure);
                 }
             }

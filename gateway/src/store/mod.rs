@@ -18,6 +18,14 @@ pub enum StoreError {
     /// Applying migrations failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A file or directory of the store could not be created or read.
+    #[error("{path}: {error}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
     /// A stored blob could not be decoded.
     #[error("stored record {what} is corrupt: {error}")]
     Corrupt {
