@@ -6,7 +6,7 @@ use std::sync::Arc;
 use fedgate_proto::v1::{
     Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
     DecideRequest, FileObjectionRequest, Grant, Objection, ObjectionState, ResolveObjectionRequest,
-    RevocationNotice, ShareMode, ShareType, SignedGrant,
+    RevocationNotice, ShareMode, ShareType, SignedGrant, StaleEntry,
 };
 use prost::Message;
 
@@ -809,6 +809,93 @@ impl Governance {
         );
         self.write(record).await?;
         Ok(o)
+    }
+}
+
+/// Seconds a declared update frequency allows between updates; `None` for frequencies without a period.
+pub fn update_period(frequency: &str) -> Option<i64> {
+    let day = 24 * 3600;
+    match frequency.trim().to_ascii_lowercase().as_str() {
+        "realtime" | "real-time" | "hourly" | "daily" => Some(day),
+        "weekly" => Some(7 * day),
+        "monthly" => Some(31 * day),
+        "quarterly" => Some(92 * day),
+        "half-yearly" | "semiannual" => Some(183 * day),
+        "yearly" | "annual" | "annually" => Some(366 * day),
+        _ => None,
+    }
+}
+
+impl Governance {
+    /// Entries held here that are stale: not updated within their declared frequency, or not revised within
+    /// the configured working days after an objection led their provider to correct the data.
+    pub async fn stale_entries(&self) -> Result<Vec<StaleEntry>> {
+        let now = self.clock.unix();
+        let entries = self
+            .store
+            .search(&crate::store::CatalogQuery {
+                node_prefix: Some(self.node.to_string()),
+                limit: u32::MAX,
+                ..Default::default()
+            })
+            .await?;
+        let corrected: Vec<Objection> = self
+            .store
+            .docs(
+                DocKind::Objection,
+                &DocQuery {
+                    state: Some(ObjectionState::Corrected as i32),
+                    ..Default::default()
+                },
+            )
+            .await?
+            .iter()
+            .map(|d| decode::<Objection>("objection", &d.body))
+            .collect::<Result<_>>()?;
+        let mut stale = Vec::new();
+        for e in entries {
+            let updated = time::OffsetDateTime::parse(
+                &e.updated_at,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map(|t| t.unix_timestamp())
+            .unwrap_or(0);
+            if let Some(period) = update_period(&e.update_frequency) {
+                let due = updated + period;
+                if now >= due {
+                    stale.push(StaleEntry {
+                        reason: format!(
+                            "not updated within its declared update frequency ({})",
+                            e.update_frequency
+                        ),
+                        due_at: due,
+                        entry: Some(e.clone()),
+                    });
+                    continue;
+                }
+            }
+            for o in corrected
+                .iter()
+                .filter(|o| o.resource_id == e.id && o.resolved_at > updated)
+            {
+                let at = time::OffsetDateTime::from_unix_timestamp(o.resolved_at)
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+                let due = self.calendar.catalog_revision_deadline(at).unix_timestamp();
+                if now >= due {
+                    stale.push(StaleEntry {
+                        reason: format!(
+                            "data corrected after objection {} but the catalog entry was not revised within {} working days",
+                            o.id,
+                            self.calendar.catalog_revision_days()
+                        ),
+                        due_at: due,
+                        entry: Some(e.clone()),
+                    });
+                    break;
+                }
+            }
+        }
+        Ok(stale)
     }
 }
 

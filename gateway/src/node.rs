@@ -8,6 +8,7 @@ use fedgate_proto::v1::Stream;
 use fedgate_proto::v1::agency_server::AgencyServer;
 use fedgate_proto::v1::federation_server::FederationServer;
 use fedgate_proto::v1::open_data_server::OpenDataServer;
+use fedgate_proto::v1::operator_server::OperatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,7 +23,7 @@ use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
-use crate::service::{AgencyService, FederationService, OpenDataService};
+use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService};
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
@@ -279,6 +280,10 @@ pub async fn start_with_clock(
             .add_service(reflection)
             .add_service(FederationServer::new(federation))
             .add_service(AgencyServer::new(agency))
+            .add_service(OperatorServer::new(OperatorService::new(
+                code,
+                governance.clone(),
+            )))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
             }),
@@ -321,6 +326,15 @@ async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool
                 }
             }
             Err(e) => tracing::error!(error = %e, "overdue scan failed"),
+        }
+        match governance.stale_entries().await {
+            Ok(stale) => {
+                for s in stale {
+                    let id = s.entry.as_ref().map(|e| e.id.clone()).unwrap_or_default();
+                    tracing::warn!(resource = %id, reason = %s.reason, "catalog entry is stale");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "stale-entry scan failed"),
         }
     }
 }

@@ -34,6 +34,12 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Print a node's governance report: overdue applications and objections, stale catalog entries.
+    Report {
+        /// Path of the node's configuration (its TLS files identify the operator).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Create a development PKI: a root CA and certificates bound to node and agency codes.
     Certs {
         /// Directory to write the PEM files into.
@@ -66,6 +72,7 @@ impl Cli {
             match self.command {
                 Command::Node { config } => run_node(config).await,
                 Command::Demo { keep_running } => crate::demo::run(keep_running).await,
+                Command::Report { config } => report(config).await,
                 Command::Certs {
                     out,
                     nodes,
@@ -104,10 +111,7 @@ fn init_tracing() {
 }
 
 async fn run_node(path: PathBuf) -> Result<()> {
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read configuration {}", path.display()))?;
-    let config: NodeConfig = toml::from_str(&text)
-        .map_err(|e| ConfigError(format!("configuration {}: {e}", path.display())))?;
+    let config = load_config(&path)?;
     let node = fedgate_gateway::node::start(config)
         .await
         .map_err(|e| ConfigError(format!("cannot start node from {}: {e}", path.display())))?;
@@ -184,5 +188,62 @@ fn write_key(path: &std::path::Path, pem: &str) -> Result<()> {
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(pem.as_bytes())?;
+    Ok(())
+}
+
+fn load_config(path: &std::path::Path) -> Result<NodeConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read configuration {}", path.display()))?;
+    Ok(toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("configuration {}: {e}", path.display())))?)
+}
+
+async fn report(path: PathBuf) -> Result<()> {
+    use fedgate_proto::v1::ReportRequest;
+    use fedgate_proto::v1::operator_client::OperatorClient;
+    let config = load_config(&path)?;
+    let code: fedgate_gateway::ident::DivisionCode = config
+        .code
+        .parse()
+        .map_err(|e| ConfigError(format!("code: {e}")))?;
+    let tls =
+        fedgate_gateway::tls::TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let addr = config.listen.replace("0.0.0.0", "127.0.0.1");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(fedgate_gateway::tls::client_tls(&tls, &Peer::Node(code)))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach node {code} at {addr}"))?;
+    let r = OperatorClient::new(channel)
+        .report(ReportRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    println!("governance report of node {code}");
+    println!("overdue applications: {}", r.overdue_applications.len());
+    for a in &r.overdue_applications {
+        println!(
+            "  {}  {}  consumer {}  state {}  due {}",
+            a.id,
+            a.resource_id,
+            a.consumer_uscc,
+            fedgate_proto::v1::ApplicationState::try_from(a.state)
+                .unwrap_or_default()
+                .as_str_name(),
+            a.due_at
+        );
+    }
+    println!("overdue objections: {}", r.overdue_objections.len());
+    for o in &r.overdue_objections {
+        println!(
+            "  {}  {}  by {}  due {}",
+            o.id, o.resource_id, o.consumer_uscc, o.due_at
+        );
+    }
+    println!("stale catalog entries: {}", r.stale_entries.len());
+    for s in &r.stale_entries {
+        let id = s.entry.as_ref().map(|e| e.id.as_str()).unwrap_or("");
+        println!("  {id}  {}", s.reason);
+    }
     Ok(())
 }

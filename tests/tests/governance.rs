@@ -780,3 +780,57 @@ async fn bulk_streams_a_hundred_thousand_records_page_by_page_and_resumes() -> R
     assert_eq!(err.code(), Code::FailedPrecondition);
     net.shutdown().await
 }
+
+#[tokio::test]
+async fn operators_see_overdue_items_and_stale_entries_with_the_nodes_certificate() -> Result<()> {
+    use fedgate_gateway::ident::Peer;
+    use fedgate_gateway::tls::{TlsMaterial, client_tls};
+    use fedgate_proto::v1::ReportRequest;
+    use fedgate_proto::v1::operator_client::OperatorClient;
+
+    let net = standard().await?;
+    let mut p = parties(&net).await?;
+    let operator = |cert: fedgate_gateway::pki::IssuedCert| -> Result<OperatorClient<Channel>> {
+        let tls = TlsMaterial {
+            ca_pem: net.ca().ca_pem(),
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+        };
+        let channel = tonic::transport::Endpoint::from_shared(net.node_url(code("350102"))?)?
+            .tls_config(client_tls(&tls, &Peer::Node(code("350102"))))?
+            .connect_lazy();
+        Ok(OperatorClient::new(channel))
+    };
+    let mut op = operator(net.ca().issue(&Peer::Node(code("350102")), &[])?)?;
+    let fresh = op.report(ReportRequest {}).await?.into_inner();
+    assert!(fresh.overdue_applications.is_empty());
+    assert!(fresh.stale_entries.is_empty());
+
+    let a =
+        p.a.apply(apply("350102:marriage", ShareMode::Query, &["name"]))
+            .await?
+            .into_inner();
+    net.advance_clock(10 * DAY);
+    let late = op.report(ReportRequest {}).await?.into_inner();
+    assert_eq!(late.overdue_applications.len(), 1);
+    assert_eq!(late.overdue_applications[0].id, a.id);
+    // The registry's entries declare a daily update frequency.
+    assert_eq!(late.stale_entries.len(), 2);
+    assert!(late.stale_entries[0].reason.contains("update frequency"));
+
+    // Another node's certificate, or an agency's, is not an operator of 350102.
+    let mut other = operator(net.ca().issue(&Peer::Node(code("350100")), &[])?)?;
+    let err = other
+        .report(ReportRequest {})
+        .await
+        .expect_err("not this node");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let provider = net.provider_at(code("350102"))?;
+    let mut agency = operator(provider.cert.clone())?;
+    let err = agency
+        .report(ReportRequest {})
+        .await
+        .expect_err("an agency");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    net.shutdown().await
+}

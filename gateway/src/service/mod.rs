@@ -4,10 +4,12 @@
 mod agency;
 mod federation;
 mod open_data;
+mod operator;
 
 pub use agency::AgencyService;
 pub use federation::FederationService;
 pub use open_data::OpenDataService;
+pub use operator::OperatorService;
 
 use std::time::{Duration, Instant};
 
