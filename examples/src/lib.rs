@@ -9,7 +9,9 @@
 //! - [`provider`]: the `fedgate.v1.Provider` service its node fetches records, counts and export pages from,
 //!   over mutual TLS;
 //! - [`client`]: connecting to the node's `fedgate.v1.Agency` service, publishing entries, and the grant files
-//!   and JSON lines a consumer keeps.
+//!   and JSON lines a consumer keeps;
+//! - [`cli`]: the agency command line (catalog, shares, applications, grants, objections), shared by the
+//!   `agency-client` binary and `fedgate agency`.
 //!
 //! The binaries `civil-registry-provider` and `agency-client` put these together.
 //!
@@ -21,6 +23,7 @@
 //! ```
 
 pub mod catalog;
+pub mod cli;
 pub mod client;
 pub mod provider;
 pub mod registry;

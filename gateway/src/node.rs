@@ -283,6 +283,8 @@ pub async fn start_with_clock(
             .add_service(OperatorServer::new(OperatorService::new(
                 code,
                 governance.clone(),
+                store.clone(),
+                topology.parent.is_some().then(|| uplink.clone()),
             )))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;

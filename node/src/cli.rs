@@ -40,6 +40,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print how far a node's upward streams (catalog, audit) are acknowledged by its parent.
+    Status {
+        /// Path of the node's configuration (its TLS files identify the operator).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Create a development PKI: a root CA and certificates bound to node and agency codes.
     Certs {
         /// Directory to write the PEM files into.
@@ -52,6 +58,8 @@ enum Command {
         #[arg(long = "agency", value_name = "USCC")]
         agencies: Vec<String>,
     },
+    /// Act as an agency at its node (catalog, shares, applications, grants, objections).
+    Agency(fedgate_examples::cli::AgencyArgs),
 }
 
 impl Cli {
@@ -73,11 +81,13 @@ impl Cli {
                 Command::Node { config } => run_node(config).await,
                 Command::Demo { keep_running } => crate::demo::run(keep_running).await,
                 Command::Report { config } => report(config).await,
+                Command::Status { config } => status(config).await,
                 Command::Certs {
                     out,
                     nodes,
                     agencies,
                 } => certs(out, nodes, agencies),
+                Command::Agency(args) => fedgate_examples::cli::run(args).await,
             }
         });
         match result {
@@ -198,10 +208,14 @@ fn load_config(path: &std::path::Path) -> Result<NodeConfig> {
         .map_err(|e| ConfigError(format!("configuration {}: {e}", path.display())))?)
 }
 
-async fn report(path: PathBuf) -> Result<()> {
-    use fedgate_proto::v1::ReportRequest;
-    use fedgate_proto::v1::operator_client::OperatorClient;
-    let config = load_config(&path)?;
+/// A client of the Operator service of the node configured in `path`, using the node's own certificate.
+async fn operator_client(
+    path: &std::path::Path,
+) -> Result<(
+    fedgate_gateway::ident::DivisionCode,
+    fedgate_proto::v1::operator_client::OperatorClient<tonic::transport::Channel>,
+)> {
+    let config = load_config(path)?;
     let code: fedgate_gateway::ident::DivisionCode = config
         .code
         .parse()
@@ -214,8 +228,46 @@ async fn report(path: PathBuf) -> Result<()> {
         .connect()
         .await
         .with_context(|| format!("cannot reach node {code} at {addr}"))?;
-    let r = OperatorClient::new(channel)
-        .report(ReportRequest {})
+    Ok((
+        code,
+        fedgate_proto::v1::operator_client::OperatorClient::new(channel),
+    ))
+}
+
+async fn status(path: PathBuf) -> Result<()> {
+    let (code, mut client) = operator_client(&path).await?;
+    let s = client
+        .uplink_status(fedgate_proto::v1::UplinkStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    println!("node {code}: {} audit records held", s.audit_records);
+    if s.streams.is_empty() {
+        println!("no parent: nothing is forwarded");
+    }
+    for st in &s.streams {
+        println!(
+            "  {:<16} head {:>10}  acked {:>10}  lag {:>8}  {}",
+            fedgate_proto::v1::Stream::try_from(st.stream)
+                .unwrap_or_default()
+                .as_str_name(),
+            st.head,
+            st.acked,
+            st.lag,
+            if st.connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        );
+    }
+    Ok(())
+}
+
+async fn report(path: PathBuf) -> Result<()> {
+    let (code, mut client) = operator_client(&path).await?;
+    let r = client
+        .report(fedgate_proto::v1::ReportRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
         .into_inner();

@@ -264,9 +264,13 @@ fn print_usage(net: &Devnet) -> Result<()> {
         .as_ref()
         .and_then(|r| r.sample_id(0).map(str::to_owned))
         .unwrap_or_default();
+    println!(
+        "Node configurations (for `fedgate status|report --config`): {}/node-<code>.toml",
+        net.dir().display()
+    );
     println!("Try, from another terminal:");
     println!(
-        "  cargo run -p fedgate-examples --bin agency-client -- --node-addr {} --node-code {} --ca {} \\\n    --cert {} --key {} \\\n    share {GULOU}:household {key}",
+        "  cargo run --release -p fedgate-node -- agency --node-addr {} --node-code {} --ca {} \\\n    --cert {} --key {} \\\n    share {GULOU}:household {key}",
         net.node_url(consumer.node)?,
         consumer.node,
         net.ca_path().display(),

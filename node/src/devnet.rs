@@ -273,6 +273,10 @@ impl Devnet {
                     requests_per_minute: OPEN_DATA_RATE,
                 }),
             };
+            std::fs::write(
+                dir.path().join(format!("node-{}.toml", s.code)),
+                toml::to_string(&config).context("writing the node configuration")?,
+            )?;
             nodes.insert(
                 s.code,
                 DevNode {

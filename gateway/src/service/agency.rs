@@ -18,22 +18,19 @@ use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{caller, deadline};
+use super::{audit_query, caller, deadline};
 use crate::audit::{self, AuditLog};
 use crate::cache::{CachedAnswer, ShareCache};
 use crate::catalog::{self, parse_resource_id};
 use crate::error::{Error, Result};
 use crate::ident::{Peer, Uscc};
 use crate::route::{Router, action};
-use crate::store::{AuditQuery, Store};
+use crate::store::Store;
 use crate::topology::Topology;
 use crate::uplink::Uplink;
 
 /// Longest request id a caller may choose.
 const MAX_REQUEST_ID: usize = 64;
-/// Default and largest page of an audit query.
-const AUDIT_PAGE: u32 = 100;
-const MAX_AUDIT_PAGE: u32 = 1000;
 
 /// The Agency service of one node.
 #[derive(Clone)]
@@ -532,52 +529,16 @@ impl Agency for AgencyService {
                     .to_string(),
             )
         };
-        let limit = match q.page_size {
-            0 => AUDIT_PAGE,
-            n if n > MAX_AUDIT_PAGE => {
-                return Err(Error::InvalidArgument(format!(
-                    "page_size {n} exceeds the maximum of {MAX_AUDIT_PAGE}"
-                ))
-                .into());
-            }
-            n => n,
-        };
-        let after = if q.page_token.is_empty() {
-            None
-        } else {
-            Some(q.page_token.parse::<u64>().map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "page_token {:?} is not a token this node issued",
-                    q.page_token
-                ))
-            })?)
-        };
-        if q.from_unix_nanos < 0 || q.to_unix_nanos < 0 {
-            return Err(Error::InvalidArgument(
-                "from_unix_nanos and to_unix_nanos must not be negative".into(),
+        Ok(Response::new(
+            audit_query(
+                self.store.as_ref(),
+                &q,
+                Some(uscc.to_string()),
+                counterpart,
+                None,
             )
-            .into());
-        }
-        let query = AuditQuery {
-            party: Some(uscc.to_string()),
-            counterpart,
-            node_prefix: None,
-            from_ns: (q.from_unix_nanos > 0).then_some(q.from_unix_nanos),
-            to_ns: (q.to_unix_nanos > 0).then_some(q.to_unix_nanos),
-            resource_id: (!q.resource_id.is_empty()).then(|| q.resource_id.clone()),
-            outcome: (!q.outcome.is_empty()).then(|| q.outcome.clone()),
-            after_fwd_seq: after,
-            limit,
-        };
-        let rows = self.store.audit_query(&query).await.map_err(Error::from)?;
-        let next_page_token = match rows.last() {
-            Some((pos, _)) if rows.len() == limit as usize => pos.to_string(),
-            _ => String::new(),
-        };
-        Ok(Response::new(QueryAuditResponse {
-            records: rows.into_iter().map(|(_, r)| r).collect(),
-            next_page_token,
-        }))
+            .await?,
+        ))
     }
 
     type BulkStream = ReceiverStream<Result<ShareResponse, Status>>;

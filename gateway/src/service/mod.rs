@@ -26,6 +26,64 @@ fn caller<T>(req: &Request<T>) -> Result<Peer> {
     })
 }
 
+/// Default and largest page of an audit query.
+const AUDIT_PAGE: u32 = 100;
+const MAX_AUDIT_PAGE: u32 = 1000;
+
+/// Runs an audit query from its request, restricted to `party` and `node_prefix` where given.
+async fn audit_query(
+    store: &dyn crate::store::Store,
+    q: &fedgate_proto::v1::QueryAuditRequest,
+    party: Option<String>,
+    counterpart: Option<String>,
+    node_prefix: Option<String>,
+) -> Result<fedgate_proto::v1::QueryAuditResponse> {
+    let limit = match q.page_size {
+        0 => AUDIT_PAGE,
+        n if n > MAX_AUDIT_PAGE => {
+            return Err(Error::InvalidArgument(format!(
+                "page_size {n} exceeds the maximum of {MAX_AUDIT_PAGE}"
+            )));
+        }
+        n => n,
+    };
+    let after = if q.page_token.is_empty() {
+        None
+    } else {
+        Some(q.page_token.parse::<u64>().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "page_token {:?} is not a token this node issued",
+                q.page_token
+            ))
+        })?)
+    };
+    if q.from_unix_nanos < 0 || q.to_unix_nanos < 0 {
+        return Err(Error::InvalidArgument(
+            "from_unix_nanos and to_unix_nanos must not be negative".into(),
+        ));
+    }
+    let query = crate::store::AuditQuery {
+        party,
+        counterpart,
+        node_prefix,
+        from_ns: (q.from_unix_nanos > 0).then_some(q.from_unix_nanos),
+        to_ns: (q.to_unix_nanos > 0).then_some(q.to_unix_nanos),
+        resource_id: (!q.resource_id.is_empty()).then(|| q.resource_id.clone()),
+        outcome: (!q.outcome.is_empty()).then(|| q.outcome.clone()),
+        after_fwd_seq: after,
+        limit,
+    };
+    let rows = store.audit_query(&query).await?;
+    let next_page_token = match rows.last() {
+        Some((pos, _)) if rows.len() == limit as usize => pos.to_string(),
+        _ => String::new(),
+    };
+    Ok(fedgate_proto::v1::QueryAuditResponse {
+        records: rows.into_iter().map(|(_, r)| r).collect(),
+        next_page_token,
+    })
+}
+
 /// The deadline of a call: the caller's `grpc-timeout`, capped by `default`.
 fn deadline<T>(req: &Request<T>, default: Duration) -> Instant {
     let asked = req

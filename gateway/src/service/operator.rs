@@ -1,25 +1,57 @@
 //! `fedgate.v1.Operator`: reports for the node's own operators, who call with the node's certificate.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use fedgate_proto::v1::operator_server::Operator;
-use fedgate_proto::v1::{GovernanceReport, ReportRequest};
+use fedgate_proto::v1::{
+    GovernanceReport, OperatorAuditRequest, QueryAuditResponse, ReportRequest, Stream,
+    StreamStatus, UplinkStatusRequest, UplinkStatusResponse,
+};
 use tonic::{Request, Response, Status};
 
-use super::caller;
+use super::{audit_query, caller};
+use crate::catalog::subtree_prefix;
 use crate::error::Error;
 use crate::governance::Governance;
-use crate::ident::{DivisionCode, Peer};
+use crate::ident::{DivisionCode, Peer, Uscc};
+use crate::store::Store;
+use crate::uplink::Uplink;
 
 /// The Operator service of one node.
 #[derive(Clone)]
 pub struct OperatorService {
     node: DivisionCode,
     governance: Governance,
+    store: Arc<dyn Store>,
+    uplink: Option<Uplink>,
 }
 
 impl OperatorService {
-    /// A service for `node`.
-    pub fn new(node: DivisionCode, governance: Governance) -> Self {
-        Self { node, governance }
+    /// A service for `node`; `uplink` is `None` on the province.
+    pub fn new(
+        node: DivisionCode,
+        governance: Governance,
+        store: Arc<dyn Store>,
+        uplink: Option<Uplink>,
+    ) -> Self {
+        Self {
+            node,
+            governance,
+            store,
+            uplink,
+        }
+    }
+
+    fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match caller(req)? {
+            Peer::Node(code) if code == self.node => Ok(()),
+            other => Err(Error::PermissionDenied(format!(
+                "{other} is not an operator of node {}: operators call with the node's own certificate",
+                self.node
+            ))
+            .into()),
+        }
     }
 }
 
@@ -29,16 +61,7 @@ impl Operator for OperatorService {
         &self,
         req: Request<ReportRequest>,
     ) -> Result<Response<GovernanceReport>, Status> {
-        match caller(&req)? {
-            Peer::Node(code) if code == self.node => {}
-            other => {
-                return Err(Error::PermissionDenied(format!(
-                    "{other} is not an operator of node {}: operators call with the node's own certificate",
-                    self.node
-                ))
-                .into());
-            }
-        }
+        self.operator(&req)?;
         let (overdue_applications, overdue_objections) = self.governance.overdue().await?;
         let stale_entries = self.governance.stale_entries().await?;
         Ok(Response::new(GovernanceReport {
@@ -47,5 +70,69 @@ impl Operator for OperatorService {
             stale_entries,
             generated_at: self.governance.clock().unix(),
         }))
+    }
+
+    async fn uplink_status(
+        &self,
+        req: Request<UplinkStatusRequest>,
+    ) -> Result<Response<UplinkStatusResponse>, Status> {
+        self.operator(&req)?;
+        let mut streams = Vec::new();
+        if let Some(uplink) = &self.uplink {
+            for stream in [Stream::Catalog, Stream::Audit] {
+                let head = self.store.outbox_head(stream).await.map_err(Error::from)?;
+                let status = uplink.status(stream);
+                let acked = status.acked.load(Ordering::Relaxed);
+                streams.push(StreamStatus {
+                    stream: stream as i32,
+                    head,
+                    acked,
+                    lag: head.saturating_sub(acked),
+                    connected: status.connected.load(Ordering::Relaxed),
+                });
+            }
+        }
+        Ok(Response::new(UplinkStatusResponse {
+            streams,
+            audit_records: self.store.audit_count().await.map_err(Error::from)?,
+        }))
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<OperatorAuditRequest>,
+    ) -> Result<Response<QueryAuditResponse>, Status> {
+        self.operator(&req)?;
+        let r = req.into_inner();
+        let party = if r.agency.is_empty() {
+            None
+        } else {
+            Some(
+                r.agency
+                    .parse::<Uscc>()
+                    .map_err(|e| Error::InvalidArgument(format!("agency: {e}")))?
+                    .to_string(),
+            )
+        };
+        let node_prefix = if r.node_code.is_empty() {
+            None
+        } else {
+            let code: DivisionCode = r
+                .node_code
+                .parse()
+                .map_err(|e| Error::InvalidArgument(format!("node_code: {e}")))?;
+            if !self.node.contains(&code) {
+                return Err(Error::InvalidArgument(format!(
+                    "node_code {code} is outside the subtree of node {}",
+                    self.node
+                ))
+                .into());
+            }
+            Some(subtree_prefix(code))
+        };
+        let q = r.query.unwrap_or_default();
+        Ok(Response::new(
+            audit_query(self.store.as_ref(), &q, party, None, node_prefix).await?,
+        ))
     }
 }
