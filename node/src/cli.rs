@@ -46,6 +46,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Verify, export or query a node's audit trail.
+    Audit {
+        #[command(subcommand)]
+        cmd: crate::audit_cmd::AuditCmd,
+    },
     /// Create a development PKI: a root CA and certificates bound to node and agency codes.
     Certs {
         /// Directory to write the PEM files into.
@@ -82,6 +87,7 @@ impl Cli {
                 Command::Demo { keep_running } => crate::demo::run(keep_running).await,
                 Command::Report { config } => report(config).await,
                 Command::Status { config } => status(config).await,
+                Command::Audit { cmd } => crate::audit_cmd::run(cmd).await,
                 Command::Certs {
                     out,
                     nodes,

@@ -485,8 +485,18 @@ impl Devnet {
         Ok(())
     }
 
-    /// Stops every node and provider.
+    /// Stops every node and provider and removes the federation's files.
     pub async fn shutdown(mut self) -> Result<()> {
+        self.stop_all().await
+    }
+
+    /// Stops every node and provider and hands over the directory with the PKI and databases.
+    pub async fn shutdown_keep(mut self) -> Result<tempfile::TempDir> {
+        self.stop_all().await?;
+        Ok(self.dir)
+    }
+
+    async fn stop_all(&mut self) -> Result<()> {
         let codes: Vec<_> = self.nodes.keys().copied().collect();
         for c in codes.into_iter().rev() {
             self.stop_node(c).await?;

@@ -1,6 +1,7 @@
 //! The `fedgate` binary's commands: node daemon, demo federation, development PKI.
 #![forbid(unsafe_code)]
 
+pub mod audit_cmd;
 pub mod cli;
 pub mod demo;
 pub mod devnet;

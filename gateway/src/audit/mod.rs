@@ -1,6 +1,7 @@
 //! The audit trail: every operation that touches a node is recorded there, hash-chained, signed per batch by the
 //! node's key, made durable before the operation is answered, and forwarded up the tree by the uplink.
 
+pub mod export;
 pub mod verify;
 
 use std::sync::Arc;
@@ -16,7 +17,9 @@ use crate::ident::DivisionCode;
 use crate::store::{Store, StoreError};
 use crate::uplink::Uplink;
 
-pub use verify::{ChainVerifier, VerifyError};
+pub use verify::{
+    ChainSummary, ChainVerifier, StoreVerifyError, VerifyError, verify_records, verify_store,
+};
 
 /// Hash that precedes the first record of every chain.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];

@@ -52,6 +52,28 @@ impl SqliteStore {
         Ok(Self { writer, reader })
     }
 
+    /// Opens an existing database for reading only (verification and export of a stopped or running node).
+    pub async fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Io {
+                path: path.display().to_string(),
+                error: std::io::Error::new(std::io::ErrorKind::NotFound, "no such database"),
+            });
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10));
+        let reader = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            writer: reader.clone(),
+            reader,
+        })
+    }
+
     /// Closes both pools, waiting for connections to finish.
     pub async fn close(&self) {
         self.reader.close().await;
