@@ -47,7 +47,7 @@ async fn federation_with_records() -> Result<Devnet> {
 
 async fn verify(db: &Path) -> Result<Result<(), VerifyError>> {
     let store = SqliteStore::open_read_only(db).await?;
-    let r = verify_store(&store, &HashMap::new()).await;
+    let r = verify_store(&store, &HashMap::new(), &HashMap::new()).await;
     store.close().await;
     match r {
         Ok(_) => Ok(Ok(())),

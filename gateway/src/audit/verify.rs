@@ -270,17 +270,21 @@ pub enum StoreVerifyError {
 /// archived (sequence number, hash and key of the last archived record).
 pub async fn verify_store(
     store: &dyn crate::store::Store,
+    pinned: &std::collections::HashMap<String, Vec<u8>>,
     resume: &std::collections::HashMap<String, (u64, Vec<u8>, Vec<u8>)>,
 ) -> Result<Vec<ChainSummary>, StoreVerifyError> {
     const PAGE: u32 = 10_000;
     let mut out = Vec::new();
     for node in store.audit_nodes().await? {
-        let pinned = store.node_key(&node).await?;
+        let key = match pinned.get(&node) {
+            Some(k) => Some(k.clone()),
+            None => store.node_key(&node).await?,
+        };
         let mut v = match resume.get(&node) {
             Some((seq, hash, key)) => {
                 ChainVerifier::resume(&node, Some(key.clone()), *seq, hash.clone())
             }
-            None => ChainVerifier::new(&node, pinned),
+            None => ChainVerifier::new(&node, key),
         };
         let mut after = v.head().0;
         loop {
