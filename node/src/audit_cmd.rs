@@ -25,6 +25,21 @@ pub enum AuditCmd {
         /// Expected public key of a node, as `<code>=<hex>`; a chain announcing another key fails.
         #[arg(long = "key", value_name = "CODE=HEX")]
         keys: Vec<String>,
+        /// Archive files holding the beginning of the chains, oldest first.
+        #[arg(long = "archive", value_name = "FILE")]
+        archives: Vec<PathBuf>,
+    },
+    /// Move records older than the retention period (and already forwarded) to an archive file.
+    Archive {
+        /// The node's configuration (storage path, retention, whether it has a parent).
+        #[arg(long)]
+        config: PathBuf,
+        /// The archive file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The time to count the retention period back from (RFC 3339); now when absent.
+        #[arg(long)]
+        now: Option<String>,
     },
     /// Write records as JSON Lines.
     Export {
@@ -119,7 +134,13 @@ impl Filter {
 /// Runs one audit subcommand.
 pub async fn run(cmd: AuditCmd) -> Result<()> {
     match cmd {
-        AuditCmd::Verify { db, file, keys } => verify(db, file, keys).await,
+        AuditCmd::Verify {
+            db,
+            file,
+            keys,
+            archives,
+        } => verify(db, file, keys, archives).await,
+        AuditCmd::Archive { config, out, now } => archive(config, out, now).await,
         AuditCmd::Export { db, filter, out } => export(db, filter, out).await,
         AuditCmd::Query { db, filter, limit } => query(db, filter, limit).await,
     }
@@ -134,7 +155,12 @@ fn print_summary(chains: &[ChainSummary]) {
     }
 }
 
-async fn verify(db: Option<PathBuf>, file: Option<PathBuf>, keys: Vec<String>) -> Result<()> {
+async fn verify(
+    db: Option<PathBuf>,
+    file: Option<PathBuf>,
+    keys: Vec<String>,
+    archives: Vec<PathBuf>,
+) -> Result<()> {
     let mut pinned = HashMap::new();
     for k in &keys {
         let Some((node, hex_key)) = k.split_once('=') else {
@@ -145,12 +171,31 @@ async fn verify(db: Option<PathBuf>, file: Option<PathBuf>, keys: Vec<String>) -
             hex::decode(hex_key).with_context(|| format!("--key {k:?}: not hex"))?,
         );
     }
+    let mut archived: Vec<AuditRecord> = Vec::new();
+    for a in &archives {
+        let f = std::fs::File::open(a).with_context(|| format!("opening {}", a.display()))?;
+        archived.extend(
+            read_jsonl(BufReader::new(f)).with_context(|| format!("reading {}", a.display()))?,
+        );
+    }
+    let resume: HashMap<String, (u64, Vec<u8>, Vec<u8>)> = if archived.is_empty() {
+        HashMap::new()
+    } else {
+        let chains = verify_records(&archived, &pinned, &HashMap::new(), true)
+            .map_err(|e| anyhow::anyhow!("FAILED in the archives: {e}"))?;
+        println!("archives: {} chains verified", chains.len());
+        print_summary(&chains);
+        chains
+            .iter()
+            .filter_map(|c| c.resume_point().map(|p| (c.node.clone(), p)))
+            .collect()
+    };
     let result = match (db, file) {
         (Some(db), _) => {
             let store = SqliteStore::open_read_only(&db)
                 .await
                 .with_context(|| format!("opening {}", db.display()))?;
-            let r = verify_store(&store, &pinned, &HashMap::new())
+            let r = verify_store(&store, &pinned, &resume)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"));
             store.close().await;
@@ -161,7 +206,7 @@ async fn verify(db: Option<PathBuf>, file: Option<PathBuf>, keys: Vec<String>) -
                 .with_context(|| format!("opening {}", file.display()))?;
             let records = read_jsonl(BufReader::new(f))
                 .with_context(|| format!("reading {}", file.display()))?;
-            verify_records(&records, &pinned, &HashMap::new()).map_err(|e| anyhow::anyhow!("{e}"))
+            verify_records(&records, &pinned, &resume, false).map_err(|e| anyhow::anyhow!("{e}"))
         }
         (None, None) => bail!("give --db or --file"),
     };
@@ -241,5 +286,40 @@ async fn query(db: PathBuf, filter: Filter, limit: u32) -> Result<()> {
             r.request_id
         )?;
     }
+    Ok(())
+}
+
+async fn archive(config: PathBuf, out: PathBuf, now: Option<String>) -> Result<()> {
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("cannot read configuration {}", config.display()))?;
+    let cfg: fedgate_gateway::config::NodeConfig =
+        toml::from_str(&text).with_context(|| format!("configuration {}", config.display()))?;
+    let fedgate_gateway::config::StorageConfig::Sqlite { path } = &cfg.storage;
+    let now_ns = match nanos("now", &now)? {
+        Some(n) => n,
+        None => fedgate_gateway::audit::now_nanos(),
+    };
+    let retention = i64::from(
+        cfg.audit
+            .retention_days
+            .max(fedgate_gateway::config::MIN_RETENTION_DAYS),
+    );
+    let before = now_ns.saturating_sub(retention * 24 * 3600 * 1_000_000_000);
+    let store = SqliteStore::open(path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+        .with_context(|| format!("opening {}", out.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let moved =
+        fedgate_gateway::audit::archive::archive(&store, before, cfg.parent.is_some(), &mut writer)
+            .await;
+    let file = writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    file.sync_all()?;
+    store.close().await;
+    println!("{} records archived to {}", moved?, out.display());
     Ok(())
 }

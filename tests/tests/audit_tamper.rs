@@ -229,12 +229,14 @@ async fn edited_deleted_and_reordered_records_are_named() -> Result<()> {
     let text = std::fs::read_to_string(&export)?;
     let records = fedgate_gateway::audit::export::read_jsonl(text.as_bytes())?;
     assert!(
-        fedgate_gateway::audit::verify_records(&records, &HashMap::new(), &HashMap::new()).is_ok()
+        fedgate_gateway::audit::verify_records(&records, &HashMap::new(), &HashMap::new(), false)
+            .is_ok()
     );
     let tampered: String = text.replacen("\"outcome\":\"OK\"", "\"outcome\":\"NOT_FOUND\"", 2);
     let records = fedgate_gateway::audit::export::read_jsonl(tampered.as_bytes())?;
-    let err = fedgate_gateway::audit::verify_records(&records, &HashMap::new(), &HashMap::new())
-        .expect_err("tampered export");
+    let err =
+        fedgate_gateway::audit::verify_records(&records, &HashMap::new(), &HashMap::new(), false)
+            .expect_err("tampered export");
     assert!(matches!(err, VerifyError::Altered { .. }), "{err}");
     Ok(())
 }
@@ -307,4 +309,94 @@ async fn agencies_read_only_the_records_that_concern_them() -> Result<()> {
     );
     assert!(served.iter().all(|r| r.consumer_uscc == me));
     net.shutdown().await
+}
+
+#[tokio::test]
+async fn archived_records_leave_the_store_and_still_verify() -> Result<()> {
+    let net = federation_with_records().await?;
+    let dir = net.shutdown_keep().await?;
+    let config = dir.path().join("node-350102.toml");
+    let db = dir.path().join("node-350102.db");
+    let archive = dir.path().join("350102-archive.jsonl");
+    let held_before = {
+        let s = SqliteStore::open_read_only(&db).await?;
+        let n = fedgate_gateway::store::Store::audit_count(&s).await?;
+        s.close().await;
+        n
+    };
+    let four_years_on = (time::OffsetDateTime::now_utc() + time::Duration::days(4 * 366))
+        .format(&time::format_description::well_known::Rfc3339)?;
+    let fedgate = |args: &[&std::ffi::OsStr]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new(env!("CARGO"))
+            .args(["run", "-q", "-p", "fedgate-node", "--"])
+            .args(args)
+            .output()?)
+    };
+    // Nothing is old enough today.
+    let out = fedgate(&[
+        "audit".as_ref(),
+        "archive".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--out".as_ref(),
+        archive.as_os_str(),
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("0 records archived"));
+
+    let out = fedgate(&[
+        "audit".as_ref(),
+        "archive".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--out".as_ref(),
+        archive.as_os_str(),
+        "--now".as_ref(),
+        four_years_on.as_ref(),
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let archived = fedgate_gateway::audit::export::read_jsonl(std::fs::read(&archive)?.as_slice())?;
+    assert!(!archived.is_empty());
+    let held_after = {
+        let s = SqliteStore::open_read_only(&db).await?;
+        let n = fedgate_gateway::store::Store::audit_count(&s).await?;
+        s.close().await;
+        n
+    };
+    assert_eq!(
+        held_after + archived.len() as u64,
+        held_before,
+        "moved, not copied or lost"
+    );
+    assert!(held_after >= 1, "the chain head stays in the store");
+
+    // The store alone no longer starts at record 1; with the archive the chain verifies end to end.
+    assert!(matches!(
+        verify(&db).await?,
+        Err(VerifyError::Sequence { expected: 1, .. })
+    ));
+    let out = fedgate(&[
+        "audit".as_ref(),
+        "verify".as_ref(),
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--archive".as_ref(),
+        archive.as_os_str(),
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("OK:"), "{text}");
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The audit trail: every operation that touches a node is recorded there, hash-chained, signed per batch by the
 //! node's key, made durable before the operation is answered, and forwarded up the tree by the uplink.
 
+pub mod archive;
 pub mod export;
 pub mod verify;
 

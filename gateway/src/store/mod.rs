@@ -231,6 +231,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Codes of the nodes whose records are held here.
     async fn audit_nodes(&self) -> Result<Vec<String>, StoreError>;
+    /// Records written before `before_ns` and at stream positions up to `max_fwd_seq`, oldest first; the last
+    /// record of each chain is never returned, so every chain keeps its head.
+    async fn audit_archivable(
+        &self,
+        before_ns: i64,
+        max_fwd_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditRecord)>, StoreError>;
+    /// Deletes the records at these stream positions (after they were archived).
+    async fn audit_delete(&self, fwd_seqs: &[u64]) -> Result<u64, StoreError>;
     /// Number of audit records held here.
     async fn audit_count(&self) -> Result<u64, StoreError>;
     /// The pinned public key of a node.

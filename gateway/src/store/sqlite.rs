@@ -592,6 +592,49 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
     }
 
+    async fn audit_archivable(
+        &self,
+        before_ns: i64,
+        max_fwd_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT fwd_seq, record FROM audit_log WHERE time_ns < ? AND fwd_seq <= ? \
+             AND seq < (SELECT MAX(h.seq) FROM audit_log h WHERE h.node_code = audit_log.node_code) \
+             ORDER BY fwd_seq LIMIT ?",
+        )
+        .bind(before_ns)
+        .bind(to_i64(max_fwd_seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    to_u64(r.get::<i64, _>(0)),
+                    decode_audit(r.get::<&[u8], _>(1))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn audit_delete(&self, fwd_seqs: &[u64]) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut n = 0;
+        for chunk in fwd_seqs.chunks(500) {
+            let mut b: QueryBuilder<Sqlite> =
+                QueryBuilder::new("DELETE FROM audit_log WHERE fwd_seq IN (");
+            let mut list = b.separated(", ");
+            for s in chunk {
+                list.push_bind(to_i64(*s));
+            }
+            b.push(")");
+            n += b.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
     async fn audit_count(&self) -> Result<u64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) FROM audit_log")
             .fetch_one(&self.reader)
