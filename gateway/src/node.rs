@@ -285,6 +285,7 @@ pub async fn start_with_clock(
                 governance.clone(),
                 store.clone(),
                 topology.parent.is_some().then(|| uplink.clone()),
+                audit_log.clone(),
             )))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;

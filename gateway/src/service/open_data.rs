@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 
 use fedgate_proto::v1::open_data_server::OpenData;
 use fedgate_proto::v1::{
-    DownloadRequest, Envelope, Hop, ListDatasetsRequest, ListDatasetsResponse, OpenDataset,
-    RequestKind, ShareMode, ShareRequest, ShareResponse, ShareType,
+    AuditOperation, DownloadRequest, Envelope, Hop, ListDatasetsRequest, ListDatasetsResponse,
+    OpenDataset, RequestKind, ShareMode, ShareRequest, ShareResponse, ShareType,
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::audit;
 use crate::catalog::{parse_resource_id, subtree_prefix};
 use crate::error::{Error, Result};
 use crate::route::{Router, action};
@@ -50,12 +51,17 @@ impl OpenDataService {
             .remote_addr()
             .map(|a| a.ip())
             .ok_or_else(|| Status::internal("the client's address is unknown"))?;
-        self.limiter.check_key(&ip).map_err(|_| {
-            Status::resource_exhausted(format!(
+        if self.limiter.check_key(&ip).is_err() {
+            let status = Status::resource_exhausted(format!(
                 "rate limit of {} requests per minute exceeded for {ip}; retry later",
                 self.per_minute
-            ))
-        })?;
+            ));
+            let mut r = audit::event(AuditOperation::AuthRefused, format!("public:{ip}"));
+            r.outcome = audit::outcome(status.code());
+            r.detail = format!("OpenData: {}", status.message());
+            self.router.audit().record_detached(r);
+            return Err(status);
+        }
         Ok(ip)
     }
 
@@ -113,14 +119,26 @@ impl OpenData for OpenDataService {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let ip = self.admit(&req)?;
         let d = req.into_inner();
-        let entry = self.open_entry(&d.resource_id).await?;
-        if entry.share_type != ShareType::Unconditional as i32 {
-            return Err(Error::FailedPrecondition(format!(
-                "dataset {} is opened on application only: an agency applies for it through Agency.Apply",
-                entry.id
-            ))
-            .into());
-        }
+        let entry = match self.open_entry(&d.resource_id).await.and_then(|e| {
+            if e.share_type == ShareType::Unconditional as i32 {
+                Ok(e)
+            } else {
+                Err(Error::FailedPrecondition(format!(
+                    "dataset {} is opened on application only: an agency applies for it through Agency.Apply",
+                    e.id
+                )))
+            }
+        }) {
+            Ok(e) => e,
+            Err(e) => {
+                let mut r = audit::event(AuditOperation::ShareBulk, format!("public:{ip}"));
+                r.resource_id = d.resource_id.clone();
+                r.outcome = audit::outcome(e.code());
+                r.detail = format!("OpenData.Download: {e}");
+                self.router.audit().record_detached(r);
+                return Err(e.into());
+            }
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let router = self.router.clone();
         tokio::spawn(async move {

@@ -5,12 +5,13 @@ use std::sync::atomic::Ordering;
 
 use fedgate_proto::v1::operator_server::Operator;
 use fedgate_proto::v1::{
-    GovernanceReport, OperatorAuditRequest, QueryAuditResponse, ReportRequest, Stream,
-    StreamStatus, UplinkStatusRequest, UplinkStatusResponse,
+    AuditOperation, GovernanceReport, OperatorAuditRequest, QueryAuditResponse, ReportRequest,
+    Stream, StreamStatus, UplinkStatusRequest, UplinkStatusResponse,
 };
 use tonic::{Request, Response, Status};
 
 use super::{audit_query, caller};
+use crate::audit::{self, AuditLog};
 use crate::catalog::subtree_prefix;
 use crate::error::Error;
 use crate::governance::Governance;
@@ -25,6 +26,7 @@ pub struct OperatorService {
     governance: Governance,
     store: Arc<dyn Store>,
     uplink: Option<Uplink>,
+    audit: AuditLog,
 }
 
 impl OperatorService {
@@ -34,24 +36,36 @@ impl OperatorService {
         governance: Governance,
         store: Arc<dyn Store>,
         uplink: Option<Uplink>,
+        audit: AuditLog,
     ) -> Self {
         Self {
             node,
             governance,
             store,
             uplink,
+            audit,
         }
     }
 
-    fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match caller(req)? {
-            Peer::Node(code) if code == self.node => Ok(()),
-            other => Err(Error::PermissionDenied(format!(
-                "{other} is not an operator of node {}: operators call with the node's own certificate",
-                self.node
-            ))
-            .into()),
+    async fn operator<T>(&self, req: &Request<T>, rpc: &str) -> Result<(), Status> {
+        let (actor, err) = match caller(req) {
+            Ok(Peer::Node(code)) if code == self.node => return Ok(()),
+            Ok(other) => (
+                other.to_uri(),
+                Error::PermissionDenied(format!(
+                    "{other} is not an operator of node {}: operators call with the node's own certificate",
+                    self.node
+                )),
+            ),
+            Err(e) => (String::new(), e),
+        };
+        let mut r = audit::event(AuditOperation::AuthRefused, actor);
+        r.outcome = audit::outcome(err.code());
+        r.detail = format!("Operator.{rpc}: {err}");
+        if let Err(e) = self.audit.record(r).await {
+            tracing::error!(error = %e, "refusal not audited");
         }
+        Err(err.into())
     }
 }
 
@@ -61,7 +75,7 @@ impl Operator for OperatorService {
         &self,
         req: Request<ReportRequest>,
     ) -> Result<Response<GovernanceReport>, Status> {
-        self.operator(&req)?;
+        self.operator(&req, "Report").await?;
         let (overdue_applications, overdue_objections) = self.governance.overdue().await?;
         let stale_entries = self.governance.stale_entries().await?;
         Ok(Response::new(GovernanceReport {
@@ -76,7 +90,7 @@ impl Operator for OperatorService {
         &self,
         req: Request<UplinkStatusRequest>,
     ) -> Result<Response<UplinkStatusResponse>, Status> {
-        self.operator(&req)?;
+        self.operator(&req, "UplinkStatus").await?;
         let mut streams = Vec::new();
         if let Some(uplink) = &self.uplink {
             for stream in [Stream::Catalog, Stream::Audit] {
@@ -102,7 +116,7 @@ impl Operator for OperatorService {
         &self,
         req: Request<OperatorAuditRequest>,
     ) -> Result<Response<QueryAuditResponse>, Status> {
-        self.operator(&req)?;
+        self.operator(&req, "QueryAudit").await?;
         let r = req.into_inner();
         let party = if r.agency.is_empty() {
             None

@@ -1,0 +1,658 @@
+//! Fault tests of the audit trail with real node processes (issue 4, "How it is checked").
+//!
+//! A consumer at county 350103 runs a steady share load over four routes — its own county, the neighbouring
+//! county 350102 through the city, the city 350100 itself, and the other city 350200 through the province —
+//! while (a) the province is stopped with SIGTERM and restarted, (b) the city is killed with SIGKILL and
+//! restarted, (c) the city's link to the province is cut, also in the middle of a forwarded batch. Afterwards,
+//! with every node up, forwarding must settle; then, with every node stopped, each node's database is read:
+//!
+//! - every ancestor (the province above all) holds exactly the records each node of its subtree wrote: the same
+//!   records, compared whole, as many, and nothing else;
+//! - every chain verifies from its first record, in its own node and in every copy;
+//! - every share answered OK has an OK record at the consumer's node, the provider's node and every node on its
+//!   route.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use fedgate_proto::v1::agency_client::AgencyClient;
+use fedgate_proto::v1::{AuditRecord, ShareMode, ShareRequest, ShareType};
+use fedgate_tests::process::{
+    AuditDump, CutPoint, ProcessFederation, Settled, fedgate_binary, verify_chain,
+};
+use fedgate_tests::{DivisionCode, NodeSpec, code, registry};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// The tests start five node processes each; they run one at a time so that two cores suffice.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Deadline of every wait for progress.
+const WAIT: Duration = Duration::from_secs(30);
+/// Bound of a whole test.
+const TEST_BOUND: Duration = Duration::from_secs(120);
+/// Concurrent requests of the load.
+const WORKERS: usize = 3;
+/// Interval between two requests of one worker: the load is `WORKERS` requests per this interval (12 per
+/// second). Debug builds verify about 90 signed records per second per core, and each share adds about two
+/// records to the city's uplink; the load stays well below that so that forwarding keeps up between faults.
+const PACE: Duration = Duration::from_millis(250);
+/// Requests of the load at most.
+const MAX_REQUESTS: u64 = 5_000;
+
+const PROVINCE: &str = "350000";
+const CITY: &str = "350100";
+const CONSUMER_NODE: &str = "350103";
+
+/// Resources the load asks for, in turn.
+const MIX: [&str; 4] = [
+    "350103:household", // same county
+    "350102:household", // the other county, through the city
+    "350100:household", // the city itself
+    "350200:household", // the other city, through the province
+];
+const SAME_COUNTY: usize = 0;
+const CROSS_COUNTY: usize = 1;
+const CROSS_CITY: usize = 3;
+
+fn topology() -> Result<Vec<NodeSpec>> {
+    use ShareType::{Conditional, Unconditional};
+    Ok(vec![
+        NodeSpec::new(PROVINCE)?.consumer(1, "province consumer")?,
+        NodeSpec::new(CITY)?
+            .consumer(1, "Fuzhou consumer")?
+            .provider(
+                2,
+                "Fuzhou provider",
+                registry(Unconditional, Conditional, 3),
+            )?,
+        NodeSpec::new("350102")?
+            .consumer(1, "Gulou consumer")?
+            .provider(2, "Gulou provider", registry(Unconditional, Conditional, 1))?,
+        NodeSpec::new(CONSUMER_NODE)?
+            .consumer(1, "Taijiang consumer")?
+            .provider(
+                2,
+                "Taijiang provider",
+                registry(Unconditional, Conditional, 4),
+            )?,
+        NodeSpec::new("350200")?
+            .consumer(1, "Xiamen consumer")?
+            .provider(
+                2,
+                "Xiamen provider",
+                registry(Unconditional, Conditional, 5),
+            )?,
+    ])
+}
+
+fn node_of(resource: &str) -> DivisionCode {
+    code(resource.split(':').next().unwrap_or_default())
+}
+
+/// A share that returned OK.
+#[derive(Debug, Clone)]
+struct Answer {
+    request_id: String,
+    resource: &'static str,
+    route: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct LoadState {
+    issued: AtomicU64,
+    ok: AtomicU64,
+    ok_by_resource: [AtomicU64; MIX.len()],
+    answers: Mutex<Vec<Answer>>,
+    failures: Mutex<BTreeMap<String, u64>>,
+    stop: AtomicBool,
+}
+
+/// A steady share load from the consumer at 350103.
+struct Load {
+    state: Arc<LoadState>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// What a load did.
+#[derive(Debug)]
+struct LoadReport {
+    issued: u64,
+    answers: Vec<Answer>,
+    failures: BTreeMap<String, u64>,
+}
+
+impl Load {
+    fn start(client: AgencyClient<Channel>, keys: Vec<String>, tag: &'static str) -> Self {
+        let state = Arc::new(LoadState::default());
+        let workers = (0..WORKERS)
+            .map(|w| {
+                let mut client = client.clone();
+                let keys = keys.clone();
+                let state = state.clone();
+                tokio::spawn(async move {
+                    // Workers start spread over one interval.
+                    let first = tokio::time::Instant::now() + PACE * (w as u32) / (WORKERS as u32);
+                    let mut tick = tokio::time::interval_at(first, PACE);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        if state.stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let i = state.issued.fetch_add(1, Ordering::SeqCst);
+                        if i >= MAX_REQUESTS {
+                            break;
+                        }
+                        let r = usize::try_from(i).unwrap_or(0) % MIX.len();
+                        let request_id = format!("{tag}-{i:06}");
+                        let mut req = tonic::Request::new(ShareRequest {
+                            request_id: request_id.clone(),
+                            resource_id: MIX[r].to_owned(),
+                            mode: ShareMode::Query as i32,
+                            key: keys[r].clone(),
+                            fields: vec!["name".to_owned()],
+                            purpose: "audit fault test".to_owned(),
+                            ..Default::default()
+                        });
+                        req.set_timeout(Duration::from_secs(5));
+                        match client.share(req).await {
+                            Ok(resp) => {
+                                let resp = resp.into_inner();
+                                if resp.request_id != request_id
+                                    || resp.records.len() != 1
+                                    || resp.from_cache
+                                {
+                                    *lock(&state.failures)
+                                        .entry(format!("bad answer to {request_id}: {resp:?}"))
+                                        .or_default() += 1;
+                                    continue;
+                                }
+                                lock(&state.answers).push(Answer {
+                                    request_id,
+                                    resource: MIX[r],
+                                    route: resp.route.into_iter().map(|h| h.node_code).collect(),
+                                });
+                                state.ok_by_resource[r].fetch_add(1, Ordering::SeqCst);
+                                state.ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(status) => {
+                                *lock(&state.failures)
+                                    .entry(format!("{:?}", status.code()))
+                                    .or_default() += 1;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { state, workers }
+    }
+
+    fn ok(&self) -> u64 {
+        self.state.ok.load(Ordering::SeqCst)
+    }
+
+    fn ok_of(&self, resource: usize) -> u64 {
+        self.state.ok_by_resource[resource].load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` shares returned OK.
+    async fn wait_ok(&self, n: u64) -> Result<()> {
+        self.wait(&format!("{n} OK shares"), || self.ok() >= n)
+            .await
+    }
+
+    /// Waits until at least `n` shares of `MIX[resource]` returned OK.
+    async fn wait_ok_of(&self, resource: usize, n: u64) -> Result<()> {
+        self.wait(&format!("{n} OK shares of {}", MIX[resource]), || {
+            self.ok_of(resource) >= n
+        })
+        .await
+    }
+
+    async fn wait(&self, what: &str, done: impl Fn() -> bool) -> Result<()> {
+        let began = Instant::now();
+        while !done() {
+            if began.elapsed() > WAIT {
+                bail!(
+                    "load: {what} not reached within {WAIT:?} (ok {}, issued {}, failures {:?})",
+                    self.ok(),
+                    self.state.issued.load(Ordering::SeqCst),
+                    lock(&self.state.failures)
+                );
+            }
+            if self.workers.iter().all(JoinHandle::is_finished) {
+                bail!("load: {what} not reached; the load ended");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    async fn stop(self) -> Result<LoadReport> {
+        self.state.stop.store(true, Ordering::SeqCst);
+        for w in self.workers {
+            w.await?;
+        }
+        let issued = self.state.issued.load(Ordering::SeqCst).min(MAX_REQUESTS);
+        Ok(LoadReport {
+            issued,
+            answers: std::mem::take(&mut *lock(&self.state.answers)),
+            failures: std::mem::take(&mut *lock(&self.state.failures)),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// (a) The province is stopped with SIGTERM and restarted, twice.
+    ProvinceRestart,
+    /// (b) The city is killed with SIGKILL and restarted, twice.
+    CityKill,
+    /// (c) The city's link to the province is cut: at once, in the middle of a batch, and as it is acknowledged.
+    LinkCuts,
+}
+
+/// Timings and notes of one run, printed at the end (`--nocapture` shows them).
+#[derive(Debug, Default)]
+struct Timings {
+    binary: Duration,
+    federation_up: Duration,
+    faults: Duration,
+    settled: Duration,
+    verified: Duration,
+    notes: Vec<String>,
+}
+
+#[tokio::test]
+async fn province_stopped_and_restarted_under_load_loses_and_duplicates_no_record() -> Result<()> {
+    fault_test(Fault::ProvinceRestart, "prov").await
+}
+
+#[tokio::test]
+async fn city_killed_with_sigkill_under_load_loses_and_duplicates_no_record() -> Result<()> {
+    fault_test(Fault::CityKill, "kill").await
+}
+
+#[tokio::test]
+async fn forwarding_link_cut_mid_batch_loses_and_duplicates_no_record() -> Result<()> {
+    fault_test(Fault::LinkCuts, "cut").await
+}
+
+async fn fault_test(fault: Fault, tag: &'static str) -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let began = Instant::now();
+    let mut timings = Timings::default();
+    fedgate_binary().await?;
+    timings.binary = began.elapsed();
+    let relayed = match fault {
+        Fault::LinkCuts => vec![code(CITY)],
+        _ => Vec::new(),
+    };
+    let mut fed = ProcessFederation::start(topology()?, &relayed).await?;
+    timings.federation_up = began.elapsed() - timings.binary;
+    let outcome = tokio::time::timeout(TEST_BOUND, exercise(&mut fed, fault, tag, &mut timings))
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("the test did not finish within {TEST_BOUND:?}")));
+    match outcome {
+        Ok(summary) => {
+            fed.shutdown().await?;
+            println!(
+                "{fault:?}: passed in {:.1?} (binary {:.1?}, federation up {:.1?}, load and faults {:.1?}, \
+                 settled {:.1?}, verified {:.1?})",
+                began.elapsed(),
+                timings.binary,
+                timings.federation_up,
+                timings.faults,
+                timings.settled,
+                timings.verified
+            );
+            for n in &timings.notes {
+                println!("  {n}");
+            }
+            println!("  {summary}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{fault:?}: failed after {:.1?}", began.elapsed());
+            for n in &timings.notes {
+                eprintln!("  {n}");
+            }
+            fed.print_logs();
+            let path = fed.keep_dir();
+            eprintln!("kept the federation's files in {}", path.display());
+            let _ = fed.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+async fn exercise(
+    fed: &mut ProcessFederation,
+    fault: Fault,
+    tag: &'static str,
+    timings: &mut Timings,
+) -> Result<String> {
+    let began = Instant::now();
+    let consumer = fed.consumer_at(code(CONSUMER_NODE))?.uscc.clone();
+    let client = fed.client(&consumer).await?;
+    let keys = MIX
+        .iter()
+        .enumerate()
+        .map(|(i, r)| fed.key_at(node_of(r), i))
+        .collect::<Result<Vec<_>>>()?;
+    let load = Load::start(client, keys, tag);
+    // Every route answers before any fault.
+    for r in 0..MIX.len() {
+        load.wait_ok_of(r, 2).await?;
+    }
+    load.wait_ok(20).await?;
+    let province = code(PROVINCE);
+    let city = code(CITY);
+
+    match fault {
+        Fault::ProvinceRestart => {
+            for round in 1..=2 {
+                let took = fed.terminate(province).await?;
+                let cross = load.ok_of(CROSS_CITY);
+                load.wait_ok(load.ok() + 25).await?;
+                let during = load.ok_of(CROSS_CITY) - cross;
+                if during > WORKERS as u64 {
+                    bail!("{during} cross-city shares returned OK while the province was down");
+                }
+                let up = fed.start_node(province).await?;
+                timings.notes.push(format!(
+                    "round {round}: province exited {took:.1?} after SIGTERM, listened {up:.1?} after restart"
+                ));
+                load.wait_ok_of(CROSS_CITY, load.ok_of(CROSS_CITY) + 5)
+                    .await?;
+                load.wait_ok(load.ok() + 20).await?;
+            }
+        }
+        Fault::CityKill => {
+            for round in 1..=2 {
+                fed.kill9(city).await?;
+                let cross = load.ok_of(CROSS_COUNTY);
+                let same = load.ok_of(SAME_COUNTY);
+                load.wait_ok_of(SAME_COUNTY, same + 8).await?;
+                let during = load.ok_of(CROSS_COUNTY) - cross;
+                if during > WORKERS as u64 {
+                    bail!("{during} cross-county shares returned OK while the city was dead");
+                }
+                let up = fed.start_node(city).await?;
+                timings.notes.push(format!(
+                    "round {round}: city killed, listened {up:.1?} after restart"
+                ));
+                load.wait_ok_of(CROSS_COUNTY, load.ok_of(CROSS_COUNTY) + 5)
+                    .await?;
+                load.wait_ok_of(CROSS_CITY, load.ok_of(CROSS_CITY) + 5)
+                    .await?;
+                load.wait_ok(load.ok() + 20).await?;
+            }
+        }
+        Fault::LinkCuts => {
+            let relay = fed.relay(city)?;
+            for _ in 0..3 {
+                load.wait_ok(load.ok() + 10).await?;
+                relay.cut();
+            }
+            // A backlog of about 25 shares is some 60 records (over 20 KiB) in one batch.
+            for point in [
+                CutPoint::MidUpload { after_bytes: 4096 },
+                CutPoint::AckLost { after_bytes: 4096 },
+                CutPoint::MidUpload { after_bytes: 8192 },
+                CutPoint::AckLost { after_bytes: 8192 },
+            ] {
+                // The link is down while a backlog builds up at the city, then the batch carrying it is cut.
+                relay.block();
+                load.wait_ok(load.ok() + 25).await?;
+                relay.unblock();
+                let began = Instant::now();
+                let how = relay.cut_at(point, WAIT).await?;
+                timings.notes.push(format!(
+                    "{point:?} sprang {:.1?} after unblocking: {how}",
+                    began.elapsed()
+                ));
+                load.wait_ok(load.ok() + 10).await?;
+            }
+            load.wait_ok_of(CROSS_CITY, load.ok_of(CROSS_CITY) + 5)
+                .await?;
+            let s = relay.stats();
+            timings.notes.push(format!(
+                "relay: {} connections relayed, {} cut, {} refused, {} traps sprung, {} KiB up, {} KiB down",
+                s.relayed.load(Ordering::Relaxed),
+                s.cut.load(Ordering::Relaxed),
+                s.refused.load(Ordering::Relaxed),
+                s.sprung.load(Ordering::Relaxed),
+                s.bytes_up.load(Ordering::Relaxed) / 1024,
+                s.bytes_down.load(Ordering::Relaxed) / 1024,
+            ));
+        }
+    }
+
+    let report = load.stop().await?;
+    timings.faults = began.elapsed();
+    timings.notes.push(format!(
+        "load: {} requests, {} OK, failures {:?}",
+        report.issued,
+        report.answers.len(),
+        report.failures
+    ));
+    if let Some(bad) = report.failures.keys().find(|k| k.starts_with("bad answer")) {
+        bail!("{bad}");
+    }
+
+    let settled = fed.wait_audit_settled(WAIT).await?;
+    timings.settled = settled.elapsed;
+    fed.stop_all().await?;
+    let began = Instant::now();
+    let summary = verify(fed, &report, &settled).await?;
+    timings.verified = began.elapsed();
+    Ok(summary)
+}
+
+/// The first difference between `held` (a copy at `holder`) and `own` (the chain in its node), if any.
+fn compare_chain(
+    node: DivisionCode,
+    holder: DivisionCode,
+    held: &[AuditRecord],
+    own: &[AuditRecord],
+) -> Option<String> {
+    let ids = |rs: &[AuditRecord]| -> BTreeSet<(u64, Vec<u8>)> {
+        rs.iter().map(|r| (r.seq, r.hash.clone())).collect()
+    };
+    let (h, o) = (ids(held), ids(own));
+    if held.len() == own.len() && h == o && held == own {
+        return None;
+    }
+    let missing: Vec<u64> = o.difference(&h).map(|(s, _)| *s).take(10).collect();
+    let extra: Vec<u64> = h.difference(&o).map(|(s, _)| *s).take(10).collect();
+    let differing = held.iter().zip(own).find(|(a, b)| a != b).map(|(a, b)| {
+        format!(
+            "first differing record: {}#{} vs {}#{}",
+            a.node_code, a.seq, b.node_code, b.seq
+        )
+    });
+    Some(format!(
+        "node {holder} holds {} records of node {node}, which wrote {}; missing seqs (first 10) {missing:?}, \
+         extra or altered seqs (first 10) {extra:?}; {}",
+        held.len(),
+        own.len(),
+        differing.unwrap_or_default()
+    ))
+}
+
+/// One chain to verify: where it is held, whose it is, its records and the key pinned for it there.
+struct VerifyJob {
+    place: String,
+    node: String,
+    records: Vec<AuditRecord>,
+    key: Option<Vec<u8>>,
+}
+
+/// Verifies chains on blocking threads, all at once (debug builds check signatures slowly); returns each
+/// job's place and node with the key its chain announces.
+async fn verify_all(jobs: Vec<VerifyJob>) -> Result<Vec<(String, String, Result<Vec<u8>>)>> {
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .map(|j| {
+            tokio::task::spawn_blocking(move || {
+                let r = verify_chain(&j.node, &j.records, j.key);
+                (j.place, j.node, r)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await?);
+    }
+    Ok(out)
+}
+
+async fn verify(fed: &ProcessFederation, load: &LoadReport, settled: &Settled) -> Result<String> {
+    let root = fed.root()?;
+    let mut dumps = BTreeMap::new();
+    for c in fed.node_codes() {
+        dumps.insert(c, AuditDump::read(fed.db_path(c)?).await?);
+    }
+    let mut problems = Vec::new();
+
+    // Every chain verifies from its first record: in its own node, and the root's copy with the key the root
+    // pinned. Copies held between them are compared record by record with the verified chain.
+    let mut jobs = Vec::new();
+    for (c, dump) in &dumps {
+        jobs.push(VerifyJob {
+            place: format!("node {c}'s own store"),
+            node: c.to_string(),
+            records: dump.chain(c.as_str()).to_vec(),
+            key: None,
+        });
+        if *c != root {
+            let pinned = dumps[&root].keys.get(c.as_str()).cloned();
+            if pinned.is_none() {
+                problems.push(format!("node {root} pinned no key for node {c}"));
+            }
+            jobs.push(VerifyJob {
+                place: format!("node {root}'s copy"),
+                node: c.to_string(),
+                records: dumps[&root].chain(c.as_str()).to_vec(),
+                key: pinned,
+            });
+        }
+    }
+    let mut keys = BTreeMap::new();
+    for (place, node, result) in verify_all(jobs).await? {
+        match result {
+            Ok(key) => {
+                if place.contains("own store") {
+                    keys.insert(node, key);
+                }
+            }
+            Err(e) => problems.push(format!("in {place}: {e:#}")),
+        }
+    }
+
+    for (c, dump) in &dumps {
+        let own = dump.chain(c.as_str());
+        // The chain a node wrote did not change while it was stopped.
+        if own.len() as u64 != settled.chains[c] {
+            problems.push(format!(
+                "node {c} wrote {} records but had {} when forwarding settled",
+                own.len(),
+                settled.chains[c]
+            ));
+        }
+        // Every node holds exactly the records of its subtree: the same records, as many, and nothing else.
+        let subtree = fed.subtree(*c);
+        let expected: u64 = subtree
+            .iter()
+            .map(|n| dumps[n].chain(n.as_str()).len() as u64)
+            .sum();
+        if dump.count != expected {
+            problems.push(format!(
+                "node {c} holds {} records; its subtree {subtree:?} wrote {expected}",
+                dump.count
+            ));
+        }
+        for held in dump.chains.keys() {
+            if !subtree.iter().any(|n| n.as_str() == held) {
+                problems.push(format!(
+                    "node {c} holds records of node {held}, outside its subtree"
+                ));
+            }
+        }
+        for n in subtree.iter().filter(|n| *n != c) {
+            if let Some(p) =
+                compare_chain(*n, *c, dump.chain(n.as_str()), dumps[n].chain(n.as_str()))
+            {
+                problems.push(p);
+            }
+            if dump.keys.get(n.as_str()) != keys.get(n.as_str()) {
+                problems.push(format!(
+                    "node {c} pinned another key for node {n} than the one its chain announces"
+                ));
+            }
+        }
+    }
+
+    // Every share answered OK is recorded OK at its consumer's node, its provider's node and on its route.
+    let mut index: HashMap<DivisionCode, HashMap<&str, Vec<&str>>> = HashMap::new();
+    for (c, dump) in &dumps {
+        let by_id = index.entry(*c).or_default();
+        for r in dump.chain(c.as_str()) {
+            if !r.request_id.is_empty() {
+                by_id
+                    .entry(r.request_id.as_str())
+                    .or_default()
+                    .push(r.outcome.as_str());
+            }
+        }
+    }
+    let consumer = code(CONSUMER_NODE);
+    let mut unrecorded = Vec::new();
+    for a in &load.answers {
+        let mut nodes: BTreeSet<DivisionCode> = [consumer, node_of(a.resource)].into();
+        for hop in &a.route {
+            nodes.insert(code(hop));
+        }
+        for n in nodes {
+            let ok = index
+                .get(&n)
+                .and_then(|m| m.get(a.request_id.as_str()))
+                .is_some_and(|outcomes| outcomes.contains(&"OK"));
+            if !ok {
+                unrecorded.push(format!("{} ({}) at node {n}", a.request_id, a.resource));
+            }
+        }
+    }
+    if !unrecorded.is_empty() {
+        problems.push(format!(
+            "{} OK shares lack an OK record, e.g. {:?}",
+            unrecorded.len(),
+            &unrecorded[..unrecorded.len().min(10)]
+        ));
+    }
+
+    if !problems.is_empty() {
+        bail!("the audit trail is wrong:\n- {}", problems.join("\n- "));
+    }
+    Ok(format!(
+        "province holds {} records = {}; {} OK shares all recorded",
+        dumps[&root].count,
+        settled
+            .chains
+            .iter()
+            .map(|(c, n)| format!("{c}:{n}"))
+            .collect::<Vec<_>>()
+            .join(" + "),
+        load.answers.len()
+    ))
+}
