@@ -5,9 +5,11 @@
 //!
 //! **Ports.** A node's port is picked by binding `127.0.0.1:0` and keeping that listener until just before the
 //! node is spawned, when it is dropped so the node can bind the same port. In the short window between the two,
-//! another process could take the port; the node then exits with "address in use" and the harness spawns it
-//! again on the same port for a few seconds before giving up. A restarted node rebinds its old port the same way.
-//! Relays and providers keep their listeners, so they have no such window.
+//! another process could take the port (other tests binding ephemeral ports on the same machine); the node then
+//! exits with "address in use" and the harness spawns it again on the same port for a few seconds. If the port
+//! stays taken, [`ProcessFederation::start`] starts the whole federation again with new ports; a restarted node
+//! (which must keep its port) fails with [`PortTaken`]. Relays and providers keep their listeners, so they have no
+//! such window.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -817,6 +819,27 @@ pub struct Settled {
 }
 
 impl ProcessFederation {
+    /// Waits until at most `max` audit items written at `code` (its own and its children's) are not yet
+    /// acknowledged by its parent, as the node last persisted; returns how long it took.
+    pub async fn wait_uplink_lag(
+        &self,
+        code: DivisionCode,
+        max: u64,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let began = Instant::now();
+        loop {
+            let lag = audit_counts(self.db_path(code)?).await?.lag();
+            if lag <= max {
+                return Ok(began.elapsed());
+            }
+            if began.elapsed() > timeout {
+                bail!("node {code} still has audit uplink lag {lag} after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until forwarding has caught up everywhere: the root holds as many records of every node as that
     /// node's own chain has, and every non-root node's uplink lag is 0. Every node must be running.
     pub async fn wait_audit_settled(&self, timeout: Duration) -> Result<Settled> {
@@ -925,9 +948,10 @@ pub enum CutPoint {
         after_bytes: u64,
     },
     /// At the first small downward (parent → child) chunk — at most 128 bytes, the size of a push's answer
-    /// (shares' answers carry records and are larger; the trailers right after one are skipped) — once at least `after_bytes` went up since the trap was
-    /// set and nothing went up for 3 ms: a batch was delivered whole, the parent applied it, and the
-    /// acknowledgement is dropped with the connection.
+    /// (shares' answers carry records and are larger; the trailers right after one are skipped) — once at least
+    /// `after_bytes` went up since the trap was set, including a chunk of at least 1 KiB (part of a batch; joins
+    /// and shares are smaller), and nothing went up for 3 ms: a batch was delivered whole, the parent applied
+    /// it, and the acknowledgement is dropped with the connection.
     AckLost {
         /// Upward bytes to let through first.
         after_bytes: u64,
@@ -941,6 +965,8 @@ struct Trap {
     last_up: Instant,
     /// When a downward chunk too large to be a push's answer last passed (its trailers may follow it).
     last_large_down: Option<Instant>,
+    /// Whether an upward chunk large enough to be part of a batch passed.
+    batch_up: bool,
 }
 
 /// Counters of a relay.
@@ -994,6 +1020,7 @@ impl RelayState {
         let t = trap.as_mut()?;
         t.up += n as u64;
         t.last_up = Instant::now();
+        t.batch_up |= n >= 1024;
         match t.point {
             CutPoint::MidUpload { after_bytes } if t.up >= after_bytes && n >= 1024 => {
                 let what = format!(
@@ -1022,6 +1049,7 @@ impl RelayState {
         match t.point {
             CutPoint::AckLost { after_bytes }
                 if !tail
+                    && t.batch_up
                     && t.up >= after_bytes
                     && t.last_up.elapsed() >= Duration::from_millis(3) =>
             {
@@ -1064,8 +1092,13 @@ impl Relay {
         let s = state.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((down, _)) = listener.accept().await else {
-                    continue;
+                let down = match listener.accept().await {
+                    Ok((down, _)) => down,
+                    Err(_) => {
+                        // Out of descriptors or similar: wait instead of spinning.
+                        tokio::time::sleep(POLL).await;
+                        continue;
+                    }
                 };
                 if s.blocked.load(Ordering::SeqCst) {
                     s.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -1131,6 +1164,7 @@ impl Relay {
             up: 0,
             last_up: Instant::now(),
             last_large_down: None,
+            batch_up: false,
         });
         if tokio::time::timeout(timeout, sprung).await.is_err() {
             *self.state.trap() = None;
