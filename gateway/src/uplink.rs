@@ -18,6 +18,8 @@ use crate::topology::Neighbour;
 
 /// Items shipped in one push.
 const BATCH: u32 = 512;
+/// Smallest push after repeated failures, so a flaky link still makes progress.
+const MIN_BATCH: u32 = 16;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -99,8 +101,9 @@ impl Uplink {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = Duration::from_millis(50);
+        let mut batch = BATCH;
         loop {
-            let session = self.session(stream, me, &parent, &store, &mut backoff);
+            let session = self.session(stream, me, &parent, &store, &mut backoff, batch);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 res = session => {
@@ -116,6 +119,8 @@ impl Uplink {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+            // A link that drops before a batch is acknowledged loses the parent's work on it: ship less next time.
+            batch = (batch / 2).max(MIN_BATCH);
         }
     }
 
@@ -126,6 +131,7 @@ impl Uplink {
         parent: &Neighbour,
         store: &Arc<dyn Store>,
         backoff: &mut Duration,
+        mut batch: u32,
     ) -> Result<(), SessionError> {
         let mut client = FederationClient::new(parent.channel.clone());
         let join = client
@@ -149,7 +155,7 @@ impl Uplink {
         *backoff = Duration::from_millis(50);
         tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
         loop {
-            let items = store.outbox_after(stream, acked, BATCH).await?;
+            let items = store.outbox_after(stream, acked, batch).await?;
             if items.is_empty() {
                 self.wake[slot(stream)].notified().await;
                 continue;
@@ -175,6 +181,7 @@ impl Uplink {
             acked = resp.applied_seq;
             status.acked.store(acked, Ordering::Relaxed);
             store.set_uplink_acked(stream, acked).await?;
+            batch = (batch * 2).min(BATCH);
         }
     }
 }
