@@ -133,6 +133,8 @@ impl AuditLog {
         let head = head.map_or((0, GENESIS_HASH.to_vec()), |h| (h.seq, h.hash));
         let writer = Writer {
             node,
+            node_code: node.to_string(),
+            scratch: Vec::new(),
             store,
             key,
             uplink,
@@ -188,6 +190,10 @@ impl AuditLog {
 
 struct Writer {
     node: DivisionCode,
+    /// `node` as text, copied into every record.
+    node_code: String,
+    /// Scratch buffer for the encoding that is hashed.
+    scratch: Vec<u8>,
     store: Arc<dyn Store>,
     key: Arc<GrantKey>,
     uplink: Uplink,
@@ -199,6 +205,14 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            // Let callers that are already runnable (typically those just answered) join this batch.
+            tokio::task::yield_now().await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
             self.write(&mut batch).await;
             batch.clear();
         }
@@ -210,13 +224,18 @@ impl Writer {
         for p in batch.iter_mut() {
             let mut r = std::mem::take(&mut p.record);
             self.seq += 1;
-            r.node_code = self.node.to_string();
+            r.node_code.clone_from(&self.node_code);
             r.seq = self.seq;
             r.prev_hash = std::mem::take(&mut self.prev);
             r.hash.clear();
             r.signature.clear();
-            let hash = Sha256::digest(r.encode_to_vec()).to_vec();
-            self.prev = hash.clone();
+            self.scratch.clear();
+            // Encoding into a Vec cannot run out of room; the fallback only keeps this free of panics.
+            let hash = match r.encode(&mut self.scratch) {
+                Ok(()) => Sha256::digest(&self.scratch).to_vec(),
+                Err(_) => record_hash(&r).to_vec(),
+            };
+            self.prev.clone_from(&hash);
             r.hash = hash;
             records.push(r);
         }
