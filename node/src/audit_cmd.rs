@@ -308,17 +308,8 @@ async fn archive(config: PathBuf, out: PathBuf, now: Option<String>) -> Result<(
     let store = SqliteStore::open(path)
         .await
         .with_context(|| format!("opening {}", path.display()))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&out)
-        .with_context(|| format!("opening {}", out.display()))?;
-    let mut writer = std::io::BufWriter::new(file);
     let moved =
-        fedgate_gateway::audit::archive::archive(&store, before, cfg.parent.is_some(), &mut writer)
-            .await;
-    let file = writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-    file.sync_all()?;
+        fedgate_gateway::audit::archive::archive(&store, before, cfg.parent.is_some(), &out).await;
     store.close().await;
     println!("{} records archived to {}", moved?, out.display());
     Ok(())

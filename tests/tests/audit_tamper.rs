@@ -378,6 +378,26 @@ async fn archived_records_leave_the_store_and_still_verify() -> Result<()> {
     );
     assert!(held_after >= 1, "the chain head stays in the store");
 
+    // Running the archiver again moves nothing twice.
+    let out = fedgate(&[
+        "audit".as_ref(),
+        "archive".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--out".as_ref(),
+        archive.as_os_str(),
+        "--now".as_ref(),
+        four_years_on.as_ref(),
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("0 records archived"));
+    let again = fedgate_gateway::audit::export::read_jsonl(std::fs::read(&archive)?.as_slice())?;
+    assert_eq!(again.len(), archived.len());
+
     // The store alone no longer starts at record 1; with the archive the chain verifies end to end.
     assert!(matches!(
         verify(&db).await?,

@@ -22,14 +22,33 @@ pub enum ArchiveError {
     Export(#[from] ExportError),
 }
 
-/// Moves records written before `before_ns` to `out`; on a node with a parent only those the parent has
-/// acknowledged. Each round is written and flushed to the file before it is deleted from the store.
+/// Moves records written before `before_ns` to the archive file `out` (appending); on a node with a parent
+/// only those the parent has acknowledged. Each round is written and synced to disk before it is deleted from
+/// the store, and records an interrupted run already archived are deleted first, so a re-run never writes a
+/// record twice.
 pub async fn archive(
     store: &dyn Store,
     before_ns: i64,
     has_parent: bool,
-    mut out: impl Write,
+    out: &std::path::Path,
 ) -> Result<u64, ArchiveError> {
+    let mut archived_heads: std::collections::HashMap<String, u64> = Default::default();
+    if out.exists() {
+        let f = std::fs::File::open(out).map_err(ExportError::from)?;
+        for r in super::export::read_jsonl(std::io::BufReader::new(f))? {
+            let head = archived_heads.entry(r.node_code.clone()).or_default();
+            *head = (*head).max(r.seq);
+        }
+    }
+    for (node, seq) in &archived_heads {
+        store.audit_delete_chain_upto(node, *seq).await?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .map_err(ExportError::from)?;
+    let mut out = std::io::BufWriter::new(file);
     let max = if has_parent {
         store.uplink_acked(Stream::Audit).await?
     } else {
@@ -43,6 +62,7 @@ pub async fn archive(
         }
         write_jsonl(&mut out, rows.iter().map(|(_, r)| r))?;
         out.flush().map_err(ExportError::from)?;
+        out.get_ref().sync_data().map_err(ExportError::from)?;
         let positions: Vec<u64> = rows.iter().map(|(p, _)| *p).collect();
         moved += store.audit_delete(&positions).await?;
     }

@@ -231,14 +231,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Codes of the nodes whose records are held here.
     async fn audit_nodes(&self) -> Result<Vec<String>, StoreError>;
-    /// Records written before `before_ns` and at stream positions up to `max_fwd_seq`, oldest first; the last
-    /// record of each chain is never returned, so every chain keeps its head.
+    /// The oldest records of each chain, up to the first written at or after `before_ns`, at stream positions up
+    /// to `max_fwd_seq`, oldest first: always a run from the start of what the store holds of each chain, and
+    /// never a chain's last record, so every chain keeps its head.
     async fn audit_archivable(
         &self,
         before_ns: i64,
         max_fwd_seq: u64,
         limit: u32,
     ) -> Result<Vec<(u64, AuditRecord)>, StoreError>;
+    /// Deletes a chain's records up to `seq`, never its last record (they are in an archive already).
+    async fn audit_delete_chain_upto(&self, node: &str, seq: u64) -> Result<u64, StoreError>;
     /// Deletes the records at these stream positions (after they were archived).
     async fn audit_delete(&self, fwd_seqs: &[u64]) -> Result<u64, StoreError>;
     /// Number of audit records held here.

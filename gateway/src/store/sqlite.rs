@@ -623,12 +623,14 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT fwd_seq, record FROM audit_log WHERE time_ns < ? AND fwd_seq <= ? \
-             AND seq < (SELECT MAX(h.seq) FROM audit_log h WHERE h.node_code = audit_log.node_code) \
-             ORDER BY fwd_seq LIMIT ?",
+            "SELECT fwd_seq, record FROM audit_log a WHERE a.fwd_seq <= ? \
+             AND a.seq < (SELECT MAX(h.seq) FROM audit_log h WHERE h.node_code = a.node_code) \
+             AND a.seq < COALESCE((SELECT MIN(n.seq) FROM audit_log n \
+                 WHERE n.node_code = a.node_code AND n.time_ns >= ?), 9223372036854775807) \
+             ORDER BY a.fwd_seq LIMIT ?",
         )
-        .bind(before_ns)
         .bind(to_i64(max_fwd_seq))
+        .bind(before_ns)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
@@ -657,6 +659,19 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(n)
+    }
+
+    async fn audit_delete_chain_upto(&self, node: &str, seq: u64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM audit_log WHERE node_code = ? AND seq <= ? \
+             AND seq < (SELECT MAX(h.seq) FROM audit_log h WHERE h.node_code = ?)",
+        )
+        .bind(node)
+        .bind(to_i64(seq))
+        .bind(node)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn audit_count(&self) -> Result<u64, StoreError> {
@@ -746,4 +761,64 @@ async fn insert_audit(
         audit_insert(&mut **tx, chunk).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, time_ns: i64) -> AuditRecord {
+        AuditRecord {
+            node_code: "350102".into(),
+            seq,
+            time_unix_nanos: time_ns,
+            outcome: "OK".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn archivable_records_are_a_prefix_of_each_chain_and_keep_its_head() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("n.db"))
+            .await
+            .expect("open");
+        // Written in chain order, stamped when their requests started: times are not monotonic.
+        let times = [10, 5, 20, 3, 30];
+        let records: Vec<_> = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| record(i as u64 + 1, *t))
+            .collect();
+        store.audit_append(&records).await.expect("append");
+        let seqs =
+            |rows: Vec<(u64, AuditRecord)>| rows.iter().map(|(_, r)| r.seq).collect::<Vec<_>>();
+        assert!(seqs(store.audit_archivable(8, u64::MAX, 100).await.expect("q")).is_empty());
+        assert_eq!(
+            seqs(store.audit_archivable(25, u64::MAX, 100).await.expect("q")),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(
+            seqs(store.audit_archivable(25, 2, 100).await.expect("q")),
+            vec![1, 2]
+        );
+        assert_eq!(
+            seqs(
+                store
+                    .audit_archivable(i64::MAX, u64::MAX, 100)
+                    .await
+                    .expect("q")
+            ),
+            vec![1, 2, 3, 4],
+            "the head stays"
+        );
+        assert_eq!(
+            store
+                .audit_delete_chain_upto("350102", 9)
+                .await
+                .expect("delete"),
+            4
+        );
+        assert_eq!(store.audit_count().await.expect("count"), 1);
+    }
 }
