@@ -132,6 +132,60 @@ fn loopback_listener() -> impl std::future::Future<Output = std::io::Result<TcpL
     TcpListener::bind("127.0.0.1:0")
 }
 
+/// Issues an agency's certificate into `pki` and, for a provider, starts its registry service on loopback until
+/// `stop` turns true; returns the agency's node configuration and its handle.
+pub async fn start_agency(
+    ca: &DevCa,
+    pki: &Path,
+    node: DivisionCode,
+    a: &AgencySpec,
+    stop: watch::Receiver<bool>,
+) -> Result<(AgencyConfig, DevAgency)> {
+    let cert = ca.issue(&Peer::Agency(a.uscc.clone()), &[])?;
+    write_pem_files(pki, &format!("agency-{}", a.uscc), &cert)?;
+    let mut provider_addr = None;
+    let mut registry = None;
+    if let Some(p) = a.provider {
+        let reg = Arc::new(Registry::generate(node.as_str(), p.seed, p.persons)?);
+        let listener = loopback_listener().await?;
+        provider_addr = Some(format!("https://{}", listener.local_addr()?));
+        let tls = ProviderTls {
+            ca_pem: ca.ca_pem().into_bytes(),
+            cert_pem: cert.cert_pem.clone().into_bytes(),
+            key_pem: cert.key_pem.clone().into_bytes(),
+        };
+        let provider = RegistryProvider::new(reg.clone(), node.to_string());
+        let mut stop = stop;
+        let uscc = a.uscc.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) =
+                fedgate_examples::serve_provider(listener, tls, provider, shutdown).await
+            {
+                tracing::error!(agency = %uscc, error = %e, "provider stopped");
+            }
+        });
+        registry = Some(reg);
+    }
+    Ok((
+        AgencyConfig {
+            uscc: a.uscc.to_string(),
+            name: a.name.clone(),
+            provider: provider_addr,
+        },
+        DevAgency {
+            uscc: a.uscc.clone(),
+            name: a.name.clone(),
+            node,
+            cert,
+            registry,
+            published: Vec::new(),
+        },
+    ))
+}
+
 /// Nearest ancestor of `code` among `codes`.
 fn parent_in(code: DivisionCode, codes: &[DivisionCode]) -> Option<DivisionCode> {
     let mut p = code.parent();
@@ -182,54 +236,9 @@ impl Devnet {
         let mut agency_configs: BTreeMap<DivisionCode, Vec<AgencyConfig>> = BTreeMap::new();
         for s in &specs {
             for a in &s.agencies {
-                let cert = ca.issue(&Peer::Agency(a.uscc.clone()), &[])?;
-                write_pem_files(&pki, &format!("agency-{}", a.uscc), &cert)?;
-                let mut provider_addr = None;
-                let mut registry = None;
-                if let Some(p) = a.provider {
-                    let reg = Arc::new(Registry::generate(s.code.as_str(), p.seed, p.persons)?);
-                    let listener = loopback_listener().await?;
-                    provider_addr = Some(format!("https://{}", listener.local_addr()?));
-                    let tls = ProviderTls {
-                        ca_pem: ca.ca_pem().into_bytes(),
-                        cert_pem: cert.cert_pem.clone().into_bytes(),
-                        key_pem: cert.key_pem.clone().into_bytes(),
-                    };
-                    let provider = RegistryProvider::new(reg.clone(), s.code.to_string());
-                    let mut stop = stop_rx.clone();
-                    let uscc = a.uscc.clone();
-                    tokio::spawn(async move {
-                        let shutdown = async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        };
-                        if let Err(e) =
-                            fedgate_examples::serve_provider(listener, tls, provider, shutdown)
-                                .await
-                        {
-                            tracing::error!(agency = %uscc, error = %e, "provider stopped");
-                        }
-                    });
-                    registry = Some(reg);
-                }
-                agency_configs
-                    .entry(s.code)
-                    .or_default()
-                    .push(AgencyConfig {
-                        uscc: a.uscc.to_string(),
-                        name: a.name.clone(),
-                        provider: provider_addr,
-                    });
-                agencies.insert(
-                    a.uscc.clone(),
-                    DevAgency {
-                        uscc: a.uscc.clone(),
-                        name: a.name.clone(),
-                        node: s.code,
-                        cert,
-                        registry,
-                        published: Vec::new(),
-                    },
-                );
+                let (config, agency) = start_agency(&ca, &pki, s.code, a, stop_rx.clone()).await?;
+                agency_configs.entry(s.code).or_default().push(config);
+                agencies.insert(a.uscc.clone(), agency);
             }
         }
 

@@ -20,9 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use fedgate_examples::{
-    ProviderTls, Registry, RegistryProvider, civil_affairs_entries, connect_agency, publish_all,
-};
+use fedgate_examples::{civil_affairs_entries, connect_agency, publish_all};
 use fedgate_gateway::audit::ChainVerifier;
 use fedgate_gateway::config::{
     AgencyConfig, CacheConfig, NodeConfig, PeerNode, RoutingConfig, StorageConfig, TlsFiles,
@@ -30,7 +28,7 @@ use fedgate_gateway::config::{
 use fedgate_gateway::ident::{DivisionCode, Peer, Uscc};
 use fedgate_gateway::pki::{DevCa, write_pem_files};
 use fedgate_gateway::store::{SqliteStore, Store};
-use fedgate_node::devnet::{DevAgency, NodeSpec};
+use fedgate_node::devnet::{DevAgency, NodeSpec, start_agency};
 use fedgate_proto::v1::agency_client::AgencyClient;
 use fedgate_proto::v1::{AuditRecord, Stream};
 use sqlx::sqlite::SqliteConnectOptions;
@@ -263,54 +261,9 @@ impl ProcessFederation {
         let mut agency_configs: BTreeMap<DivisionCode, Vec<AgencyConfig>> = BTreeMap::new();
         for s in &specs {
             for a in &s.agencies {
-                let cert = ca.issue(&Peer::Agency(a.uscc.clone()), &[])?;
-                write_pem_files(&pki, &format!("agency-{}", a.uscc), &cert)?;
-                let mut provider_addr = None;
-                let mut registry = None;
-                if let Some(p) = a.provider {
-                    let reg = Arc::new(Registry::generate(s.code.as_str(), p.seed, p.persons)?);
-                    let listener = TcpListener::bind("127.0.0.1:0").await?;
-                    provider_addr = Some(format!("https://{}", listener.local_addr()?));
-                    let tls = ProviderTls {
-                        ca_pem: ca.ca_pem().into_bytes(),
-                        cert_pem: cert.cert_pem.clone().into_bytes(),
-                        key_pem: cert.key_pem.clone().into_bytes(),
-                    };
-                    let provider = RegistryProvider::new(reg.clone(), s.code.to_string());
-                    let mut stop = stop_rx.clone();
-                    let uscc = a.uscc.clone();
-                    tokio::spawn(async move {
-                        let shutdown = async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        };
-                        if let Err(e) =
-                            fedgate_examples::serve_provider(listener, tls, provider, shutdown)
-                                .await
-                        {
-                            tracing::error!(agency = %uscc, error = %e, "provider stopped");
-                        }
-                    });
-                    registry = Some(reg);
-                }
-                agency_configs
-                    .entry(s.code)
-                    .or_default()
-                    .push(AgencyConfig {
-                        uscc: a.uscc.to_string(),
-                        name: a.name.clone(),
-                        provider: provider_addr,
-                    });
-                agencies.insert(
-                    a.uscc.clone(),
-                    DevAgency {
-                        uscc: a.uscc.clone(),
-                        name: a.name.clone(),
-                        node: s.code,
-                        cert,
-                        registry,
-                        published: Vec::new(),
-                    },
-                );
+                let (config, agency) = start_agency(&ca, &pki, s.code, a, stop_rx.clone()).await?;
+                agency_configs.entry(s.code).or_default().push(config);
+                agencies.insert(a.uscc.clone(), agency);
             }
         }
 
