@@ -174,6 +174,63 @@ async fn apply_change(
     }
 }
 
+/// Where a child's stream was applied up to, inside a transaction.
+async fn read_cursor(
+    tx: &mut Transaction<'_, Sqlite>,
+    child: &str,
+    stream: Stream,
+) -> Result<u64, StoreError> {
+    let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = ? AND stream = ?")
+        .bind(child)
+        .bind(stream as i32)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(row.map(|r| to_u64(r.get::<i64, _>(0))).unwrap_or(0))
+}
+
+/// Records how far a child's stream is applied, inside the transaction that applied it.
+async fn write_cursor(
+    tx: &mut Transaction<'_, Sqlite>,
+    child: &str,
+    stream: Stream,
+    applied: u64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO stream_cursor (child, stream, applied) VALUES (?, ?, ?) \
+         ON CONFLICT(child, stream) DO UPDATE SET applied = excluded.applied",
+    )
+    .bind(child)
+    .bind(stream as i32)
+    .bind(to_i64(applied))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The items of a pushed batch above the cursor, which must follow it without a gap; and the new cursor.
+fn fresh_items<'a, T>(
+    child: &str,
+    mut applied: u64,
+    items: &'a [(u64, T)],
+) -> Result<(Vec<&'a T>, u64), StoreError> {
+    let mut fresh = Vec::with_capacity(items.len());
+    for (seq, item) in items {
+        if *seq <= applied {
+            continue;
+        }
+        if *seq != applied + 1 {
+            return Err(StoreError::Gap {
+                child: child.to_owned(),
+                expected: applied + 1,
+                got: *seq,
+            });
+        }
+        fresh.push(item);
+        applied = *seq;
+    }
+    Ok((fresh, applied))
+}
+
 async fn append_outbox(
     tx: &mut Transaction<'_, Sqlite>,
     stream: Stream,
@@ -294,36 +351,13 @@ impl Store for SqliteStore {
         items: &[(u64, CatalogChange)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = ? AND stream = ?")
-            .bind(child)
-            .bind(Stream::Catalog as i32)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let mut applied = row.map(|r| to_u64(r.get::<i64, _>(0))).unwrap_or(0);
-        for (seq, change) in items {
-            if *seq <= applied {
-                continue;
-            }
-            if *seq != applied + 1 {
-                return Err(StoreError::Gap {
-                    child: child.to_owned(),
-                    expected: applied + 1,
-                    got: *seq,
-                });
-            }
+        let applied = read_cursor(&mut tx, child, Stream::Catalog).await?;
+        let (fresh, applied) = fresh_items(child, applied, items)?;
+        for change in fresh {
             apply_change(&mut tx, change).await?;
             append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
-            applied = *seq;
         }
-        sqlx::query(
-            "INSERT INTO stream_cursor (child, stream, applied) VALUES (?, ?, ?) \
-             ON CONFLICT(child, stream) DO UPDATE SET applied = excluded.applied",
-        )
-        .bind(child)
-        .bind(Stream::Catalog as i32)
-        .bind(to_i64(applied))
-        .execute(&mut *tx)
-        .await?;
+        write_cursor(&mut tx, child, Stream::Catalog, applied).await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -504,37 +538,11 @@ impl Store for SqliteStore {
         items: &[(u64, AuditRecord)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = ? AND stream = ?")
-            .bind(child)
-            .bind(Stream::Audit as i32)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let mut applied = row.map(|r| to_u64(r.get::<i64, _>(0))).unwrap_or(0);
-        let mut fresh = Vec::with_capacity(items.len());
-        for (seq, record) in items {
-            if *seq <= applied {
-                continue;
-            }
-            if *seq != applied + 1 {
-                return Err(StoreError::Gap {
-                    child: child.to_owned(),
-                    expected: applied + 1,
-                    got: *seq,
-                });
-            }
-            fresh.push(record.clone());
-            applied = *seq;
-        }
+        let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
+        let (fresh, applied) = fresh_items(child, applied, items)?;
+        let fresh: Vec<AuditRecord> = fresh.into_iter().cloned().collect();
         insert_audit(&mut tx, &fresh).await?;
-        sqlx::query(
-            "INSERT INTO stream_cursor (child, stream, applied) VALUES (?, ?, ?) \
-             ON CONFLICT(child, stream) DO UPDATE SET applied = excluded.applied",
-        )
-        .bind(child)
-        .bind(Stream::Audit as i32)
-        .bind(to_i64(applied))
-        .execute(&mut *tx)
-        .await?;
+        write_cursor(&mut tx, child, Stream::Audit, applied).await?;
         tx.commit().await?;
         Ok(applied)
     }
