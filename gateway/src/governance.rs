@@ -328,26 +328,37 @@ impl Governance {
         Ok(a)
     }
 
-    /// One application, visible to its applicant and to the provider agency.
-    pub async fn application(&self, caller: &str, id: &str) -> Result<Application> {
-        let doc = self
-            .store
-            .doc(DocKind::Application, id)
-            .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "application {id} is not held at node {}",
-                    self.node
-                ))
-            })?;
+    /// A document held here that concerns `caller` as its consumer (`filer`) or its provider.
+    async fn party_doc(&self, kind: DocKind, id: &str, caller: &str, filer: &str) -> Result<Doc> {
+        let what = kind.as_str();
+        let doc = self.store.doc(kind, id).await?.ok_or_else(|| {
+            Error::NotFound(format!("{what} {id} is not held at node {}", self.node))
+        })?;
         if doc.consumer_uscc != caller && doc.provider_uscc != caller {
             return Err(Error::PermissionDenied(format!(
-                "application {id} concerns neither the caller {caller} as applicant nor as provider"
+                "{what} {id} concerns neither the caller {caller} as {filer} nor as provider"
             )));
         }
+        Ok(doc)
+    }
+
+    /// One application, visible to its applicant and to the provider agency.
+    pub async fn application(&self, caller: &str, id: &str) -> Result<Application> {
+        Ok(self.application_and_provider(caller, id).await?.0)
+    }
+
+    /// One application with the agency providing its resource.
+    async fn application_and_provider(
+        &self,
+        caller: &str,
+        id: &str,
+    ) -> Result<(Application, String)> {
+        let doc = self
+            .party_doc(DocKind::Application, id, caller, "applicant")
+            .await?;
         let mut a: Application = decode("application", &doc.body)?;
         a.overdue = self.is_overdue(a.due_at, a.decided_at);
-        Ok(a)
+        Ok((a, doc.provider_uscc))
     }
 
     /// Applications for resources `provider` provides here, or filed by it here.
@@ -460,11 +471,10 @@ impl Governance {
 
     async fn decide_inner(&self, provider: &Uscc, req: DecideRequest) -> Result<Application> {
         text("reason", &req.reason, !req.approve)?;
-        let mut a = self
-            .application(provider.as_str(), &req.application_id)
+        let (mut a, owner) = self
+            .application_and_provider(provider.as_str(), &req.application_id)
             .await?;
-        let doc = self.store.doc(DocKind::Application, &a.id).await?;
-        if doc.as_ref().map(|d| d.provider_uscc.as_str()) != Some(provider.as_str()) {
+        if owner != provider.as_str() {
             return Err(Error::PermissionDenied(format!(
                 "application {} is for a resource that {provider} does not provide",
                 a.id
@@ -725,17 +735,8 @@ impl Governance {
     /// One objection, visible to its filer and to the provider agency.
     pub async fn objection(&self, caller: &str, id: &str) -> Result<(Objection, String)> {
         let doc = self
-            .store
-            .doc(DocKind::Objection, id)
-            .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!("objection {id} is not held at node {}", self.node))
-            })?;
-        if doc.consumer_uscc != caller && doc.provider_uscc != caller {
-            return Err(Error::PermissionDenied(format!(
-                "objection {id} concerns neither the caller {caller} as filer nor as provider"
-            )));
-        }
+            .party_doc(DocKind::Objection, id, caller, "filer")
+            .await?;
         let mut o: Objection = decode("objection", &doc.body)?;
         o.overdue = self.is_overdue(o.due_at, o.resolved_at);
         Ok((o, doc.provider_uscc))
