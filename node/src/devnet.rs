@@ -112,6 +112,48 @@ pub struct DevAgency {
     pub published: Vec<CatalogEntry>,
 }
 
+/// The agencies of a development federation, by code, with the lookups tests use.
+#[derive(Debug, Default)]
+pub struct Agencies(BTreeMap<Uscc, DevAgency>);
+
+impl std::ops::Deref for Agencies {
+    type Target = BTreeMap<Uscc, DevAgency>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Agencies {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Agencies {
+    /// One agency.
+    pub fn agency(&self, uscc: &Uscc) -> Result<&DevAgency> {
+        self.0
+            .get(uscc)
+            .ok_or_else(|| anyhow!("no agency {uscc} in this federation"))
+    }
+
+    /// The first agency at `node` that serves a registry.
+    pub fn provider_at(&self, node: DivisionCode) -> Result<&DevAgency> {
+        self.0
+            .values()
+            .find(|a| a.node == node && a.registry.is_some())
+            .ok_or_else(|| anyhow!("no provider agency at node {node}"))
+    }
+
+    /// The first consumer (non-provider) agency at `node`.
+    pub fn consumer_at(&self, node: DivisionCode) -> Result<&DevAgency> {
+        self.0
+            .values()
+            .find(|a| a.node == node && a.registry.is_none())
+            .ok_or_else(|| anyhow!("no consumer agency at node {node}"))
+    }
+}
+
 struct DevNode {
     config: NodeConfig,
     addr: SocketAddr,
@@ -123,7 +165,7 @@ pub struct Devnet {
     dir: tempfile::TempDir,
     ca: DevCa,
     nodes: BTreeMap<DivisionCode, DevNode>,
-    agencies: BTreeMap<Uscc, DevAgency>,
+    agencies: Agencies,
     stop_providers: watch::Sender<bool>,
     clock: Arc<SystemClock>,
 }
@@ -232,7 +274,7 @@ impl Devnet {
         let address = |c: &DivisionCode| format!("https://{}", addrs[c]);
 
         let (stop_providers, stop_rx) = watch::channel(false);
-        let mut agencies = BTreeMap::new();
+        let mut agencies = Agencies::default();
         let mut agency_configs: BTreeMap<DivisionCode, Vec<AgencyConfig>> = BTreeMap::new();
         for s in &specs {
             for a in &s.agencies {
@@ -392,25 +434,17 @@ impl Devnet {
 
     /// One agency.
     pub fn agency(&self, uscc: &Uscc) -> Result<&DevAgency> {
-        self.agencies
-            .get(uscc)
-            .ok_or_else(|| anyhow!("no agency {uscc} in this federation"))
+        self.agencies.agency(uscc)
     }
 
-    /// The provider agencies' first agency at `node` that serves a registry.
+    /// The first agency at `node` that serves a registry.
     pub fn provider_at(&self, node: DivisionCode) -> Result<&DevAgency> {
-        self.agencies
-            .values()
-            .find(|a| a.node == node && a.registry.is_some())
-            .ok_or_else(|| anyhow!("no provider agency at node {node}"))
+        self.agencies.provider_at(node)
     }
 
     /// The first consumer (non-provider) agency at `node`.
     pub fn consumer_at(&self, node: DivisionCode) -> Result<&DevAgency> {
-        self.agencies
-            .values()
-            .find(|a| a.node == node && a.registry.is_none())
-            .ok_or_else(|| anyhow!("no consumer agency at node {node}"))
+        self.agencies.consumer_at(node)
     }
 
     /// A client of an agency's own node, authenticated with the agency's certificate.

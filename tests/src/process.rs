@@ -28,7 +28,7 @@ use fedgate_gateway::config::{
 use fedgate_gateway::ident::{DivisionCode, Peer, Uscc};
 use fedgate_gateway::pki::{DevCa, write_pem_files};
 use fedgate_gateway::store::{SqliteStore, Store};
-use fedgate_node::devnet::{DevAgency, NodeSpec, start_agency};
+use fedgate_node::devnet::{Agencies, DevAgency, NodeSpec, start_agency};
 use fedgate_proto::v1::agency_client::AgencyClient;
 use fedgate_proto::v1::{AuditRecord, Stream};
 use sqlx::sqlite::SqliteConnectOptions;
@@ -178,7 +178,7 @@ pub struct ProcessFederation {
     ca: DevCa,
     bin: PathBuf,
     nodes: BTreeMap<DivisionCode, ProcNode>,
-    agencies: BTreeMap<Uscc, DevAgency>,
+    agencies: Agencies,
     relays: BTreeMap<DivisionCode, Relay>,
     stop_providers: watch::Sender<bool>,
 }
@@ -257,7 +257,7 @@ impl ProcessFederation {
         }
 
         let (stop_providers, stop_rx) = watch::channel(false);
-        let mut agencies = BTreeMap::new();
+        let mut agencies = Agencies::default();
         let mut agency_configs: BTreeMap<DivisionCode, Vec<AgencyConfig>> = BTreeMap::new();
         for s in &specs {
             for a in &s.agencies {
@@ -583,25 +583,17 @@ impl ProcessFederation {
 
     /// One agency.
     pub fn agency(&self, uscc: &Uscc) -> Result<&DevAgency> {
-        self.agencies
-            .get(uscc)
-            .ok_or_else(|| anyhow!("no agency {uscc} in this federation"))
+        self.agencies.agency(uscc)
     }
 
     /// The first agency at `node` that serves a registry.
     pub fn provider_at(&self, node: DivisionCode) -> Result<&DevAgency> {
-        self.agencies
-            .values()
-            .find(|a| a.node == node && a.registry.is_some())
-            .ok_or_else(|| anyhow!("no provider agency at node {node}"))
+        self.agencies.provider_at(node)
     }
 
     /// The first consumer (non-provider) agency at `node`.
     pub fn consumer_at(&self, node: DivisionCode) -> Result<&DevAgency> {
-        self.agencies
-            .values()
-            .find(|a| a.node == node && a.registry.is_none())
-            .ok_or_else(|| anyhow!("no consumer agency at node {node}"))
+        self.agencies.consumer_at(node)
     }
 
     /// A valid ID number held by the provider agency at `node`.
