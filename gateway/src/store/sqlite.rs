@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,6 +12,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError, StoredEntry,
@@ -18,8 +21,11 @@ use super::{
 
 /// Page cache of the writer connection (negative: KiB), 32 MiB.
 const WRITER_CACHE_KIB: &str = "-32768";
-/// WAL pages after which a commit checkpoints (64 MiB with 4 KiB pages; SQLite's default is 1000).
-const WAL_AUTOCHECKPOINT_PAGES: &str = "16000";
+/// How often the checkpointer copies the WAL into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL frames (4 KiB pages) beyond which the checkpointer briefly holds writers back so the WAL starts over
+/// (64 MiB); below it, checkpoints never block the writer.
+const WAL_RESTART_FRAMES: i64 = 16_000;
 /// Prepared statements the writer keeps: every multi-row audit insert shape up to [`AUDIT_ROWS_PER_INSERT`] rows,
 /// plus the other writes.
 const WRITER_STATEMENT_CACHE: usize = AUDIT_ROWS_PER_INSERT + 64;
@@ -29,6 +35,69 @@ const WRITER_STATEMENT_CACHE: usize = AUDIT_ROWS_PER_INSERT + 64;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Absent on a read-only store.
+    checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// The task that moves WAL frames into the database file on a connection of its own, so the writer's commits
+/// never pay for checkpoints (SQLite would otherwise run them inside the commit that crosses the threshold).
+#[derive(Debug)]
+struct Checkpointer {
+    stop: CancellationToken,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Checkpointer {
+    fn start(pool: SqlitePool) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(checkpoint_loop(pool, stop.clone()));
+        Self {
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    async fn stop(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Every [`CHECKPOINT_EVERY`], a passive checkpoint (concurrent with the writer); when the WAL has grown past
+/// [`WAL_RESTART_FRAMES`] because the writer never paused long enough for it to be reset, a restarting one.
+async fn checkpoint_loop(pool: SqlitePool, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while stop.run_until_cancelled(tick.tick()).await.is_some() {
+        let frames = match checkpoint(&pool, "PRAGMA wal_checkpoint(PASSIVE)").await {
+            Ok(frames) => frames,
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL checkpoint failed");
+                continue;
+            }
+        };
+        if frames > WAL_RESTART_FRAMES
+            && let Err(e) = checkpoint(&pool, "PRAGMA wal_checkpoint(RESTART)").await
+        {
+            tracing::warn!(error = %e, "restarting WAL checkpoint failed");
+        }
+    }
+    pool.close().await;
+}
+
+/// Runs one checkpoint `pragma`; returns the WAL's size in frames.
+async fn checkpoint(pool: &SqlitePool, pragma: &'static str) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query(pragma).fetch_one(pool).await?;
+    row.try_get(1)
 }
 
 impl SqliteStore {
@@ -47,13 +116,14 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        // The single writer connection: a larger page cache keeps the audit indexes' hot pages in memory, WAL
-        // checkpoints come less often (each merges more repeated page writes), more statement shapes stay
-        // prepared, and no ping precedes each use (an embedded connection has no link to test).
+        // The single writer connection: a larger page cache keeps the audit indexes' hot pages in memory, the
+        // checkpointer rather than its commits checkpoints the WAL, more statement shapes stay prepared, and no
+        // ping precedes each use (an embedded connection has no link to test).
         let writer_options = options
             .clone()
             .pragma("cache_size", WRITER_CACHE_KIB)
-            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("temp_store", "MEMORY")
             .statement_cache_capacity(WRITER_STATEMENT_CACHE);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -62,11 +132,19 @@ impl SqliteStore {
             .connect_with(writer_options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            checkpointer: Some(Arc::new(Checkpointer::start(checkpointer))),
+        })
     }
 
     /// Opens an existing database for reading only (verification and export of a stopped or running node).
@@ -88,11 +166,16 @@ impl SqliteStore {
         Ok(Self {
             writer: reader.clone(),
             reader,
+            checkpointer: None,
         })
     }
 
-    /// Closes both pools, waiting for connections to finish.
+    /// Stops the checkpointer and closes both pools, waiting for connections to finish; the last connection to
+    /// close checkpoints the whole WAL.
     pub async fn close(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.stop().await;
+        }
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -828,5 +911,34 @@ mod tests {
             4
         );
         assert_eq!(store.audit_count().await.expect("count"), 1);
+    }
+
+    #[tokio::test]
+    async fn the_checkpointer_moves_committed_pages_into_the_database_file_while_the_store_is_open()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("n.db");
+        let store = SqliteStore::open(&path).await.expect("open");
+        let size = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let before = size();
+        let records: Vec<_> = (1..=2000)
+            .map(|seq| AuditRecord {
+                detail: "x".repeat(200),
+                ..record(seq, 1)
+            })
+            .collect();
+        store.audit_append(&records).await.expect("append");
+        // Commits go to the WAL only; the database file grows once a checkpoint has copied them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while size() < before + 400_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "database file still {} bytes (was {before})",
+                size()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(store.audit_count().await.expect("count"), 2000);
+        store.close().await;
     }
 }
