@@ -26,6 +26,8 @@ pub use verify::{
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
 /// Records written in one transaction at most.
 const MAX_BATCH: usize = 8192;
+/// Times the writer yields to let more callers join a batch before writing it.
+const JOIN_ROUNDS: usize = 3;
 /// Records waiting for the writer at most; callers wait beyond that.
 const QUEUE: usize = 65_536;
 
@@ -205,12 +207,19 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            // Let callers that are already runnable (typically those just answered) join this batch.
-            tokio::task::yield_now().await;
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(p) => batch.push(p),
-                    Err(_) => break,
+            // Let callers that are already runnable (typically those just answered) join this batch, as long as
+            // they keep coming.
+            for _ in 0..JOIN_ROUNDS {
+                tokio::task::yield_now().await;
+                let before = batch.len();
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                if batch.len() == before {
+                    break;
                 }
             }
             self.write(&mut batch).await;
