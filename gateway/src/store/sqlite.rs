@@ -23,6 +23,8 @@ use super::{
 const WRITER_CACHE_KIB: &str = "-32768";
 /// How often the checkpointer copies the WAL into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// Longest a restarting checkpoint waits for readers (and so holds the writer back).
+const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 /// WAL frames (4 KiB pages) beyond which the checkpointer briefly holds writers back so the WAL starts over
 /// (64 MiB); below it, checkpoints never block the writer.
 const WAL_RESTART_FRAMES: i64 = 16_000;
@@ -132,9 +134,11 @@ impl SqliteStore {
             .connect_with(writer_options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        // A restarting checkpoint holds writers back while it waits for readers; its short busy timeout bounds
+        // that wait (it gives up and tries again on a later tick).
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().busy_timeout(CHECKPOINT_BUSY_TIMEOUT))
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
