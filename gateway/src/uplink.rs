@@ -22,6 +22,8 @@ const BATCH: u32 = 512;
 const MIN_BATCH: u32 = 16;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Wait before the first reconnection attempt.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Progress of one upward stream, readable while it runs.
 #[derive(Debug, Default)]
@@ -100,7 +102,7 @@ impl Uplink {
         store: Arc<dyn Store>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::default();
         let mut batch = BATCH;
         loop {
             let session = self.session(stream, me, &parent, &store, &mut backoff, batch);
@@ -110,15 +112,14 @@ impl Uplink {
                     self.status(stream).connected.store(false, Ordering::Relaxed);
                     if let Err(e) = res {
                         tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
-                            "uplink interrupted; retrying in {backoff:?}");
+                            "uplink interrupted; retrying in {:?}", backoff.wait);
                     }
                 }
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.failed()) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
             // A link that drops before a batch is acknowledged loses the parent's work on it: ship less next time.
             batch = (batch / 2).max(MIN_BATCH);
         }
@@ -130,7 +131,7 @@ impl Uplink {
         me: DivisionCode,
         parent: &Neighbour,
         store: &Arc<dyn Store>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
         mut batch: u32,
     ) -> Result<(), SessionError> {
         let mut client = FederationClient::new(parent.channel.clone());
@@ -152,11 +153,12 @@ impl Uplink {
         status.acked.store(acked, Ordering::Relaxed);
         status.connected.store(true, Ordering::Relaxed);
         store.set_uplink_acked(stream, acked).await?;
-        *backoff = Duration::from_millis(50);
         tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
         loop {
             let items = store.outbox_after(stream, acked, batch).await?;
             if items.is_empty() {
+                // Caught up: the link works, so the next interruption is retried quickly again.
+                backoff.progressed();
                 self.wake[slot(stream)].notified().await;
                 continue;
             }
@@ -181,8 +183,37 @@ impl Uplink {
             acked = resp.applied_seq;
             status.acked.store(acked, Ordering::Relaxed);
             store.set_uplink_acked(stream, acked).await?;
+            backoff.progressed();
             batch = (batch * 2).min(BATCH);
         }
+    }
+}
+
+/// Wait before reconnecting: doubles with every interruption, and falls back to the minimum only once a session
+/// has made progress (a batch acknowledged, or the outbox caught up). A parent that accepts `Join` but keeps
+/// refusing the same batch is therefore retried ever more slowly, not every few milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff {
+    wait: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { wait: MIN_BACKOFF }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt; the one after it is twice as long, up to [`MAX_BACKOFF`].
+    fn failed(&mut self) -> Duration {
+        let wait = self.wait;
+        self.wait = (self.wait * 2).min(MAX_BACKOFF);
+        wait
+    }
+
+    /// The session got somewhere: the next interruption is retried after the minimum wait.
+    fn progressed(&mut self) {
+        self.wait = MIN_BACKOFF;
     }
 }
 
@@ -207,4 +238,21 @@ fn to_stream_item(stream: Stream, item: OutboxItem) -> Result<StreamItem, Sessio
         seq: item.seq,
         body: Some(body),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnection_waits_grow_until_a_session_makes_progress() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<u64> = (0..9)
+            .map(|_| u64::try_from(backoff.failed().as_millis()).unwrap_or(u64::MAX))
+            .collect();
+        assert_eq!(waits, [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        backoff.progressed();
+        assert_eq!(backoff.failed(), MIN_BACKOFF);
+        assert_eq!(backoff.failed(), MIN_BACKOFF * 2);
+    }
 }
