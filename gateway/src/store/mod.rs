@@ -1,12 +1,15 @@
 //! Durable state of a node behind one trait: the subtree catalog, the upward outboxes and children's cursors.
 //!
-//! SQL lives only in the implementations ([`sqlite`]); everything else talks to `Arc<dyn Store>`.
+//! SQL lives only in the implementations ([`sqlite`] and [`postgres`]); everything else talks to `Arc<dyn Store>`.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream};
+use prost::Message;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Why storage failed.
@@ -250,4 +253,57 @@ pub trait Store: Send + Sync + 'static {
     async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Pins a node's public key if none is pinned yet; returns the pinned key (the old one if it differs).
     async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError>;
+
+    /// Closes the store's connections once their work is done; the store is not used afterwards.
+    async fn close(&self) {}
+}
+
+/// Decodes a stored catalog entry.
+fn decode_entry(id: &str, blob: &[u8]) -> Result<CatalogEntry, StoreError> {
+    CatalogEntry::decode(blob).map_err(|e| StoreError::Corrupt {
+        what: format!("catalog entry {id}"),
+        error: e.to_string(),
+    })
+}
+
+/// Decodes a stored audit record.
+fn decode_audit(blob: &[u8]) -> Result<AuditRecord, StoreError> {
+    AuditRecord::decode(blob).map_err(|e| StoreError::Corrupt {
+        what: "audit record".into(),
+        error: e.to_string(),
+    })
+}
+
+/// A sequence number as the signed integer both databases store (saturating).
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored integer as a sequence number (negative values, which are never written, read as 0).
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The items of a pushed batch above the cursor, which must follow it without a gap; and the new cursor.
+fn fresh_items<'a, T>(
+    child: &str,
+    mut applied: u64,
+    items: &'a [(u64, T)],
+) -> Result<(Vec<&'a T>, u64), StoreError> {
+    let mut fresh = Vec::with_capacity(items.len());
+    for (seq, item) in items {
+        if *seq <= applied {
+            continue;
+        }
+        if *seq != applied.saturating_add(1) {
+            return Err(StoreError::Gap {
+                child: child.to_owned(),
+                expected: applied.saturating_add(1),
+                got: *seq,
+            });
+        }
+        fresh.push(item);
+        applied = *seq;
+    }
+    Ok((fresh, applied))
 }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError, StoredEntry,
+    decode_audit, decode_entry, fresh_items, to_i64, to_u64,
 };
 
 /// Page cache of the writer connection (negative: KiB), 32 MiB.
@@ -185,21 +186,6 @@ impl SqliteStore {
     }
 }
 
-fn decode_entry(id: &str, blob: &[u8]) -> Result<CatalogEntry, StoreError> {
-    CatalogEntry::decode(blob).map_err(|e| StoreError::Corrupt {
-        what: format!("catalog entry {id}"),
-        error: e.to_string(),
-    })
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
 async fn stored_version(
     tx: &mut Transaction<'_, Sqlite>,
     id: &str,
@@ -294,30 +280,6 @@ async fn write_cursor(
     Ok(())
 }
 
-/// The items of a pushed batch above the cursor, which must follow it without a gap; and the new cursor.
-fn fresh_items<'a, T>(
-    child: &str,
-    mut applied: u64,
-    items: &'a [(u64, T)],
-) -> Result<(Vec<&'a T>, u64), StoreError> {
-    let mut fresh = Vec::with_capacity(items.len());
-    for (seq, item) in items {
-        if *seq <= applied {
-            continue;
-        }
-        if *seq != applied + 1 {
-            return Err(StoreError::Gap {
-                child: child.to_owned(),
-                expected: applied + 1,
-                got: *seq,
-            });
-        }
-        fresh.push(item);
-        applied = *seq;
-    }
-    Ok((fresh, applied))
-}
-
 async fn append_outbox(
     tx: &mut Transaction<'_, Sqlite>,
     stream: Stream,
@@ -369,7 +331,7 @@ impl Store for SqliteStore {
             b.push(" AND (classification = ")
                 .push_bind(path.clone())
                 .push(" OR substr(classification, 1, ")
-                .push_bind(i64::try_from(path.len() + 1).unwrap_or(i64::MAX))
+                .push_bind(i64::try_from(path.chars().count() + 1).unwrap_or(i64::MAX))
                 .push(") = ")
                 .push_bind(format!("{path}/"))
                 .push(")");
@@ -379,7 +341,7 @@ impl Store for SqliteStore {
         }
         if let Some(p) = &q.node_prefix {
             b.push(" AND substr(node_code, 1, ")
-                .push_bind(i64::try_from(p.len()).unwrap_or(i64::MAX))
+                .push_bind(i64::try_from(p.chars().count()).unwrap_or(i64::MAX))
                 .push(") = ")
                 .push_bind(p.clone());
         }
@@ -653,7 +615,7 @@ impl Store for SqliteStore {
         }
         if let Some(p) = &q.node_prefix {
             b.push(" AND substr(node_code, 1, ")
-                .push_bind(i64::try_from(p.len()).unwrap_or(i64::MAX))
+                .push_bind(i64::try_from(p.chars().count()).unwrap_or(i64::MAX))
                 .push(") = ")
                 .push_bind(p.clone());
         }
@@ -800,6 +762,10 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(row.get::<Vec<u8>, _>(0))
     }
+
+    async fn close(&self) {
+        SqliteStore::close(self).await;
+    }
 }
 
 fn doc_from_row(kind: DocKind, r: &sqlx::sqlite::SqliteRow) -> Doc {
@@ -812,13 +778,6 @@ fn doc_from_row(kind: DocKind, r: &sqlx::sqlite::SqliteRow) -> Doc {
         due_at: r.get(4),
         body: r.get(5),
     }
-}
-
-fn decode_audit(blob: &[u8]) -> Result<AuditRecord, StoreError> {
-    AuditRecord::decode(blob).map_err(|e| StoreError::Corrupt {
-        what: "audit record".into(),
-        error: e.to_string(),
-    })
 }
 
 /// Rows per INSERT statement (9 binds each, well under SQLite's parameter limit).

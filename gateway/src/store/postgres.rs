@@ -1,0 +1,758 @@
+//! The PostgreSQL store: the same tables and the same behaviour as [`super::sqlite`], for nodes whose state lives
+//! on a database server (and whose writers may run concurrently, which SQLite never allows).
+//!
+//! Concurrency: every transaction that assigns positions in an upward stream (the catalog outbox, the audit log)
+//! first takes a transaction-level advisory lock of that stream, so positions are committed in the order they are
+//! assigned; see `lock_stream`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream, catalog_change};
+use prost::Message;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+
+use super::{
+    AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError, StoredEntry,
+    decode_audit, decode_entry, fresh_items, to_i64, to_u64,
+};
+
+/// Connections of the pool.
+const MAX_CONNECTIONS: u32 = 16;
+/// Longest a caller waits for a free connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Audit rows per INSERT: each statement binds ten arrays whatever its size (no bind-parameter limit applies);
+/// chunking only bounds the size of one message to the server.
+const AUDIT_ROWS_PER_INSERT: usize = 4096;
+/// Keys of the advisory locks serializing writers of each upward stream ("fedgat" and the stream number).
+/// Advisory locks are scoped to the database, so nodes in other databases of the same server never contend.
+const STREAM_LOCK_BASE: i64 = 0x6665_6467_6174_0000;
+
+/// A [`Store`] in a PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgres://` URL) and applies migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
+        // Prefix filters compare `substr` (in characters) as SQLite does on UTF-8 text; any other server encoding
+        // would make them count something else, and could not hold every agency's names anyway.
+        let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+            .fetch_one(&pool)
+            .await?;
+        if encoding != "UTF8" {
+            pool.close().await;
+            return Err(StoreError::Database(sqlx::Error::Configuration(
+                format!("database encoding is {encoding}; fedgate needs UTF8").into(),
+            )));
+        }
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// A string length as the `int4` that `substr` takes.
+fn len_i32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Serializes the writers of `stream`'s positions until the transaction ends.
+///
+/// A position (`MAX(seq) + 1` in the outbox, the next `fwd_seq` of the audit log) is chosen inside a transaction
+/// but only becomes visible when it commits. Uplinks read a stream by position (`WHERE seq > acked ORDER BY seq`)
+/// and then acknowledge the highest position they saw; if two writers could commit out of order, a reader could
+/// see position 8 before 7 was committed, acknowledge 8, and skip 7 forever. Holding this lock from the start of
+/// every transaction that appends to the stream (and reads a child's cursor for it) makes each writer wait for
+/// the previous one's commit, so positions are assigned, and committed, one transaction after the other, as
+/// SQLite's single writer does. The lock is released when the transaction commits or rolls back, after its rows
+/// became visible.
+async fn lock_stream(tx: &mut Transaction<'_, Postgres>, stream: Stream) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(STREAM_LOCK_BASE + i64::from(stream as i32))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn stored_version(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &str,
+) -> Result<Option<u64>, StoreError> {
+    let row = sqlx::query("SELECT version FROM catalog WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| Ok(to_u64(r.try_get::<i64, _>(0)?))).transpose()
+}
+
+/// Writes an upsert if it is newer than what is stored.
+async fn upsert(tx: &mut Transaction<'_, Postgres>, e: &CatalogEntry) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO catalog (id, node_code, provider_uscc, title, summary, classification, share_type, \
+         version, withdrawn, entry) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE, $9) \
+         ON CONFLICT (id) DO UPDATE SET node_code = excluded.node_code, provider_uscc = excluded.provider_uscc, \
+         title = excluded.title, summary = excluded.summary, classification = excluded.classification, \
+         share_type = excluded.share_type, version = excluded.version, withdrawn = FALSE, entry = excluded.entry \
+         WHERE excluded.version > catalog.version",
+    )
+    .bind(&e.id)
+    .bind(&e.node_code)
+    .bind(&e.provider_uscc)
+    .bind(&e.title)
+    .bind(&e.summary)
+    .bind(e.classification.join("/"))
+    .bind(e.share_type)
+    .bind(to_i64(e.version))
+    .bind(e.encode_to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Marks an entry withdrawn if the withdrawal is newer than what is stored.
+async fn withdraw(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &str,
+    version: u64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE catalog SET withdrawn = TRUE, version = $1 WHERE id = $2 AND version < $1")
+        .bind(to_i64(version))
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn apply_change(
+    tx: &mut Transaction<'_, Postgres>,
+    change: &CatalogChange,
+) -> Result<(), StoreError> {
+    match &change.change {
+        Some(catalog_change::Change::Upsert(e)) => upsert(tx, e).await,
+        Some(catalog_change::Change::Withdraw(w)) => withdraw(tx, &w.id, w.version).await,
+        None => Ok(()),
+    }
+}
+
+/// Where a child's stream was applied up to, inside a transaction.
+async fn read_cursor(
+    tx: &mut Transaction<'_, Postgres>,
+    child: &str,
+    stream: Stream,
+) -> Result<u64, StoreError> {
+    let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = $1 AND stream = $2")
+        .bind(child)
+        .bind(stream as i32)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(match row {
+        Some(r) => to_u64(r.try_get::<i64, _>(0)?),
+        None => 0,
+    })
+}
+
+/// Records how far a child's stream is applied, inside the transaction that applied it.
+async fn write_cursor(
+    tx: &mut Transaction<'_, Postgres>,
+    child: &str,
+    stream: Stream,
+    applied: u64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO stream_cursor (child, stream, applied) VALUES ($1, $2, $3) \
+         ON CONFLICT (child, stream) DO UPDATE SET applied = excluded.applied",
+    )
+    .bind(child)
+    .bind(stream as i32)
+    .bind(to_i64(applied))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Appends to a stream's outbox under the next position; the caller holds [`lock_stream`] for `stream`.
+async fn append_outbox(
+    tx: &mut Transaction<'_, Postgres>,
+    stream: Stream,
+    payload: &[u8],
+) -> Result<u64, StoreError> {
+    let max: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = $1")
+        .bind(stream as i32)
+        .fetch_one(&mut **tx)
+        .await?;
+    let seq = to_u64(max) + 1;
+    sqlx::query("INSERT INTO outbox (stream, seq, payload) VALUES ($1, $2, $3)")
+        .bind(stream as i32)
+        .bind(to_i64(seq))
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(seq)
+}
+
+/// Appends audit records under the next stream positions, in order; the caller holds [`lock_stream`] for the
+/// audit stream.
+///
+/// Positions come from `audit_position`, updated in the same transaction: like SQLite's AUTOINCREMENT they are
+/// never reused after deletions, and a transaction that fails gives its positions back (a sequence would leave a
+/// gap, which the parent refuses).
+async fn insert_audit(
+    tx: &mut Transaction<'_, Postgres>,
+    records: &[&AuditRecord],
+) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let count = i64::try_from(records.len()).unwrap_or(i64::MAX);
+    let last: i64 = sqlx::query_scalar("UPDATE audit_position SET last = last + $1 RETURNING last")
+        .bind(count)
+        .fetch_one(&mut **tx)
+        .await?;
+    let mut next = last - count + 1;
+    for chunk in records.chunks(AUDIT_ROWS_PER_INSERT) {
+        let mut fwd_seq = Vec::with_capacity(chunk.len());
+        let mut node_code = Vec::with_capacity(chunk.len());
+        let mut seq = Vec::with_capacity(chunk.len());
+        let mut time_ns = Vec::with_capacity(chunk.len());
+        let mut operation = Vec::with_capacity(chunk.len());
+        let mut consumer = Vec::with_capacity(chunk.len());
+        let mut provider = Vec::with_capacity(chunk.len());
+        let mut resource = Vec::with_capacity(chunk.len());
+        let mut outcome = Vec::with_capacity(chunk.len());
+        let mut record = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            fwd_seq.push(next);
+            next += 1;
+            node_code.push(r.node_code.as_str());
+            seq.push(to_i64(r.seq));
+            time_ns.push(r.time_unix_nanos);
+            operation.push(r.operation);
+            consumer.push(r.consumer_uscc.as_str());
+            provider.push(r.provider_uscc.as_str());
+            resource.push(r.resource_id.as_str());
+            outcome.push(r.outcome.as_str());
+            record.push(r.encode_to_vec());
+        }
+        sqlx::query(
+            "INSERT INTO audit_log (fwd_seq, node_code, seq, time_ns, operation, consumer_uscc, \
+             provider_uscc, resource_id, outcome, record) \
+             SELECT * FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::text[], \
+             $7::text[], $8::text[], $9::text[], $10::bytea[])",
+        )
+        .bind(fwd_seq)
+        .bind(node_code)
+        .bind(seq)
+        .bind(time_ns)
+        .bind(operation)
+        .bind(consumer)
+        .bind(provider)
+        .bind(resource)
+        .bind(outcome)
+        .bind(record)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+fn outbox_items(rows: &[PgRow]) -> Result<Vec<OutboxItem>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxItem {
+                seq: to_u64(r.try_get::<i64, _>(0)?),
+                payload: r.try_get::<Vec<u8>, _>(1)?,
+            })
+        })
+        .collect()
+}
+
+fn positioned_audit(rows: &[PgRow]) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            Ok((
+                to_u64(r.try_get::<i64, _>(0)?),
+                decode_audit(r.try_get::<&[u8], _>(1)?)?,
+            ))
+        })
+        .collect()
+}
+
+fn doc_from_row(kind: DocKind, r: &PgRow) -> Result<Doc, StoreError> {
+    Ok(Doc {
+        kind,
+        id: r.try_get(0)?,
+        provider_uscc: r.try_get(1)?,
+        consumer_uscc: r.try_get(2)?,
+        state: r.try_get(3)?,
+        due_at: r.try_get(4)?,
+        body: r.try_get(5)?,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn entry(&self, id: &str) -> Result<Option<StoredEntry>, StoreError> {
+        let row = sqlx::query("SELECT entry, withdrawn FROM catalog WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(StoredEntry {
+                entry: decode_entry(id, r.try_get::<&[u8], _>(0)?)?,
+                withdrawn: r.try_get::<bool, _>(1)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn search(&self, q: &CatalogQuery) -> Result<Vec<CatalogEntry>, StoreError> {
+        let mut b: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT id, entry FROM catalog WHERE NOT withdrawn");
+        for w in &q.words {
+            // SQLite's lower() folds ASCII letters only; so does PostgreSQL's under the "C" collation.
+            b.push(" AND strpos(lower((title || ' ' || summary) COLLATE \"C\"), ")
+                .push_bind(w.clone())
+                .push(") > 0");
+        }
+        if let Some(p) = &q.provider_uscc {
+            b.push(" AND provider_uscc = ").push_bind(p.clone());
+        }
+        if !q.classification.is_empty() {
+            // The same expression as SQLite's: `substr` counts characters on both, and so do the lengths bound.
+            let path = q.classification.join("/");
+            b.push(" AND (classification = ")
+                .push_bind(path.clone())
+                .push(" OR substr(classification, 1, ")
+                .push_bind(len_i32(path.chars().count() + 1))
+                .push(") = ")
+                .push_bind(format!("{path}/"))
+                .push(")");
+        }
+        if let Some(t) = q.share_type {
+            b.push(" AND share_type = ").push_bind(t as i32);
+        }
+        if let Some(p) = &q.node_prefix {
+            b.push(" AND substr(node_code, 1, ")
+                .push_bind(len_i32(p.chars().count()))
+                .push(") = ")
+                .push_bind(p.clone());
+        }
+        if let Some(after) = &q.after_id {
+            b.push(" AND id > ").push_bind(after.clone());
+        }
+        b.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
+        let rows = b.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| decode_entry(r.try_get::<&str, _>(0)?, r.try_get::<&[u8], _>(1)?))
+            .collect()
+    }
+
+    async fn count_entries(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM catalog WHERE NOT withdrawn")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(n))
+    }
+
+    async fn publish_local(&self, mut entry: CatalogEntry) -> Result<CatalogEntry, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Before reading the version too: concurrent publications of one id get consecutive versions.
+        lock_stream(&mut tx, Stream::Catalog).await?;
+        entry.version = stored_version(&mut tx, &entry.id)
+            .await?
+            .unwrap_or(0)
+            .saturating_add(1);
+        upsert(&mut tx, &entry).await?;
+        let change = CatalogChange {
+            change: Some(catalog_change::Change::Upsert(entry.clone())),
+        };
+        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn withdraw_local(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        lock_stream(&mut tx, Stream::Catalog).await?;
+        let Some(old) = stored_version(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let version = old.saturating_add(1);
+        withdraw(&mut tx, id, version).await?;
+        let change = CatalogChange {
+            change: Some(catalog_change::Change::Withdraw(
+                fedgate_proto::v1::Withdrawal {
+                    id: id.to_owned(),
+                    version,
+                },
+            )),
+        };
+        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+        tx.commit().await?;
+        Ok(Some(version))
+    }
+
+    async fn apply_child_catalog(
+        &self,
+        child: &str,
+        items: &[(u64, CatalogChange)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Also makes reading and advancing the child's cursor atomic against a concurrent push of the same child.
+        lock_stream(&mut tx, Stream::Catalog).await?;
+        let applied = read_cursor(&mut tx, child, Stream::Catalog).await?;
+        let (fresh, applied) = fresh_items(child, applied, items)?;
+        for change in fresh {
+            apply_change(&mut tx, change).await?;
+            append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+        }
+        write_cursor(&mut tx, child, Stream::Catalog, applied).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn cursor(&self, child: &str, stream: Stream) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT applied FROM stream_cursor WHERE child = $1 AND stream = $2")
+            .bind(child)
+            .bind(stream as i32)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => to_u64(r.try_get::<i64, _>(0)?),
+            None => 0,
+        })
+    }
+
+    async fn outbox_after(
+        &self,
+        stream: Stream,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let rows = if stream == Stream::Audit {
+            sqlx::query(
+                "SELECT fwd_seq, record FROM audit_log WHERE fwd_seq > $1 ORDER BY fwd_seq LIMIT $2",
+            )
+            .bind(to_i64(after))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+        } else {
+            sqlx::query(
+                "SELECT seq, payload FROM outbox WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            )
+            .bind(stream as i32)
+            .bind(to_i64(after))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+        };
+        outbox_items(&rows)
+    }
+
+    async fn outbox_head(&self, stream: Stream) -> Result<u64, StoreError> {
+        let head: i64 = if stream == Stream::Audit {
+            sqlx::query_scalar("SELECT COALESCE(MAX(fwd_seq), 0) FROM audit_log")
+                .fetch_one(&self.pool)
+                .await?
+        } else {
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = $1")
+                .bind(stream as i32)
+                .fetch_one(&self.pool)
+                .await?
+        };
+        Ok(to_u64(head))
+    }
+
+    async fn next_id(&self, name: &str) -> Result<u64, StoreError> {
+        // One statement: the counter's row lock, held until it commits, is the per-counter lock, so values are
+        // committed in the order they are handed out (a second caller waits for the first one's commit and then
+        // increments what it wrote); a concurrent first use of a name is resolved by ON CONFLICT.
+        let value: i64 = sqlx::query_scalar(
+            "INSERT INTO id_counter (name, value) VALUES ($1, 1) \
+             ON CONFLICT (name) DO UPDATE SET value = id_counter.value + 1 RETURNING value",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(to_u64(value))
+    }
+
+    async fn put_doc(&self, d: &Doc) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO governance_doc (kind, id, provider_uscc, consumer_uscc, state, due_at, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (kind, id) DO UPDATE SET \
+             provider_uscc = excluded.provider_uscc, consumer_uscc = excluded.consumer_uscc, \
+             state = excluded.state, due_at = excluded.due_at, body = excluded.body",
+        )
+        .bind(d.kind.as_str())
+        .bind(&d.id)
+        .bind(&d.provider_uscc)
+        .bind(&d.consumer_uscc)
+        .bind(d.state)
+        .bind(d.due_at)
+        .bind(&d.body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn doc(&self, kind: DocKind, id: &str) -> Result<Option<Doc>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, provider_uscc, consumer_uscc, state, due_at, body FROM governance_doc \
+             WHERE kind = $1 AND id = $2",
+        )
+        .bind(kind.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| doc_from_row(kind, &r)).transpose()
+    }
+
+    async fn docs(&self, kind: DocKind, q: &DocQuery) -> Result<Vec<Doc>, StoreError> {
+        let mut b: QueryBuilder<Postgres> = QueryBuilder::new(
+            "SELECT id, provider_uscc, consumer_uscc, state, due_at, body FROM governance_doc WHERE kind = ",
+        );
+        b.push_bind(kind.as_str());
+        if let Some(p) = &q.provider_uscc {
+            b.push(" AND provider_uscc = ").push_bind(p.clone());
+        }
+        if let Some(c) = &q.consumer_uscc {
+            b.push(" AND consumer_uscc = ").push_bind(c.clone());
+        }
+        if let Some(s) = q.state {
+            b.push(" AND state = ").push_bind(s);
+        }
+        if let Some(t) = q.due_before {
+            b.push(" AND due_at > 0 AND due_at < ").push_bind(t);
+        }
+        b.push(" ORDER BY id");
+        let rows = b.build().fetch_all(&self.pool).await?;
+        rows.iter().map(|r| doc_from_row(kind, r)).collect()
+    }
+
+    async fn set_uplink_acked(&self, stream: Stream, seq: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO uplink_ack (stream, seq) VALUES ($1, $2) \
+             ON CONFLICT (stream) DO UPDATE SET seq = GREATEST(uplink_ack.seq, excluded.seq)",
+        )
+        .bind(stream as i32)
+        .bind(to_i64(seq))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn uplink_acked(&self, stream: Stream) -> Result<u64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM uplink_ack WHERE stream = $1")
+            .bind(stream as i32)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(seq.map(to_u64).unwrap_or(0))
+    }
+
+    async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<&AuditRecord> = records.iter().collect();
+        let mut tx = self.pool.begin().await?;
+        lock_stream(&mut tx, Stream::Audit).await?;
+        insert_audit(&mut tx, &records).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| decode_audit(r.try_get::<&[u8], _>(0)?))
+            .transpose()
+    }
+
+    async fn apply_child_audit(
+        &self,
+        child: &str,
+        items: &[(u64, AuditRecord)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Also makes reading and advancing the child's cursor atomic against a concurrent push of the same child.
+        lock_stream(&mut tx, Stream::Audit).await?;
+        let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
+        let (fresh, applied) = fresh_items(child, applied, items)?;
+        insert_audit(&mut tx, &fresh).await?;
+        write_cursor(&mut tx, child, Stream::Audit, applied).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn audit_query(&self, q: &AuditQuery) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        let mut b: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT fwd_seq, record FROM audit_log WHERE TRUE");
+        if let Some(p) = &q.party {
+            b.push(" AND (consumer_uscc = ")
+                .push_bind(p.clone())
+                .push(" OR provider_uscc = ")
+                .push_bind(p.clone())
+                .push(")");
+            if let Some(c) = &q.counterpart {
+                b.push(" AND (consumer_uscc = ")
+                    .push_bind(c.clone())
+                    .push(" OR provider_uscc = ")
+                    .push_bind(c.clone())
+                    .push(")");
+            }
+        }
+        if let Some(p) = &q.node_prefix {
+            b.push(" AND substr(node_code, 1, ")
+                .push_bind(len_i32(p.chars().count()))
+                .push(") = ")
+                .push_bind(p.clone());
+        }
+        if let Some(t) = q.from_ns {
+            b.push(" AND time_ns >= ").push_bind(t);
+        }
+        if let Some(t) = q.to_ns {
+            b.push(" AND time_ns < ").push_bind(t);
+        }
+        if let Some(r) = &q.resource_id {
+            b.push(" AND resource_id = ").push_bind(r.clone());
+        }
+        if let Some(o) = &q.outcome {
+            b.push(" AND outcome = ").push_bind(o.clone());
+        }
+        if let Some(a) = q.after_fwd_seq {
+            b.push(" AND fwd_seq > ").push_bind(to_i64(a));
+        }
+        b.push(" ORDER BY fwd_seq LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let rows = b.build().fetch_all(&self.pool).await?;
+        positioned_audit(&rows)
+    }
+
+    async fn audit_chain(
+        &self,
+        node: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(node)
+        .bind(to_i64(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| decode_audit(r.try_get::<&[u8], _>(0)?))
+            .collect()
+    }
+
+    async fn audit_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let nodes =
+            sqlx::query_scalar("SELECT DISTINCT node_code FROM audit_log ORDER BY node_code")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(nodes)
+    }
+
+    async fn audit_archivable(
+        &self,
+        before_ns: i64,
+        max_fwd_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT fwd_seq, record FROM audit_log a WHERE a.fwd_seq <= $1 \
+             AND a.seq < (SELECT MAX(h.seq) FROM audit_log h WHERE h.node_code = a.node_code) \
+             AND a.seq < COALESCE((SELECT MIN(n.seq) FROM audit_log n \
+                 WHERE n.node_code = a.node_code AND n.time_ns >= $2), 9223372036854775807) \
+             ORDER BY a.fwd_seq LIMIT $3",
+        )
+        .bind(to_i64(max_fwd_seq))
+        .bind(before_ns)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        positioned_audit(&rows)
+    }
+
+    async fn audit_delete(&self, fwd_seqs: &[u64]) -> Result<u64, StoreError> {
+        if fwd_seqs.is_empty() {
+            return Ok(0);
+        }
+        let positions: Vec<i64> = fwd_seqs.iter().map(|s| to_i64(*s)).collect();
+        let done = sqlx::query("DELETE FROM audit_log WHERE fwd_seq = ANY($1)")
+            .bind(positions)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn audit_delete_chain_upto(&self, node: &str, seq: u64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM audit_log WHERE node_code = $1 AND seq <= $2 \
+             AND seq < (SELECT MAX(h.seq) FROM audit_log h WHERE h.node_code = $1)",
+        )
+        .bind(node)
+        .bind(to_i64(seq))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn audit_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(n))
+    }
+
+    async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = sqlx::query_scalar("SELECT public_key FROM node_key WHERE node_code = $1")
+            .bind(node)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(key)
+    }
+
+    async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO node_key (node_code, public_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(node)
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+        // A new statement sees a concurrent pin that won the insert, committed by now (ON CONFLICT waited for it).
+        let pinned = sqlx::query_scalar("SELECT public_key FROM node_key WHERE node_code = $1")
+            .bind(node)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(pinned)
+    }
+
+    async fn close(&self) {
+        PgStore::close(self).await;
+    }
+}

@@ -1,0 +1,1519 @@
+//! The contract of `Store`, run against every backend: each scenario is an async fn over `Arc<dyn Store>`, and
+//! [`contract!`] turns it into one test on a fresh SQLite file and one on a fresh PostgreSQL database (skipped,
+//! passing, when `FEDGATE_TEST_POSTGRES` is unset; failing when `FEDGATE_REQUIRE_POSTGRES=1` and it is).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail, ensure};
+use fedgate_gateway::store::{
+    AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, PgStore, SqliteStore, Store,
+    StoreError,
+};
+use fedgate_proto::v1::{
+    AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
+};
+use fedgate_tests::postgres::scratch_database;
+use prost::Message;
+
+/// Runs `scenario` on a new SQLite store in a temporary directory.
+async fn on_sqlite<F, Fut>(scenario: F) -> Result<()>
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SqliteStore::open(&dir.path().join("contract.db")).await?);
+    let result = scenario(store.clone()).await;
+    store.close().await;
+    result
+}
+
+/// Runs `scenario` on a new PostgreSQL store in a scratch database, dropped afterwards (also when the scenario
+/// panics: it runs as a task of its own).
+async fn on_postgres<F, Fut>(scenario: F) -> Result<()>
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let store = match PgStore::connect(&db.url).await {
+        Ok(store) => Arc::new(store),
+        Err(e) => {
+            db.drop_database().await?;
+            return Err(e).context("connecting the PostgreSQL store");
+        }
+    };
+    let result = tokio::spawn(scenario(store.clone())).await;
+    store.close().await;
+    db.drop_database().await?;
+    match result {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One test per backend for each scenario.
+macro_rules! contract {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::on_sqlite(super::$scenario).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::on_postgres(super::$scenario).await
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    catalog_versions_withdrawals_and_outbox,
+    catalog_search_filters_and_pagination,
+    child_catalog_cursor_gap_and_idempotence,
+    uplink_ack_only_grows,
+    audit_append_head_chain_and_positions,
+    audit_query_filters_and_pagination,
+    child_audit_cursor_gap_and_idempotence,
+    audit_archival_and_deletion,
+    governance_docs_and_id_counters,
+    node_keys_are_pinned_on_first_sight,
+    concurrent_writers_commit_in_position_order,
+);
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers
+
+fn entry(id: &str, title: &str, summary: &str, class: &[&str], share: ShareType) -> CatalogEntry {
+    let node = id.split(':').next().unwrap_or_default();
+    CatalogEntry {
+        id: id.to_owned(),
+        title: title.to_owned(),
+        summary: summary.to_owned(),
+        provider_uscc: format!("P{node}"),
+        node_code: node.to_owned(),
+        classification: class.iter().map(|c| (*c).to_owned()).collect(),
+        format: "table".into(),
+        share_type: share as i32,
+        ..Default::default()
+    }
+}
+
+fn upsert(e: &CatalogEntry) -> CatalogChange {
+    CatalogChange {
+        change: Some(catalog_change::Change::Upsert(e.clone())),
+    }
+}
+
+fn withdrawal(id: &str, version: u64) -> CatalogChange {
+    CatalogChange {
+        change: Some(catalog_change::Change::Withdraw(Withdrawal {
+            id: id.to_owned(),
+            version,
+        })),
+    }
+}
+
+fn with_version(e: &CatalogEntry, version: u64) -> CatalogEntry {
+    CatalogEntry {
+        version,
+        ..e.clone()
+    }
+}
+
+fn rec(node: &str, seq: u64, time_ns: i64) -> AuditRecord {
+    AuditRecord {
+        node_code: node.to_owned(),
+        seq,
+        time_unix_nanos: time_ns,
+        operation: 3,
+        actor: format!("urn:fedgate:node:{node}"),
+        outcome: "OK".into(),
+        request_id: format!("{node}-{seq}"),
+        route: vec![node.to_owned()],
+        prev_hash: vec![seq as u8; 32],
+        hash: vec![!(seq as u8); 32],
+        ..Default::default()
+    }
+}
+
+fn ids(entries: &[CatalogEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.id.as_str()).collect()
+}
+
+fn seqs(items: &[OutboxItem]) -> Vec<u64> {
+    items.iter().map(|i| i.seq).collect()
+}
+
+fn changes(items: &[OutboxItem]) -> Result<Vec<CatalogChange>> {
+    items
+        .iter()
+        .map(|i| Ok(CatalogChange::decode(i.payload.as_slice())?))
+        .collect()
+}
+
+fn records(items: &[OutboxItem]) -> Result<Vec<AuditRecord>> {
+    items
+        .iter()
+        .map(|i| Ok(AuditRecord::decode(i.payload.as_slice())?))
+        .collect()
+}
+
+/// (node, seq) of positioned records.
+fn chain_ids(rows: &[(u64, AuditRecord)]) -> Vec<(String, u64)> {
+    rows.iter()
+        .map(|(_, r)| (r.node_code.clone(), r.seq))
+        .collect()
+}
+
+fn positions(rows: &[(u64, AuditRecord)]) -> Vec<u64> {
+    rows.iter().map(|(p, _)| *p).collect()
+}
+
+fn expect_gap<T: std::fmt::Debug>(
+    result: Result<T, StoreError>,
+    child: &str,
+    expected: u64,
+    got: u64,
+) -> Result<()> {
+    match result {
+        Err(StoreError::Gap {
+            child: c,
+            expected: e,
+            got: g,
+        }) if c == child && e == expected && g == got => Ok(()),
+        other => bail!("expected a gap {child} {expected}->{got}, got {other:?}"),
+    }
+}
+
+async fn all_live(store: &dyn Store) -> Result<Vec<CatalogEntry>> {
+    Ok(store
+        .search(&CatalogQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Catalog
+
+async fn catalog_versions_withdrawals_and_outbox(store: Arc<dyn Store>) -> Result<()> {
+    assert_eq!(store.count_entries().await?, 0);
+    assert!(store.entry("350102:household").await?.is_none());
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 0);
+    assert!(store.outbox_after(Stream::Catalog, 0, 10).await?.is_empty());
+
+    // The store numbers versions itself, whatever the caller put in.
+    let mut e = entry(
+        "350102:household",
+        "Household register",
+        "Residents",
+        &["civil-affairs", "household"],
+        ShareType::Unconditional,
+    );
+    e.version = 99;
+    let v1 = store.publish_local(e.clone()).await?;
+    assert_eq!(v1, with_version(&e, 1));
+    let stored = store.entry(&e.id).await?.context("stored")?;
+    assert_eq!(stored.entry, v1);
+    assert!(!stored.withdrawn);
+    assert_eq!(store.count_entries().await?, 1);
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 1);
+
+    e.title = "Household register (户籍)".into();
+    let v2 = store.publish_local(e.clone()).await?;
+    assert_eq!(v2.version, 2);
+    assert_eq!(store.entry(&e.id).await?.context("stored")?.entry, v2);
+
+    assert_eq!(store.withdraw_local(&e.id).await?, Some(3));
+    let stored = store.entry(&e.id).await?.context("stored")?;
+    assert!(stored.withdrawn);
+    assert_eq!(
+        stored.entry, v2,
+        "a withdrawal keeps the last published body"
+    );
+    assert_eq!(store.count_entries().await?, 0);
+    assert!(all_live(store.as_ref()).await?.is_empty());
+
+    assert_eq!(store.withdraw_local("350102:unknown").await?, None);
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 3);
+
+    // Publishing again continues after the withdrawal's version.
+    let v4 = store.publish_local(e.clone()).await?;
+    assert_eq!(v4.version, 4);
+    let stored = store.entry(&e.id).await?.context("stored")?;
+    assert!(!stored.withdrawn);
+    assert_eq!(stored.entry, v4);
+    assert_eq!(store.count_entries().await?, 1);
+
+    let all = store.outbox_after(Stream::Catalog, 0, 100).await?;
+    assert_eq!(seqs(&all), vec![1, 2, 3, 4]);
+    assert_eq!(
+        changes(&all)?,
+        vec![upsert(&v1), upsert(&v2), withdrawal(&e.id, 3), upsert(&v4)]
+    );
+    let page = store.outbox_after(Stream::Catalog, 1, 2).await?;
+    assert_eq!(seqs(&page), vec![2, 3]);
+    assert_eq!(page, all[1..3].to_vec());
+    assert!(store.outbox_after(Stream::Catalog, 4, 10).await?.is_empty());
+    assert!(store.outbox_after(Stream::Catalog, 0, 0).await?.is_empty());
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 4);
+
+    // The catalog stream is not the audit stream.
+    assert_eq!(store.outbox_head(Stream::Audit).await?, 0);
+    assert!(store.outbox_after(Stream::Audit, 0, 10).await?.is_empty());
+    assert_eq!(store.outbox_head(Stream::Unspecified).await?, 0);
+    Ok(())
+}
+
+async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<()> {
+    use ShareType::{Conditional, NotShared, Unconditional};
+    let entries = [
+        entry(
+            "350102:household",
+            "Household Register",
+            "Residents of Gulou",
+            &["civil-affairs", "household"],
+            Unconditional,
+        ),
+        entry(
+            "350102:marriage",
+            "Marriage records",
+            "Marriages registered in Gulou",
+            &["civil-affairs", "marriage"],
+            Conditional,
+        ),
+        entry(
+            "350103:births",
+            "Birth certificates",
+            "Medical birth certificates",
+            &["health"],
+            NotShared,
+        ),
+        entry(
+            "350203:household",
+            "HOUSEHOLD register",
+            "Residents of Xiamen",
+            &["civil-affairs"],
+            Unconditional,
+        ),
+        entry(
+            "351000:permits",
+            "Ärzte permits",
+            "Licensed physicians",
+            &["civil-affairs-extra", "permits"],
+            Unconditional,
+        ),
+        // A classification path of multi-byte characters: prefixes are compared in characters.
+        entry(
+            "350103:hukou",
+            "户籍人口",
+            "常住人口",
+            &["户籍", "人口"],
+            Conditional,
+        ),
+        // Ids whose order differs between byte order and natural-language collations.
+        entry("350102:Zeta", "zeta", "", &["misc"], Conditional),
+        entry("350102:a-b", "dash", "", &["misc"], Conditional),
+        entry("350102:a.b", "dot", "", &["misc"], Conditional),
+        entry("350102:a_b", "underscore", "", &["misc"], Conditional),
+        entry(
+            "350102:old",
+            "Old household list",
+            "",
+            &["civil-affairs"],
+            Unconditional,
+        ),
+    ];
+    for e in &entries {
+        store.publish_local(e.clone()).await?;
+    }
+    assert_eq!(store.withdraw_local("350102:old").await?, Some(2));
+    assert_eq!(store.count_entries().await?, 10);
+
+    let search = |q: CatalogQuery| {
+        let store = store.clone();
+        async move {
+            let q = CatalogQuery {
+                limit: if q.limit == 0 { 100 } else { q.limit },
+                ..q
+            };
+            Ok::<_, anyhow::Error>(
+                ids(&store.search(&q).await?)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let words = |w: &[&str]| CatalogQuery {
+        words: w.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    };
+
+    // No filter: every live entry, in byte order of ids.
+    let everything = search(CatalogQuery::default()).await?;
+    let mut expected: Vec<String> = entries
+        .iter()
+        .map(|e| e.id.clone())
+        .filter(|id| id != "350102:old")
+        .collect();
+    expected.sort();
+    assert_eq!(everything, expected);
+    assert_eq!(
+        everything[..5],
+        [
+            "350102:Zeta",
+            "350102:a-b",
+            "350102:a.b",
+            "350102:a_b",
+            "350102:household"
+        ]
+    );
+    let full = all_live(store.as_ref()).await?;
+    for e in &full {
+        let stored = store.entry(&e.id).await?.context("stored")?;
+        assert_eq!(&stored.entry, e);
+    }
+
+    // Words: every word in title or summary, ASCII letters folded (as SQLite's lower()), withdrawn entries never.
+    assert_eq!(
+        search(words(&["household"])).await?,
+        ["350102:household", "350203:household"]
+    );
+    assert_eq!(
+        search(words(&["household", "xiamen"])).await?,
+        ["350203:household"]
+    );
+    assert_eq!(
+        search(words(&["register", "gulou"])).await?,
+        ["350102:household", "350102:marriage"],
+        "words match inside longer words"
+    );
+    assert_eq!(
+        search(words(&["register residents"])).await?,
+        ["350102:household", "350203:household"],
+        "title and summary are searched as one text joined by a space"
+    );
+    assert_eq!(search(words(&["rzte permits"])).await?, ["351000:permits"]);
+    assert!(
+        search(words(&["ärzte"])).await?.is_empty(),
+        "only ASCII letters are folded"
+    );
+    assert!(search(words(&["household", "nowhere"])).await?.is_empty());
+    assert_eq!(search(words(&[""])).await?, everything);
+
+    // Provider.
+    assert_eq!(
+        search(CatalogQuery {
+            provider_uscc: Some("P350103".into()),
+            ..Default::default()
+        })
+        .await?,
+        ["350103:births", "350103:hukou"]
+    );
+    assert!(
+        search(CatalogQuery {
+            provider_uscc: Some("p350103".into()),
+            ..Default::default()
+        })
+        .await?
+        .is_empty()
+    );
+
+    // Classification: the path itself or anything below it, never a sibling sharing a prefix.
+    let class = |c: &[&str]| CatalogQuery {
+        classification: c.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    };
+    assert_eq!(
+        search(class(&["civil-affairs"])).await?,
+        ["350102:household", "350102:marriage", "350203:household"]
+    );
+    assert_eq!(
+        search(class(&["civil-affairs", "household"])).await?,
+        ["350102:household"]
+    );
+    assert_eq!(
+        search(class(&["civil-affairs-extra"])).await?,
+        ["351000:permits"]
+    );
+    assert_eq!(search(class(&["户籍"])).await?, ["350103:hukou"]);
+    assert_eq!(search(class(&["户籍", "人口"])).await?, ["350103:hukou"]);
+    assert!(search(class(&["户"])).await?.is_empty());
+    assert!(search(class(&["civil"])).await?.is_empty());
+    assert!(search(class(&["Civil-affairs"])).await?.is_empty());
+
+    // Share type.
+    assert_eq!(
+        search(CatalogQuery {
+            share_type: Some(NotShared),
+            ..Default::default()
+        })
+        .await?,
+        ["350103:births"]
+    );
+
+    // Node prefix: province, city, county.
+    let prefix = |p: &str| CatalogQuery {
+        node_prefix: Some(p.to_owned()),
+        ..Default::default()
+    };
+    assert_eq!(search(prefix("35")).await?, everything);
+    assert_eq!(search(prefix("3502")).await?, ["350203:household"]);
+    assert_eq!(
+        search(prefix("350103")).await?,
+        ["350103:births", "350103:hukou"]
+    );
+    assert_eq!(search(prefix("351")).await?, ["351000:permits"]);
+    assert_eq!(search(prefix("3501")).await?.len(), 8);
+    assert!(search(prefix("3503")).await?.is_empty());
+    assert_eq!(search(prefix("")).await?, everything);
+
+    // Filters combine.
+    assert_eq!(
+        search(CatalogQuery {
+            words: vec!["household".into()],
+            classification: vec!["civil-affairs".into()],
+            share_type: Some(Unconditional),
+            node_prefix: Some("3501".into()),
+            provider_uscc: Some("P350102".into()),
+            ..Default::default()
+        })
+        .await?,
+        ["350102:household"]
+    );
+
+    // Pagination by id.
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = search(CatalogQuery {
+            after_id: after.clone(),
+            limit: 2,
+            ..Default::default()
+        })
+        .await?;
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged, everything);
+    assert_eq!(
+        search(CatalogQuery {
+            after_id: Some("350102:a".into()),
+            limit: 2,
+            ..Default::default()
+        })
+        .await?,
+        ["350102:a-b", "350102:a.b"]
+    );
+    assert!(
+        store
+            .search(&CatalogQuery {
+                limit: 0,
+                ..Default::default()
+            })
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+async fn child_catalog_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result<()> {
+    let child = "350102";
+    let a = with_version(
+        &entry("350102:a", "Alpha", "", &["x"], ShareType::Unconditional),
+        5,
+    );
+    let b = with_version(
+        &entry("350102:b", "Beta", "", &["x"], ShareType::Conditional),
+        1,
+    );
+    assert_eq!(store.cursor(child, Stream::Catalog).await?, 0);
+
+    let batch = vec![(1, upsert(&a)), (2, upsert(&b))];
+    assert_eq!(store.apply_child_catalog(child, &batch).await?, 2);
+    assert_eq!(store.cursor(child, Stream::Catalog).await?, 2);
+    assert_eq!(store.cursor(child, Stream::Audit).await?, 0);
+    assert_eq!(store.cursor("350103", Stream::Catalog).await?, 0);
+    // A child's versions are kept as sent.
+    assert_eq!(store.entry("350102:a").await?.context("a")?.entry, a);
+    assert_eq!(store.entry("350102:b").await?.context("b")?.entry, b);
+    let out = store.outbox_after(Stream::Catalog, 0, 100).await?;
+    assert_eq!(seqs(&out), vec![1, 2]);
+    assert_eq!(changes(&out)?, vec![upsert(&a), upsert(&b)]);
+
+    // Re-sending applied items changes nothing.
+    assert_eq!(store.apply_child_catalog(child, &batch).await?, 2);
+    assert_eq!(store.apply_child_catalog(child, &batch[..1]).await?, 2);
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 2);
+    assert_eq!(store.count_entries().await?, 2);
+
+    // An overlapping batch applies only what is new.
+    let overlap = vec![(2, upsert(&b)), (3, withdrawal("350102:a", 6))];
+    assert_eq!(store.apply_child_catalog(child, &overlap).await?, 3);
+    let stored = store.entry("350102:a").await?.context("a")?;
+    assert!(stored.withdrawn);
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 3);
+    assert_eq!(
+        changes(&store.outbox_after(Stream::Catalog, 2, 100).await?)?,
+        vec![withdrawal("350102:a", 6)]
+    );
+
+    // Gaps are refused, atomically, wherever they are in the batch.
+    let c = with_version(
+        &entry("350102:c", "Gamma", "", &["x"], ShareType::Unconditional),
+        1,
+    );
+    expect_gap(
+        store.apply_child_catalog(child, &[(5, upsert(&c))]).await,
+        child,
+        4,
+        5,
+    )?;
+    expect_gap(
+        store
+            .apply_child_catalog(child, &[(4, upsert(&c)), (6, upsert(&b))])
+            .await,
+        child,
+        5,
+        6,
+    )?;
+    assert_eq!(store.cursor(child, Stream::Catalog).await?, 3);
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 3);
+    assert!(store.entry("350102:c").await?.is_none());
+
+    // Older versions do not overwrite newer ones, but are still forwarded in order.
+    let old_a = with_version(&a, 4);
+    assert_eq!(
+        store
+            .apply_child_catalog(
+                child,
+                &[(4, upsert(&old_a)), (5, withdrawal("350102:b", 1))]
+            )
+            .await?,
+        5
+    );
+    let stored = store.entry("350102:a").await?.context("a")?;
+    assert!(
+        stored.withdrawn,
+        "version 4 is older than the withdrawal (6)"
+    );
+    assert_eq!(stored.entry, a);
+    assert!(
+        !store.entry("350102:b").await?.context("b")?.withdrawn,
+        "a withdrawal must be newer than the stored version"
+    );
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 5);
+
+    // A newer upsert brings a withdrawn entry back; an unknown withdrawal is forwarded and stores nothing.
+    let new_a = with_version(&a, 7);
+    assert_eq!(
+        store
+            .apply_child_catalog(
+                child,
+                &[(6, upsert(&new_a)), (7, withdrawal("350102:zz", 3))]
+            )
+            .await?,
+        7
+    );
+    let stored = store.entry("350102:a").await?.context("a")?;
+    assert!(!stored.withdrawn);
+    assert_eq!(stored.entry, new_a);
+    assert!(store.entry("350102:zz").await?.is_none());
+    assert_eq!(
+        changes(&store.outbox_after(Stream::Catalog, 3, 100).await?)?,
+        vec![
+            upsert(&old_a),
+            withdrawal("350102:b", 1),
+            upsert(&new_a),
+            withdrawal("350102:zz", 3)
+        ]
+    );
+
+    // A local publication of a child's entry continues its version.
+    assert_eq!(store.publish_local(a.clone()).await?.version, 8);
+
+    // Empty batches; a second child's cursor is its own, and its items join the same outbox.
+    assert_eq!(store.apply_child_catalog(child, &[]).await?, 7);
+    assert_eq!(store.apply_child_catalog("350103", &[]).await?, 0);
+    let d = with_version(
+        &entry("350103:d", "Delta", "", &["x"], ShareType::Unconditional),
+        2,
+    );
+    assert_eq!(
+        store
+            .apply_child_catalog("350103", &[(1, upsert(&d))])
+            .await?,
+        1
+    );
+    assert_eq!(store.cursor("350103", Stream::Catalog).await?, 1);
+    assert_eq!(store.cursor(child, Stream::Catalog).await?, 7);
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 9);
+    assert_eq!(store.count_entries().await?, 3);
+    Ok(())
+}
+
+async fn uplink_ack_only_grows(store: Arc<dyn Store>) -> Result<()> {
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 0);
+    assert_eq!(store.uplink_acked(Stream::Audit).await?, 0);
+    store.set_uplink_acked(Stream::Catalog, 5).await?;
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 5);
+    store.set_uplink_acked(Stream::Catalog, 3).await?;
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 5);
+    store.set_uplink_acked(Stream::Catalog, 0).await?;
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 5);
+    store.set_uplink_acked(Stream::Catalog, 9).await?;
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 9);
+    assert_eq!(store.uplink_acked(Stream::Audit).await?, 0);
+    store.set_uplink_acked(Stream::Audit, 0).await?;
+    assert_eq!(store.uplink_acked(Stream::Audit).await?, 0);
+    // Stored as a signed 64-bit integer: saturates.
+    store.set_uplink_acked(Stream::Audit, u64::MAX).await?;
+    assert_eq!(
+        store.uplink_acked(Stream::Audit).await?,
+        i64::MAX.unsigned_abs()
+    );
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 9);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Audit
+
+async fn audit_append_head_chain_and_positions(store: Arc<dyn Store>) -> Result<()> {
+    assert_eq!(store.audit_count().await?, 0);
+    assert!(store.audit_head("350102").await?.is_none());
+    assert!(store.audit_nodes().await?.is_empty());
+    store.audit_append(&[]).await?;
+    assert_eq!(store.audit_count().await?, 0);
+
+    let mut full = rec("350102", 1, 1_000);
+    full.consumer_uscc = "C1".into();
+    full.provider_uscc = "P1".into();
+    full.resource_id = "350102:household".into();
+    full.grant_id = "G-1".into();
+    full.purpose = "checking (核查)".into();
+    full.route = vec!["350100".into(), "350102".into()];
+    full.detail = "x".repeat(1000);
+    full.response_digest = vec![7; 32];
+    full.signature = vec![9; 64];
+    full.consumer_node = "350100".into();
+    full.mode = "QUERY".into();
+    let first = vec![
+        full,
+        rec("350100", 1, 900),
+        rec("350102", 2, 1_100),
+        rec("350102", 3, 1_200),
+    ];
+    let second = vec![
+        rec("350100", 2, 1_300),
+        rec("350102", 4, 1_250),
+        rec("350100", 3, 1_400),
+        rec("350102", 5, 1_500),
+    ];
+    store.audit_append(&first).await?;
+    store.audit_append(&second).await?;
+    let written: Vec<AuditRecord> = first.iter().chain(&second).cloned().collect();
+    assert_eq!(store.audit_count().await?, 8);
+    assert_eq!(store.audit_head("350102").await?, Some(written[7].clone()));
+    assert_eq!(store.audit_head("350100").await?, Some(written[6].clone()));
+    assert!(store.audit_head("350103").await?.is_none());
+    assert_eq!(store.audit_nodes().await?, ["350100", "350102"]);
+
+    // The upward audit stream: positions 1.. in append order, payloads the encoded records.
+    assert_eq!(store.outbox_head(Stream::Audit).await?, 8);
+    let all = store.outbox_after(Stream::Audit, 0, 100).await?;
+    assert_eq!(seqs(&all), (1..=8).collect::<Vec<_>>());
+    assert_eq!(records(&all)?, written);
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 3, 2).await?),
+        vec![4, 5]
+    );
+    assert!(store.outbox_after(Stream::Audit, 8, 10).await?.is_empty());
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 0);
+
+    // Chains in chain order.
+    let chain = store.audit_chain("350102", 0, 100).await?;
+    assert_eq!(
+        chain,
+        vec![
+            written[0].clone(),
+            written[2].clone(),
+            written[3].clone(),
+            written[5].clone(),
+            written[7].clone()
+        ]
+    );
+    let part = store.audit_chain("350102", 2, 2).await?;
+    assert_eq!(part.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 4]);
+    assert!(store.audit_chain("350102", 5, 10).await?.is_empty());
+    assert!(store.audit_chain("350102", 0, 0).await?.is_empty());
+    assert!(store.audit_chain("350103", 0, 10).await?.is_empty());
+
+    // A batch is all or nothing: a duplicate (node, seq) at its end rejects all of it.
+    let bad = vec![rec("350102", 6, 1_600), rec("350102", 5, 1_700)];
+    assert!(matches!(
+        store.audit_append(&bad).await,
+        Err(StoreError::Database(_))
+    ));
+    assert_eq!(store.audit_count().await?, 8);
+    assert_eq!(store.audit_head("350102").await?, Some(written[7].clone()));
+    assert_eq!(store.outbox_head(Stream::Audit).await?, 8);
+    // ... and leaves no hole in the stream.
+    store.audit_append(&bad[..1]).await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 8, 10).await?),
+        vec![9]
+    );
+
+    // Large batches, beyond any single statement's size, are appended in order and atomically too.
+    let big: Vec<AuditRecord> = (1..=10_000).map(|s| rec("350203", s, s as i64)).collect();
+    let mut big_bad = big.clone();
+    big_bad.push(rec("350203", 1, 0));
+    assert!(store.audit_append(&big_bad).await.is_err());
+    assert_eq!(store.audit_count().await?, 9);
+    store.audit_append(&big).await?;
+    assert_eq!(store.audit_count().await?, 10_009);
+    assert_eq!(store.outbox_head(Stream::Audit).await?, 10_009);
+    let tail = store.outbox_after(Stream::Audit, 9, 20_000).await?;
+    assert_eq!(seqs(&tail), (10..=10_009).collect::<Vec<_>>());
+    assert_eq!(records(&tail)?, big);
+    assert_eq!(store.audit_head("350203").await?, big.last().cloned());
+    assert_eq!(store.audit_nodes().await?, ["350100", "350102", "350203"]);
+    Ok(())
+}
+
+async fn audit_query_filters_and_pagination(store: Arc<dyn Store>) -> Result<()> {
+    let make = |node: &str, seq, t, consumer: &str, provider: &str, res: &str, outcome: &str| {
+        AuditRecord {
+            consumer_uscc: consumer.to_owned(),
+            provider_uscc: provider.to_owned(),
+            resource_id: res.to_owned(),
+            outcome: outcome.to_owned(),
+            ..rec(node, seq, t)
+        }
+    };
+    let rs = [
+        make("350102", 1, 100, "C1", "P1", "R1", "OK"),
+        make("350102", 2, 200, "C2", "P1", "R2", "PERMISSION_DENIED"),
+        make("350103", 1, 300, "C1", "P2", "R1", "OK"),
+        make("350203", 1, 400, "C3", "P3", "R3", "OK"),
+        make("351000", 1, 500, "C1", "P3", "R1", "INTERNAL"),
+        make("350100", 1, -50, "", "", "", "OK"),
+    ];
+    store.audit_append(&rs[..3]).await?;
+    store.audit_append(&rs[3..]).await?;
+
+    let query = |q: AuditQuery| {
+        let store = store.clone();
+        async move {
+            let q = AuditQuery {
+                limit: if q.limit == 0 { 100 } else { q.limit },
+                ..q
+            };
+            let rows = store.audit_query(&q).await?;
+            Ok::<_, anyhow::Error>(rows)
+        }
+    };
+    // Which of `rs` a query returned (1-based, as the positions are).
+    let which = |rows: &[(u64, AuditRecord)]| -> Result<Vec<u64>> {
+        for (p, r) in rows {
+            ensure!(
+                usize::try_from(*p)
+                    .ok()
+                    .and_then(|i| rs.get(i.checked_sub(1)?))
+                    == Some(r),
+                "position {p} holds {r:?}"
+            );
+        }
+        Ok(positions(rows))
+    };
+    let s = |v: &str| Some(v.to_owned());
+
+    assert_eq!(
+        which(&query(AuditQuery::default()).await?)?,
+        [1, 2, 3, 4, 5, 6]
+    );
+    // Party: consumer or provider; counterpart: the other side, only with a party.
+    let party = |p: &str| AuditQuery {
+        party: s(p),
+        ..Default::default()
+    };
+    assert_eq!(which(&query(party("C1")).await?)?, [1, 3, 5]);
+    assert_eq!(which(&query(party("P1")).await?)?, [1, 2]);
+    assert_eq!(which(&query(party("P3")).await?)?, [4, 5]);
+    assert!(query(party("c1")).await?.is_empty());
+    assert_eq!(
+        which(
+            &query(AuditQuery {
+                party: s("C1"),
+                counterpart: s("P1"),
+                ..Default::default()
+            })
+            .await?
+        )?,
+        [1]
+    );
+    assert_eq!(
+        which(
+            &query(AuditQuery {
+                party: s("P3"),
+                counterpart: s("C1"),
+                ..Default::default()
+            })
+            .await?
+        )?,
+        [5]
+    );
+    assert_eq!(
+        which(
+            &query(AuditQuery {
+                counterpart: s("P1"),
+                ..Default::default()
+            })
+            .await?
+        )?,
+        [1, 2, 3, 4, 5, 6],
+        "a counterpart without a party filters nothing"
+    );
+
+    // Time: from inclusive, to exclusive.
+    let time = |from: Option<i64>, to: Option<i64>| AuditQuery {
+        from_ns: from,
+        to_ns: to,
+        ..Default::default()
+    };
+    assert_eq!(which(&query(time(Some(200), None)).await?)?, [2, 3, 4, 5]);
+    assert_eq!(which(&query(time(None, Some(400))).await?)?, [1, 2, 3, 6]);
+    assert_eq!(which(&query(time(Some(200), Some(400))).await?)?, [2, 3]);
+    assert_eq!(which(&query(time(None, Some(0))).await?)?, [6]);
+    assert!(query(time(Some(400), Some(400))).await?.is_empty());
+
+    // Resource, outcome.
+    assert_eq!(
+        which(
+            &query(AuditQuery {
+                resource_id: s("R1"),
+                ..Default::default()
+            })
+            .await?
+        )?,
+        [1, 3, 5]
+    );
+    assert_eq!(
+        which(
+            &query(AuditQuery {
+                outcome: s("OK"),
+                ..Default::default()
+            })
+            .await?
+        )?,
+        [1, 3, 4, 6]
+    );
+    assert!(
+        query(AuditQuery {
+            outcome: s("ok"),
+            ..Default::default()
+        })
+        .await?
+        .is_empty()
+    );
+
+    // Node prefix: the writing node's subtree.
+    let prefix = |p: &str| AuditQuery {
+        node_prefix: s(p),
+        ..Default::default()
+    };
+    assert_eq!(which(&query(prefix("3501")).await?)?, [1, 2, 3, 6]);
+    assert_eq!(which(&query(prefix("350102")).await?)?, [1, 2]);
+    assert_eq!(which(&query(prefix("351")).await?)?, [5]);
+    assert_eq!(which(&query(prefix("35")).await?)?, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(which(&query(prefix("")).await?)?, [1, 2, 3, 4, 5, 6]);
+    assert!(query(prefix("3502031")).await?.is_empty());
+
+    // All together.
+    assert_eq!(
+        which(
+            &query(AuditQuery {
+                party: s("C1"),
+                counterpart: s("P2"),
+                node_prefix: s("3501"),
+                from_ns: Some(300),
+                to_ns: Some(301),
+                resource_id: s("R1"),
+                outcome: s("OK"),
+                ..Default::default()
+            })
+            .await?
+        )?,
+        [3]
+    );
+
+    // Pagination by position.
+    assert_eq!(
+        which(
+            &query(AuditQuery {
+                after_fwd_seq: Some(2),
+                limit: 2,
+                ..Default::default()
+            })
+            .await?
+        )?,
+        [3, 4]
+    );
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = query(AuditQuery {
+            party: s("C1"),
+            after_fwd_seq: after,
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        paged.extend(which(&page)?);
+    }
+    assert_eq!(paged, [1, 3, 5]);
+    assert!(
+        store
+            .audit_query(&AuditQuery {
+                limit: 0,
+                ..Default::default()
+            })
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result<()> {
+    let child = "350100";
+    // A child forwards records of its whole subtree.
+    let items: Vec<(u64, AuditRecord)> = vec![
+        (1, rec("350100", 1, 10)),
+        (2, rec("350102", 1, 11)),
+        (3, rec("350100", 2, 12)),
+        (4, rec("350102", 2, 13)),
+        (5, rec("350100", 3, 14)),
+    ];
+    assert_eq!(store.cursor(child, Stream::Audit).await?, 0);
+    assert_eq!(store.apply_child_audit(child, &items[..2]).await?, 2);
+    assert_eq!(store.cursor(child, Stream::Audit).await?, 2);
+    assert_eq!(store.cursor(child, Stream::Catalog).await?, 0);
+    assert_eq!(store.audit_count().await?, 2);
+
+    // Re-sent items change nothing; an overlapping batch adds only the new ones.
+    assert_eq!(store.apply_child_audit(child, &items[..2]).await?, 2);
+    assert_eq!(store.apply_child_audit(child, &items[..3]).await?, 3);
+    assert_eq!(store.audit_count().await?, 3);
+    assert_eq!(store.apply_child_audit(child, &[]).await?, 3);
+
+    // Gaps are refused atomically.
+    expect_gap(
+        store.apply_child_audit(child, &items[4..]).await,
+        child,
+        4,
+        5,
+    )?;
+    expect_gap(
+        store
+            .apply_child_audit(child, &[items[3].clone(), (6, rec("350100", 4, 15))])
+            .await,
+        child,
+        5,
+        6,
+    )?;
+    assert_eq!(store.cursor(child, Stream::Audit).await?, 3);
+    assert_eq!(store.audit_count().await?, 3);
+
+    // A record the store already holds under its (node, seq) fails the batch, which leaves nothing behind.
+    let duplicate = vec![items[3].clone(), (5, rec("350102", 1, 99))];
+    assert!(matches!(
+        store.apply_child_audit(child, &duplicate).await,
+        Err(StoreError::Database(_))
+    ));
+    assert_eq!(store.cursor(child, Stream::Audit).await?, 3);
+    assert_eq!(store.audit_count().await?, 3);
+
+    assert_eq!(store.apply_child_audit(child, &items).await?, 5);
+    assert_eq!(store.audit_count().await?, 5);
+    // This node's stream holds them in arrival order at consecutive positions, failed batches notwithstanding.
+    let out = store.outbox_after(Stream::Audit, 0, 100).await?;
+    assert_eq!(seqs(&out), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        records(&out)?,
+        items.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(store.audit_head("350102").await?, Some(items[3].1.clone()));
+    assert_eq!(store.audit_nodes().await?, ["350100", "350102"]);
+
+    // Own records and a second child's interleave in the same stream.
+    store.audit_append(&[rec("350000", 1, 20)]).await?;
+    assert_eq!(
+        store
+            .apply_child_audit("350200", &[(1, rec("350200", 1, 21))])
+            .await?,
+        1
+    );
+    assert_eq!(store.cursor("350200", Stream::Audit).await?, 1);
+    assert_eq!(store.cursor(child, Stream::Audit).await?, 5);
+    let out = store.outbox_after(Stream::Audit, 5, 100).await?;
+    assert_eq!(seqs(&out), vec![6, 7]);
+    assert_eq!(
+        records(&out)?,
+        vec![rec("350000", 1, 20), rec("350200", 1, 21)]
+    );
+    Ok(())
+}
+
+async fn audit_archival_and_deletion(store: Arc<dyn Store>) -> Result<()> {
+    // Chain 350102 stamped when requests started (times not monotonic); chain 350103 interleaved.
+    let a = |seq, t| rec("350102", seq, t);
+    let b = |seq, t| rec("350103", seq, t);
+    let written = vec![
+        a(1, 10), // 1
+        b(1, 1),  // 2
+        a(2, 5),  // 3
+        a(3, 20), // 4
+        b(2, 2),  // 5
+        a(4, 3),  // 6
+        a(5, 30), // 7
+    ];
+    store.audit_append(&written).await?;
+    let ids = |rows: Vec<(u64, AuditRecord)>| -> Result<Vec<u64>> {
+        for (p, r) in &rows {
+            ensure!(
+                usize::try_from(*p)
+                    .ok()
+                    .and_then(|i| written.get(i.checked_sub(1)?))
+                    == Some(r),
+                "position {p} holds {r:?}"
+            );
+        }
+        Ok(positions(&rows))
+    };
+
+    // 350102's first record is too recent, so nothing of it; 350103 keeps its head.
+    assert_eq!(ids(store.audit_archivable(8, u64::MAX, 100).await?)?, [2]);
+    assert_eq!(
+        ids(store.audit_archivable(25, u64::MAX, 100).await?)?,
+        [1, 2, 3, 4, 6]
+    );
+    assert_eq!(
+        ids(store.audit_archivable(i64::MAX, u64::MAX, 100).await?)?,
+        [1, 2, 3, 4, 6]
+    );
+    assert_eq!(
+        ids(store.audit_archivable(i64::MIN, u64::MAX, 100).await?)?,
+        Vec::<u64>::new()
+    );
+    assert_eq!(ids(store.audit_archivable(25, 3, 100).await?)?, [1, 2, 3]);
+    assert_eq!(ids(store.audit_archivable(25, u64::MAX, 2).await?)?, [1, 2]);
+    assert_eq!(
+        chain_ids(&store.audit_archivable(25, 4, 100).await?),
+        [
+            ("350102".to_owned(), 1),
+            ("350103".to_owned(), 1),
+            ("350102".to_owned(), 2),
+            ("350102".to_owned(), 3)
+        ]
+    );
+
+    // Deleting by position.
+    assert_eq!(store.audit_delete(&[]).await?, 0);
+    assert_eq!(store.audit_delete(&[1, 2, 2, 99]).await?, 2);
+    assert_eq!(store.audit_delete(&[1, 2]).await?, 0);
+    assert_eq!(store.audit_count().await?, 5);
+    assert_eq!(
+        ids(store.audit_archivable(25, u64::MAX, 100).await?)?,
+        [3, 4, 6]
+    );
+    assert_eq!(store.audit_chain("350102", 0, 100).await?.len(), 4);
+    assert_eq!(store.audit_nodes().await?, ["350102", "350103"]);
+
+    // Deleting a chain up to a sequence number never takes its last record.
+    assert_eq!(store.audit_delete_chain_upto("350102", 2).await?, 1);
+    assert_eq!(store.audit_delete_chain_upto("350102", 2).await?, 0);
+    assert_eq!(store.audit_delete_chain_upto("350102", 9).await?, 2);
+    assert_eq!(store.audit_delete_chain_upto("350102", 9).await?, 0);
+    assert_eq!(store.audit_delete_chain_upto("350103", 2).await?, 0);
+    assert_eq!(store.audit_delete_chain_upto("350999", 2).await?, 0);
+    assert_eq!(store.audit_count().await?, 2);
+    assert_eq!(store.audit_head("350102").await?, Some(written[6].clone()));
+    assert_eq!(store.audit_head("350103").await?, Some(written[4].clone()));
+    assert!(
+        store
+            .audit_archivable(i64::MAX, u64::MAX, 100)
+            .await?
+            .is_empty()
+    );
+
+    // Positions are never reused, even once the highest was deleted; the head is the highest one held.
+    assert_eq!(store.audit_delete(&[7]).await?, 1);
+    assert_eq!(store.outbox_head(Stream::Audit).await?, 5);
+    assert_eq!(store.audit_nodes().await?, ["350103"]);
+    store.audit_append(&[a(6, 40)]).await?;
+    let out = store.outbox_after(Stream::Audit, 0, 100).await?;
+    assert_eq!(seqs(&out), vec![5, 8]);
+    assert_eq!(store.outbox_head(Stream::Audit).await?, 8);
+    assert_eq!(store.audit_count().await?, 2);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Governance, keys
+
+async fn governance_docs_and_id_counters(store: Arc<dyn Store>) -> Result<()> {
+    assert_eq!(store.next_id("grant").await?, 1);
+    assert_eq!(store.next_id("grant").await?, 2);
+    assert_eq!(store.next_id("application").await?, 1);
+    assert_eq!(store.next_id("grant").await?, 3);
+    assert_eq!(store.next_id("Grant").await?, 1);
+
+    let doc = |kind, id: &str, provider: &str, consumer: &str, state, due_at| Doc {
+        kind,
+        id: id.to_owned(),
+        provider_uscc: provider.to_owned(),
+        consumer_uscc: consumer.to_owned(),
+        state,
+        due_at,
+        body: format!("{id}/{state}").into_bytes(),
+    };
+    assert!(store.doc(DocKind::Application, "A-1").await?.is_none());
+    let docs = [
+        doc(DocKind::Application, "A-1", "P1", "C1", 1, 100),
+        doc(DocKind::Application, "A-10", "P1", "C2", 2, 50),
+        doc(DocKind::Application, "A-9", "P2", "C1", 1, 0),
+        doc(DocKind::Application, "a-2", "P1", "C1", 1, 300),
+        doc(DocKind::Objection, "A-1", "P9", "C9", 7, 10),
+        doc(DocKind::Grant, "G-1", "P1", "C1", 0, 0),
+        doc(DocKind::Revocation, "R-1", "P1", "C1", 0, 0),
+    ];
+    for d in &docs {
+        store.put_doc(d).await?;
+    }
+    assert_eq!(
+        store.doc(DocKind::Application, "A-1").await?.as_ref(),
+        Some(&docs[0])
+    );
+    assert_eq!(
+        store.doc(DocKind::Objection, "A-1").await?.as_ref(),
+        Some(&docs[4])
+    );
+    assert_eq!(
+        store.doc(DocKind::Grant, "G-1").await?.as_ref(),
+        Some(&docs[5])
+    );
+    assert_eq!(
+        store.doc(DocKind::Revocation, "R-1").await?.as_ref(),
+        Some(&docs[6])
+    );
+    assert!(store.doc(DocKind::Grant, "A-1").await?.is_none());
+
+    // Replacing a document.
+    let replaced = doc(DocKind::Application, "A-1", "P1", "C3", 3, 0);
+    store.put_doc(&replaced).await?;
+    assert_eq!(
+        store.doc(DocKind::Application, "A-1").await?,
+        Some(replaced.clone())
+    );
+
+    let list = |q: DocQuery| {
+        let store = store.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                store
+                    .docs(DocKind::Application, &q)
+                    .await?
+                    .into_iter()
+                    .map(|d| d.id)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    // By id, bytewise.
+    assert_eq!(
+        list(DocQuery::default()).await?,
+        ["A-1", "A-10", "A-9", "a-2"]
+    );
+    let all = store
+        .docs(DocKind::Application, &DocQuery::default())
+        .await?;
+    assert_eq!(
+        all,
+        vec![replaced, docs[1].clone(), docs[2].clone(), docs[3].clone()]
+    );
+    assert_eq!(
+        list(DocQuery {
+            provider_uscc: Some("P1".into()),
+            ..Default::default()
+        })
+        .await?,
+        ["A-1", "A-10", "a-2"]
+    );
+    assert_eq!(
+        list(DocQuery {
+            consumer_uscc: Some("C1".into()),
+            ..Default::default()
+        })
+        .await?,
+        ["A-9", "a-2"]
+    );
+    assert_eq!(
+        list(DocQuery {
+            state: Some(1),
+            ..Default::default()
+        })
+        .await?,
+        ["A-9", "a-2"]
+    );
+    // Due before: strictly, and never documents without a deadline.
+    assert_eq!(
+        list(DocQuery {
+            due_before: Some(300),
+            ..Default::default()
+        })
+        .await?,
+        ["A-10"]
+    );
+    assert_eq!(
+        list(DocQuery {
+            due_before: Some(301),
+            ..Default::default()
+        })
+        .await?,
+        ["A-10", "a-2"]
+    );
+    assert_eq!(
+        list(DocQuery {
+            provider_uscc: Some("P1".into()),
+            consumer_uscc: Some("C1".into()),
+            state: Some(1),
+            due_before: Some(i64::MAX),
+        })
+        .await?,
+        ["a-2"]
+    );
+    assert!(
+        list(DocQuery {
+            provider_uscc: Some("P9".into()),
+            ..Default::default()
+        })
+        .await?
+        .is_empty()
+    );
+    assert_eq!(
+        store
+            .docs(
+                DocKind::Objection,
+                &DocQuery {
+                    due_before: Some(11),
+                    ..Default::default()
+                }
+            )
+            .await?,
+        vec![docs[4].clone()]
+    );
+    Ok(())
+}
+
+async fn node_keys_are_pinned_on_first_sight(store: Arc<dyn Store>) -> Result<()> {
+    assert!(store.node_key("350102").await?.is_none());
+    assert_eq!(store.pin_node_key("350102", &[1; 32]).await?, vec![1; 32]);
+    assert_eq!(
+        store.pin_node_key("350102", &[2; 32]).await?,
+        vec![1; 32],
+        "the first key stays"
+    );
+    assert_eq!(store.node_key("350102").await?, Some(vec![1; 32]));
+    assert!(store.node_key("350103").await?.is_none());
+    assert_eq!(store.pin_node_key("350103", &[2; 32]).await?, vec![2; 32]);
+    assert_eq!(store.node_key("350103").await?, Some(vec![2; 32]));
+    assert_eq!(store.node_key("350102").await?, Some(vec![1; 32]));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Concurrency
+
+/// Reads `stream` as the uplink does (by position after the last acknowledged one, acknowledging the highest
+/// seen) until `done` was set before a read that found nothing; returns every item seen.
+async fn drain(
+    store: Arc<dyn Store>,
+    stream: Stream,
+    done: Arc<AtomicBool>,
+) -> Result<Vec<OutboxItem>> {
+    let mut acked = 0;
+    let mut seen = Vec::new();
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        let items = store.outbox_after(stream, acked, 7).await?;
+        if items.is_empty() {
+            if finished {
+                return Ok(seen);
+            }
+            tokio::task::yield_now().await;
+            continue;
+        }
+        for item in &items {
+            ensure!(
+                item.seq == acked + 1,
+                "{stream:?} reader acknowledged {acked} and then saw {}",
+                item.seq
+            );
+            acked = item.seq;
+        }
+        seen.extend(items);
+    }
+}
+
+async fn concurrent_writers_commit_in_position_order(store: Arc<dyn Store>) -> Result<()> {
+    const WRITERS: u64 = 8;
+    const BATCHES: u64 = 30;
+    const PUBLISHERS: u64 = 4;
+    const PUBLICATIONS: u64 = 15;
+    const IDS: u64 = 3;
+
+    let done = Arc::new(AtomicBool::new(false));
+    let audit_reader = tokio::spawn(drain(store.clone(), Stream::Audit, done.clone()));
+    let catalog_reader = tokio::spawn(drain(store.clone(), Stream::Catalog, done.clone()));
+
+    let mut tasks = Vec::new();
+    // Audit: each writer its own chain, batches of 1 to 3 records.
+    for w in 0..WRITERS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let node = format!("3501{w:02}");
+            let mut seq = 0;
+            for b in 0..BATCHES {
+                let batch: Vec<AuditRecord> = (0..=b % 3)
+                    .map(|_| {
+                        seq += 1;
+                        rec(&node, seq, i64::try_from(seq).unwrap_or_default())
+                    })
+                    .collect();
+                store.audit_append(&batch).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    // Two children pushing the same audit batches twice over, concurrently: each item is stored once.
+    for child in ["350200", "350300"] {
+        for _ in 0..2 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for from in (1..=20).step_by(5) {
+                    let items: Vec<(u64, AuditRecord)> =
+                        (from..from + 5).map(|s| (s, rec(child, s, 0))).collect();
+                    store.apply_child_audit(child, &items).await?;
+                }
+                Ok(())
+            }));
+        }
+    }
+    // Catalog: publishers racing on the same ids.
+    for _ in 0..PUBLISHERS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PUBLICATIONS {
+                let id = format!("350102:e{}", i % IDS);
+                store
+                    .publish_local(entry(&id, "t", "s", &["x"], ShareType::Unconditional))
+                    .await?;
+            }
+            Ok(())
+        }));
+    }
+    // Id counters.
+    let counters: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..25 {
+                    got.push(store.next_id("grant").await?);
+                }
+                Ok::<_, anyhow::Error>(got)
+            })
+        })
+        .collect();
+
+    for t in tasks {
+        t.await??;
+    }
+    let mut ids = BTreeSet::new();
+    for c in counters {
+        for id in c.await?? {
+            ensure!(ids.insert(id), "id {id} handed out twice");
+        }
+    }
+    assert_eq!(ids, (1..=100).collect::<BTreeSet<u64>>());
+    done.store(true, Ordering::SeqCst);
+
+    // The audit reader saw every record exactly once, at consecutive positions.
+    let audit = audit_reader.await??;
+    let own: u64 = (0..BATCHES).map(|b| b % 3 + 1).sum::<u64>() * WRITERS;
+    let total = own + 40;
+    assert_eq!(seqs(&audit), (1..=total).collect::<Vec<_>>());
+    assert_eq!(store.audit_count().await?, total);
+    let mut by_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in records(&audit)? {
+        by_node.entry(r.node_code).or_default().push(r.seq);
+    }
+    assert_eq!(by_node.len(), usize::try_from(WRITERS)? + 2);
+    for (node, chain) in &by_node {
+        let len = if node == "350200" || node == "350300" {
+            20
+        } else {
+            own / WRITERS
+        };
+        assert_eq!(
+            chain,
+            &(1..=len).collect::<Vec<_>>(),
+            "chain of {node}, in order"
+        );
+    }
+    assert_eq!(store.cursor("350200", Stream::Audit).await?, 20);
+    assert_eq!(store.cursor("350300", Stream::Audit).await?, 20);
+
+    // The catalog reader saw every change once; concurrent publications of an id got consecutive versions.
+    let catalog = catalog_reader.await??;
+    let publications = PUBLISHERS * PUBLICATIONS;
+    assert_eq!(seqs(&catalog), (1..=publications).collect::<Vec<_>>());
+    let mut versions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for change in changes(&catalog)? {
+        let Some(catalog_change::Change::Upsert(e)) = change.change else {
+            bail!("unexpected change {change:?}");
+        };
+        versions.entry(e.id).or_default().push(e.version);
+    }
+    let per_id = publications / IDS;
+    for (id, v) in &versions {
+        assert_eq!(v, &(1..=per_id).collect::<Vec<_>>(), "versions of {id}");
+        assert_eq!(
+            store.entry(id).await?.context("entry")?.entry.version,
+            per_id
+        );
+    }
+    assert_eq!(versions.len(), usize::try_from(IDS)?);
+    Ok(())
+}
