@@ -100,13 +100,13 @@ impl Default for AuditConfig {
 }
 
 impl NodeConfig {
-    /// Path of the node's signing key, explicit or derived from the storage path.
-    pub fn signing_key_path(&self) -> PathBuf {
-        self.signing_key
-            .clone()
-            .unwrap_or_else(|| match &self.storage {
-                StorageConfig::Sqlite { path } => path.with_extension("key"),
-            })
+    /// Path of the node's signing key: explicit, or beside an SQLite database; `None` for a PostgreSQL store
+    /// without `signing_key`.
+    pub fn signing_key_path(&self) -> Option<PathBuf> {
+        self.signing_key.clone().or_else(|| match &self.storage {
+            StorageConfig::Sqlite { path } => Some(path.with_extension("key")),
+            StorageConfig::Postgres { .. } => None,
+        })
     }
 }
 
@@ -131,6 +131,37 @@ pub enum StorageConfig {
         /// Path of the database file.
         path: PathBuf,
     },
+    /// A PostgreSQL database (for a hub whose audit trail outgrows one file, or that runs on managed storage).
+    Postgres {
+        /// Connection URL, e.g. "postgres://fedgate@db.example:5432/fedgate?sslmode=verify-full"; a password
+        /// may come from the URL or from `PGPASSWORD`.
+        url: String,
+    },
+}
+
+impl StorageConfig {
+    /// Where the store is, for messages: the file path, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            StorageConfig::Sqlite { path } => path.display().to_string(),
+            StorageConfig::Postgres { url } => redact_password(url),
+        }
+    }
+}
+
+/// `url` with any password replaced by "***".
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 /// A neighbouring node: its code and the address to reach it.
@@ -179,5 +210,29 @@ impl Default for RoutingConfig {
             hop_margin_ms: 20,
             connect_timeout_ms: 2_000,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_are_described_without_their_password() {
+        let describe = |url: &str| {
+            StorageConfig::Postgres {
+                url: url.to_owned(),
+            }
+            .describe()
+        };
+        assert_eq!(
+            describe("postgres://hub:s3cr@t@db.example:5432/fedgate?sslmode=require"),
+            "postgres://hub:***@db.example:5432/fedgate?sslmode=require"
+        );
+        assert_eq!(
+            describe("postgres://hub@db.example/fedgate"),
+            "postgres://hub@db.example/fedgate"
+        );
+        assert_eq!(describe("postgres:///fedgate"), "postgres:///fedgate");
     }
 }

@@ -24,7 +24,7 @@ use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService};
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{PgStore, SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
@@ -38,9 +38,17 @@ pub enum NodeError {
     /// TLS files could not be loaded or used.
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
-    /// Storage could not be opened.
+    /// Storage failed.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    /// The configured storage could not be opened.
+    #[error("cannot open storage {at}: {error}")]
+    StoreOpen {
+        /// The file or the URL (without password).
+        at: String,
+        /// What went wrong.
+        error: StoreError,
+    },
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -63,7 +71,6 @@ pub struct NodeHandle {
     addr: SocketAddr,
     open_data_addr: Option<SocketAddr>,
     store: Arc<dyn Store>,
-    sqlite: Option<SqliteStore>,
     uplink: Uplink,
     metrics: Arc<NodeMetrics>,
     audit: Option<AuditLog>,
@@ -121,19 +128,20 @@ pub async fn start_with_clock(
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let topology = Arc::new(Topology::from_config(&config, &tls)?);
     let code = topology.code;
-    let (store, sqlite): (Arc<dyn Store>, Option<SqliteStore>) = match &config.storage {
-        StorageConfig::Sqlite { path } => {
-            let s = SqliteStore::open(path).await?;
-            (Arc::new(s.clone()), Some(s))
-        }
-    };
+    let key_path = config.signing_key_path().ok_or_else(|| {
+        NodeError::Config(crate::error::Error::InvalidArgument(
+            "signing_key: give the path of the node's signing key (required with storage.kind = \"postgres\")"
+                .into(),
+        ))
+    })?;
+    let store = open_store(&config.storage).await?;
     let addr = listener.local_addr().map_err(|error| NodeError::Bind {
         addr: config.listen.clone(),
         error,
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let uplink = Uplink::new();
-    let key = Arc::new(GrantKey::load_or_create(&config.signing_key_path())?);
+    let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     uplink.set_audit_key(key.public_key());
     let (audit_log, audit_writer) =
         AuditLog::start(code, store.clone(), key.clone(), uplink.clone()).await?;
@@ -297,7 +305,6 @@ pub async fn start_with_clock(
         addr,
         open_data_addr,
         store,
-        sqlite,
         uplink,
         metrics,
         audit: Some(audit_log),
@@ -393,7 +400,7 @@ impl NodeHandle {
     pub async fn shutdown(self) -> Result<(), NodeError> {
         let NodeHandle {
             code,
-            sqlite,
+            store,
             audit,
             audit_writer,
             governance,
@@ -419,9 +426,7 @@ impl NodeHandle {
         if let Err(e) = audit_writer.await {
             tracing::error!(node = %code, error = %e, "audit writer failed");
         }
-        if let Some(s) = &sqlite {
-            s.close().await;
-        }
+        store.close().await;
         tracing::info!(node = %code, "node stopped");
         served.map_err(NodeError::from)
     }
@@ -430,4 +435,20 @@ impl NodeHandle {
     pub fn is_finished(&self) -> bool {
         self.server.is_finished()
     }
+}
+
+/// Opens (creating or migrating as needed) the store the configuration names.
+pub async fn open_store(storage: &StorageConfig) -> Result<Arc<dyn Store>, NodeError> {
+    let opened: Result<Arc<dyn Store>, StoreError> = match storage {
+        StorageConfig::Sqlite { path } => SqliteStore::open(path)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>),
+        StorageConfig::Postgres { url } => PgStore::connect(url)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>),
+    };
+    opened.map_err(|error| NodeError::StoreOpen {
+        at: storage.describe(),
+        error,
+    })
 }

@@ -3,12 +3,14 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use fedgate_gateway::audit::export::{read_jsonl, write_jsonl};
 use fedgate_gateway::audit::{ChainSummary, verify_records, verify_store};
-use fedgate_gateway::store::{AuditQuery, SqliteStore, Store};
+use fedgate_gateway::config::StorageConfig;
+use fedgate_gateway::store::{AuditQuery, PgStore, SqliteStore, Store};
 use fedgate_proto::v1::{AuditOperation, AuditRecord};
 
 /// `fedgate audit` subcommands.
@@ -16,9 +18,9 @@ use fedgate_proto::v1::{AuditOperation, AuditRecord};
 pub enum AuditCmd {
     /// Check every hash chain in a node's database or an export file; names the first bad record.
     Verify {
-        /// The node's SQLite database.
+        /// The node's database: its SQLite file, or a postgres:// URL.
         #[arg(long, conflicts_with = "file", required_unless_present = "file")]
-        db: Option<PathBuf>,
+        db: Option<Database>,
         /// A JSON Lines export.
         #[arg(long)]
         file: Option<PathBuf>,
@@ -43,9 +45,9 @@ pub enum AuditCmd {
     },
     /// Write records as JSON Lines.
     Export {
-        /// The node's SQLite database.
+        /// The node's database: its SQLite file, or a postgres:// URL.
         #[arg(long)]
-        db: PathBuf,
+        db: Database,
         /// Which records.
         #[command(flatten)]
         filter: Filter,
@@ -55,9 +57,9 @@ pub enum AuditCmd {
     },
     /// Print records as a table.
     Query {
-        /// The node's SQLite database.
+        /// The node's database: its SQLite file, or a postgres:// URL.
         #[arg(long)]
-        db: PathBuf,
+        db: Database,
         /// Which records.
         #[command(flatten)]
         filter: Filter,
@@ -65,6 +67,50 @@ pub enum AuditCmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+}
+
+/// A node's database named on the command line: an SQLite file, or a PostgreSQL URL.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// The node's SQLite file, opened read-only.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+}
+
+impl std::str::FromStr for Database {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(
+            if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+                Database::Postgres(s.to_owned())
+            } else {
+                Database::Sqlite(PathBuf::from(s))
+            },
+        )
+    }
+}
+
+impl Database {
+    /// Opens the database for reading.
+    async fn open(&self) -> Result<Arc<dyn Store>> {
+        let (store, at): (Result<Arc<dyn Store>, _>, String) = match self {
+            Database::Sqlite(path) => (
+                SqliteStore::open_read_only(path)
+                    .await
+                    .map(|s| Arc::new(s) as Arc<dyn Store>),
+                path.display().to_string(),
+            ),
+            Database::Postgres(url) => (
+                PgStore::connect(url)
+                    .await
+                    .map(|s| Arc::new(s) as Arc<dyn Store>),
+                StorageConfig::Postgres { url: url.clone() }.describe(),
+            ),
+        };
+        store.with_context(|| format!("opening {at}"))
+    }
 }
 
 /// Filters shared by export and query.
@@ -156,7 +202,7 @@ fn print_summary(chains: &[ChainSummary]) {
 }
 
 async fn verify(
-    db: Option<PathBuf>,
+    db: Option<Database>,
     file: Option<PathBuf>,
     keys: Vec<String>,
     archives: Vec<PathBuf>,
@@ -192,10 +238,8 @@ async fn verify(
     };
     let result = match (db, file) {
         (Some(db), _) => {
-            let store = SqliteStore::open_read_only(&db)
-                .await
-                .with_context(|| format!("opening {}", db.display()))?;
-            let r = verify_store(&store, &pinned, &resume)
+            let store = db.open().await?;
+            let r = verify_store(store.as_ref(), &pinned, &resume)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"));
             store.close().await;
@@ -220,10 +264,8 @@ async fn verify(
     }
 }
 
-async fn records(db: &std::path::Path, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-    let store = SqliteStore::open_read_only(db)
-        .await
-        .with_context(|| format!("opening {}", db.display()))?;
+async fn records(db: &Database, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+    let store = db.open().await?;
     let mut out = Vec::new();
     let mut q = q.clone();
     let want = q.limit;
@@ -242,7 +284,7 @@ async fn records(db: &std::path::Path, q: &AuditQuery) -> Result<Vec<AuditRecord
     Ok(out)
 }
 
-async fn export(db: PathBuf, filter: Filter, out: Option<PathBuf>) -> Result<()> {
+async fn export(db: Database, filter: Filter, out: Option<PathBuf>) -> Result<()> {
     let records = records(&db, &filter.query(u32::MAX)?).await?;
     let n = match out {
         Some(path) => {
@@ -256,7 +298,7 @@ async fn export(db: PathBuf, filter: Filter, out: Option<PathBuf>) -> Result<()>
     Ok(())
 }
 
-async fn query(db: PathBuf, filter: Filter, limit: u32) -> Result<()> {
+async fn query(db: Database, filter: Filter, limit: u32) -> Result<()> {
     let records = records(&db, &filter.query(limit)?).await?;
     let mut out = std::io::stdout().lock();
     for r in &records {
@@ -294,7 +336,6 @@ async fn archive(config: PathBuf, out: PathBuf, now: Option<String>) -> Result<(
         .with_context(|| format!("cannot read configuration {}", config.display()))?;
     let cfg: fedgate_gateway::config::NodeConfig =
         toml::from_str(&text).with_context(|| format!("configuration {}", config.display()))?;
-    let fedgate_gateway::config::StorageConfig::Sqlite { path } = &cfg.storage;
     let now_ns = match nanos("now", &now)? {
         Some(n) => n,
         None => fedgate_gateway::audit::now_nanos(),
@@ -305,11 +346,14 @@ async fn archive(config: PathBuf, out: PathBuf, now: Option<String>) -> Result<(
             .max(fedgate_gateway::config::MIN_RETENTION_DAYS),
     );
     let before = now_ns.saturating_sub(retention * 24 * 3600 * 1_000_000_000);
-    let store = SqliteStore::open(path)
-        .await
-        .with_context(|| format!("opening {}", path.display()))?;
-    let moved =
-        fedgate_gateway::audit::archive::archive(&store, before, cfg.parent.is_some(), &out).await;
+    let store = fedgate_gateway::node::open_store(&cfg.storage).await?;
+    let moved = fedgate_gateway::audit::archive::archive(
+        store.as_ref(),
+        before,
+        cfg.parent.is_some(),
+        &out,
+    )
+    .await;
     store.close().await;
     println!("{} records archived to {}", moved?, out.display());
     Ok(())

@@ -34,6 +34,8 @@ pub struct NodeSpec {
     pub code: DivisionCode,
     /// Agencies registered on it.
     pub agencies: Vec<AgencySpec>,
+    /// Its store; an SQLite file in the federation's directory when absent.
+    pub storage: Option<StorageConfig>,
 }
 
 /// An agency of a development federation.
@@ -66,7 +68,14 @@ impl NodeSpec {
         Ok(Self {
             code: code.parse().map_err(|e| anyhow!("node {code}: {e}"))?,
             agencies: Vec::new(),
+            storage: None,
         })
+    }
+
+    /// The node keeps its state in `storage` instead of an SQLite file of the federation.
+    pub fn storage(mut self, storage: StorageConfig) -> Self {
+        self.storage = Some(storage);
+        self
     }
 
     /// Adds a consumer agency numbered `n` at this node.
@@ -308,14 +317,14 @@ impl Devnet {
                     cert: cert_path,
                     key: key_path,
                 },
-                storage: StorageConfig::Sqlite {
+                storage: s.storage.clone().unwrap_or_else(|| StorageConfig::Sqlite {
                     path: dir.path().join(format!("node-{}.db", s.code)),
-                },
+                }),
                 parent,
                 children,
                 agencies: agency_configs.remove(&s.code).unwrap_or_default(),
                 routing: routing.clone(),
-                signing_key: None,
+                signing_key: Some(dir.path().join(format!("node-{}.key", s.code))),
                 audit: Default::default(),
                 calendar: Default::default(),
                 cache: Default::default(),

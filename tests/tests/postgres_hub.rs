@@ -1,0 +1,85 @@
+//! A federation whose province keeps its state in PostgreSQL while the cities and counties use SQLite: catalog,
+//! shares across the tree, audit forwarding and a province restart behave as on SQLite.
+//!
+//! Needs a server: `FEDGATE_TEST_POSTGRES` (see `.ci/postgres`); without it the test says so and does nothing,
+//! unless `FEDGATE_REQUIRE_POSTGRES=1`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fedgate_gateway::audit::verify_store;
+use fedgate_gateway::config::StorageConfig;
+use fedgate_node::devnet::Devnet;
+use fedgate_tests::postgres::scratch_database;
+use fedgate_tests::{code, eventually, init, key_at, query, standard_topology};
+
+#[tokio::test]
+async fn a_province_on_postgresql_serves_routes_and_collects_the_whole_audit_trail() -> Result<()> {
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    init();
+    let province = code("350000");
+    let mut specs = standard_topology()?;
+    let Some(root) = specs.iter_mut().find(|s| s.code == province) else {
+        bail!("the standard topology has no province");
+    };
+    root.storage = Some(StorageConfig::Postgres {
+        url: db.url.clone(),
+    });
+    let mut net = Devnet::start(specs).await?;
+    net.wait_for_catalog(province, 6, Duration::from_secs(20))
+        .await?;
+
+    // A county-to-county share crosses the province.
+    let key = key_at(&net, "350102", 0)?;
+    let mut siming = net.client(&net.consumer_at(code("350203"))?.uscc).await?;
+    let resp = siming
+        .share(query("350102:household", &key, &["name"]))
+        .await?
+        .into_inner();
+    let hops: Vec<&str> = resp.route.iter().map(|h| h.node_code.as_str()).collect();
+    assert_eq!(hops, ["350203", "350200", "350000", "350100", "350102"]);
+    assert_eq!(resp.records.len(), 1);
+
+    // The province keeps its catalog across a restart, and the shares keep crossing it.
+    net.stop_node(province).await?;
+    net.restart_node(province).await?;
+    assert_eq!(net.catalog_size(province).await?, 6);
+    let resp = siming
+        .share(query("350102:household", &key, &["name"]))
+        .await?
+        .into_inner();
+    assert_eq!(resp.records.len(), 1);
+
+    // Every node's chain reaches the province whole.
+    let nodes = net.node_codes();
+    eventually(
+        "every chain reaches the province",
+        Duration::from_secs(20),
+        || async {
+            let hub = net.node(province)?.store();
+            for n in &nodes {
+                let own = net.node(*n)?.store().audit_head(n.as_str()).await?;
+                let held = hub.audit_head(n.as_str()).await?;
+                if own.map(|r| r.seq) != held.map(|r| r.seq) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    let chains = verify_store(
+        net.node(province)?.store().as_ref(),
+        &HashMap::new(),
+        &HashMap::new(),
+    )
+    .await
+    .context("verifying the province's store")?;
+    assert_eq!(chains.len(), nodes.len(), "one chain per node: {chains:?}");
+
+    net.shutdown().await?;
+    db.drop_database().await
+}
