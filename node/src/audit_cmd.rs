@@ -74,7 +74,7 @@ pub enum AuditCmd {
 pub enum Database {
     /// The node's SQLite file, opened read-only.
     Sqlite(PathBuf),
-    /// A PostgreSQL connection URL.
+    /// A PostgreSQL connection URL; the database is not migrated.
     Postgres(String),
 }
 
@@ -103,7 +103,7 @@ impl Database {
                 path.display().to_string(),
             ),
             Database::Postgres(url) => (
-                PgStore::connect(url)
+                PgStore::connect_existing(url)
                     .await
                     .map(|s| Arc::new(s) as Arc<dyn Store>),
                 StorageConfig::Postgres { url: url.clone() }.describe(),

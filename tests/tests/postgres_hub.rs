@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fedgate_gateway::audit::verify_store;
 use fedgate_gateway::config::StorageConfig;
+use fedgate_gateway::store::{PgStore, Store, StoreError};
 use fedgate_node::devnet::Devnet;
 use fedgate_tests::postgres::scratch_database;
 use fedgate_tests::{code, eventually, init, key_at, query, standard_topology};
@@ -81,5 +82,22 @@ async fn a_province_on_postgresql_serves_routes_and_collects_the_whole_audit_tra
     assert_eq!(chains.len(), nodes.len(), "one chain per node: {chains:?}");
 
     net.shutdown().await?;
+    db.drop_database().await
+}
+
+#[tokio::test]
+async fn audit_tools_open_only_a_database_that_holds_fedgate_tables() -> Result<()> {
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let refused = PgStore::connect_existing(&db.url).await;
+    assert!(
+        matches!(refused, Err(StoreError::Schema(_))),
+        "an empty database is refused, not migrated: {refused:?}"
+    );
+    PgStore::connect(&db.url).await?.close().await;
+    let store = PgStore::connect_existing(&db.url).await?;
+    assert_eq!(store.audit_count().await?, 0);
+    store.close().await;
     db.drop_database().await
 }

@@ -37,6 +37,9 @@ pub enum StoreError {
         /// Decoder message.
         error: String,
     },
+    /// The database does not hold the tables this build expects.
+    #[error("database schema: {0}")]
+    Schema(String),
     /// A child's stream skipped sequence numbers.
     #[error("stream of node {child} has a gap: expected sequence {expected}, got {got}")]
     Gap {

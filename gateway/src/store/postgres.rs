@@ -38,6 +38,49 @@ pub struct PgStore {
 impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL) and applies migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = Self::pool(url).await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Connects to a node's existing database without changing it (for the audit tools); fails if it holds no
+    /// fedgate tables or tables older than this build's.
+    pub async fn connect_existing(url: &str) -> Result<Self, StoreError> {
+        let pool = Self::pool(url).await?;
+        let latest = sqlx::migrate!("./migrations/postgres")
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        let migrated: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&pool)
+                .await?;
+        let applied: i64 = if migrated {
+            sqlx::query_scalar(
+                "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success",
+            )
+            .fetch_one(&pool)
+            .await?
+        } else {
+            0
+        };
+        if applied < latest {
+            pool.close().await;
+            return Err(StoreError::Schema(if applied == 0 {
+                "the database holds no fedgate tables (is it a node's database?)".to_owned()
+            } else {
+                format!(
+                    "the database's tables are at migration {applied}, this build reads {latest}: start the \
+                     node once to migrate them"
+                )
+            }));
+        }
+        Ok(Self { pool })
+    }
+
+    /// A pool on a UTF-8 database.
+    async fn pool(url: &str) -> Result<PgPool, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -54,8 +97,7 @@ impl PgStore {
                 format!("database encoding is {encoding}; fedgate needs UTF8").into(),
             )));
         }
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(pool)
     }
 
     /// Closes the pool, waiting for connections in use to be returned.
