@@ -13,6 +13,7 @@ use fedgate_gateway::config::StorageConfig;
 use fedgate_gateway::store::{PgStore, Store, StoreError};
 use fedgate_node::devnet::Devnet;
 use fedgate_tests::postgres::scratch_database;
+use fedgate_tests::process::fedgate_binary;
 use fedgate_tests::{code, eventually, init, key_at, query, standard_topology};
 
 #[tokio::test]
@@ -80,6 +81,22 @@ async fn a_province_on_postgresql_serves_routes_and_collects_the_whole_audit_tra
     .await
     .context("verifying the province's store")?;
     assert_eq!(chains.len(), nodes.len(), "one chain per node: {chains:?}");
+
+    // The operator's command reads the same database by its URL.
+    let out = tokio::process::Command::new(fedgate_binary().await?)
+        .args(["audit", "verify", "--db", &db.url])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("OK: {} chains verified", nodes.len())),
+        "{text}"
+    );
 
     net.shutdown().await?;
     db.drop_database().await
