@@ -44,6 +44,9 @@ pub struct NodeConfig {
     /// The public open-data endpoint, usually only on the province.
     #[serde(default)]
     pub open_data: Option<OpenDataConfig>,
+    /// The metrics endpoint; none when absent.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// The public open-data endpoint.
@@ -59,6 +62,14 @@ pub struct OpenDataConfig {
 
 fn default_open_rate() -> u32 {
     60
+}
+
+/// The plain-HTTP metrics endpoint (`GET /metrics`, OpenMetrics text).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to listen on, e.g. "127.0.0.1:9464"; keep it on a management network.
+    pub listen: String,
 }
 
 /// Cache of authorized answers.

@@ -1,34 +1,157 @@
-//! Counters a node keeps about its own work, for operators and tests.
+//! What a node counts about its own work, for operators (the OpenMetrics endpoint) and tests.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
-/// Monotonic counters of one node since it started.
-#[derive(Debug, Default)]
+/// Label set of the per-stream gauges: `stream="catalog"` or `stream="audit"`.
+pub type StreamLabels = [(&'static str, &'static str); 1];
+
+/// The metrics of one node since it started, registered for exposition.
+#[derive(Debug)]
 pub struct NodeMetrics {
     /// Catalog stream items received from children (including ones skipped as already applied).
-    pub catalog_items_received: AtomicU64,
+    pub catalog_items_received: Counter,
     /// Catalog stream items received from children that were new and applied.
-    pub catalog_items_applied: AtomicU64,
+    pub catalog_items_applied: Counter,
     /// Audit records received from children and stored.
-    pub audit_items_applied: AtomicU64,
+    pub audit_items_applied: Counter,
     /// Shares this node served as the provider's node.
-    pub shares_served: AtomicU64,
+    pub shares_served: Counter,
     /// Shares this node forwarded to a neighbour.
-    pub shares_forwarded: AtomicU64,
+    pub shares_forwarded: Counter,
     /// TLS handshakes refused (unknown CA, no fedgate identity, timeout).
-    pub tls_handshakes_refused: AtomicU64,
+    pub tls_handshakes_refused: Counter,
     /// Shares that failed at or below this node.
-    pub shares_failed: AtomicU64,
+    pub shares_failed: Counter,
+    /// Highest position written to each upward stream, as of the last scrape.
+    pub uplink_head: Family<StreamLabels, Gauge>,
+    /// Highest position of each upward stream the parent acknowledged.
+    pub uplink_acked: Family<StreamLabels, Gauge>,
+    /// Positions written but not yet acknowledged by the parent: the forwarding lag.
+    pub uplink_lag: Family<StreamLabels, Gauge>,
+    /// 1 while the link to the parent is up for the stream.
+    pub uplink_connected: Family<StreamLabels, Gauge>,
+    registry: Registry,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl NodeMetrics {
+    /// Zeroed metrics, registered under the `fedgate_` prefix.
+    pub fn new() -> Self {
+        let mut m = Self {
+            catalog_items_received: Counter::default(),
+            catalog_items_applied: Counter::default(),
+            audit_items_applied: Counter::default(),
+            shares_served: Counter::default(),
+            shares_forwarded: Counter::default(),
+            tls_handshakes_refused: Counter::default(),
+            shares_failed: Counter::default(),
+            uplink_head: Family::default(),
+            uplink_acked: Family::default(),
+            uplink_lag: Family::default(),
+            uplink_connected: Family::default(),
+            registry: Registry::with_prefix("fedgate"),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "catalog_items_received",
+            "Catalog stream items received from children",
+            m.catalog_items_received.clone(),
+        );
+        r.register(
+            "catalog_items_applied",
+            "Catalog stream items from children that were new and applied",
+            m.catalog_items_applied.clone(),
+        );
+        r.register(
+            "audit_items_applied",
+            "Audit records received from children and stored",
+            m.audit_items_applied.clone(),
+        );
+        r.register(
+            "shares_served",
+            "Shares served here as the provider's node",
+            m.shares_served.clone(),
+        );
+        r.register(
+            "shares_forwarded",
+            "Shares forwarded to a neighbouring node",
+            m.shares_forwarded.clone(),
+        );
+        r.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused (unknown CA, no fedgate identity, timeout)",
+            m.tls_handshakes_refused.clone(),
+        );
+        r.register(
+            "shares_failed",
+            "Shares that failed at or below this node",
+            m.shares_failed.clone(),
+        );
+        r.register(
+            "uplink_head",
+            "Highest position written to the upward stream",
+            m.uplink_head.clone(),
+        );
+        r.register(
+            "uplink_acked",
+            "Highest position of the upward stream the parent acknowledged",
+            m.uplink_acked.clone(),
+        );
+        r.register(
+            "uplink_lag",
+            "Positions of the upward stream not yet acknowledged by the parent",
+            m.uplink_lag.clone(),
+        );
+        r.register(
+            "uplink_connected",
+            "1 while the link to the parent is up",
+            m.uplink_connected.clone(),
+        );
+        m
+    }
+
     /// Adds `n` to a counter.
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub fn add(counter: &Counter, n: u64) {
+        counter.inc_by(n);
     }
 
     /// Reads a counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
+    }
+
+    /// Every metric in the OpenMetrics text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_stream_gauges_are_exposed_under_the_fedgate_prefix() {
+        let m = NodeMetrics::new();
+        NodeMetrics::add(&m.shares_served, 3);
+        m.uplink_lag.get_or_create(&[("stream", "audit")]).set(7);
+        let text = m.encode().unwrap_or_default();
+        assert!(text.contains("fedgate_shares_served_total 3\n"), "{text}");
+        assert!(
+            text.contains("fedgate_uplink_lag{stream=\"audit\"} 7\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

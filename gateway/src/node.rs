@@ -23,7 +23,7 @@ use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
-use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService};
+use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
@@ -70,6 +70,7 @@ pub struct NodeHandle {
     code: DivisionCode,
     addr: SocketAddr,
     open_data_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     store: Arc<dyn Store>,
     uplink: Uplink,
     metrics: Arc<NodeMetrics>,
@@ -214,6 +215,39 @@ pub async fn start_with_clock(
         metrics.clone(),
         audit_log.clone(),
     );
+    let metrics_addr = match &config.metrics {
+        Some(m) => {
+            let listener = TcpListener::bind(&m.listen)
+                .await
+                .map_err(|error| NodeError::Bind {
+                    addr: m.listen.clone(),
+                    error,
+                })?;
+            let addr = listener.local_addr().map_err(|error| NodeError::Bind {
+                addr: m.listen.clone(),
+                error,
+            })?;
+            let app = scrape::router(scrape::ScrapeState::new(
+                metrics.clone(),
+                store.clone(),
+                topology.parent.is_some().then(|| uplink.clone()),
+            ));
+            let mut stop = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            }));
+            tracing::info!(node = %code, %addr, "metrics endpoint serving");
+            Some(addr)
+        }
+        None => None,
+    };
     let open_data_addr = match &config.open_data {
         Some(open) => {
             let listener =
@@ -304,6 +338,7 @@ pub async fn start_with_clock(
         code,
         addr,
         open_data_addr,
+        metrics_addr,
         store,
         uplink,
         metrics,
@@ -363,6 +398,11 @@ impl NodeHandle {
     /// The address of the public open-data endpoint, if this node runs one.
     pub fn open_data_addr(&self) -> Option<SocketAddr> {
         self.open_data_addr
+    }
+
+    /// Where the metrics endpoint listens, if it is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The node's counters.

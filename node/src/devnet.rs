@@ -13,7 +13,8 @@ use fedgate_examples::{
 };
 use fedgate_gateway::clock::SystemClock;
 use fedgate_gateway::config::{
-    AgencyConfig, NodeConfig, OpenDataConfig, PeerNode, RoutingConfig, StorageConfig, TlsFiles,
+    AgencyConfig, MetricsConfig, NodeConfig, OpenDataConfig, PeerNode, RoutingConfig,
+    StorageConfig, TlsFiles,
 };
 use fedgate_gateway::ident::{DivisionCode, Peer, Uscc};
 use fedgate_gateway::node::{self, NodeHandle};
@@ -331,6 +332,9 @@ impl Devnet {
                 open_data: parent_in(s.code, &codes).is_none().then(|| OpenDataConfig {
                     listen: "127.0.0.1:0".into(),
                     requests_per_minute: OPEN_DATA_RATE,
+                }),
+                metrics: Some(MetricsConfig {
+                    listen: "127.0.0.1:0".into(),
                 }),
             };
             std::fs::write(

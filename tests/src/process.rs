@@ -311,6 +311,7 @@ impl ProcessFederation {
                     ..CacheConfig::default()
                 },
                 open_data: None,
+                metrics: None,
             };
             let config_path = path.join(format!("node-{}.toml", s.code));
             std::fs::write(

@@ -1,6 +1,5 @@
 //! Catalog registration, upward propagation and search over real nodes.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -53,7 +52,7 @@ async fn catalog_reaches_the_province_and_resumes_after_a_province_restart() -> 
         .await?;
     let m = net.node(province)?.metrics();
     assert_eq!(
-        m.catalog_items_received.load(Ordering::Relaxed),
+        m.catalog_items_received.get(),
         1,
         "after the restart only the one new change travels to the province"
     );

@@ -1,6 +1,5 @@
 //! Mutual TLS and identity: who may call what, proven against real nodes.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -69,7 +68,7 @@ async fn a_certificate_from_an_unknown_ca_is_refused_at_the_handshake() -> Resul
         .node(code("350102"))?
         .metrics()
         .tls_handshakes_refused
-        .load(Ordering::Relaxed);
+        .get();
     let mut client = net.client_with(code("350102"), &forged).await?;
     let err = client
         .search_catalog(SearchCatalogRequest::default())
@@ -86,13 +85,7 @@ async fn a_certificate_from_an_unknown_ca_is_refused_at_the_handshake() -> Resul
     eventually(
         "the node counts the refused handshake",
         Duration::from_secs(5),
-        || async {
-            Ok(node
-                .metrics()
-                .tls_handshakes_refused
-                .load(Ordering::Relaxed)
-                > refused_before)
-        },
+        || async { Ok(node.metrics().tls_handshakes_refused.get() > refused_before) },
     )
     .await?;
     // The good client still works.

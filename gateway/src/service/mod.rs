@@ -5,6 +5,7 @@ mod agency;
 mod federation;
 mod open_data;
 mod operator;
+pub mod scrape;
 
 pub use agency::AgencyService;
 pub use federation::FederationService;
