@@ -118,3 +118,41 @@ async fn audit_tools_open_only_a_database_that_holds_fedgate_tables() -> Result<
     store.close().await;
     db.drop_database().await
 }
+
+#[tokio::test]
+async fn a_writer_stuck_behind_a_lock_gives_up_instead_of_waiting_forever() -> Result<()> {
+    use sqlx::Connection;
+
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let store = PgStore::connect(&db.url).await?;
+    // Another session holds the audit stream's position row, as a stuck transaction would.
+    let mut other = sqlx::postgres::PgConnection::connect(&db.url).await?;
+    let mut held = other.begin().await?;
+    sqlx::query("SELECT last FROM audit_position FOR UPDATE")
+        .execute(&mut *held)
+        .await?;
+    let record = fedgate_proto::v1::AuditRecord {
+        node_code: "350000".into(),
+        seq: 1,
+        outcome: "OK".into(),
+        ..Default::default()
+    };
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        store.audit_append(std::slice::from_ref(&record)),
+    )
+    .await
+    .context("the append still waits after 30 s")?;
+    assert!(
+        matches!(&refused, Err(StoreError::Database(e)) if e.to_string().contains("lock timeout")),
+        "{refused:?}"
+    );
+    held.rollback().await?;
+    store.audit_append(std::slice::from_ref(&record)).await?;
+    assert_eq!(store.audit_count().await?, 1);
+    store.close().await;
+    other.close().await?;
+    db.drop_database().await
+}

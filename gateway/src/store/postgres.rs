@@ -5,12 +5,13 @@
 //! first takes a transaction-level advisory lock of that stream, so positions are committed in the order they are
 //! assigned; see `lock_stream`.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream, catalog_change};
 use prost::Message;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
@@ -20,6 +21,8 @@ use super::{
 
 /// Connections of the pool.
 const MAX_CONNECTIONS: u32 = 16;
+/// Longest a statement waits for a lock (PostgreSQL's `lock_timeout`), as long as SQLite's busy timeout.
+const LOCK_TIMEOUT: &str = "10s";
 /// Longest a caller waits for a free connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Audit rows per INSERT: each statement binds ten arrays whatever its size (no bind-parameter limit applies);
@@ -81,10 +84,13 @@ impl PgStore {
 
     /// A pool on a UTF-8 database.
     async fn pool(url: &str) -> Result<PgPool, StoreError> {
+        // A writer waiting for a stream's lock (or any row lock) gives up as SQLite's busy timeout does, rather
+        // than holding a share's answer indefinitely behind a stuck transaction.
+        let options = PgConnectOptions::from_str(url)?.options([("lock_timeout", LOCK_TIMEOUT)]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
+            .connect_with(options)
             .await?;
         // Prefix filters compare `substr` (in characters) as SQLite does on UTF-8 text; any other server encoding
         // would make them count something else, and could not hold every agency's names anyway.
