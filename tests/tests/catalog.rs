@@ -225,6 +225,21 @@ async fn publishing_validates_entries() -> Result<()> {
         .expect_err("share type required");
     assert_eq!(err.code(), Code::InvalidArgument);
 
+    let mut nul = base.clone();
+    nul.summary = "residents\0 of Gulou".into();
+    let err = client
+        .publish_entry(PublishEntryRequest { entry: Some(nul) })
+        .await
+        .expect_err("control character in the summary");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains(
+            "entry.summary of 350102:household contains the control character U+0000 at byte 9"
+        ),
+        "{}",
+        err.message()
+    );
+
     // Another agency of the same node may not overwrite the provider's entry.
     let consumer = net.consumer_at(code("350102"))?;
     let mut other = net.client(&consumer.uscc).await?;
