@@ -93,12 +93,7 @@ impl std::fmt::Debug for NodeHandle {
 
 /// Binds the configured listen address.
 pub async fn bind(config: &NodeConfig) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(&config.listen)
-        .await
-        .map_err(|error| NodeError::Bind {
-            addr: config.listen.clone(),
-            error,
-        })
+    Ok(listen(&config.listen).await?.0)
 }
 
 /// Starts a node on its configured address.
@@ -217,16 +212,7 @@ pub async fn start_with_clock(
     );
     let metrics_addr = match &config.metrics {
         Some(m) => {
-            let listener = TcpListener::bind(&m.listen)
-                .await
-                .map_err(|error| NodeError::Bind {
-                    addr: m.listen.clone(),
-                    error,
-                })?;
-            let addr = listener.local_addr().map_err(|error| NodeError::Bind {
-                addr: m.listen.clone(),
-                error,
-            })?;
+            let (listener, addr) = listen(&m.listen).await?;
             let app = scrape::router(scrape::ScrapeState::new(
                 metrics.clone(),
                 store.clone(),
@@ -250,17 +236,7 @@ pub async fn start_with_clock(
     };
     let open_data_addr = match &config.open_data {
         Some(open) => {
-            let listener =
-                TcpListener::bind(&open.listen)
-                    .await
-                    .map_err(|error| NodeError::Bind {
-                        addr: open.listen.clone(),
-                        error,
-                    })?;
-            let open_addr = listener.local_addr().map_err(|error| NodeError::Bind {
-                addr: open.listen.clone(),
-                error,
-            })?;
+            let (listener, open_addr) = listen(&open.listen).await?;
             let svc = OpenDataService::new(router.clone(), store.clone(), open.requests_per_minute);
             let tls_config = tonic::transport::ServerTlsConfig::new().identity(
                 tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
@@ -491,4 +467,15 @@ pub async fn open_store(storage: &StorageConfig) -> Result<Arc<dyn Store>, NodeE
         at: storage.describe(),
         error,
     })
+}
+
+/// A listener on `addr` (from the configuration) and the address it got.
+async fn listen(addr: &str) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let failed = |error| NodeError::Bind {
+        addr: addr.to_owned(),
+        error,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
 }
