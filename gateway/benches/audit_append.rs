@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p fedgate-gateway --bench audit_append`. Environment: `AUDIT_BENCH_RECORDS` (records per run,
 //! default 500000), `AUDIT_BENCH_TASKS` (comma-separated producer counts, default "64,256,1024"),
-//! `AUDIT_BENCH_BASELINE=0` (skip the baseline, to profile the full path alone).
+//! `AUDIT_BENCH_BASELINE=0` (skip the baseline, to profile the full path alone), `AUDIT_BENCH_POSTGRES=<url of a
+//! server's maintenance database>` (also run the full path into PostgreSQL, a fresh database per run).
 #![allow(missing_docs)]
 
 use std::sync::Arc;
@@ -12,9 +13,10 @@ use std::time::{Duration, Instant};
 use fedgate_gateway::audit::{self, AuditLog, ChainVerifier, GENESIS_HASH, record_hash};
 use fedgate_gateway::grant::GrantKey;
 use fedgate_gateway::ident::DivisionCode;
-use fedgate_gateway::store::{SqliteStore, Store};
+use fedgate_gateway::store::{PgStore, SqliteStore, Store};
 use fedgate_gateway::uplink::Uplink;
 use fedgate_proto::v1::{AuditOperation, AuditRecord};
+use sqlx::Connection;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -129,21 +131,9 @@ async fn baseline(dir: &tempfile::TempDir, n: u64, key: &GrantKey) -> Result<Run
 }
 
 /// The full path: `tasks` producers, each awaiting `AuditLog::record` (answered once durable) in turn.
-async fn full(
-    dir: &tempfile::TempDir,
-    n: u64,
-    tasks: u64,
-    key: GrantKey,
-) -> Result<(Run, Arc<SqliteStore>)> {
-    let store = open(dir, &format!("full-{tasks}.db")).await?;
+async fn full(store: Arc<dyn Store>, n: u64, tasks: u64, key: GrantKey) -> Result<Run> {
     let node: DivisionCode = NODE.parse()?;
-    let (log, writer) = AuditLog::start(
-        node,
-        store.clone() as Arc<dyn Store>,
-        Arc::new(key),
-        Uplink::new(),
-    )
-    .await?;
+    let (log, writer) = AuditLog::start(node, store.clone(), Arc::new(key), Uplink::new()).await?;
     let per_task = n / tasks;
     let run = measure(per_task * tasks, async {
         let mut producers = Vec::new();
@@ -165,12 +155,12 @@ async fn full(
     drop(log);
     writer.await?;
     assert_eq!(store.audit_count().await?, per_task * tasks + 1);
-    Ok((run, store))
+    Ok(run)
 }
 
 /// Checks the whole chain the full path wrote (so the benchmark cannot pass by skipping work); returns the
 /// records checked and the number of batches (one signature each).
-async fn verify(store: &SqliteStore) -> Result<(u64, u64)> {
+async fn verify(store: &dyn Store) -> Result<(u64, u64)> {
     let mut v = ChainVerifier::new(NODE, None);
     let mut batches = 0;
     loop {
@@ -185,6 +175,52 @@ async fn verify(store: &SqliteStore) -> Result<(u64, u64)> {
     }
     v.finish()?;
     Ok((v.checked(), batches))
+}
+
+/// Prints one full-path run and checks the chain it wrote; closes the store.
+async fn report<F: std::future::Future<Output = Result<Run>>>(
+    label: &str,
+    tasks: u64,
+    base: Option<f64>,
+    store: &dyn Store,
+    run: F,
+) -> Result<()> {
+    let run = run.await?;
+    let (checked, batches) = verify(store).await?;
+    store.close().await;
+    let ratio = base.map_or_else(|| "n/a".to_owned(), |b| format!("{:.2}", run.rate() / b));
+    println!(
+        "{label} chain+sign+durable commit, {tasks:>4} producers: {}",
+        run.describe()
+    );
+    println!(
+        "           ratio to baseline {ratio}; {batches} batches of {:.1} records on average; \
+         chain of {checked} records verified",
+        checked as f64 / batches.max(1) as f64
+    );
+    Ok(())
+}
+
+/// Creates database `name` on the server whose maintenance database `server` names; returns its URL.
+async fn scratch_database(server: &str, name: &str) -> Result<String> {
+    let mut admin = sqlx::postgres::PgConnection::connect(server).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await?;
+    admin.close().await?;
+    let base = server.rsplit_once('/').map_or(server, |(b, _)| b);
+    Ok(format!("{base}/{name}"))
+}
+
+async fn drop_database(server: &str, name: &str) -> Result<()> {
+    let mut admin = sqlx::postgres::PgConnection::connect(server).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    admin.close().await?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -218,20 +254,21 @@ fn main() -> Result<()> {
             );
             Some(run.rate())
         };
-        for tasks in task_counts {
-            let (run, store) = full(&dir, n, tasks, key.clone()).await?;
-            let (checked, batches) = verify(&store).await?;
-            store.close().await;
-            let ratio = base.map_or_else(|| "n/a".to_owned(), |b| format!("{:.2}", run.rate() / b));
-            println!(
-                "full path  chain+sign+durable commit, {tasks:>4} producers: {}",
-                run.describe()
-            );
-            println!(
-                "           ratio to baseline {ratio}; {batches} batches of {:.1} records on average; \
-                 chain of {checked} records verified",
-                checked as f64 / batches.max(1) as f64
-            );
+        for &tasks in &task_counts {
+            let store = open(&dir, &format!("full-{tasks}.db")).await?;
+            let run = full(store.clone(), n, tasks, key.clone());
+            report("full path ", tasks, base, store.as_ref(), run).await?;
+        }
+        if let Ok(server) = std::env::var("AUDIT_BENCH_POSTGRES") {
+            println!("the same full path into PostgreSQL at {server}, a fresh database per run");
+            for &tasks in &task_counts {
+                let name = format!("fedgate_bench_{tasks}_{}", std::process::id());
+                let url = scratch_database(&server, &name).await?;
+                let store = Arc::new(PgStore::connect(&url).await?);
+                let run = full(store.clone(), n, tasks, key.clone());
+                report("postgres  ", tasks, base, store.as_ref(), run).await?;
+                drop_database(&server, &name).await?;
+            }
         }
         Ok(())
     })
