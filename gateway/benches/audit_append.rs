@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use fedgate_gateway::audit::{self, AuditLog, ChainVerifier, GENESIS_HASH, record_hash};
 use fedgate_gateway::grant::GrantKey;
 use fedgate_gateway::ident::DivisionCode;
+use fedgate_gateway::metrics::NodeMetrics;
 use fedgate_gateway::store::{PgStore, SqliteStore, Store};
 use fedgate_gateway::uplink::Uplink;
 use fedgate_proto::v1::{AuditOperation, AuditRecord};
@@ -133,7 +134,9 @@ async fn baseline(dir: &tempfile::TempDir, n: u64, key: &GrantKey) -> Result<Run
 /// The full path: `tasks` producers, each awaiting `AuditLog::record` (answered once durable) in turn.
 async fn full(store: Arc<dyn Store>, n: u64, tasks: u64, key: GrantKey) -> Result<Run> {
     let node: DivisionCode = NODE.parse()?;
-    let (log, writer) = AuditLog::start(node, store.clone(), Arc::new(key), Uplink::new()).await?;
+    let metrics = Arc::new(NodeMetrics::default());
+    let (log, writer) =
+        AuditLog::start(node, store.clone(), Arc::new(key), Uplink::new(), metrics).await?;
     let per_task = n / tasks;
     let run = measure(per_task * tasks, async {
         let mut producers = Vec::new();

@@ -4,6 +4,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Label set of the per-stream gauges: `stream="catalog"` or `stream="audit"`.
@@ -34,6 +35,14 @@ pub struct NodeMetrics {
     pub uplink_lag: Family<StreamLabels, Gauge>,
     /// 1 while the link to the parent is up for the stream.
     pub uplink_connected: Family<StreamLabels, Gauge>,
+    /// Audit records this node wrote to its own chain.
+    pub audit_records_written: Counter,
+    /// Audit batches the store refused (their callers got an error).
+    pub audit_batches_failed: Counter,
+    /// Records per audit group commit.
+    pub audit_batch_records: Histogram,
+    /// Time from handing an audit batch to the store to its commit, in seconds (what every share waits for).
+    pub audit_commit_seconds: Histogram,
     registry: Registry,
 }
 
@@ -58,6 +67,12 @@ impl NodeMetrics {
             uplink_acked: Family::default(),
             uplink_lag: Family::default(),
             uplink_connected: Family::default(),
+            audit_records_written: Counter::default(),
+            audit_batches_failed: Counter::default(),
+            // 1 to 8192 records.
+            audit_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            // 100 µs to about 3 s.
+            audit_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             registry: Registry::with_prefix("fedgate"),
         };
         let r = &mut m.registry;
@@ -115,6 +130,26 @@ impl NodeMetrics {
             "uplink_connected",
             "1 while the link to the parent is up",
             m.uplink_connected.clone(),
+        );
+        r.register(
+            "audit_records_written",
+            "Audit records this node wrote to its own chain",
+            m.audit_records_written.clone(),
+        );
+        r.register(
+            "audit_batches_failed",
+            "Audit batches the store refused",
+            m.audit_batches_failed.clone(),
+        );
+        r.register(
+            "audit_batch_records",
+            "Records per audit group commit",
+            m.audit_batch_records.clone(),
+        );
+        r.register(
+            "audit_commit_seconds",
+            "Time from handing an audit batch to the store to its commit",
+            m.audit_commit_seconds.clone(),
         );
         m
     }

@@ -137,10 +137,17 @@ pub async fn start_with_clock(
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let uplink = Uplink::new();
+    let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     uplink.set_audit_key(key.public_key());
-    let (audit_log, audit_writer) =
-        AuditLog::start(code, store.clone(), key.clone(), uplink.clone()).await?;
+    let (audit_log, audit_writer) = AuditLog::start(
+        code,
+        store.clone(),
+        key.clone(),
+        uplink.clone(),
+        metrics.clone(),
+    )
+    .await?;
     let calendar = WorkCalendar::new(&config.calendar).map_err(|e| {
         NodeError::Config(crate::error::Error::InvalidArgument(format!(
             "calendar: {e}"
@@ -162,7 +169,6 @@ pub async fn start_with_clock(
             config.cache.capacity
         },
     );
-    let metrics = Arc::new(NodeMetrics::default());
     let router = Router::new(
         topology.clone(),
         store.clone(),

@@ -65,6 +65,19 @@ async fn counters_follow_shares_and_the_lag_shows_a_parent_down() -> Result<()> 
         metric(&net, "350203", "fedgate_shares_forwarded_total").await?,
         Some(1)
     );
+    // Every node on the route recorded the share durably before answering.
+    for node in ["350203", "350200", "350000", "350100", "350102"] {
+        let written = metric(&net, node, "fedgate_audit_records_written_total").await?;
+        let commits = metric(&net, node, "fedgate_audit_commit_seconds_count").await?;
+        assert!(
+            written.unwrap_or(0) >= 2 && commits.unwrap_or(0) >= 1,
+            "node {node}: {written:?} records in {commits:?} commits"
+        );
+        assert_eq!(
+            metric(&net, node, "fedgate_audit_batches_failed_total").await?,
+            Some(0)
+        );
+    }
     assert_eq!(get(&net, "350102", "/nothing").await?.0, 404);
     // The province has no parent, so no stream gauges.
     assert_eq!(

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::grant::GrantKey;
 use crate::ident::DivisionCode;
+use crate::metrics::NodeMetrics;
 use crate::store::{Store, StoreError};
 use crate::uplink::Uplink;
 
@@ -124,6 +125,7 @@ impl AuditLog {
         store: Arc<dyn Store>,
         key: Arc<GrantKey>,
         uplink: Uplink,
+        metrics: Arc<NodeMetrics>,
     ) -> Result<(Self, JoinHandle<()>), StoreError> {
         let head = store.audit_head(node.as_str()).await?;
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -140,6 +142,7 @@ impl AuditLog {
             store,
             key,
             uplink,
+            metrics,
             seq: head.0,
             prev: head.1,
         };
@@ -199,6 +202,7 @@ struct Writer {
     store: Arc<dyn Store>,
     key: Arc<GrantKey>,
     uplink: Uplink,
+    metrics: Arc<NodeMetrics>,
     seq: u64,
     prev: Vec<u8>,
 }
@@ -251,9 +255,17 @@ impl Writer {
         if let Some(last) = records.last_mut() {
             last.signature = self.key.sign_bytes(&last.hash).to_vec();
         }
+        let started = std::time::Instant::now();
         let result = self.store.audit_append(&records).await;
         match result {
             Ok(()) => {
+                self.metrics
+                    .audit_commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .audit_batch_records
+                    .observe(records.len() as f64);
+                NodeMetrics::add(&self.metrics.audit_records_written, records.len() as u64);
                 self.uplink.wake(Stream::Audit);
                 for (p, r) in batch.iter_mut().zip(&records) {
                     if let Some(done) = p.done.take() {
@@ -263,6 +275,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(node = %self.node, error = %e, "audit batch not written");
+                NodeMetrics::add(&self.metrics.audit_batches_failed, 1);
                 self.seq = seq;
                 self.prev = prev;
                 for p in batch.iter_mut() {
