@@ -64,10 +64,17 @@ pub mod action {
     pub const CACHE_HIT: &str = "cache-hit";
 }
 
-/// Converts a failed call to a neighbour or provider into an error naming it.
+/// Converts a failed call to a neighbour or provider into an error naming it. A transport failure, or a call
+/// cancelled on the far side while this node still waited for it (a link reset mid-request), is UNAVAILABLE:
+/// the caller may retry; any other status is the far side's answer and passes through.
 fn call_error(status: Status, who: &str) -> Error {
     if status.source().is_some() {
         Error::Unavailable(format!("{who} is unreachable: {}", status.message()))
+    } else if status.code() == tonic::Code::Cancelled {
+        Error::Unavailable(format!(
+            "the call to {who} was cut off before it answered: {}",
+            status.message()
+        ))
     } else {
         Error::Upstream(status)
     }
@@ -558,5 +565,20 @@ fn share_record(env: &Envelope, served: bool) -> AuditRecord {
 fn set_action(env: &mut Envelope, action: &str) {
     if let Some(hop) = env.route.last_mut() {
         hop.action = action.to_owned();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_cut_off_on_the_far_side_is_unavailable_and_other_answers_pass_through() {
+        let cut = call_error(Status::cancelled("stream reset"), "node 350100");
+        assert_eq!(Status::from(cut).code(), tonic::Code::Unavailable);
+        let denied = call_error(Status::permission_denied("no grant"), "node 350100");
+        let denied = Status::from(denied);
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert_eq!(denied.message(), "no grant");
     }
 }
