@@ -470,6 +470,17 @@ async fn exercise(
     if let Some(bad) = report.failures.keys().find(|k| k.starts_with("bad answer")) {
         bail!("{bad}");
     }
+    // A share that fails because a node or link is down says so, and may be retried; nothing else may come back.
+    if let Some(code) = report
+        .failures
+        .keys()
+        .find(|k| !matches!(k.as_str(), "Unavailable" | "DeadlineExceeded"))
+    {
+        bail!(
+            "a share failed with {code} during the faults (failures {:?})",
+            report.failures
+        );
+    }
 
     let settled = fed.wait_audit_settled(SETTLE).await;
     fed.stop_all().await?;
