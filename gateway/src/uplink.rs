@@ -34,6 +34,24 @@ pub struct StreamStatus {
     pub connected: AtomicBool,
 }
 
+/// A snapshot of one upward stream, for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamProgress {
+    /// Highest position written to the stream.
+    pub head: u64,
+    /// Highest position the parent acknowledged.
+    pub acked: u64,
+    /// Whether the link to the parent is up.
+    pub connected: bool,
+}
+
+impl StreamProgress {
+    /// Positions written but not yet acknowledged: the forwarding lag.
+    pub fn lag(&self) -> u64 {
+        self.head.saturating_sub(self.acked)
+    }
+}
+
 /// The upward side of a node: one shipper task per stream, woken when the outbox grows.
 #[derive(Debug, Clone)]
 pub struct Uplink {
@@ -91,6 +109,20 @@ impl Uplink {
     /// Progress of `stream`.
     pub fn status(&self, stream: Stream) -> &StreamStatus {
         &self.status[slot(stream)]
+    }
+
+    /// Where `stream` stands now: its outbox head in `store`, what the parent acknowledged, whether the link is up.
+    pub async fn progress(
+        &self,
+        stream: Stream,
+        store: &dyn Store,
+    ) -> Result<StreamProgress, StoreError> {
+        let status = self.status(stream);
+        Ok(StreamProgress {
+            head: store.outbox_head(stream).await?,
+            acked: status.acked.load(Ordering::Relaxed),
+            connected: status.connected.load(Ordering::Relaxed),
+        })
     }
 
     /// Ships `stream` to `parent` until `shutdown` turns true.

@@ -1,7 +1,6 @@
 //! `fedgate.v1.Operator`: reports for the node's own operators, who call with the node's certificate.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use fedgate_proto::v1::operator_server::Operator;
 use fedgate_proto::v1::{
@@ -94,15 +93,16 @@ impl Operator for OperatorService {
         let mut streams = Vec::new();
         if let Some(uplink) = &self.uplink {
             for stream in [Stream::Catalog, Stream::Audit] {
-                let head = self.store.outbox_head(stream).await.map_err(Error::from)?;
-                let status = uplink.status(stream);
-                let acked = status.acked.load(Ordering::Relaxed);
+                let p = uplink
+                    .progress(stream, self.store.as_ref())
+                    .await
+                    .map_err(Error::from)?;
                 streams.push(StreamStatus {
                     stream: stream as i32,
-                    head,
-                    acked,
-                    lag: head.saturating_sub(acked),
-                    connected: status.connected.load(Ordering::Relaxed),
+                    head: p.head,
+                    acked: p.acked,
+                    lag: p.lag(),
+                    connected: p.connected,
                 });
             }
         }

@@ -43,26 +43,21 @@ pub fn router(state: ScrapeState) -> axum::Router {
 async fn scrape(State(s): State<ScrapeState>) -> Response {
     if let Some(uplink) = &s.uplink {
         for stream in [Stream::Catalog, Stream::Audit] {
-            let head = match s.store.outbox_head(stream).await {
-                Ok(head) => head,
+            let p = match uplink.progress(stream, s.store.as_ref()).await {
+                Ok(p) => p,
                 Err(e) => {
                     return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n"))
                         .into_response();
                 }
             };
-            let status = uplink.status(stream);
-            let acked = status.acked.load(std::sync::atomic::Ordering::Relaxed);
-            let connected = status.connected.load(std::sync::atomic::Ordering::Relaxed);
             let labels = [("stream", stream_label(stream))];
             let m = &s.metrics;
-            m.uplink_head.get_or_create(&labels).set(gauge(head));
-            m.uplink_acked.get_or_create(&labels).set(gauge(acked));
-            m.uplink_lag
-                .get_or_create(&labels)
-                .set(gauge(head.saturating_sub(acked)));
+            m.uplink_head.get_or_create(&labels).set(gauge(p.head));
+            m.uplink_acked.get_or_create(&labels).set(gauge(p.acked));
+            m.uplink_lag.get_or_create(&labels).set(gauge(p.lag()));
             m.uplink_connected
                 .get_or_create(&labels)
-                .set(i64::from(connected));
+                .set(i64::from(p.connected));
         }
     }
     match s.metrics.encode() {
