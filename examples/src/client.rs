@@ -147,6 +147,7 @@ mod tests {
             grant: grant.encode_to_vec(),
             signature: vec![7; 64],
             public_key: vec![9; 32],
+            key_endorsement: None,
         }
     }
 

@@ -56,7 +56,9 @@ fn prebuilt(n: u64, key: &GrantKey) -> Vec<AuditRecord> {
         r.hash = record_hash(&r).to_vec();
         prev = r.hash.clone();
         if i % BASELINE_BATCH as u64 == 0 || i == n {
-            r.signature = key.sign_bytes(&r.hash).to_vec();
+            r.signature = key
+                .sign_bytes(fedgate_gateway::grant::Domain::AuditBatch, &r.hash)
+                .to_vec();
         }
         out.push(r);
     }
@@ -135,8 +137,14 @@ async fn baseline(dir: &tempfile::TempDir, n: u64, key: &GrantKey) -> Result<Run
 async fn full(store: Arc<dyn Store>, n: u64, tasks: u64, key: GrantKey) -> Result<Run> {
     let node: DivisionCode = NODE.parse()?;
     let metrics = Arc::new(NodeMetrics::default());
-    let (log, writer) =
-        AuditLog::start(node, store.clone(), Arc::new(key), Uplink::new(), metrics).await?;
+    let (log, writer) = AuditLog::start(
+        node,
+        store.clone(),
+        (Arc::new(key), None),
+        Uplink::new(),
+        metrics,
+    )
+    .await?;
     let per_task = n / tasks;
     let run = measure(per_task * tasks, async {
         let mut producers = Vec::new();

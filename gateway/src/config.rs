@@ -47,6 +47,29 @@ pub struct NodeConfig {
     /// The metrics endpoint; none when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// How statements of other nodes are checked.
+    #[serde(default)]
+    pub trust: TrustConfig,
+}
+
+/// How this node checks what other nodes sign.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// How far a consumer assertion's signing time may lie from this node's clock, in seconds; assertions
+    /// outside the window are refused, and inside it each is accepted once.
+    pub assertion_window_secs: u64,
+    /// Serial numbers (hex) of federation certificates revoked by the CA; statements they signed are refused.
+    pub revoked_serials: Vec<String>,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            assertion_window_secs: 120,
+            revoked_serials: Vec::new(),
+        }
+    }
 }
 
 /// The public open-data endpoint.

@@ -6,16 +6,18 @@ use std::sync::Arc;
 use fedgate_proto::v1::{
     Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
     DecideRequest, FileObjectionRequest, Grant, Objection, ObjectionState, ResolveObjectionRequest,
-    RevocationNotice, ShareMode, ShareType, SignedGrant, StaleEntry,
+    Revocation, RevocationNotice, ShareMode, ShareType, SignedGrant, SignedStatement, StaleEntry,
 };
 use prost::Message;
 
+use crate::assertion::Vouched;
 use crate::audit::{self, AuditLog};
 use crate::calendar::WorkCalendar;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::grant::{self, GrantError, GrantKey};
 use crate::ident::{DivisionCode, Peer, Uscc};
+use crate::statement::{NodeSigner, StatementVerifier, Verified};
 use crate::store::{Doc, DocKind, DocQuery, Store};
 
 /// Default grant lifetime when the applicant asks for none: one year.
@@ -23,21 +25,15 @@ const DEFAULT_GRANT_SECS: i64 = 366 * 24 * 3600;
 /// Longest text a caller may put in a purpose, scenario, reason or description.
 const MAX_TEXT: usize = 2000;
 
-/// Who is asking, as authenticated: the consumer agency and the node that vouches for it.
-#[derive(Debug, Clone)]
-pub struct Consumer {
-    /// The agency.
-    pub uscc: String,
-    /// Its node.
-    pub node: String,
-}
-
 /// Governance of the resources held at one node.
 #[derive(Clone)]
 pub struct Governance {
     node: DivisionCode,
     store: Arc<dyn Store>,
     key: Arc<GrantKey>,
+    signer: NodeSigner,
+    verifier: Arc<StatementVerifier>,
+    endorsement: SignedStatement,
     calendar: Arc<WorkCalendar>,
     clock: Arc<dyn Clock>,
     audit: AuditLog,
@@ -80,11 +76,12 @@ fn mode_of(m: i32) -> ShareMode {
 }
 
 impl Governance {
-    /// Governance for `node`, signing with `key`.
+    /// Governance for `node`, signing grants with `key` and revocations with `signer`.
     pub fn new(
         node: DivisionCode,
         store: Arc<dyn Store>,
         key: Arc<GrantKey>,
+        (signer, verifier, endorsement): (NodeSigner, Arc<StatementVerifier>, SignedStatement),
         calendar: Arc<WorkCalendar>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
@@ -93,6 +90,9 @@ impl Governance {
             node,
             store,
             key,
+            signer,
+            verifier,
+            endorsement,
             calendar,
             clock,
             audit,
@@ -184,7 +184,9 @@ impl Governance {
             clear_fields: clear,
             application_id: a.id.clone(),
         };
-        self.key.sign(&g)
+        let mut signed = self.key.sign(&g);
+        signed.key_endorsement = Some(self.endorsement.clone());
+        signed
     }
 
     async fn save_grant(&self, signed: &SignedGrant, provider: &str) -> Result<Grant> {
@@ -204,14 +206,14 @@ impl Governance {
     }
 
     /// Files an application for a resource held here; unconditional resources are granted at once.
-    pub async fn apply(&self, consumer: &Consumer, req: ApplyRequest) -> Result<Application> {
+    pub async fn apply(&self, consumer: &Vouched, req: ApplyRequest) -> Result<Application> {
         text("purpose", &req.purpose, true)?;
         text("scenario", &req.scenario, true)?;
         let entry = self.local_entry(&req.resource_id).await?;
         let share_type = ShareType::try_from(entry.share_type).unwrap_or(ShareType::NotShared);
         let mut record = audit::event(AuditOperation::Application, Peer::Node(self.node).to_uri());
-        record.consumer_uscc = consumer.uscc.clone();
-        record.consumer_node = consumer.node.clone();
+        record.consumer_uscc = consumer.uscc().to_owned();
+        record.consumer_node = consumer.node().to_string();
         record.provider_uscc = entry.provider_uscc.clone();
         record.resource_id = entry.id.clone();
         record.purpose = req.purpose.clone();
@@ -245,7 +247,7 @@ impl Governance {
 
     async fn file_application(
         &self,
-        consumer: &Consumer,
+        consumer: &Vouched,
         entry: &CatalogEntry,
         share_type: ShareType,
         req: ApplyRequest,
@@ -288,8 +290,8 @@ impl Governance {
         let n = self.store.next_id("application").await?;
         let mut a = Application {
             id: format!("{}-a-{n}", self.node),
-            consumer_uscc: consumer.uscc.clone(),
-            consumer_node: consumer.node.clone(),
+            consumer_uscc: consumer.uscc().to_owned(),
+            consumer_node: consumer.node().to_string(),
             resource_id: entry.id.clone(),
             purpose: req.purpose.clone(),
             scenario: req.scenario.clone(),
@@ -328,35 +330,60 @@ impl Governance {
         Ok(a)
     }
 
-    /// A document held here that concerns `caller` as its consumer (`filer`) or its provider.
-    async fn party_doc(&self, kind: DocKind, id: &str, caller: &str, filer: &str) -> Result<Doc> {
-        let what = kind.as_str();
-        let doc = self.store.doc(kind, id).await?.ok_or_else(|| {
-            Error::NotFound(format!("{what} {id} is not held at node {}", self.node))
-        })?;
-        if doc.consumer_uscc != caller && doc.provider_uscc != caller {
-            return Err(Error::PermissionDenied(format!(
-                "{what} {id} concerns neither the caller {caller} as {filer} nor as provider"
-            )));
-        }
-        Ok(doc)
+    /// A document held here, with a refusal that names it when it is missing.
+    async fn held_doc(&self, kind: DocKind, id: &str) -> Result<Doc> {
+        self.store.doc(kind, id).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "{} {id} is not held at node {}",
+                kind.as_str(),
+                self.node
+            ))
+        })
     }
 
-    /// One application, visible to its applicant and to the provider agency.
-    pub async fn application(&self, caller: &str, id: &str) -> Result<Application> {
+    /// Whether `caller` may read a document filed by `filer` at `filer_node` about a resource that `provider`
+    /// provides here: the filer through its own node, or the provider agency at this node.
+    fn check_party(
+        &self,
+        (kind, id): (DocKind, &str),
+        caller: &Vouched,
+        (filer, filer_node): (&str, &str),
+        provider: &str,
+    ) -> Result<()> {
+        let me = self.node;
+        if caller.uscc() == filer && caller.node().as_str() == filer_node {
+            return Ok(());
+        }
+        if caller.uscc() == provider && caller.node() == me {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "{} {id} is answered only to the agency that filed it, through its own node, or to the provider agency at node {me}; not to {} at node {}",
+            kind.as_str(),
+            caller.uscc(),
+            caller.node()
+        )))
+    }
+
+    /// One application, visible to its applicant through its own node and to the provider agency here.
+    pub async fn application(&self, caller: &Vouched, id: &str) -> Result<Application> {
         Ok(self.application_and_provider(caller, id).await?.0)
     }
 
     /// One application with the agency providing its resource.
     async fn application_and_provider(
         &self,
-        caller: &str,
+        caller: &Vouched,
         id: &str,
     ) -> Result<(Application, String)> {
-        let doc = self
-            .party_doc(DocKind::Application, id, caller, "applicant")
-            .await?;
+        let doc = self.held_doc(DocKind::Application, id).await?;
         let mut a: Application = decode("application", &doc.body)?;
+        self.check_party(
+            (DocKind::Application, id),
+            caller,
+            (&a.consumer_uscc, &a.consumer_node),
+            &doc.provider_uscc,
+        )?;
         a.overdue = self.is_overdue(a.due_at, a.decided_at);
         Ok((a, doc.provider_uscc))
     }
@@ -472,7 +499,10 @@ impl Governance {
     async fn decide_inner(&self, provider: &Uscc, req: DecideRequest) -> Result<Application> {
         text("reason", &req.reason, !req.approve)?;
         let (mut a, owner) = self
-            .application_and_provider(provider.as_str(), &req.application_id)
+            .application_and_provider(
+                &Vouched::local(provider, self.node, ""),
+                &req.application_id,
+            )
             .await?;
         if owner != provider.as_str() {
             return Err(Error::PermissionDenied(format!(
@@ -557,13 +587,14 @@ impl Governance {
         Ok(a)
     }
 
-    /// Revokes a grant issued here for a resource `provider` provides; returns the notice to send along the route.
+    /// Revokes a grant issued here for a resource `provider` provides; returns the signed notice to send along
+    /// the route.
     pub async fn revoke(
         &self,
         provider: &Uscc,
         grant_id: &str,
         reason: &str,
-    ) -> Result<RevocationNotice> {
+    ) -> Result<(Verified<Revocation>, RevocationNotice)> {
         text("reason", reason, true)?;
         let doc = self
             .store
@@ -583,20 +614,25 @@ impl Governance {
         }
         let signed: SignedGrant = decode("grant", &doc.body)?;
         let g: Grant = decode("grant", &signed.grant)?;
-        let revoked_at = self.clock.unix();
-        let notice = RevocationNotice {
+        let revocation = Revocation {
             grant_id: grant_id.to_owned(),
             issuer_node: self.node.to_string(),
             consumer_node: g.consumer_node.clone(),
-            revoked_at,
+            revoked_at: self.clock.unix(),
             reason: reason.to_owned(),
-            signature: self
-                .key
-                .sign_bytes(revocation_message(grant_id, revoked_at).as_bytes())
-                .to_vec(),
+        };
+        let signed = self.signer.sign(&revocation).map_err(|e| {
+            Error::Unavailable(format!(
+                "node {} cannot sign the revocation: {e}",
+                self.node
+            ))
+        })?;
+        let notice = RevocationNotice {
+            revocation: Some(signed),
             route: vec![self.node.to_string()],
         };
-        self.record_revocation(&notice).await?;
+        let checked = self.check_revocation(&notice)?;
+        self.record_revocation(&checked, &notice).await?;
         let mut record = audit::event(
             AuditOperation::Revocation,
             Peer::Agency(provider.clone()).to_uri(),
@@ -608,15 +644,36 @@ impl Governance {
         record.grant_id = g.id.clone();
         record.detail = reason.to_owned();
         self.write(record).await?;
-        Ok(notice)
+        Ok((checked, notice))
     }
 
-    /// Stores a revocation seen here (issued here or passing through).
-    pub async fn record_revocation(&self, n: &RevocationNotice) -> Result<()> {
+    /// Checks a revocation notice: signed by a node's federation certificate, by the node that issued the
+    /// grant (whose id names it), and naming that node as the issuer.
+    pub fn check_revocation(&self, n: &RevocationNotice) -> Result<Verified<Revocation>> {
+        let s = crate::statement::required(n.revocation.as_ref(), "revocation notice")?;
+        let v: Verified<Revocation> = self.verifier.verify(s, self.clock.unix())?;
+        let r = v.body();
+        let issuer = grant_issuer(&r.grant_id)?;
+        if v.signer() != issuer || r.issuer_node != issuer.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "grant {} was issued by node {issuer}; node {} may not revoke it",
+                r.grant_id,
+                v.signer()
+            )));
+        }
+        Ok(v)
+    }
+
+    /// Stores a checked revocation seen here (issued here or passing through).
+    pub async fn record_revocation(
+        &self,
+        v: &Verified<Revocation>,
+        n: &RevocationNotice,
+    ) -> Result<()> {
         self.store
             .put_doc(&Doc {
                 kind: DocKind::Revocation,
-                id: n.grant_id.clone(),
+                id: v.body().grant_id.clone(),
                 provider_uscc: String::new(),
                 consumer_uscc: String::new(),
                 state: 1,
@@ -640,7 +697,7 @@ impl Governance {
     pub async fn check_grant(
         &self,
         signed: &SignedGrant,
-        consumer: &str,
+        consumer: &Vouched,
         entry: &CatalogEntry,
         mode: ShareMode,
         fields: &[String],
@@ -661,7 +718,9 @@ impl Governance {
         grant::check(
             &g,
             &grant::Use {
-                consumer_uscc: consumer,
+                consumer_uscc: consumer.uscc(),
+                consumer_node: consumer.node().as_str(),
+                purpose: consumer.purpose(),
                 resource_id: &entry.id,
                 mode,
                 fields,
@@ -675,7 +734,7 @@ impl Governance {
     /// Files an objection against a record of a resource held here.
     pub async fn file_objection(
         &self,
-        consumer: &Consumer,
+        consumer: &Vouched,
         req: FileObjectionRequest,
     ) -> Result<Objection> {
         text("description", &req.description, true)?;
@@ -690,8 +749,8 @@ impl Governance {
         let n = self.store.next_id("objection").await?;
         let o = Objection {
             id: format!("{}-o-{n}", self.node),
-            consumer_uscc: consumer.uscc.clone(),
-            consumer_node: consumer.node.clone(),
+            consumer_uscc: consumer.uscc().to_owned(),
+            consumer_node: consumer.node().to_string(),
             resource_id: entry.id.clone(),
             key: req.key.clone(),
             description: req.description.clone(),
@@ -706,10 +765,10 @@ impl Governance {
         self.save_objection(&o, &entry.provider_uscc).await?;
         let mut record = audit::event(
             AuditOperation::Objection,
-            format!("urn:fedgate:agency:{}", consumer.uscc),
+            format!("urn:fedgate:agency:{}", consumer.uscc()),
         );
-        record.consumer_uscc = consumer.uscc.clone();
-        record.consumer_node = consumer.node.clone();
+        record.consumer_uscc = consumer.uscc().to_owned();
+        record.consumer_node = consumer.node().to_string();
         record.provider_uscc = entry.provider_uscc.clone();
         record.resource_id = entry.id.clone();
         record.detail = format!("objection {}", o.id);
@@ -732,12 +791,16 @@ impl Governance {
         Ok(())
     }
 
-    /// One objection, visible to its filer and to the provider agency.
-    pub async fn objection(&self, caller: &str, id: &str) -> Result<(Objection, String)> {
-        let doc = self
-            .party_doc(DocKind::Objection, id, caller, "filer")
-            .await?;
+    /// One objection, visible to its filer through its own node and to the provider agency here.
+    pub async fn objection(&self, caller: &Vouched, id: &str) -> Result<(Objection, String)> {
+        let doc = self.held_doc(DocKind::Objection, id).await?;
         let mut o: Objection = decode("objection", &doc.body)?;
+        self.check_party(
+            (DocKind::Objection, id),
+            caller,
+            (&o.consumer_uscc, &o.consumer_node),
+            &doc.provider_uscc,
+        )?;
         o.overdue = self.is_overdue(o.due_at, o.resolved_at);
         Ok((o, doc.provider_uscc))
     }
@@ -772,7 +835,9 @@ impl Governance {
         req: ResolveObjectionRequest,
     ) -> Result<Objection> {
         text("resolution", &req.resolution, true)?;
-        let (mut o, owner) = self.objection(provider.as_str(), &req.objection_id).await?;
+        let (mut o, owner) = self
+            .objection(&Vouched::local(provider, self.node, ""), &req.objection_id)
+            .await?;
         if owner != provider.as_str() {
             return Err(Error::PermissionDenied(format!(
                 "objection {} is about a resource that {provider} does not provide",
@@ -900,7 +965,16 @@ impl Governance {
     }
 }
 
-/// The message an issuer signs to revoke a grant.
-pub fn revocation_message(grant_id: &str, revoked_at: i64) -> String {
-    format!("revoke:{grant_id}:{revoked_at}")
+/// The node that issued a grant, from its id ("<node code>-g-<number>").
+pub fn grant_issuer(grant_id: &str) -> Result<DivisionCode> {
+    grant_id
+        .split_once("-g-")
+        .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|(node, _)| node.parse().ok())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "grant id {:?} is not of the form <node code>-g-<number>",
+                grant_id.chars().take(32).collect::<String>()
+            ))
+        })
 }

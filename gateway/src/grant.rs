@@ -53,6 +53,26 @@ pub enum GrantError {
         /// The calling agency's USCC.
         caller: String,
     },
+    /// The grant names another node for its grantee.
+    #[error("grant {grant_id} was issued to an agency at node {granted}, not at node {asked}")]
+    WrongNode {
+        /// The grant's id.
+        grant_id: String,
+        /// The grantee's node.
+        granted: String,
+        /// The node vouching for the caller.
+        asked: String,
+    },
+    /// The use states another purpose than the one the grant was issued for.
+    #[error("grant {grant_id} was issued for the purpose {granted:?}, not {asked:?}")]
+    WrongPurpose {
+        /// The grant's id.
+        grant_id: String,
+        /// The granted purpose.
+        granted: String,
+        /// The purpose stated (at most a prefix).
+        asked: String,
+    },
     /// The grant is for another resource.
     #[error("grant {grant_id} is for resource {granted}, not for {asked}")]
     WrongResource {
@@ -244,22 +264,56 @@ impl GrantKey {
     /// Signs a grant: encodes it, signs exactly those bytes and attaches the public key.
     pub fn sign(&self, grant: &Grant) -> SignedGrant {
         let bytes = grant.encode_to_vec();
-        let signature = self.sign_bytes(&bytes);
+        let signature = self.sign_bytes(Domain::Grant, &bytes);
         SignedGrant {
             grant: bytes,
             signature: signature.to_vec(),
             public_key: self.public_key().to_vec(),
+            key_endorsement: None,
         }
     }
 
-    /// An Ed25519 signature over arbitrary bytes (grants, audit checkpoints).
-    pub fn sign_bytes(&self, msg: &[u8]) -> [u8; 64] {
-        self.key.sign(msg).to_bytes()
+    /// An Ed25519 signature over `msg` in `domain`, so a signature made for one use never passes for another.
+    pub fn sign_bytes(&self, domain: Domain, msg: &[u8]) -> [u8; 64] {
+        self.key.sign(&domain.message(msg)).to_bytes()
     }
 }
 
-/// Verifies an Ed25519 signature (strict: rejects weak keys and malleable signatures).
-pub fn verify_signature(public_key: &[u8], msg: &[u8], signature: &[u8]) -> Result<(), GrantError> {
+/// What a node's Ed25519 key signs; each use is its own domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    /// A grant's encoding.
+    Grant,
+    /// The hash of the last record of an audit batch.
+    AuditBatch,
+}
+
+impl Domain {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Domain::Grant => b"fedgate.v1.Grant",
+            Domain::AuditBatch => b"fedgate.v1.AuditBatch",
+        }
+    }
+
+    /// The bytes a signature in this domain covers: the domain's tag, a zero byte, then `msg`.
+    fn message(self, msg: &[u8]) -> Vec<u8> {
+        let tag = self.tag();
+        let mut m = Vec::with_capacity(tag.len() + 1 + msg.len());
+        m.extend_from_slice(tag);
+        m.push(0);
+        m.extend_from_slice(msg);
+        m
+    }
+}
+
+/// Verifies an Ed25519 signature in `domain` (strict: rejects weak keys and malleable signatures).
+pub fn verify_signature(
+    domain: Domain,
+    public_key: &[u8],
+    msg: &[u8],
+    signature: &[u8],
+) -> Result<(), GrantError> {
     let key: &[u8; 32] = public_key.try_into().map_err(|_| {
         GrantError::Malformed(format!(
             "public key must be 32 bytes, got {}",
@@ -278,7 +332,7 @@ pub fn verify_signature(public_key: &[u8], msg: &[u8], signature: &[u8]) -> Resu
             signature.len()
         ))
     })?;
-    key.verify_strict(msg, &Signature::from_bytes(signature))
+    key.verify_strict(&domain.message(msg), &Signature::from_bytes(signature))
         .map_err(|_| GrantError::BadSignature { grant_id: None })
 }
 
@@ -298,14 +352,18 @@ pub fn open(signed: &SignedGrant, trusted_key: &[u8]) -> Result<Grant, GrantErro
             trusted: hex::encode(trusted_key),
         });
     }
-    verify_signature(&signed.public_key, &signed.grant, &signed.signature).map_err(
-        |e| match e {
-            GrantError::BadSignature { .. } => GrantError::BadSignature {
-                grant_id: claimed_id(),
-            },
-            other => other,
+    verify_signature(
+        Domain::Grant,
+        &signed.public_key,
+        &signed.grant,
+        &signed.signature,
+    )
+    .map_err(|e| match e {
+        GrantError::BadSignature { .. } => GrantError::BadSignature {
+            grant_id: claimed_id(),
         },
-    )?;
+        other => other,
+    })?;
     Grant::decode(signed.grant.as_slice())
         .map_err(|e| GrantError::Malformed(format!("grant bytes do not decode: {e}")))
 }
@@ -313,8 +371,12 @@ pub fn open(signed: &SignedGrant, trusted_key: &[u8]) -> Result<Grant, GrantErro
 /// One concrete use of a grant, as seen by the node serving a request.
 #[derive(Clone, Copy, Debug)]
 pub struct Use<'a> {
-    /// The caller's agency, from its certificate.
+    /// The consumer agency, as vouched for.
     pub consumer_uscc: &'a str,
+    /// The node that vouches for the consumer.
+    pub consumer_node: &'a str,
+    /// The purpose the consumer states for this use.
+    pub purpose: &'a str,
     /// The full resource id asked for.
     pub resource_id: &'a str,
     /// The mode asked for (`UNSPECIFIED` counts as `QUERY`, as for share requests).
@@ -325,7 +387,7 @@ pub struct Use<'a> {
     pub now_unix: i64,
 }
 
-/// Checks that a use lies inside a grant: grantee, resource, expiry, mode, then fields.
+/// Checks that a use lies inside a grant: grantee and its node, resource, purpose, expiry, mode, then fields.
 pub fn check(grant: &Grant, u: &Use<'_>) -> Result<(), GrantError> {
     if grant.consumer_uscc != u.consumer_uscc {
         return Err(GrantError::WrongGrantee {
@@ -334,11 +396,25 @@ pub fn check(grant: &Grant, u: &Use<'_>) -> Result<(), GrantError> {
             caller: u.consumer_uscc.to_owned(),
         });
     }
+    if grant.consumer_node != u.consumer_node {
+        return Err(GrantError::WrongNode {
+            grant_id: grant.id.clone(),
+            granted: grant.consumer_node.clone(),
+            asked: u.consumer_node.to_owned(),
+        });
+    }
     if grant.resource_id != u.resource_id {
         return Err(GrantError::WrongResource {
             grant_id: grant.id.clone(),
             granted: grant.resource_id.clone(),
             asked: u.resource_id.to_owned(),
+        });
+    }
+    if grant.purpose != u.purpose {
+        return Err(GrantError::WrongPurpose {
+            grant_id: grant.id.clone(),
+            granted: grant.purpose.clone(),
+            asked: u.purpose.chars().take(64).collect(),
         });
     }
     if u.now_unix >= grant.expires_at {
@@ -403,6 +479,8 @@ mod tests {
     fn use_of<'a>(fields: &'a [String]) -> Use<'a> {
         Use {
             consumer_uscc: PROVIDER,
+            consumer_node: "350203",
+            purpose: "social assistance eligibility",
             resource_id: RESOURCE,
             mode: ShareMode::Query,
             fields,
@@ -419,11 +497,22 @@ mod tests {
         assert_eq!(signed.grant, grant().encode_to_vec());
         assert_eq!(open(&signed, &key.public_key()).unwrap(), grant());
         verify_signature(
+            Domain::AuditBatch,
             &key.public_key(),
             b"checkpoint",
-            &key.sign_bytes(b"checkpoint"),
+            &key.sign_bytes(Domain::AuditBatch, b"checkpoint"),
         )
         .unwrap();
+        // The same bytes in another domain do not verify.
+        assert!(
+            verify_signature(
+                Domain::Grant,
+                &key.public_key(),
+                b"checkpoint",
+                &key.sign_bytes(Domain::AuditBatch, b"checkpoint"),
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -431,7 +520,10 @@ mod tests {
         let a = GrantKey::from_bytes([7; 32]);
         let b = GrantKey::from_bytes([7; 32]);
         assert_eq!(a.public_key(), b.public_key());
-        assert_eq!(a.sign_bytes(b"x"), b.sign_bytes(b"x"));
+        assert_eq!(
+            a.sign_bytes(Domain::Grant, b"x"),
+            b.sign_bytes(Domain::Grant, b"x")
+        );
         assert_ne!(
             GrantKey::generate().public_key(),
             GrantKey::generate().public_key()
@@ -491,9 +583,10 @@ mod tests {
         let key = GrantKey::generate();
         let junk = vec![0xff, 0xff, 0xff];
         let signed = SignedGrant {
-            signature: key.sign_bytes(&junk).to_vec(),
+            signature: key.sign_bytes(Domain::Grant, &junk).to_vec(),
             grant: junk,
             public_key: key.public_key().to_vec(),
+            key_endorsement: None,
         };
         assert!(matches!(
             open(&signed, &key.public_key()),

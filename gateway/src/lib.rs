@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod assertion;
 pub mod audit;
 pub mod cache;
 pub mod calendar;
@@ -22,6 +23,7 @@ pub mod pki;
 pub mod policy;
 pub mod route;
 pub mod service;
+pub mod statement;
 pub mod store;
 pub mod tls;
 pub mod topology;

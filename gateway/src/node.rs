@@ -4,15 +4,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fedgate_proto::v1::Stream;
 use fedgate_proto::v1::agency_server::AgencyServer;
 use fedgate_proto::v1::federation_server::FederationServer;
 use fedgate_proto::v1::open_data_server::OpenDataServer;
 use fedgate_proto::v1::operator_server::OperatorServer;
+use fedgate_proto::v1::{KeyEndorsement, Stream};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::assertion::Assertions;
 use crate::audit::{self, AuditLog};
 use crate::cache::ShareCache;
 use crate::calendar::WorkCalendar;
@@ -24,6 +25,7 @@ use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
+use crate::statement::{NodeSigner, StatementVerifier};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
@@ -140,10 +142,21 @@ pub async fn start_with_clock(
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     uplink.set_audit_key(key.public_key());
+    let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;
+    let verifier = Arc::new(
+        StatementVerifier::new(&tls.ca_pem, &config.trust.revoked_serials).map_err(trust_error)?,
+    );
+    let endorsement = signer
+        .sign(&KeyEndorsement {
+            node_code: code.to_string(),
+            public_key: key.public_key().to_vec(),
+            issued_at: clock.unix(),
+        })
+        .map_err(trust_error)?;
     let (audit_log, audit_writer) = AuditLog::start(
         code,
         store.clone(),
-        key.clone(),
+        (key.clone(), Some(endorsement.clone())),
         uplink.clone(),
         metrics.clone(),
     )
@@ -157,9 +170,16 @@ pub async fn start_with_clock(
         code,
         store.clone(),
         key.clone(),
+        (signer.clone(), verifier.clone(), endorsement),
         Arc::new(calendar),
-        clock,
+        clock.clone(),
         audit_log.clone(),
+    );
+    let assertions = Assertions::new(
+        signer,
+        verifier,
+        clock,
+        std::time::Duration::from_secs(config.trust.assertion_window_secs.max(1)),
     );
     let cache = ShareCache::new(
         std::time::Duration::from_secs(config.cache.ttl_secs.max(1)),
@@ -175,8 +195,7 @@ pub async fn start_with_clock(
         config.routing.clone(),
         metrics.clone(),
         audit_log.clone(),
-        governance.clone(),
-        cache,
+        (governance.clone(), cache, assertions),
     );
 
     let mut tasks = Vec::new();
@@ -331,6 +350,11 @@ pub async fn start_with_clock(
         server,
         tasks,
     })
+}
+
+/// A node whose signing material or CA bundle cannot be used is misconfigured.
+fn trust_error(e: crate::statement::StatementError) -> NodeError {
+    NodeError::Config(crate::error::Error::InvalidArgument(format!("tls: {e}")))
 }
 
 /// Logs a warning for every overdue application and objection, once a minute.

@@ -13,19 +13,21 @@ use fedgate_proto::v1::provider_client::ProviderClient;
 use fedgate_proto::v1::{
     AggregateRequest, ApplyRequest, AuditOperation, AuditRecord, Envelope, ExportRequest,
     FetchRequest, FileObjectionRequest, ForwardRequest, GetApplicationRequest, GetObjectionRequest,
-    Hop, RequestKind, RevocationNotice, ShareMode, ShareRequest, ShareResponse,
+    Hop, RequestKind, Revocation, RevocationNotice, ShareMode, ShareRequest, ShareResponse,
 };
 use prost::Message;
 use tonic::Status;
 
+use crate::assertion::{Assertions, Vouched};
 use crate::audit::{self, AuditLog};
 use crate::cache::ShareCache;
 use crate::config::RoutingConfig;
 use crate::error::{Error, Result};
-use crate::governance::{Consumer, Governance};
+use crate::governance::Governance;
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::policy;
+use crate::statement::Verified;
 use crate::store::Store;
 use crate::topology::{Direction, Topology};
 
@@ -48,6 +50,7 @@ pub struct Router {
     audit: AuditLog,
     governance: Governance,
     cache: ShareCache,
+    assertions: Assertions,
 }
 
 /// Action names recorded in a route.
@@ -88,8 +91,7 @@ impl Router {
         limits: RoutingConfig,
         metrics: Arc<NodeMetrics>,
         audit: AuditLog,
-        governance: Governance,
-        cache: ShareCache,
+        (governance, cache, assertions): (Governance, ShareCache, Assertions),
     ) -> Self {
         Self {
             topology,
@@ -99,7 +101,13 @@ impl Router {
             audit,
             governance,
             cache,
+            assertions,
         }
+    }
+
+    /// This node's consumer assertions: signing its own, checking other nodes'.
+    pub fn assertions(&self) -> &Assertions {
+        &self.assertions
     }
 
     /// The cache of authorized answers.
@@ -112,17 +120,22 @@ impl Router {
         &self.topology
     }
 
-    /// Carries a revocation toward the grantee's node, recording and purging at each node; returns the nodes
-    /// that recorded it, this one first. The notice's route must already end with this node.
-    pub async fn relay_revocation(&self, notice: RevocationNotice) -> Result<Vec<String>> {
+    /// Carries a checked revocation toward the grantee's node, recording and purging at each node; returns the
+    /// nodes that recorded it, this one first. The notice's route must already end with this node.
+    pub async fn relay_revocation(
+        &self,
+        checked: &Verified<Revocation>,
+        notice: RevocationNotice,
+    ) -> Result<Vec<String>> {
         let me = self.topology.code;
-        self.governance.record_revocation(&notice).await?;
-        self.cache.purge_grant(&notice.grant_id);
+        let revocation = checked.body();
+        self.governance.record_revocation(checked, &notice).await?;
+        self.cache.purge_grant(&revocation.grant_id);
         let mut nodes = vec![me.to_string()];
-        let target: DivisionCode = notice
+        let target: DivisionCode = revocation
             .consumer_node
             .parse()
-            .map_err(|e| Error::InvalidArgument(format!("consumer_node: {e}")))?;
+            .map_err(|e| Error::InvalidArgument(format!("revocation consumer_node: {e}")))?;
         if target == me {
             return Ok(nodes);
         }
@@ -130,7 +143,7 @@ impl Router {
         if notice.route.iter().any(|n| n == next.code.as_str()) {
             return Err(Error::FailedPrecondition(format!(
                 "revocation of {} would loop at node {}",
-                notice.grant_id, next.code
+                revocation.grant_id, next.code
             )));
         }
         let mut client = FederationClient::new(next.channel.clone());
@@ -159,13 +172,31 @@ impl Router {
         &self.limits
     }
 
+    /// Starts a request this node vouches for (for its agency `consumer`, or for the public): signs its
+    /// assertion when it must travel, then dispatches it.
+    pub async fn originate(
+        &self,
+        mut env: Envelope,
+        request: Vec<u8>,
+        deadline: Instant,
+        consumer: Vouched,
+    ) -> Result<Forwarded> {
+        if env.target_node != self.topology.code.as_str() {
+            env.assertion = Some(self.assertions.sign(&env, &request)?);
+        }
+        self.dispatch(env, request, deadline, Some(consumer)).await
+    }
+
     /// Serves `env` here if this node holds the resource, else forwards it one hop. The envelope's last
-    /// route entry must be this node's own hop.
+    /// route entry must be this node's own hop. `local` is the consumer when this node itself vouched for it
+    /// (its own agency, or its open-data endpoint); a forwarded request is served only under the assertion it
+    /// carries.
     pub async fn dispatch(
         &self,
         mut env: Envelope,
         request: Vec<u8>,
         deadline: Instant,
+        local: Option<Vouched>,
     ) -> Result<Forwarded> {
         let started = Instant::now();
         let me = self.topology.code;
@@ -173,7 +204,7 @@ impl Router {
         let mut record = share_record(&env, target == me);
         let result = if target == me {
             set_action(&mut env, action::SERVED);
-            self.serve_local(&env, &request, deadline, &mut record)
+            self.serve_local(&env, &request, deadline, local, &mut record)
                 .await
                 .map(|response| Forwarded {
                     response,
@@ -284,11 +315,12 @@ impl Router {
         env: &Envelope,
         request: &[u8],
         deadline: Instant,
+        local: Option<Vouched>,
         record: &mut AuditRecord,
     ) -> Result<Vec<u8>> {
-        let consumer = Consumer {
-            uscc: env.consumer_uscc.clone(),
-            node: env.consumer_node.clone(),
+        let consumer = match local {
+            Some(v) => v,
+            None => self.assertions.check(env, request).await?,
         };
         let kind = RequestKind::try_from(env.kind).map_err(|_| {
             Error::InvalidArgument(format!("envelope.kind {} is unknown", env.kind))
@@ -297,7 +329,10 @@ impl Router {
             Error::InvalidArgument(format!("request: not an encoded {what}: {e}"))
         };
         match kind {
-            RequestKind::Share => self.serve_share(env, request, deadline, record).await,
+            RequestKind::Share => {
+                self.serve_share(env, &consumer, request, deadline, record)
+                    .await
+            }
             RequestKind::Apply => {
                 let req = ApplyRequest::decode(request).map_err(|e| bad("ApplyRequest", e))?;
                 same_resource(env, &req.resource_id)?;
@@ -308,7 +343,7 @@ impl Router {
                     .map_err(|e| bad("GetApplicationRequest", e))?;
                 Ok(self
                     .governance
-                    .application(&consumer.uscc, &req.id)
+                    .application(&consumer, &req.id)
                     .await?
                     .encode_to_vec())
             }
@@ -327,7 +362,7 @@ impl Router {
                     .map_err(|e| bad("GetObjectionRequest", e))?;
                 Ok(self
                     .governance
-                    .objection(&consumer.uscc, &req.id)
+                    .objection(&consumer, &req.id)
                     .await?
                     .0
                     .encode_to_vec())
@@ -338,6 +373,7 @@ impl Router {
     async fn serve_share(
         &self,
         env: &Envelope,
+        consumer: &Vouched,
         request: &[u8],
         deadline: Instant,
         record: &mut AuditRecord,
@@ -347,6 +383,12 @@ impl Router {
             Error::InvalidArgument(format!("request: not an encoded ShareRequest: {e}"))
         })?;
         same_resource(env, &req.resource_id)?;
+        if req.purpose != consumer.purpose() {
+            return Err(Error::InvalidArgument(format!(
+                "request {}: the share's purpose differs from the envelope's",
+                env.request_id
+            )));
+        }
         let entry = self
             .store
             .entry(&env.resource_id)
@@ -367,7 +409,7 @@ impl Router {
                 let fields = policy::used_fields(&req, mode);
                 let g = self
                     .governance
-                    .check_grant(signed, &env.consumer_uscc, &entry, mode, &fields)
+                    .check_grant(signed, consumer, &entry, mode, &fields)
                     .await?;
                 record.grant_id = g.id.clone();
                 Some(g)
@@ -420,9 +462,9 @@ impl Router {
             key_field: permit.key_field.clone(),
             key: req.key.clone(),
             fields,
-            consumer_uscc: env.consumer_uscc.clone(),
-            consumer_node: env.consumer_node.clone(),
-            purpose: req.purpose.clone(),
+            consumer_uscc: consumer.uscc().to_owned(),
+            consumer_node: consumer.node().to_string(),
+            purpose: consumer.purpose().to_owned(),
         };
         match permit.mode {
             ShareMode::Verify => {
@@ -443,7 +485,7 @@ impl Router {
                             request_id: env.request_id.clone(),
                             resource_id: entry.id.clone(),
                             group_by: permit.fields.clone(),
-                            consumer_uscc: env.consumer_uscc.clone(),
+                            consumer_uscc: consumer.uscc().to_owned(),
                         },
                     )
                     .await?
@@ -465,7 +507,7 @@ impl Router {
                             } else {
                                 req.page_size
                             },
-                            consumer_uscc: env.consumer_uscc.clone(),
+                            consumer_uscc: consumer.uscc().to_owned(),
                         },
                     )
                     .await?;

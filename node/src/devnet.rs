@@ -336,6 +336,7 @@ impl Devnet {
                 metrics: Some(MetricsConfig {
                     listen: "127.0.0.1:0".into(),
                 }),
+                trust: Default::default(),
             };
             std::fs::write(
                 dir.path().join(format!("node-{}.toml", s.code)),

@@ -32,8 +32,10 @@ fn apply(resource: &str, mode: ShareMode, fields: &[&str]) -> ApplyRequest {
     }
 }
 
+/// The request under `grant`, stating no purpose of its own: the consumer's node takes the grant's.
 fn with_grant(mut req: ShareRequest, grant: &SignedGrant) -> ShareRequest {
     req.grant = Some(grant.clone());
+    req.purpose.clear();
     req
 }
 
@@ -495,8 +497,7 @@ async fn forged_expired_and_revoked_grants_are_refused() -> Result<()> {
     ))
     .await?;
     net.advance_clock(2 * 3600);
-    let mut fresh = with_grant(query("350102:household", &p.key, &["name"]), &short_grant);
-    fresh.purpose = "after expiry".into();
+    let fresh = with_grant(query("350102:household", &p.key, &["name"]), &short_grant);
     refused(
         &net,
         &mut p.a,

@@ -47,6 +47,11 @@ pub fn to_json(r: &AuditRecord) -> Value {
         "prev_hash": hex::encode(&r.prev_hash),
         "hash": hex::encode(&r.hash),
         "signature": hex::encode(&r.signature),
+        "key_endorsement": r
+            .key_endorsement
+            .as_ref()
+            .map(|e| hex::encode(prost::Message::encode_to_vec(e)))
+            .unwrap_or_default(),
     })
 }
 
@@ -83,6 +88,17 @@ pub fn from_json(v: &Value) -> Result<AuditRecord, String> {
                 .ok_or("route entries must be strings")
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let key_endorsement = match v.get("key_endorsement").and_then(Value::as_str) {
+        None | Some("") => None,
+        Some(h) => {
+            let raw =
+                hex::decode(h).map_err(|e| format!("field \"key_endorsement\" is not hex: {e}"))?;
+            Some(
+                <fedgate_proto::v1::SignedStatement as prost::Message>::decode(raw.as_slice())
+                    .map_err(|e| format!("field \"key_endorsement\" does not decode: {e}"))?,
+            )
+        }
+    };
     Ok(AuditRecord {
         node_code: text(v, "node_code")?,
         seq: field(v, "seq")?
@@ -108,6 +124,7 @@ pub fn from_json(v: &Value) -> Result<AuditRecord, String> {
         signature: bytes(v, "signature")?,
         consumer_node: text(v, "consumer_node")?,
         mode: text(v, "mode")?,
+        key_endorsement,
     })
 }
 

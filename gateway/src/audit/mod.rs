@@ -119,11 +119,12 @@ impl std::fmt::Debug for AuditLog {
 
 impl AuditLog {
     /// Starts the writer of `node`'s chain, continuing from the chain head in `store`; a new chain opens with a
-    /// record announcing the node's public key.
+    /// record announcing the node's public key, carrying `endorsement` (the node's certificate-signed
+    /// endorsement of that key) so every level above can check it.
     pub async fn start(
         node: DivisionCode,
         store: Arc<dyn Store>,
-        key: Arc<GrantKey>,
+        (key, endorsement): (Arc<GrantKey>, Option<fedgate_proto::v1::SignedStatement>),
         uplink: Uplink,
         metrics: Arc<NodeMetrics>,
     ) -> Result<(Self, JoinHandle<()>), StoreError> {
@@ -153,6 +154,7 @@ impl AuditLog {
                 format!("urn:fedgate:node:{node}"),
             );
             start.detail = hex::encode(log.public_key);
+            start.key_endorsement = endorsement;
             log.record(start).await.map_err(|e| StoreError::Corrupt {
                 what: "audit chain start".into(),
                 error: e.to_string(),
@@ -253,7 +255,10 @@ impl Writer {
             records.push(r);
         }
         if let Some(last) = records.last_mut() {
-            last.signature = self.key.sign_bytes(&last.hash).to_vec();
+            last.signature = self
+                .key
+                .sign_bytes(crate::grant::Domain::AuditBatch, &last.hash)
+                .to_vec();
         }
         let started = std::time::Instant::now();
         let result = self.store.audit_append(&records).await;

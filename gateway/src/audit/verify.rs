@@ -3,7 +3,7 @@
 use fedgate_proto::v1::{AuditOperation, AuditRecord};
 
 use super::{GENESIS_HASH, record_hash};
-use crate::grant::verify_signature;
+use crate::grant::{Domain, verify_signature};
 
 /// The first problem found in a chain, naming the record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,7 +160,7 @@ impl ChainVerifier {
                 node: node.clone(),
                 reason: "no key is known for this node".into(),
             })?;
-            verify_signature(key, &r.hash, &r.signature)
+            verify_signature(Domain::AuditBatch, key, &r.hash, &r.signature)
                 .map_err(|_| VerifyError::BadSignature { node, seq: r.seq })?;
             self.last_signed = r.seq;
         }

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{audit_query, caller, deadline};
+use crate::assertion::Vouched;
 use crate::audit::{self, AuditLog};
 use crate::cache::{CachedAnswer, ShareCache};
 use crate::catalog::{self, parse_resource_id};
@@ -183,8 +184,12 @@ impl AgencyService {
             kind: kind as i32,
             grant_id,
             open_data: false,
+            assertion: None,
         };
-        self.router.dispatch(env, request, deadline).await
+        let consumer = Vouched::local(uscc, me, &env.purpose);
+        self.router
+            .originate(env, request, deadline, consumer)
+            .await
     }
 
     async fn route_share(
@@ -263,6 +268,10 @@ impl AgencyService {
                     "grant {} was revoked",
                     g.id
                 )));
+            }
+            if share.purpose.is_empty() {
+                // The purpose the grant was issued for, unless the consumer states one (which must match).
+                share.purpose = g.purpose.clone();
             }
             grant_expiry = Some(g.expires_at);
         }
@@ -625,12 +634,12 @@ impl Agency for AgencyService {
     ) -> Result<Response<RevokeResponse>, Status> {
         let uscc = self.agency(&req, "Revoke").await?;
         let r = req.into_inner();
-        let notice = self
+        let (checked, notice) = self
             .router
             .governance()
             .revoke(&uscc, &r.grant_id, &r.reason)
             .await?;
-        let notified_nodes = self.router.relay_revocation(notice).await?;
+        let notified_nodes = self.router.relay_revocation(&checked, notice).await?;
         Ok(Response::new(RevokeResponse { notified_nodes }))
     }
 

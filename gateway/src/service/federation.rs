@@ -6,8 +6,8 @@ use std::time::Duration;
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
     AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop, JoinRequest,
-    JoinResponse, PushRequest, PushResponse, RevocationAck, RevocationNotice, Stream, StreamCursor,
-    catalog_change, stream_item,
+    JoinResponse, KeyEndorsement, PushRequest, PushResponse, Revocation, RevocationAck,
+    RevocationNotice, Stream, StreamCursor, catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer};
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
+use crate::statement::Verified;
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
@@ -214,6 +215,9 @@ impl FederationService {
             };
             verifiers.insert(record.node_code.clone(), v);
         }
+        if record.operation == AuditOperation::ChainStart as i32 {
+            self.check_key_endorsement(origin, record)?;
+        }
         let Some(v) = verifiers.get_mut(&record.node_code) else {
             return Err(Error::InvalidArgument("audit verifier missing".into()));
         };
@@ -221,6 +225,118 @@ impl FederationService {
             tracing::error!(%child, error = %e, "audit record from child fails verification");
             Error::DataLoss(format!("audit record from node {child} refused: {e}"))
         })
+    }
+
+    /// Checks what this node can check of a forwarded envelope before it takes the next step: the route ends at
+    /// the sender, the request travels the way the tree allows, and its grant is not revoked here.
+    async fn admit_forward(
+        &self,
+        from: DivisionCode,
+        envelope: Option<fedgate_proto::v1::Envelope>,
+    ) -> Result<fedgate_proto::v1::Envelope> {
+        let env = envelope.ok_or_else(|| Error::InvalidArgument("envelope is required".into()))?;
+        let me = self.topology.code;
+        match env.route.last() {
+            Some(last) if last.node_code == from.as_str() => {}
+            other => {
+                return Err(Error::PermissionDenied(format!(
+                    "envelope.route ends at {:?} but the sending certificate is for node {from}",
+                    other
+                        .map(|h| h.node_code.chars().take(16).collect::<String>())
+                        .unwrap_or_default()
+                )));
+            }
+        }
+        let consumer_node: DivisionCode = env
+            .consumer_node
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("envelope.consumer_node: {e}")))?;
+        let target: DivisionCode = env
+            .target_node
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("envelope.target_node: {e}")))?;
+        let from_child = self.topology.children.contains_key(&from);
+        if env.open_data && from_child {
+            return Err(Error::PermissionDenied(format!(
+                "open-data downloads come from the province downward; node {from} may not send one up"
+            )));
+        }
+        if from_child && !from.contains(&consumer_node) {
+            return Err(Error::PermissionDenied(format!(
+                "node {from} forwarded a request of node {consumer_node}, which is outside its subtree"
+            )));
+        }
+        if !from_child && (me.contains(&consumer_node) || !me.contains(&target)) {
+            return Err(Error::PermissionDenied(format!(
+                "parent {from} may only send down requests from outside this subtree for resources inside it"
+            )));
+        }
+        if env.route.first().map(|h| h.node_code.as_str()) != Some(env.consumer_node.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "envelope.route does not start at the consumer's node {consumer_node}"
+            )));
+        }
+        if !env.resource_id.is_empty()
+            && parse_resource_id("envelope.resource_id", &env.resource_id)?.node() != target
+        {
+            return Err(Error::InvalidArgument(format!(
+                "envelope.target_node {target} is not the node of resource {}",
+                env.resource_id
+            )));
+        }
+        if !env.grant_id.is_empty() && self.router.governance().is_revoked(&env.grant_id).await? {
+            return Err(Error::PermissionDenied(format!(
+                "grant {} was revoked; node {me} refuses requests under it",
+                env.grant_id
+            )));
+        }
+        Ok(env)
+    }
+
+    /// Checks a relayed revocation: the route ends at the sender, and the grant's issuer signed it.
+    fn admit_revocation(
+        &self,
+        from: DivisionCode,
+        notice: &RevocationNotice,
+    ) -> Result<Verified<Revocation>> {
+        if notice.route.last().map(String::as_str) != Some(from.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "revocation route does not end at node {from}, which sent it"
+            )));
+        }
+        self.router.governance().check_revocation(notice)
+    }
+}
+
+impl FederationService {
+    /// A chain's first record announces its node's key; the node's certificate must endorse that key, so that no
+    /// node on the way can start a chain in another node's name.
+    fn check_key_endorsement(&self, origin: DivisionCode, record: &AuditRecord) -> Result<()> {
+        let refused = |why: String| {
+            Error::PermissionDenied(format!(
+                "the audit chain of node {origin} starts with a key its certificate does not endorse: {why}"
+            ))
+        };
+        let s = crate::statement::required(record.key_endorsement.as_ref(), "chain start record")
+            .map_err(|e| refused(e.to_string()))?;
+        let at = record.time_unix_nanos / 1_000_000_000;
+        let v: Verified<KeyEndorsement> = self
+            .router
+            .assertions()
+            .verifier()
+            .verify(s, at)
+            .map_err(|e| refused(e.to_string()))?;
+        let announced = hex::decode(&record.detail).unwrap_or_default();
+        if v.signer() != origin
+            || v.body().node_code != origin.as_str()
+            || v.body().public_key != announced
+        {
+            return Err(refused(format!(
+                "the endorsement is signed by node {} for another key or node",
+                v.signer()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -333,72 +449,21 @@ impl Federation for FederationService {
         let limit = Duration::from_millis(self.router.limits().default_timeout_ms);
         let mut deadline = deadline(&req, limit);
         let ForwardRequest { envelope, request } = req.into_inner();
-        let mut env = envelope.ok_or_else(|| Status::invalid_argument("envelope is required"))?;
-        let me = self.topology.code;
-        match env.route.last() {
-            Some(last) if last.node_code == from.as_str() => {}
-            other => {
-                return Err(Error::PermissionDenied(format!(
-                    "envelope.route ends at {:?} but the sending certificate is for node {from}",
-                    other.map(|h| h.node_code.as_str()).unwrap_or("")
-                ))
-                .into());
-            }
-        }
-        let consumer_node: DivisionCode = env
-            .consumer_node
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("envelope.consumer_node: {e}")))?;
-        let target: DivisionCode = env
-            .target_node
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("envelope.target_node: {e}")))?;
-        let from_child = self.topology.children.contains_key(&from);
-        if env.open_data && from_child {
-            return Err(Error::PermissionDenied(format!(
-                "open-data downloads come from the province downward; node {from} may not send one up"
-            ))
-            .into());
-        }
-        if from_child && !from.contains(&consumer_node) {
-            return Err(Error::PermissionDenied(format!(
-                "node {from} forwarded a request of node {consumer_node}, which is outside its subtree"
-            ))
-            .into());
-        }
-        if !from_child && (me.contains(&consumer_node) || !me.contains(&target)) {
-            return Err(Error::PermissionDenied(format!(
-                "parent {from} may only send down requests from outside this subtree for resources inside it"
-            ))
-            .into());
-        }
-        if !env.resource_id.is_empty()
-            && parse_resource_id("envelope.resource_id", &env.resource_id)?.node() != target
-        {
-            return Err(Error::InvalidArgument(format!(
-                "envelope.target_node {target} is not the node of resource {}",
-                env.resource_id
-            ))
-            .into());
-        }
-        if !env.grant_id.is_empty() && self.router.governance().is_revoked(&env.grant_id).await? {
-            return Err(Error::PermissionDenied(format!(
-                "grant {} was revoked; node {me} refuses requests under it",
-                env.grant_id
-            ))
-            .into());
-        }
+        let mut env = match self.admit_forward(from, envelope).await {
+            Ok(env) => env,
+            Err(e) => return Err(self.refuse(Peer::Node(from).to_uri(), "Forward", e).await),
+        };
         if env.timeout_ms > 0 {
             deadline =
                 deadline.min(std::time::Instant::now() + Duration::from_millis(env.timeout_ms));
         }
         env.route.push(Hop {
-            node_code: me.to_string(),
+            node_code: self.topology.code.to_string(),
             seen_peer: Peer::Node(from).to_uri(),
             action: String::new(),
             elapsed_us: 0,
         });
-        let out = self.router.dispatch(env, request, deadline).await?;
+        let out = self.router.dispatch(env, request, deadline, None).await?;
         Ok(Response::new(ForwardResponse {
             response: out.response,
             route: out.route,
@@ -411,39 +476,22 @@ impl Federation for FederationService {
     ) -> Result<Response<RevocationAck>, Status> {
         let from = self.checked_neighbour(&req, "Revoke").await?;
         let mut notice = req.into_inner();
-        if notice.route.last().map(String::as_str) != Some(from.as_str()) {
-            let err = Error::PermissionDenied(format!(
-                "revocation route ends at {:?} but the sending certificate is for node {from}",
-                notice.route.last()
-            ));
-            return Err(self.refuse(Peer::Node(from).to_uri(), "Revoke", err).await);
-        }
-        if let Some(key) = self
-            .store
-            .node_key(&notice.issuer_node)
-            .await
-            .map_err(Error::from)?
-        {
-            let msg = crate::governance::revocation_message(&notice.grant_id, notice.revoked_at);
-            if crate::grant::verify_signature(&key, msg.as_bytes(), &notice.signature).is_err() {
-                let err = Error::PermissionDenied(format!(
-                    "revocation of {} is not signed by node {}",
-                    notice.grant_id, notice.issuer_node
-                ));
-                return Err(self.refuse(Peer::Node(from).to_uri(), "Revoke", err).await);
-            }
-        }
+        let checked = match self.admit_revocation(from, &notice) {
+            Ok(v) => v,
+            Err(e) => return Err(self.refuse(Peer::Node(from).to_uri(), "Revoke", e).await),
+        };
         let me = self.topology.code;
         notice.route.push(me.to_string());
+        let revocation = checked.body();
         let mut r = audit::event(AuditOperation::Revocation, Peer::Node(from).to_uri());
-        r.grant_id = notice.grant_id.clone();
-        r.consumer_node = notice.consumer_node.clone();
+        r.grant_id = revocation.grant_id.clone();
+        r.consumer_node = revocation.consumer_node.clone();
         r.route = notice.route.clone();
         r.detail = format!(
             "relayed revocation from node {}: {}",
-            notice.issuer_node, notice.reason
+            revocation.issuer_node, revocation.reason
         );
-        let result = self.router.relay_revocation(notice).await;
+        let result = self.router.relay_revocation(&checked, notice).await;
         if let Err(e) = &result {
             r.outcome = audit::outcome(e.code());
         }

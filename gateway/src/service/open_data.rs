@@ -16,6 +16,7 @@ use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::assertion::Vouched;
 use crate::audit;
 use crate::catalog::{parse_resource_id, subtree_prefix};
 use crate::error::{Error, Result};
@@ -174,11 +175,12 @@ impl OpenData for OpenDataService {
                     kind: RequestKind::Share as i32,
                     grant_id: String::new(),
                     open_data: true,
+                    assertion: None,
                 };
                 let deadline =
                     Instant::now() + Duration::from_millis(router.limits().default_timeout_ms);
                 let result = router
-                    .dispatch(env, share.encode_to_vec(), deadline)
+                    .originate(env, share.encode_to_vec(), deadline, Vouched::open_data(me))
                     .await
                     .and_then(|out| {
                         let mut r =

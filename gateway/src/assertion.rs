@@ -1,0 +1,239 @@
+//! Consumer assertions: the consumer's node signs what it vouches for about a request (which agency, from
+//! which node, for which resource, under which grant, mode and purpose, and a digest of the request bytes),
+//! and the node that serves the request checks it. A checked assertion is a [`Vouched`] consumer, which the
+//! governance steps require; an envelope's own consumer fields are never trusted without it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedgate_proto::v1::{ConsumerAssertion, Envelope, RequestKind, SignedStatement};
+use sha2::{Digest, Sha256};
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::ident::{DivisionCode, Uscc};
+use crate::statement::{self, NodeSigner, StatementVerifier, Verified};
+
+/// Assertions remembered against replay.
+const REPLAY_CAPACITY: u64 = 1_000_000;
+
+/// A consumer whose identity was vouched for: by this node, from the agency's certificate, or by the
+/// consumer's node, from a checked assertion. Only this module makes one.
+#[derive(Debug, Clone)]
+pub struct Vouched {
+    uscc: String,
+    node: DivisionCode,
+    purpose: String,
+}
+
+impl Vouched {
+    /// An agency authenticated at this node by its certificate.
+    pub(crate) fn local(uscc: &Uscc, node: DivisionCode, purpose: &str) -> Self {
+        Self {
+            uscc: uscc.to_string(),
+            node,
+            purpose: purpose.to_owned(),
+        }
+    }
+
+    /// The public, downloading open data through this node's open-data endpoint.
+    pub(crate) fn open_data(node: DivisionCode) -> Self {
+        Self {
+            uscc: String::new(),
+            node,
+            purpose: String::new(),
+        }
+    }
+
+    /// The consumer agency (empty for a public open-data download).
+    pub fn uscc(&self) -> &str {
+        &self.uscc
+    }
+
+    /// The node that vouches for it.
+    pub fn node(&self) -> DivisionCode {
+        self.node
+    }
+
+    /// The purpose it stated.
+    pub fn purpose(&self) -> &str {
+        &self.purpose
+    }
+}
+
+/// Makes this node's assertions and checks other nodes'.
+#[derive(Clone)]
+pub struct Assertions {
+    signer: NodeSigner,
+    verifier: Arc<StatementVerifier>,
+    clock: Arc<dyn Clock>,
+    window: Duration,
+    seen: moka::future::Cache<(DivisionCode, String, i64, i32), ()>,
+}
+
+impl std::fmt::Debug for Assertions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assertions")
+            .field("signer", &self.signer)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The SHA-256 of request bytes, as an assertion carries it.
+pub fn request_digest(request: &[u8]) -> Vec<u8> {
+    Sha256::digest(request).to_vec()
+}
+
+impl Assertions {
+    /// Assertions signed by `signer`, checked by `verifier`, fresh for `window` either side of this node's clock.
+    pub fn new(
+        signer: NodeSigner,
+        verifier: Arc<StatementVerifier>,
+        clock: Arc<dyn Clock>,
+        window: Duration,
+    ) -> Self {
+        let seen = moka::future::Cache::builder()
+            .max_capacity(REPLAY_CAPACITY)
+            .time_to_live(window.saturating_mul(2).max(Duration::from_secs(1)))
+            .build();
+        Self {
+            signer,
+            verifier,
+            clock,
+            window,
+            seen,
+        }
+    }
+
+    /// The statement verifier, for the other statements a node checks.
+    pub fn verifier(&self) -> &Arc<StatementVerifier> {
+        &self.verifier
+    }
+
+    /// This node's statement signer.
+    pub fn signer(&self) -> &NodeSigner {
+        &self.signer
+    }
+
+    fn now_ms(&self) -> i64 {
+        let t = self.clock.now();
+        t.unix_timestamp()
+            .saturating_mul(1000)
+            .saturating_add(i64::from(t.millisecond()))
+    }
+
+    /// Signs the assertion of a request this node sends on behalf of its agency (or, for open data, of the
+    /// public), vouching for the envelope's consumer fields and the request bytes.
+    pub fn sign(&self, env: &Envelope, request: &[u8]) -> Result<SignedStatement> {
+        let a = ConsumerAssertion {
+            request_id: env.request_id.clone(),
+            consumer_uscc: env.consumer_uscc.clone(),
+            consumer_node: env.consumer_node.clone(),
+            resource_id: env.resource_id.clone(),
+            target_node: env.target_node.clone(),
+            kind: env.kind,
+            grant_id: env.grant_id.clone(),
+            mode: env.mode,
+            purpose: env.purpose.clone(),
+            request_digest: request_digest(request),
+            issued_at_unix_ms: self.now_ms(),
+            open_data: env.open_data,
+        };
+        self.signer.sign(&a).map_err(|e| {
+            Error::Unavailable(format!(
+                "node {} cannot sign its assertion: {e}",
+                self.signer.node()
+            ))
+        })
+    }
+
+    /// Checks the assertion an envelope carries against the envelope and the request bytes: signed by the
+    /// node it names as the consumer's, fresh, not seen before, and agreeing field by field.
+    pub async fn check(&self, env: &Envelope, request: &[u8]) -> Result<Vouched> {
+        let s = statement::required(env.assertion.as_ref(), "envelope")?;
+        let now_ms = self.now_ms();
+        let v: Verified<ConsumerAssertion> = self.verifier.verify(s, now_ms / 1000)?;
+        let signer = v.signer();
+        let a = v.body();
+        if a.consumer_node != signer.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "the assertion names consumer node {:?} but is signed by node {signer}",
+                short(&a.consumer_node)
+            )));
+        }
+        let differs = |field: &str| {
+            Error::PermissionDenied(format!(
+                "envelope.{field} differs from what node {signer} signed for request {}",
+                short(&a.request_id)
+            ))
+        };
+        let fields: [(&str, bool); 10] = [
+            ("request_id", a.request_id == env.request_id),
+            ("consumer_uscc", a.consumer_uscc == env.consumer_uscc),
+            ("consumer_node", a.consumer_node == env.consumer_node),
+            ("resource_id", a.resource_id == env.resource_id),
+            ("target_node", a.target_node == env.target_node),
+            ("kind", a.kind == env.kind),
+            ("grant_id", a.grant_id == env.grant_id),
+            ("mode", a.mode == env.mode),
+            ("purpose", a.purpose == env.purpose),
+            ("open_data", a.open_data == env.open_data),
+        ];
+        if let Some((field, _)) = fields.iter().find(|(_, same)| !same) {
+            return Err(differs(field));
+        }
+        if a.request_digest != request_digest(request) {
+            return Err(Error::PermissionDenied(format!(
+                "the request bytes of {} are not the ones node {signer} signed",
+                short(&a.request_id)
+            )));
+        }
+        let window_ms = i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX);
+        if (now_ms - a.issued_at_unix_ms).abs() > window_ms {
+            return Err(Error::PermissionDenied(format!(
+                "the assertion of request {} by node {signer} was issued at {} ms, outside the freshness window of {} s",
+                short(&a.request_id),
+                a.issued_at_unix_ms,
+                self.window.as_secs()
+            )));
+        }
+        if a.open_data {
+            let target: DivisionCode = a.target_node.parse()?;
+            if signer.level() != crate::ident::Level::Province || !signer.contains(&target) {
+                return Err(Error::PermissionDenied(format!(
+                    "open-data downloads are vouched for by the province, not by node {signer}"
+                )));
+            }
+        } else if a.consumer_uscc.parse::<Uscc>().is_err() {
+            return Err(Error::PermissionDenied(format!(
+                "the assertion of node {signer} names no valid consumer agency"
+            )));
+        }
+        let key = (
+            signer,
+            a.request_id.clone(),
+            a.issued_at_unix_ms,
+            RequestKind::try_from(a.kind).map_or(-1, |k| k as i32),
+        );
+        if !self.seen.entry(key).or_insert(()).await.is_fresh() {
+            return Err(Error::PermissionDenied(format!(
+                "the assertion of request {} by node {signer} was already used: a replay",
+                short(&a.request_id)
+            )));
+        }
+        Ok(Vouched {
+            uscc: a.consumer_uscc.clone(),
+            node: signer,
+            purpose: a.purpose.clone(),
+        })
+    }
+}
+
+/// At most a short prefix of a value someone else wrote.
+fn short(s: &str) -> String {
+    match s.char_indices().nth(32) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
