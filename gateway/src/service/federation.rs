@@ -427,14 +427,23 @@ impl Federation for FederationService {
             ))
             .into());
         }
-        let applied = match Stream::try_from(req.stream) {
-            Ok(Stream::Catalog) => self.push_catalog(child, req).await?,
-            Ok(Stream::Audit) => self.push_audit(child, req).await?,
-            _ => {
-                return Err(
-                    Error::InvalidArgument(format!("stream {} is unknown", req.stream)).into(),
-                );
+        let result = match Stream::try_from(req.stream) {
+            Ok(Stream::Catalog) => self.push_catalog(child, req).await,
+            Ok(Stream::Audit) => self.push_audit(child, req).await,
+            _ => Err(Error::InvalidArgument(format!(
+                "stream {} is unknown",
+                req.stream
+            ))),
+        };
+        let applied = match result {
+            Ok(applied) => applied,
+            // A batch refused for what it carries is recorded; storage trouble is the node's own.
+            Err(
+                e @ (Error::PermissionDenied(_) | Error::InvalidArgument(_) | Error::DataLoss(_)),
+            ) => {
+                return Err(self.refuse(Peer::Node(child).to_uri(), "Push", e).await);
             }
+            Err(e) => return Err(e.into()),
         };
         Ok(Response::new(PushResponse {
             applied_seq: applied,

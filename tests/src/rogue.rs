@@ -1,0 +1,156 @@
+//! A dishonest node for adversarial tests: it holds a valid node certificate from the federation CA and uses the
+//! project's own signing code, but writes whatever it likes into envelopes, assertions and notices.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use fedgate_gateway::ident::Peer;
+use fedgate_gateway::statement::NodeSigner;
+use fedgate_gateway::store::AuditQuery;
+use fedgate_gateway::tls::{TlsMaterial, client_tls};
+use fedgate_proto::v1::federation_client::FederationClient;
+use fedgate_proto::v1::{
+    ConsumerAssertion, Envelope, ForwardRequest, Hop, RequestKind, ShareMode, SignedStatement,
+};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Devnet, code};
+
+/// A node that lies, holding a valid certificate for its code.
+pub struct RogueNode {
+    code: String,
+    tls: TlsMaterial,
+    signer: NodeSigner,
+}
+
+impl RogueNode {
+    /// A rogue with a fresh certificate for node `code` issued by the federation's CA.
+    pub fn new(net: &Devnet, node: &str) -> Result<Self> {
+        let cert = net.ca().issue(&Peer::Node(code(node)), &[])?;
+        let tls = TlsMaterial {
+            ca_pem: net.ca().ca_pem(),
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+        };
+        let signer = NodeSigner::from_material(&tls)?;
+        Ok(Self {
+            code: node.to_owned(),
+            tls,
+            signer,
+        })
+    }
+
+    /// The rogue's own signer, for statements it makes in its own name.
+    pub fn signer(&self) -> &NodeSigner {
+        &self.signer
+    }
+
+    /// A Federation client of node `neighbour`, presenting the rogue's certificate.
+    pub fn federation(&self, net: &Devnet, neighbour: &str) -> Result<FederationClient<Channel>> {
+        let channel = Endpoint::from_shared(net.node_url(code(neighbour))?)?
+            .tls_config(client_tls(&self.tls, &Peer::Node(code(neighbour))))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(FederationClient::new(channel))
+    }
+
+    /// An envelope for a share of `resource` held at `target`, claiming `consumer_uscc` at `consumer_node`,
+    /// with a route that starts at the consumer's node and ends at the rogue.
+    pub fn envelope(
+        &self,
+        request_id: &str,
+        (resource, target): (&str, &str),
+        (consumer_uscc, consumer_node): (&str, &str),
+    ) -> Envelope {
+        let mut route = vec![Hop {
+            node_code: consumer_node.to_owned(),
+            seen_peer: format!("urn:fedgate:agency:{consumer_uscc}"),
+            action: "received".into(),
+            elapsed_us: 0,
+        }];
+        if consumer_node != self.code {
+            route.push(Hop {
+                node_code: self.code.clone(),
+                seen_peer: format!("urn:fedgate:node:{consumer_node}"),
+                action: "forwarded-up".into(),
+                elapsed_us: 0,
+            });
+        }
+        Envelope {
+            request_id: request_id.to_owned(),
+            resource_id: resource.to_owned(),
+            target_node: target.to_owned(),
+            consumer_uscc: consumer_uscc.to_owned(),
+            consumer_node: consumer_node.to_owned(),
+            route,
+            hops_left: 6,
+            timeout_ms: 5_000,
+            purpose: String::new(),
+            mode: ShareMode::Query as i32,
+            kind: RequestKind::Share as i32,
+            ..Default::default()
+        }
+    }
+
+    /// The assertion the rogue signs in its own name for `env` and `request`, issued at `issued_at_ms`; the
+    /// consumer node it names is whatever the envelope says.
+    pub fn assert(
+        &self,
+        env: &Envelope,
+        request: &[u8],
+        issued_at_ms: i64,
+    ) -> Result<SignedStatement> {
+        let a = ConsumerAssertion {
+            request_id: env.request_id.clone(),
+            consumer_uscc: env.consumer_uscc.clone(),
+            consumer_node: env.consumer_node.clone(),
+            resource_id: env.resource_id.clone(),
+            target_node: env.target_node.clone(),
+            kind: env.kind,
+            grant_id: env.grant_id.clone(),
+            mode: env.mode,
+            purpose: env.purpose.clone(),
+            request_digest: Sha256::digest(request).to_vec(),
+            issued_at_unix_ms: issued_at_ms,
+            open_data: env.open_data,
+        };
+        Ok(self.signer.sign(&a)?)
+    }
+
+    /// A Forward request of `env` carrying `request`.
+    pub fn forward(env: Envelope, request: &impl Message) -> ForwardRequest {
+        ForwardRequest {
+            envelope: Some(env),
+            request: request.encode_to_vec(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch by the federation's clock.
+pub fn now_ms(net: &Devnet) -> i64 {
+    use fedgate_gateway::clock::Clock;
+    let t = net.clock().now();
+    t.unix_timestamp() * 1000 + i64::from(t.millisecond())
+}
+
+/// Asserts that `node` holds a record with `outcome` whose detail contains `needle`.
+pub async fn assert_audited(net: &Devnet, node: &str, outcome: &str, needle: &str) -> Result<()> {
+    let rows = net
+        .node(code(node))?
+        .store()
+        .audit_query(&AuditQuery {
+            outcome: Some(outcome.to_owned()),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await?;
+    if rows.iter().any(|(_, r)| r.detail.contains(needle)) {
+        return Ok(());
+    }
+    bail!(
+        "node {node} holds no {outcome} record mentioning {needle:?}; it holds: {:?}",
+        rows.iter().map(|(_, r)| &r.detail).collect::<Vec<_>>()
+    )
+}
