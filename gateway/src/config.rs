@@ -61,6 +61,8 @@ pub struct TrustConfig {
     pub assertion_window_secs: u64,
     /// Serial numbers (hex) of federation certificates revoked by the CA; statements they signed are refused.
     pub revoked_serials: Vec<String>,
+    /// How often revocations still owed to a neighbour are offered to it again, in milliseconds.
+    pub revocation_retry_ms: u64,
 }
 
 impl Default for TrustConfig {
@@ -68,6 +70,7 @@ impl Default for TrustConfig {
         Self {
             assertion_window_secs: 120,
             revoked_serials: Vec::new(),
+            revocation_retry_ms: 2_000,
         }
     }
 }

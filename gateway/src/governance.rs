@@ -20,6 +20,10 @@ use crate::ident::{DivisionCode, Peer, Uscc};
 use crate::statement::{NodeSigner, StatementVerifier, Verified};
 use crate::store::{Doc, DocKind, DocQuery, Store};
 
+/// State of a recorded revocation that the next node toward the grantee has acknowledged (or that ends here).
+const REVOCATION_DELIVERED: i32 = 1;
+/// State of a recorded revocation still owed to the next node toward the grantee.
+const REVOCATION_PENDING: i32 = 2;
 /// Default grant lifetime when the applicant asks for none: one year.
 const DEFAULT_GRANT_SECS: i64 = 366 * 24 * 3600;
 /// Longest text a caller may put in a purpose, scenario, reason or description.
@@ -632,7 +636,7 @@ impl Governance {
             route: vec![self.node.to_string()],
         };
         let checked = self.check_revocation(&notice)?;
-        self.record_revocation(&checked, &notice).await?;
+        self.record_revocation(&checked, &notice, false).await?;
         let mut record = audit::event(
             AuditOperation::Revocation,
             Peer::Agency(provider.clone()).to_uri(),
@@ -664,11 +668,13 @@ impl Governance {
         Ok(v)
     }
 
-    /// Stores a checked revocation seen here (issued here or passing through).
+    /// Stores a checked revocation seen here (issued here or passing through); `pending` while this node still
+    /// owes it to the next node toward the grantee.
     pub async fn record_revocation(
         &self,
         v: &Verified<Revocation>,
         n: &RevocationNotice,
+        pending: bool,
     ) -> Result<()> {
         self.store
             .put_doc(&Doc {
@@ -676,12 +682,32 @@ impl Governance {
                 id: v.body().grant_id.clone(),
                 provider_uscc: String::new(),
                 consumer_uscc: String::new(),
-                state: 1,
+                state: if pending {
+                    REVOCATION_PENDING
+                } else {
+                    REVOCATION_DELIVERED
+                },
                 due_at: 0,
                 body: n.encode_to_vec(),
             })
             .await?;
         Ok(())
+    }
+
+    /// Revocations this node recorded but has not yet handed to the next node toward their grantee.
+    pub async fn pending_revocations(&self) -> Result<Vec<RevocationNotice>> {
+        self.store
+            .docs(
+                DocKind::Revocation,
+                &DocQuery {
+                    state: Some(REVOCATION_PENDING),
+                    ..Default::default()
+                },
+            )
+            .await?
+            .iter()
+            .map(|d| decode::<RevocationNotice>("revocation", &d.body))
+            .collect()
     }
 
     /// Whether a grant was revoked, as far as this node knows.

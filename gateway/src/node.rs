@@ -203,6 +203,11 @@ pub async fn start_with_clock(
         governance.clone(),
         shutdown_rx.clone(),
     )));
+    tasks.push(tokio::spawn(deliver_revocations(
+        router.clone(),
+        std::time::Duration::from_millis(config.trust.revocation_retry_ms.max(10)),
+        shutdown_rx.clone(),
+    )));
     if let Some(parent) = &topology.parent {
         for stream in [Stream::Catalog, Stream::Audit] {
             tasks.push(tokio::spawn(uplink.clone().run(
@@ -355,6 +360,27 @@ pub async fn start_with_clock(
 /// A node whose signing material or CA bundle cannot be used is misconfigured.
 fn trust_error(e: crate::statement::StatementError) -> NodeError {
     NodeError::Config(crate::error::Error::InvalidArgument(format!("tls: {e}")))
+}
+
+/// Offers revocations still owed to a neighbour again, every `period`, until each is acknowledged.
+async fn deliver_revocations(
+    router: Router,
+    period: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match router.deliver_revocations().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(delivered = n, "pending revocations handed on"),
+            Err(e) => tracing::warn!(error = %e, "pending revocations not handed on"),
+        }
+    }
 }
 
 /// Logs a warning for every overdue application and objection, once a minute.

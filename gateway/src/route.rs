@@ -120,24 +120,79 @@ impl Router {
         &self.topology
     }
 
-    /// Carries a checked revocation toward the grantee's node, recording and purging at each node; returns the
-    /// nodes that recorded it, this one first. The notice's route must already end with this node.
+    /// Carries a checked revocation toward the grantee's node: records it and purges the cache here, then hands
+    /// it to the next node. Returns the nodes that recorded it, this one first; where the next node cannot take
+    /// it now, this node keeps it pending and [`Router::deliver_revocations`] hands it on later. The notice's
+    /// route must already end with this node.
     pub async fn relay_revocation(
         &self,
         checked: &Verified<Revocation>,
         notice: RevocationNotice,
     ) -> Result<Vec<String>> {
         let me = self.topology.code;
-        let revocation = checked.body();
-        self.governance.record_revocation(checked, &notice).await?;
-        self.cache.purge_grant(&revocation.grant_id);
+        let next = self.next_for_revocation(checked, &notice)?;
+        self.governance
+            .record_revocation(checked, &notice, next.is_some())
+            .await?;
+        self.cache.purge_grant(&checked.body().grant_id);
         let mut nodes = vec![me.to_string()];
+        if let Some(next) = next {
+            match self.hand_on(&notice, next).await {
+                Ok(more) => {
+                    nodes.extend(more);
+                    self.governance
+                        .record_revocation(checked, &notice, false)
+                        .await?;
+                }
+                Err(e) => tracing::warn!(
+                    grant = %checked.body().grant_id,
+                    next = %next,
+                    error = %e,
+                    "revocation kept pending; it is handed on when the next node answers"
+                ),
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// Hands every pending revocation to the next node toward its grantee; returns how many were delivered.
+    pub async fn deliver_revocations(&self) -> Result<usize> {
+        let mut delivered = 0;
+        for notice in self.governance.pending_revocations().await? {
+            let checked = self.governance.check_revocation(&notice)?;
+            let Some(next) = self.next_for_revocation(&checked, &notice)? else {
+                continue;
+            };
+            match self.hand_on(&notice, next).await {
+                Ok(_) => {
+                    self.governance
+                        .record_revocation(&checked, &notice, false)
+                        .await?;
+                    delivered += 1;
+                }
+                Err(e) => tracing::debug!(
+                    grant = %checked.body().grant_id,
+                    error = %e,
+                    "revocation still pending"
+                ),
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// The next node toward a revocation's grantee, or `None` when the grantee's node is this one.
+    fn next_for_revocation(
+        &self,
+        checked: &Verified<Revocation>,
+        notice: &RevocationNotice,
+    ) -> Result<Option<DivisionCode>> {
+        let revocation = checked.body();
         let target: DivisionCode = revocation
             .consumer_node
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("revocation consumer_node: {e}")))?;
-        if target == me {
-            return Ok(nodes);
+        if target == self.topology.code {
+            return Ok(None);
         }
         let (next, _) = self.topology.next_hop(target)?;
         if notice.route.iter().any(|n| n == next.code.as_str()) {
@@ -146,15 +201,22 @@ impl Router {
                 revocation.grant_id, next.code
             )));
         }
-        let mut client = FederationClient::new(next.channel.clone());
-        let mut req = tonic::Request::new(notice);
+        Ok(Some(next.code))
+    }
+
+    /// Hands a notice to neighbour `next`; returns the nodes that recorded it from there on.
+    async fn hand_on(&self, notice: &RevocationNotice, next: DivisionCode) -> Result<Vec<String>> {
+        let (neighbour, _) = self.topology.next_hop(next)?;
+        let mut client = FederationClient::new(neighbour.channel.clone());
+        let mut req = tonic::Request::new(notice.clone());
         req.set_timeout(Duration::from_millis(self.limits.default_timeout_ms));
-        let ack = client
-            .revoke(req)
-            .await
-            .map_err(|s| call_error(s, &format!("node {} at {}", next.code, next.address)))?;
-        nodes.extend(ack.into_inner().nodes);
-        Ok(nodes)
+        let ack = client.revoke(req).await.map_err(|s| {
+            call_error(
+                s,
+                &format!("node {} at {}", neighbour.code, neighbour.address),
+            )
+        })?;
+        Ok(ack.into_inner().nodes)
     }
 
     /// The governance of this node's resources.

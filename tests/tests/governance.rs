@@ -14,7 +14,7 @@ use fedgate_proto::v1::{
     ListObjectionsRequest, ObjectionState, ResolveObjectionRequest, RevokeRequest, ShareMode,
     ShareRequest, ShareType, SignedGrant, VerifyResult,
 };
-use fedgate_tests::{Devnet, NodeSpec, code, key_at, query, registry, standard};
+use fedgate_tests::{Devnet, NodeSpec, code, eventually, key_at, query, registry, standard};
 use prost::Message;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -833,5 +833,73 @@ async fn operators_see_overdue_items_and_stale_entries_with_the_nodes_certificat
         .await
         .expect_err("an agency");
     assert_eq!(err.code(), Code::PermissionDenied);
+    net.shutdown().await
+}
+
+#[tokio::test]
+async fn a_revocation_reaches_a_node_that_was_down_when_it_was_issued() -> Result<()> {
+    let mut net = standard().await?;
+    let mut p = parties(&net).await?;
+    let a =
+        p.a.apply(apply("350102:marriage", ShareMode::Query, &["name"]))
+            .await?
+            .into_inner();
+    let approved = p
+        .provider
+        .decide(DecideRequest {
+            application_id: a.id,
+            approve: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (_, g) = grant_of(&approved)?;
+
+    // Xiamen, on the way to the grantee's node, is down when the provider revokes.
+    net.stop_node(code("350200")).await?;
+    let revoked = p
+        .provider
+        .revoke(RevokeRequest {
+            grant_id: g.id.clone(),
+            reason: "purpose fulfilled".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(revoked.notified_nodes, vec!["350102", "350100", "350000"]);
+    assert!(
+        !net.node(code("350203"))?
+            .governance()
+            .is_revoked(&g.id)
+            .await?
+    );
+
+    // The province keeps it pending and hands it on once Xiamen is back; Xiamen hands it to Siming.
+    net.restart_node(code("350200")).await?;
+    let siming = net.node(code("350203"))?;
+    eventually(
+        "the revocation reaches the grantee's node",
+        Duration::from_secs(30),
+        || async { Ok(siming.governance().is_revoked(&g.id).await?) },
+    )
+    .await?;
+    assert!(
+        net.node(code("350200"))?
+            .governance()
+            .is_revoked(&g.id)
+            .await?
+    );
+    let province = net.node(code("350000"))?;
+    eventually(
+        "nothing stays pending at the province",
+        Duration::from_secs(10),
+        || async {
+            Ok(province
+                .governance()
+                .pending_revocations()
+                .await?
+                .is_empty())
+        },
+    )
+    .await?;
     net.shutdown().await
 }
