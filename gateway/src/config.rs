@@ -106,6 +106,8 @@ pub struct CacheConfig {
     pub ttl_secs: u64,
     /// Answers kept at most.
     pub capacity: u64,
+    /// Bytes of answers kept at most.
+    pub max_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -113,6 +115,7 @@ impl Default for CacheConfig {
         Self {
             ttl_secs: 60,
             capacity: 100_000,
+            max_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod calendar;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod downlink;
 pub mod error;
 pub mod governance;
 pub mod grant;

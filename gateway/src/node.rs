@@ -15,10 +15,11 @@ use tokio::task::JoinHandle;
 
 use crate::assertion::Assertions;
 use crate::audit::{self, AuditLog};
-use crate::cache::ShareCache;
+use crate::cache::{ServedNodes, ShareCache};
 use crate::calendar::WorkCalendar;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{MIN_RETENTION_DAYS, NodeConfig, StorageConfig};
+use crate::downlink::Downlink;
 use crate::governance::Governance;
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
@@ -175,19 +176,25 @@ pub async fn start_with_clock(
         clock.clone(),
         audit_log.clone(),
     );
+    let clock_for_downlink = clock.clone();
     let assertions = Assertions::new(
         signer,
         verifier,
         clock,
         std::time::Duration::from_secs(config.trust.assertion_window_secs.max(1)),
     );
-    let cache = ShareCache::new(
-        std::time::Duration::from_secs(config.cache.ttl_secs.max(1)),
-        if config.cache.ttl_secs == 0 {
-            0
-        } else {
-            config.cache.capacity
-        },
+    let ttl = std::time::Duration::from_secs(config.cache.ttl_secs);
+    let cache = ShareCache::new(ttl, config.cache.capacity, config.cache.max_bytes);
+    let downlink = Downlink::new(
+        topology.clone(),
+        (
+            governance.clone(),
+            cache.clone(),
+            ServedNodes::new(store.clone(), ttl),
+        ),
+        (assertions.signer().clone(), assertions.verifier().clone()),
+        clock_for_downlink,
+        std::time::Duration::from_millis(config.routing.default_timeout_ms),
     );
     let router = Router::new(
         topology.clone(),
@@ -195,7 +202,7 @@ pub async fn start_with_clock(
         config.routing.clone(),
         metrics.clone(),
         audit_log.clone(),
-        (governance.clone(), cache, assertions),
+        (governance.clone(), cache, assertions, downlink),
     );
 
     let mut tasks = Vec::new();
@@ -375,7 +382,7 @@ async fn deliver_revocations(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        match router.deliver_revocations().await {
+        match router.downlink().deliver_revocations().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(delivered = n, "pending revocations handed on"),
             Err(e) => tracing::warn!(error = %e, "pending revocations not handed on"),

@@ -13,7 +13,7 @@ use fedgate_proto::v1::provider_client::ProviderClient;
 use fedgate_proto::v1::{
     AggregateRequest, ApplyRequest, AuditOperation, AuditRecord, Envelope, ExportRequest,
     FetchRequest, FileObjectionRequest, ForwardRequest, GetApplicationRequest, GetObjectionRequest,
-    Hop, RequestKind, Revocation, RevocationNotice, ShareMode, ShareRequest, ShareResponse,
+    Hop, RequestKind, ShareMode, ShareRequest, ShareResponse,
 };
 use prost::Message;
 use tonic::Status;
@@ -22,12 +22,12 @@ use crate::assertion::{Assertions, Vouched};
 use crate::audit::{self, AuditLog};
 use crate::cache::ShareCache;
 use crate::config::RoutingConfig;
+use crate::downlink::Downlink;
 use crate::error::{Error, Result};
 use crate::governance::Governance;
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::policy;
-use crate::statement::Verified;
 use crate::store::Store;
 use crate::topology::{Direction, Topology};
 
@@ -38,6 +38,8 @@ pub struct Forwarded {
     pub response: Vec<u8>,
     /// The route, the consumer's node first and the provider's node last.
     pub route: Vec<Hop>,
+    /// How long the consumer's node may cache the answer, in milliseconds; 0 for not at all.
+    pub cacheable_ms: u64,
 }
 
 /// Routes shares for one node.
@@ -51,6 +53,7 @@ pub struct Router {
     governance: Governance,
     cache: ShareCache,
     assertions: Assertions,
+    downlink: Downlink,
 }
 
 /// Action names recorded in a route.
@@ -70,7 +73,7 @@ pub mod action {
 /// Converts a failed call to a neighbour or provider into an error naming it. A transport failure, or a call
 /// cancelled on the far side while this node still waited for it (a link reset mid-request), is UNAVAILABLE:
 /// the caller may retry; any other status is the far side's answer and passes through.
-fn call_error(status: Status, who: &str) -> Error {
+pub(crate) fn call_error(status: Status, who: &str) -> Error {
     if status.source().is_some() {
         Error::Unavailable(format!("{who} is unreachable: {}", status.message()))
     } else if status.code() == tonic::Code::Cancelled {
@@ -91,7 +94,7 @@ impl Router {
         limits: RoutingConfig,
         metrics: Arc<NodeMetrics>,
         audit: AuditLog,
-        (governance, cache, assertions): (Governance, ShareCache, Assertions),
+        (governance, cache, assertions, downlink): (Governance, ShareCache, Assertions, Downlink),
     ) -> Self {
         Self {
             topology,
@@ -102,7 +105,13 @@ impl Router {
             governance,
             cache,
             assertions,
+            downlink,
         }
+    }
+
+    /// Revocations and cache invalidations sent from this node.
+    pub fn downlink(&self) -> &Downlink {
+        &self.downlink
     }
 
     /// This node's consumer assertions: signing its own, checking other nodes'.
@@ -118,105 +127,6 @@ impl Router {
     /// This node's topology.
     pub fn topology(&self) -> &Topology {
         &self.topology
-    }
-
-    /// Carries a checked revocation toward the grantee's node: records it and purges the cache here, then hands
-    /// it to the next node. Returns the nodes that recorded it, this one first; where the next node cannot take
-    /// it now, this node keeps it pending and [`Router::deliver_revocations`] hands it on later. The notice's
-    /// route must already end with this node.
-    pub async fn relay_revocation(
-        &self,
-        checked: &Verified<Revocation>,
-        notice: RevocationNotice,
-    ) -> Result<Vec<String>> {
-        let me = self.topology.code;
-        let next = self.next_for_revocation(checked, &notice)?;
-        self.governance
-            .record_revocation(checked, &notice, next.is_some())
-            .await?;
-        self.cache.purge_grant(&checked.body().grant_id);
-        let mut nodes = vec![me.to_string()];
-        if let Some(next) = next {
-            match self.hand_on(&notice, next).await {
-                Ok(more) => {
-                    nodes.extend(more);
-                    self.governance
-                        .record_revocation(checked, &notice, false)
-                        .await?;
-                }
-                Err(e) => tracing::warn!(
-                    grant = %checked.body().grant_id,
-                    next = %next,
-                    error = %e,
-                    "revocation kept pending; it is handed on when the next node answers"
-                ),
-            }
-        }
-        Ok(nodes)
-    }
-
-    /// Hands every pending revocation to the next node toward its grantee; returns how many were delivered.
-    pub async fn deliver_revocations(&self) -> Result<usize> {
-        let mut delivered = 0;
-        for notice in self.governance.pending_revocations().await? {
-            let checked = self.governance.check_revocation(&notice)?;
-            let Some(next) = self.next_for_revocation(&checked, &notice)? else {
-                continue;
-            };
-            match self.hand_on(&notice, next).await {
-                Ok(_) => {
-                    self.governance
-                        .record_revocation(&checked, &notice, false)
-                        .await?;
-                    delivered += 1;
-                }
-                Err(e) => tracing::debug!(
-                    grant = %checked.body().grant_id,
-                    error = %e,
-                    "revocation still pending"
-                ),
-            }
-        }
-        Ok(delivered)
-    }
-
-    /// The next node toward a revocation's grantee, or `None` when the grantee's node is this one.
-    fn next_for_revocation(
-        &self,
-        checked: &Verified<Revocation>,
-        notice: &RevocationNotice,
-    ) -> Result<Option<DivisionCode>> {
-        let revocation = checked.body();
-        let target: DivisionCode = revocation
-            .consumer_node
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("revocation consumer_node: {e}")))?;
-        if target == self.topology.code {
-            return Ok(None);
-        }
-        let (next, _) = self.topology.next_hop(target)?;
-        if notice.route.iter().any(|n| n == next.code.as_str()) {
-            return Err(Error::FailedPrecondition(format!(
-                "revocation of {} would loop at node {}",
-                revocation.grant_id, next.code
-            )));
-        }
-        Ok(Some(next.code))
-    }
-
-    /// Hands a notice to neighbour `next`; returns the nodes that recorded it from there on.
-    async fn hand_on(&self, notice: &RevocationNotice, next: DivisionCode) -> Result<Vec<String>> {
-        let (neighbour, _) = self.topology.next_hop(next)?;
-        let mut client = FederationClient::new(neighbour.channel.clone());
-        let mut req = tonic::Request::new(notice.clone());
-        req.set_timeout(Duration::from_millis(self.limits.default_timeout_ms));
-        let ack = client.revoke(req).await.map_err(|s| {
-            call_error(
-                s,
-                &format!("node {} at {}", neighbour.code, neighbour.address),
-            )
-        })?;
-        Ok(ack.into_inner().nodes)
     }
 
     /// The governance of this node's resources.
@@ -268,9 +178,10 @@ impl Router {
             set_action(&mut env, action::SERVED);
             self.serve_local(&env, &request, deadline, local, &mut record)
                 .await
-                .map(|response| Forwarded {
+                .map(|(response, cacheable_ms)| Forwarded {
                     response,
                     route: env.route,
+                    cacheable_ms,
                 })
         } else {
             self.forward(env, request, target, deadline).await
@@ -367,6 +278,7 @@ impl Router {
                 Ok(Forwarded {
                     response: r.response,
                     route: r.route,
+                    cacheable_ms: r.cacheable_ms,
                 })
             }
         }
@@ -379,7 +291,7 @@ impl Router {
         deadline: Instant,
         local: Option<Vouched>,
         record: &mut AuditRecord,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<(Vec<u8>, u64)> {
         let consumer = match local {
             Some(v) => v,
             None => self.assertions.check(env, request).await?,
@@ -398,36 +310,45 @@ impl Router {
             RequestKind::Apply => {
                 let req = ApplyRequest::decode(request).map_err(|e| bad("ApplyRequest", e))?;
                 same_resource(env, &req.resource_id)?;
-                Ok(self.governance.apply(&consumer, req).await?.encode_to_vec())
+                Ok((
+                    self.governance.apply(&consumer, req).await?.encode_to_vec(),
+                    0,
+                ))
             }
             RequestKind::GetApplication => {
                 let req = GetApplicationRequest::decode(request)
                     .map_err(|e| bad("GetApplicationRequest", e))?;
-                Ok(self
-                    .governance
-                    .application(&consumer, &req.id)
-                    .await?
-                    .encode_to_vec())
+                Ok((
+                    self.governance
+                        .application(&consumer, &req.id)
+                        .await?
+                        .encode_to_vec(),
+                    0,
+                ))
             }
             RequestKind::Objection => {
                 let req = FileObjectionRequest::decode(request)
                     .map_err(|e| bad("FileObjectionRequest", e))?;
                 same_resource(env, &req.resource_id)?;
-                Ok(self
-                    .governance
-                    .file_objection(&consumer, req)
-                    .await?
-                    .encode_to_vec())
+                Ok((
+                    self.governance
+                        .file_objection(&consumer, req)
+                        .await?
+                        .encode_to_vec(),
+                    0,
+                ))
             }
             RequestKind::GetObjection => {
                 let req = GetObjectionRequest::decode(request)
                     .map_err(|e| bad("GetObjectionRequest", e))?;
-                Ok(self
-                    .governance
-                    .objection(&consumer, &req.id)
-                    .await?
-                    .0
-                    .encode_to_vec())
+                Ok((
+                    self.governance
+                        .objection(&consumer, &req.id)
+                        .await?
+                        .0
+                        .encode_to_vec(),
+                    0,
+                ))
             }
         }
     }
@@ -439,7 +360,7 @@ impl Router {
         request: &[u8],
         deadline: Instant,
         record: &mut AuditRecord,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<(Vec<u8>, u64)> {
         let me = self.topology.code;
         let req = ShareRequest::decode(request).map_err(|e| {
             Error::InvalidArgument(format!("request: not an encoded ShareRequest: {e}"))
@@ -587,7 +508,30 @@ impl Router {
                 resp.records = policy::shape(&permit, records);
             }
         }
-        Ok(resp.encode_to_vec())
+        let cacheable_ms = self.note_cacheable(env, consumer, permit.mode).await?;
+        Ok((resp.encode_to_vec(), cacheable_ms))
+    }
+
+    /// How long the consumer's node may cache an answer served here, noting the node so that a change of the
+    /// entry purges its cache; answers to this node's own agencies, open data and bulk pages are not cached.
+    async fn note_cacheable(
+        &self,
+        env: &Envelope,
+        consumer: &Vouched,
+        mode: ShareMode,
+    ) -> Result<u64> {
+        let served = self.downlink.served();
+        if env.open_data || mode == ShareMode::Bulk || consumer.node() == self.topology.code {
+            return Ok(0);
+        }
+        served
+            .note(
+                &env.resource_id,
+                consumer.node().as_str(),
+                self.governance.clock().unix(),
+            )
+            .await?;
+        Ok(u64::try_from(served.allowance().as_millis()).unwrap_or(u64::MAX))
     }
 }
 

@@ -10,7 +10,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use fedgate_proto::v1::{ConsumerAssertion, KeyEndorsement, Revocation, SignedStatement};
+use fedgate_proto::v1::{
+    CacheInvalidation, ConsumerAssertion, KeyEndorsement, Revocation, SignedStatement,
+};
 use prost::Message;
 use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::pem::PemObject;
@@ -135,6 +137,10 @@ impl Kind for ConsumerAssertion {
 
 impl Kind for Revocation {
     const KIND: &'static str = "fedgate.v1.Revocation";
+}
+
+impl Kind for CacheInvalidation {
+    const KIND: &'static str = "fedgate.v1.CacheInvalidation";
 }
 
 impl Kind for KeyEndorsement {

@@ -91,6 +91,7 @@ contract!(
     audit_archival_and_deletion,
     governance_docs_and_id_counters,
     node_keys_are_pinned_on_first_sight,
+    served_nodes_are_kept_until_their_answers_expire,
     concurrent_writers_commit_in_position_order,
 );
 
@@ -1349,6 +1350,25 @@ async fn node_keys_are_pinned_on_first_sight(store: Arc<dyn Store>) -> Result<()
     assert_eq!(store.pin_node_key("350103", &[2; 32]).await?, vec![2; 32]);
     assert_eq!(store.node_key("350103").await?, Some(vec![2; 32]));
     assert_eq!(store.node_key("350102").await?, Some(vec![1; 32]));
+    Ok(())
+}
+
+async fn served_nodes_are_kept_until_their_answers_expire(store: Arc<dyn Store>) -> Result<()> {
+    assert!(store.served_nodes("350102:a", 100).await?.is_empty());
+    store.note_served("350102:a", "350203", 160).await?;
+    store.note_served("350102:a", "350103", 130).await?;
+    store.note_served("350102:b", "350200", 500).await?;
+    assert_eq!(
+        store.served_nodes("350102:a", 100).await?,
+        vec!["350103", "350203"]
+    );
+    assert_eq!(store.served_nodes("350102:a", 140).await?, vec!["350203"]);
+    // A later answer extends the note, an earlier one does not shorten it; an expired one is gone.
+    store.note_served("350102:a", "350103", 200).await?;
+    store.note_served("350102:a", "350103", 120).await?;
+    assert_eq!(store.served_nodes("350102:a", 170).await?, vec!["350103"]);
+    assert!(store.served_nodes("350102:a", 201).await?.is_empty());
+    assert_eq!(store.served_nodes("350102:b", 201).await?, vec!["350200"]);
     Ok(())
 }
 

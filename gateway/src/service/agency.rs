@@ -128,6 +128,10 @@ impl AgencyService {
         }
         let stored = self.store.publish_local(entry).await?;
         self.uplink.wake(Stream::Catalog);
+        self.router
+            .downlink()
+            .invalidate(&stored.id, stored.version)
+            .await?;
         Ok(stored)
     }
 
@@ -145,6 +149,7 @@ impl AgencyService {
             .await?
             .ok_or_else(|| Error::NotFound(format!("resource {id} is not in the catalog")))?;
         self.uplink.wake(Stream::Catalog);
+        self.router.downlink().invalidate(id, version).await?;
         Ok(version)
     }
 
@@ -242,6 +247,8 @@ impl AgencyService {
                         response: out.response,
                         route: out.route.clone(),
                         grant_id: resp.grant_id.clone(),
+                        resource_id: resp.resource_id.clone(),
+                        ttl: Duration::from_millis(out.cacheable_ms),
                     },
                 )
                 .await;
@@ -639,7 +646,11 @@ impl Agency for AgencyService {
             .governance()
             .revoke(&uscc, &r.grant_id, &r.reason)
             .await?;
-        let notified_nodes = self.router.relay_revocation(&checked, notice).await?;
+        let notified_nodes = self
+            .router
+            .downlink()
+            .relay_revocation(&checked, notice)
+            .await?;
         Ok(Response::new(RevokeResponse { notified_nodes }))
     }
 

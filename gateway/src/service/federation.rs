@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
-    AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop, JoinRequest,
-    JoinResponse, KeyEndorsement, PushRequest, PushResponse, Revocation, RevocationAck,
-    RevocationNotice, Stream, StreamCursor, catalog_change, stream_item,
+    AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop,
+    InvalidationAck, InvalidationNotice, JoinRequest, JoinResponse, KeyEndorsement, PushRequest,
+    PushResponse, Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor,
+    catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
@@ -476,6 +477,7 @@ impl Federation for FederationService {
         Ok(Response::new(ForwardResponse {
             response: out.response,
             route: out.route,
+            cacheable_ms: out.cacheable_ms,
         }))
     }
 
@@ -500,7 +502,11 @@ impl Federation for FederationService {
             "relayed revocation from node {}: {}",
             revocation.issuer_node, revocation.reason
         );
-        let result = self.router.relay_revocation(&checked, notice).await;
+        let result = self
+            .router
+            .downlink()
+            .relay_revocation(&checked, notice)
+            .await;
         if let Err(e) = &result {
             r.outcome = audit::outcome(e.code());
         }
@@ -508,5 +514,35 @@ impl Federation for FederationService {
             Status::unavailable(format!("node {me} could not write its audit trail: {e}"))
         })?;
         Ok(Response::new(RevocationAck { nodes: result? }))
+    }
+
+    async fn invalidate(
+        &self,
+        req: Request<InvalidationNotice>,
+    ) -> Result<Response<InvalidationAck>, Status> {
+        let from = self.checked_neighbour(&req, "Invalidate").await?;
+        let mut notice = req.into_inner();
+        let downlink = self.router.downlink();
+        let checked = match notice
+            .route
+            .last()
+            .filter(|last| last.as_str() == from.as_str())
+            .ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "invalidation route does not end at node {from}, which sent it"
+                ))
+            })
+            .and_then(|_| downlink.check_invalidation(&notice))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(self
+                    .refuse(Peer::Node(from).to_uri(), "Invalidate", e)
+                    .await);
+            }
+        };
+        notice.route.push(self.topology.code.to_string());
+        let nodes = downlink.relay_invalidation(&checked, notice).await?;
+        Ok(Response::new(InvalidationAck { nodes }))
     }
 }

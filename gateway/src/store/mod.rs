@@ -257,6 +257,20 @@ pub trait Store: Send + Sync + 'static {
     /// Pins a node's public key if none is pinned yet; returns the pinned key (the old one if it differs).
     async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError>;
 
+    /// Notes that answers of `resource_id` were served to `node`, which may cache them until `until_unix`.
+    async fn note_served(
+        &self,
+        resource_id: &str,
+        node: &str,
+        until_unix: i64,
+    ) -> Result<(), StoreError>;
+    /// Nodes that may still cache answers of `resource_id` at `now_unix`.
+    async fn served_nodes(
+        &self,
+        resource_id: &str,
+        now_unix: i64,
+    ) -> Result<Vec<String>, StoreError>;
+
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}
 }

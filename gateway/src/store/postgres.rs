@@ -774,6 +774,41 @@ impl Store for PgStore {
         Ok(to_u64(n))
     }
 
+    async fn note_served(
+        &self,
+        resource_id: &str,
+        node: &str,
+        until_unix: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO cache_served (resource_id, consumer_node, until_unix) VALUES ($1, $2, $3) \
+             ON CONFLICT (resource_id, consumer_node) DO UPDATE SET \
+             until_unix = GREATEST(cache_served.until_unix, excluded.until_unix)",
+        )
+        .bind(resource_id)
+        .bind(node)
+        .bind(until_unix)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn served_nodes(
+        &self,
+        resource_id: &str,
+        now_unix: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let nodes = sqlx::query_scalar(
+            "SELECT consumer_node FROM cache_served WHERE resource_id = $1 AND until_unix >= $2 \
+             ORDER BY consumer_node",
+        )
+        .bind(resource_id)
+        .bind(now_unix)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(nodes)
+    }
+
     async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = sqlx::query_scalar("SELECT public_key FROM node_key WHERE node_code = $1")
             .bind(node)

@@ -738,6 +738,40 @@ impl Store for SqliteStore {
         Ok(to_u64(row.get::<i64, _>(0)))
     }
 
+    async fn note_served(
+        &self,
+        resource_id: &str,
+        node: &str,
+        until_unix: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO cache_served (resource_id, consumer_node, until_unix) VALUES (?, ?, ?) \
+             ON CONFLICT (resource_id, consumer_node) DO UPDATE SET until_unix = MAX(until_unix, excluded.until_unix)",
+        )
+        .bind(resource_id)
+        .bind(node)
+        .bind(until_unix)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn served_nodes(
+        &self,
+        resource_id: &str,
+        now_unix: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let nodes = sqlx::query_scalar(
+            "SELECT consumer_node FROM cache_served WHERE resource_id = ? AND until_unix >= ? \
+             ORDER BY consumer_node",
+        )
+        .bind(resource_id)
+        .bind(now_unix)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(nodes)
+    }
+
     async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let row = sqlx::query("SELECT public_key FROM node_key WHERE node_code = ?")
             .bind(node)
