@@ -47,6 +47,12 @@ pub struct NodeConfig {
     /// The metrics endpoint; none when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Handshake timeouts, connection caps, HTTP/2 keepalive and idle timeouts of every listener.
+    #[serde(default)]
+    pub connections: crate::accept::ConnectionsConfig,
+    /// Per-agency and per-neighbour rate and concurrency limits.
+    #[serde(default)]
+    pub rate_limits: crate::admission::RateLimitsConfig,
 }
 
 /// The public open-data endpoint.
@@ -58,10 +64,17 @@ pub struct OpenDataConfig {
     /// Calls each client address may make per minute.
     #[serde(default = "default_open_rate")]
     pub requests_per_minute: u32,
+    /// Pages one `Download` call streams at most; its last page carries the token to continue from.
+    #[serde(default = "default_pages_per_call")]
+    pub max_pages_per_call: u32,
 }
 
 fn default_open_rate() -> u32 {
     60
+}
+
+fn default_pages_per_call() -> u32 {
+    100
 }
 
 /// The plain-HTTP metrics endpoint (`GET /metrics`, OpenMetrics text).

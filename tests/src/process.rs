@@ -312,6 +312,8 @@ impl ProcessFederation {
                 },
                 open_data: None,
                 metrics: None,
+                connections: Default::default(),
+                rate_limits: Default::default(),
             };
             let config_path = path.join(format!("node-{}.toml", s.code));
             std::fs::write(
