@@ -27,7 +27,7 @@ pub struct NodeMetrics {
     pub shares_forwarded: Counter,
     /// Connections refused on the TLS listeners (unknown CA, no fedgate identity, timeout, over a cap).
     pub tls_handshakes_refused: Counter,
-    /// Connections refused, by listener and reason (`bad_certificate`, `no_identity`, `timeout`, `over_cap`).
+    /// Connections refused, by listener and reason (`tls_error`, `no_identity`, `timeout`, `over_cap`).
     pub connections_refused: Family<RefusedLabels, Counter>,
     /// Calls refused over a limit, by reason (`agency_rate`, `agency_in_flight`, `forward_rate`,
     /// `forward_in_flight`, `calls_in_flight`).

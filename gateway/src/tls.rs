@@ -362,10 +362,11 @@ impl HandshakeFailure {
         }
     }
 
-    /// The kind of refusal, as a metric label: `bad_certificate`, `no_identity`, `timeout` or `over_cap`.
+    /// The kind of refusal, as a metric label: `tls_error` (bad or untrusted certificate, protocol error, closed
+    /// mid-handshake), `no_identity`, `timeout` or `over_cap`.
     pub fn reason(&self) -> &'static str {
         match self {
-            HandshakeFailure::Tls { .. } => "bad_certificate",
+            HandshakeFailure::Tls { .. } => "tls_error",
             HandshakeFailure::Identity { .. } => "no_identity",
             HandshakeFailure::Timeout { .. } => "timeout",
             HandshakeFailure::OverCap { .. } => "over_cap",
