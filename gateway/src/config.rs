@@ -50,6 +50,12 @@ pub struct NodeConfig {
     /// How statements of other nodes are checked.
     #[serde(default)]
     pub trust: TrustConfig,
+    /// Handshake timeouts, connection caps, HTTP/2 keepalive and idle timeouts of every listener.
+    #[serde(default)]
+    pub connections: crate::accept::ConnectionsConfig,
+    /// Per-agency and per-neighbour rate and concurrency limits.
+    #[serde(default)]
+    pub rate_limits: crate::admission::RateLimitsConfig,
 }
 
 /// How this node checks what other nodes sign.
@@ -84,10 +90,17 @@ pub struct OpenDataConfig {
     /// Calls each client address may make per minute.
     #[serde(default = "default_open_rate")]
     pub requests_per_minute: u32,
+    /// Pages one `Download` call streams at most; its last page carries the token to continue from.
+    #[serde(default = "default_pages_per_call")]
+    pub max_pages_per_call: u32,
 }
 
 fn default_open_rate() -> u32 {
     60
+}
+
+fn default_pages_per_call() -> u32 {
+    100
 }
 
 /// The plain-HTTP metrics endpoint (`GET /metrics`, OpenMetrics text).

@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod accept;
+pub mod admission;
 pub mod assertion;
 pub mod audit;
 pub mod cache;
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod policy;
+pub mod refusals;
 pub mod route;
 pub mod service;
 pub mod statement;

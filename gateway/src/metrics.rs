@@ -9,6 +9,8 @@ use prometheus_client::registry::Registry;
 
 /// Label set of the per-stream gauges: `stream="catalog"` or `stream="audit"`.
 pub type StreamLabels = [(&'static str, &'static str); 1];
+/// Label set of refused connections: `listener` ("backbone", "open_data", "metrics") and `reason`.
+pub type RefusedLabels = [(&'static str, &'static str); 2];
 
 /// The metrics of one node since it started, registered for exposition.
 #[derive(Debug)]
@@ -23,8 +25,13 @@ pub struct NodeMetrics {
     pub shares_served: Counter,
     /// Shares this node forwarded to a neighbour.
     pub shares_forwarded: Counter,
-    /// TLS handshakes refused (unknown CA, no fedgate identity, timeout).
+    /// Connections refused on the TLS listeners (unknown CA, no fedgate identity, timeout, over a cap).
     pub tls_handshakes_refused: Counter,
+    /// Connections refused, by listener and reason (`tls_error`, `no_identity`, `timeout`, `over_cap`).
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Calls refused over a limit, by reason (`agency_rate`, `agency_in_flight`, `forward_rate`,
+    /// `forward_in_flight`, `calls_in_flight`).
+    pub calls_refused: Family<StreamLabels, Counter>,
     /// Shares that failed at or below this node.
     pub shares_failed: Counter,
     /// Highest position written to each upward stream, as of the last scrape.
@@ -62,6 +69,8 @@ impl NodeMetrics {
             shares_served: Counter::default(),
             shares_forwarded: Counter::default(),
             tls_handshakes_refused: Counter::default(),
+            connections_refused: Family::default(),
+            calls_refused: Family::default(),
             shares_failed: Counter::default(),
             uplink_head: Family::default(),
             uplink_acked: Family::default(),
@@ -103,8 +112,18 @@ impl NodeMetrics {
         );
         r.register(
             "tls_handshakes_refused",
-            "TLS handshakes refused (unknown CA, no fedgate identity, timeout)",
+            "Connections refused on the TLS listeners (unknown CA, no fedgate identity, timeout, over a cap)",
             m.tls_handshakes_refused.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "calls_refused",
+            "Calls refused over a rate or concurrency limit, by reason",
+            m.calls_refused.clone(),
         );
         r.register(
             "shares_failed",

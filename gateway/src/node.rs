@@ -13,8 +13,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::accept::{self, SourceKey, TrackCallsLayer};
+use crate::admission::Admission;
 use crate::assertion::Assertions;
-use crate::audit::{self, AuditLog};
+use crate::audit::AuditLog;
 use crate::cache::{ServedNodes, ShareCache};
 use crate::calendar::WorkCalendar;
 use crate::clock::{Clock, SystemClock};
@@ -24,6 +26,7 @@ use crate::governance::Governance;
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
+use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
 use crate::statement::{NodeSigner, StatementVerifier};
@@ -247,9 +250,39 @@ pub async fn start_with_clock(
         metrics.clone(),
         audit_log.clone(),
     );
+    let connections = &config.connections;
+    let refusals = RefusalLog::new(audit_log.clone(), connections.refusal_summary());
+    tasks.push(refusals.spawn_flusher(shutdown_rx.clone()));
+    let on_refused = |listener: &'static str| -> accept::OnRefused {
+        let refusals = refusals.clone();
+        let metrics = metrics.clone();
+        Arc::new(move |f: HandshakeFailure| {
+            if listener != "metrics" {
+                NodeMetrics::add(&metrics.tls_handshakes_refused, 1);
+            }
+            metrics
+                .connections_refused
+                .get_or_create(&[("listener", listener), ("reason", f.reason())])
+                .inc();
+            tracing::debug!(node = %code, listener, failure = %f, "connection refused");
+            refusals.note(Refusal {
+                kind: RefusalKind::Handshake,
+                actor: format!("tcp:{}", SourceKey::of(f.remote().ip())),
+                reason: f.reason(),
+                detail: format!("{listener} listener: {f}"),
+                consumer_uscc: String::new(),
+            });
+        })
+    };
     let metrics_addr = match &config.metrics {
         Some(m) => {
             let (listener, addr) = listen(&m.listen).await?;
+            let listener =
+                accept::HttpListener::new(listener, connections.metrics(), on_refused("metrics"))
+                    .map_err(|error| NodeError::Bind {
+                    addr: m.listen.clone(),
+                    error,
+                })?;
             let app = scrape::router(scrape::ScrapeState::new(
                 metrics.clone(),
                 store.clone(),
@@ -274,24 +307,23 @@ pub async fn start_with_clock(
     let open_data_addr = match &config.open_data {
         Some(open) => {
             let (listener, open_addr) = listen(&open.listen).await?;
-            let svc = OpenDataService::new(router.clone(), store.clone(), open.requests_per_minute);
-            let tls_config = tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+            let svc = OpenDataService::new(
+                router.clone(),
+                store.clone(),
+                open.requests_per_minute,
+                open.max_pages_per_call,
             );
-            let server = tonic::transport::Server::builder()
-                .tls_config(tls_config)
-                .map_err(NodeError::Serve)?
+            let incoming = accept::incoming(
+                listener,
+                tls::ServerTls::new(tls::public_server_config(&tls)?),
+                connections.open_data(),
+                on_refused("open_data"),
+            );
+            let server = http2_server(connections)
+                .layer(TrackCallsLayer::<()>::new())
                 .add_service(OpenDataServer::new(svc));
             let mut stop = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {
-                let incoming = tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    |conn| {
-                        conn.inspect(|c| {
-                            let _ = c.set_nodelay(true);
-                        })
-                    },
-                );
                 if let Err(e) = server
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop.wait_for(|s| *s).await;
@@ -313,24 +345,28 @@ pub async fn start_with_clock(
         uplink.clone(),
         audit_log.clone(),
     );
-    let server_config = tls::server_config(&tls)?;
-    let refused = metrics.clone();
-    let tls_audit = audit_log.clone();
-    let on_failure = Arc::new(move |f: HandshakeFailure| {
-        NodeMetrics::add(&refused.tls_handshakes_refused, 1);
-        let mut r = audit::event(
-            fedgate_proto::v1::AuditOperation::TlsRefused,
-            format!("tcp:{}", f.remote()),
-        );
-        r.outcome = "UNAUTHENTICATED".to_owned();
-        r.detail = f.to_string();
-        tls_audit.record_detached(r);
-        tracing::warn!(node = %code, failure = %f, "TLS handshake refused");
-    });
-    let incoming = tls::incoming(listener, server_config, on_failure);
+    let admission = Admission::new(
+        &config.rate_limits,
+        connections.max_calls_in_flight,
+        connections.max_calls_in_flight_per_source,
+        refusals.clone(),
+        metrics.clone(),
+    );
+    tasks.push(tokio::spawn(shrink_rate_state(
+        admission.clone(),
+        shutdown_rx.clone(),
+    )));
+    let incoming = accept::incoming(
+        listener,
+        tls::MutualTls::new(tls::server_config(&tls)?),
+        connections.backbone(),
+        on_refused("backbone"),
+    );
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        http2_server(connections)
+            .layer(TrackCallsLayer::<tls::PeerInfo>::new())
+            .layer(admission.layer())
             .add_service(health)
             .add_service(reflection)
             .add_service(FederationServer::new(federation))
@@ -386,6 +422,26 @@ async fn deliver_revocations(
             Ok(0) => {}
             Ok(n) => tracing::info!(delivered = n, "pending revocations handed on"),
             Err(e) => tracing::warn!(error = %e, "pending revocations not handed on"),
+        }
+    }
+}
+
+/// A tonic server with the HTTP/2 settings of `[connections]` (TCP keepalive is set by the accept loop).
+fn http2_server(c: &accept::ConnectionsConfig) -> tonic::transport::Server {
+    let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(secs(c.http2_keepalive_interval_secs))
+        .http2_keepalive_timeout(secs(c.http2_keepalive_timeout_secs))
+        .max_concurrent_streams(c.max_concurrent_streams)
+}
+
+/// Forgets the rate state of quiet callers once a minute.
+async fn shrink_rate_state(admission: Admission, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => admission.shrink(),
         }
     }
 }

@@ -153,10 +153,16 @@ impl Router {
         deadline: Instant,
         consumer: Vouched,
     ) -> Result<Forwarded> {
-        if env.target_node != self.topology.code.as_str() {
-            env.assertion = Some(self.assertions.sign(&env, &request)?);
-        }
+        self.vouch(&mut env, &request)?;
         self.dispatch(env, request, deadline, Some(consumer)).await
+    }
+
+    /// Signs the assertion of a request this node starts, when it must travel to another node.
+    pub fn vouch(&self, env: &mut Envelope, request: &[u8]) -> Result<()> {
+        if env.target_node != self.topology.code.as_str() {
+            env.assertion = Some(self.assertions.sign(env, request)?);
+        }
+        Ok(())
     }
 
     /// Serves `env` here if this node holds the resource, else forwards it one hop. The envelope's last
@@ -165,11 +171,36 @@ impl Router {
     /// carries.
     pub async fn dispatch(
         &self,
-        mut env: Envelope,
+        env: Envelope,
         request: Vec<u8>,
         deadline: Instant,
         local: Option<Vouched>,
     ) -> Result<Forwarded> {
+        let started = Instant::now();
+        let me = self.topology.code;
+        let (result, record) = self
+            .dispatch_unrecorded(env, request, deadline, local)
+            .await?;
+        self.audit.record(record).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "node {me} could not record the request in its audit trail, so it is not answered: {e}"
+            ))
+        })?;
+        let mut out = result?;
+        self.stamp_elapsed(&mut out, started);
+        Ok(out)
+    }
+
+    /// Serves or forwards `env` as [`Router::dispatch`] does but leaves this node's audit record of it to the
+    /// caller: returns the outcome with the record [`Router::dispatch`] would have written, for a caller that
+    /// records an operation of many dispatches once (an open-data download of many pages).
+    pub async fn dispatch_unrecorded(
+        &self,
+        mut env: Envelope,
+        request: Vec<u8>,
+        deadline: Instant,
+        local: Option<Vouched>,
+    ) -> Result<(Result<Forwarded>, AuditRecord)> {
         let started = Instant::now();
         let me = self.topology.code;
         let target: DivisionCode = env.target_node.parse()?;
@@ -199,12 +230,16 @@ impl Router {
                 record.detail = e.to_string();
             }
         }
-        self.audit.record(record).await.map_err(|e| {
-            Error::Unavailable(format!(
-                "node {me} could not record the request in its audit trail, so it is not answered: {e}"
-            ))
-        })?;
-        let mut out = result?;
+        let result = result.map(|mut out| {
+            self.stamp_elapsed(&mut out, started);
+            out
+        });
+        Ok((result, record))
+    }
+
+    /// Sets this node's hop of `out.route` to the time since `started`.
+    fn stamp_elapsed(&self, out: &mut Forwarded, started: Instant) {
+        let me = self.topology.code;
         if let Some(hop) = out
             .route
             .iter_mut()
@@ -213,7 +248,6 @@ impl Router {
         {
             hop.elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         }
-        Ok(out)
     }
 
     async fn forward(

@@ -1,48 +1,32 @@
-//! Mutual TLS for the backbone: rustls server configuration, the tonic client configuration, and
-//! an accept stream for `Server::serve_with_incoming_shutdown` that performs each handshake in
-//! its own task and attaches the verified [`Peer`] to every request as [`PeerInfo`].
+//! Mutual TLS for the backbone: rustls server configurations, the tonic client configuration, and the
+//! handshakes [`crate::accept::incoming`] runs on each connection: [`MutualTls`] verifies the client's
+//! certificate and attaches the verified [`Peer`] to every request as [`PeerInfo`]; [`ServerTls`] (the
+//! open-data listener) asks for no client certificate.
 //!
-//! Reading the caller's identity in a handler (or interceptor):
-//! `request.extensions().get::<PeerInfo>()`, or [`peer_info`]. tonic inserts the
-//! `Connected::ConnectInfo` of the IO type into each request's extensions as-is when the server
-//! has no `tls_config` of its own; so do **not** also call `Server::builder().tls_config(..)`.
-//! With this stream `Request::remote_addr()` and `Request::peer_certs()` return `None` (they look
-//! for tonic's own `TcpConnectInfo`/`TlsConnectInfo`); use `PeerInfo::remote` instead.
+//! Reading the caller's identity in a handler (or interceptor): [`peer_info`]. tonic inserts the
+//! `Connected::ConnectInfo` of the IO type into each request's extensions as-is when the server has no
+//! `tls_config` of its own; so do **not** also call `Server::builder().tls_config(..)`. With these streams
+//! `Request::remote_addr()` and `Request::peer_certs()` return `None` (they look for tonic's own
+//! `TcpConnectInfo`/`TlsConnectInfo`); use `PeerInfo::remote` or [`client_addr`] instead.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, warn};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use crate::accept::{ConnInfo, Handshake};
 use crate::ident::{IdentError, Peer};
 use crate::pki;
-
-/// How long a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many handshakes run at once; further connections wait in the kernel backlog.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
-/// Established connections buffered for the server before handshakes wait.
-const ACCEPTED_QUEUE: usize = 64;
-/// Pause after a non-connection accept error (e.g. out of file descriptors) before retrying.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// The URI SAN prefix that marks a fedgate identity.
 const FEDGATE_URI_PREFIX: &str = "urn:fedgate:";
 
@@ -243,6 +227,22 @@ pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
+/// A rustls server configuration presenting `m.cert_pem`/`m.key_pem` without asking for a client certificate
+/// (the public open-data listener), offering ALPN `h2`.
+pub fn public_server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pem_err = |what: &'static str| move |reason: String| TlsError::Pem { what, reason };
+    let chain = parse_certs("certificate", &m.cert_pem).map_err(pem_err("certificate"))?;
+    let key = parse_key(&m.key_pem).map_err(pem_err("private key"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(ring_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Config)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A tonic client TLS configuration presenting `m`'s certificate, trusting `m.ca_pem`, and
 /// verifying that the server's certificate names `server` (via [`pki::server_name`]).
 pub fn client_tls(m: &TlsMaterial, server: &Peer) -> tonic::transport::ClientTlsConfig {
@@ -289,7 +289,7 @@ pub fn peer_from_cert(der: &[u8]) -> Result<Peer, TlsError> {
     }
 }
 
-/// Who is on the other end of an accepted connection; tonic puts it in each request's extensions.
+/// Who is on the other end of an accepted mutual-TLS connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
     /// The identity verified from the client certificate.
@@ -298,88 +298,25 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
 }
 
-/// The verified caller of a request served over [`incoming`], if any.
+/// The verified caller of a request served over [`MutualTls`] connections, if any.
 pub fn peer_info<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
-    req.extensions().get::<PeerInfo>()
+    req.extensions()
+        .get::<ConnInfo<PeerInfo>>()
+        .map(|c| &c.info)
+        .or_else(|| req.extensions().get::<PeerInfo>())
 }
 
-/// An established, identity-checked mutual-TLS server connection.
-pub struct TlsConn {
-    /// The TLS stream.
-    inner: TlsStream<TcpStream>,
-    /// The verified peer and its address.
-    info: PeerInfo,
+/// The client address of a request served over connections admitted by [`crate::accept::incoming`].
+pub fn client_addr<T>(req: &tonic::Request<T>) -> Option<SocketAddr> {
+    let ext = req.extensions();
+    ext.get::<ConnInfo<PeerInfo>>()
+        .map(|c| c.remote)
+        .or_else(|| ext.get::<ConnInfo<()>>().map(|c| c.remote))
+        .or_else(|| ext.get::<PeerInfo>().map(|p| p.remote))
+        .or_else(|| req.remote_addr())
 }
 
-impl TlsConn {
-    /// The verified peer and its address.
-    pub fn peer_info(&self) -> &PeerInfo {
-        &self.info
-    }
-
-    /// The underlying TLS stream.
-    pub fn get_ref(&self) -> &TlsStream<TcpStream> {
-        &self.inner
-    }
-}
-
-impl fmt::Debug for TlsConn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsConn")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
-    }
-}
-
-/// A rejected incoming connection, reported to the `on_failure` callback of [`incoming`].
+/// A refused incoming connection, reported to the `on_refused` callback of [`crate::accept::incoming`].
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum HandshakeFailure {
     /// The TLS handshake failed (bad or untrusted client certificate, protocol error, ...).
@@ -404,166 +341,128 @@ pub enum HandshakeFailure {
         /// The client's address.
         remote: SocketAddr,
     },
+    /// The connection was closed at once: its source, or the listener, was at a cap.
+    #[error("connection from {remote} closed at once: {limit}")]
+    OverCap {
+        /// The client's address.
+        remote: SocketAddr,
+        /// Which cap was full.
+        limit: String,
+    },
 }
 
 impl HandshakeFailure {
-    /// The address of the rejected client.
+    /// The address of the refused client.
     pub fn remote(&self) -> SocketAddr {
         match self {
             HandshakeFailure::Tls { remote, .. }
             | HandshakeFailure::Identity { remote, .. }
-            | HandshakeFailure::Timeout { remote } => *remote,
+            | HandshakeFailure::Timeout { remote }
+            | HandshakeFailure::OverCap { remote, .. } => *remote,
+        }
+    }
+
+    /// The kind of refusal, as a metric label: `tls_error` (bad or untrusted certificate, protocol error, closed
+    /// mid-handshake), `no_identity`, `timeout` or `over_cap`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeFailure::Tls { .. } => "tls_error",
+            HandshakeFailure::Identity { .. } => "no_identity",
+            HandshakeFailure::Timeout { .. } => "timeout",
+            HandshakeFailure::OverCap { .. } => "over_cap",
         }
     }
 }
 
-/// Callback told about each rejected connection.
-type OnFailure = Arc<dyn Fn(HandshakeFailure) + Send + Sync>;
+/// The handshake of the backbone listener: TLS with a client certificate from the federation's CA that names
+/// a fedgate identity.
+#[derive(Clone)]
+pub struct MutualTls(TlsAcceptor);
 
-/// Accepts mutual-TLS connections on `listener` for `Server::serve_with_incoming_shutdown`.
-///
-/// Each handshake runs in its own task with a 10 s timeout; connections whose client certificate
-/// lacks a valid fedgate URI SAN are dropped. Failures go to `on_failure` and `tracing::warn!`
-/// and never end the stream; accept errors are logged and retried. Accepting starts on first
-/// poll and stops (releasing the listener) once the stream is dropped.
-pub fn incoming(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    on_failure: Arc<dyn Fn(HandshakeFailure) + Send + Sync>,
-) -> impl Stream<Item = Result<TlsConn, io::Error>> + Send + 'static {
-    incoming_with_timeout(listener, config, on_failure, HANDSHAKE_TIMEOUT)
-}
-
-/// [`incoming`] with a configurable handshake timeout.
-fn incoming_with_timeout(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    on_failure: OnFailure,
-    timeout: Duration,
-) -> impl Stream<Item = Result<TlsConn, io::Error>> + Send + 'static {
-    let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-    let acceptor = TlsAcceptor::from(config);
-    // Spawn lazily so that building the stream outside a runtime cannot panic.
-    let start = futures::stream::once(async move {
-        tokio::spawn(accept_loop(listener, acceptor, on_failure, timeout, tx));
-    })
-    .filter_map(|()| futures::future::ready(None));
-    start.chain(ReceiverStream::new(rx))
-}
-
-/// Whether an accept error concerns only the one connection (so retrying at once is right).
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    )
-}
-
-/// Accepts TCP connections until the receiving stream is dropped, spawning a handshake for each.
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    on_failure: OnFailure,
-    timeout: Duration,
-    tx: mpsc::Sender<Result<TlsConn, io::Error>>,
-) {
-    let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    loop {
-        let permit = tokio::select! {
-            _ = tx.closed() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = tx.closed() => break,
-            r = listener.accept() => r,
-        };
-        let (tcp, remote) = match accepted {
-            Ok(pair) => pair,
-            Err(e) if is_connection_error(&e) => {
-                debug!(error = %e, "accepting a TCP connection failed; continuing");
-                continue;
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting a TCP connection failed; retrying shortly");
-                tokio::select! {
-                    _ = tx.closed() => break,
-                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
-                }
-            }
-        };
-        let acceptor = acceptor.clone();
-        let on_failure = on_failure.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let result = handshake(acceptor, tcp, remote, timeout).await;
-            drop(permit);
-            match result {
-                Ok(conn) => {
-                    debug!(peer = %conn.info.peer, %remote, "mutual TLS connection established");
-                    if tx.send(Ok(conn)).await.is_err() {
-                        debug!(%remote, "server stopped; dropping established connection");
-                    }
-                }
-                Err(failure) => {
-                    tracing::debug!(%remote, %failure, "rejected incoming connection");
-                    on_failure(failure);
-                }
-            }
-        });
+impl MutualTls {
+    /// Handshakes under `config` (from [`server_config`]).
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        Self(TlsAcceptor::from(config))
     }
-    debug!("stopped accepting connections");
 }
 
-/// Runs the TLS handshake on `tcp` and extracts the client's identity.
-async fn handshake(
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    remote: SocketAddr,
-    timeout: Duration,
-) -> Result<TlsConn, HandshakeFailure> {
-    if let Err(e) = tcp.set_nodelay(true) {
-        debug!(%remote, error = %e, "could not set TCP_NODELAY");
-    }
-    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Err(_) => return Err(HandshakeFailure::Timeout { remote }),
-        Ok(Err(e)) => {
-            return Err(HandshakeFailure::Tls {
+impl Handshake for MutualTls {
+    type Io = TlsStream<TcpStream>;
+    type Info = PeerInfo;
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+    ) -> Result<(Self::Io, PeerInfo), HandshakeFailure> {
+        let stream = self
+            .0
+            .accept(tcp)
+            .await
+            .map_err(|e| HandshakeFailure::Tls {
                 remote,
                 error: e.to_string(),
-            });
+            })?;
+        let identity = match stream.get_ref().1.peer_certificates() {
+            Some([leaf, ..]) => peer_from_cert(leaf),
+            _ => Err(TlsError::NoPeerCertificate),
+        };
+        match identity {
+            Ok(peer) => {
+                tracing::debug!(%peer, %remote, "mutual TLS connection established");
+                Ok((stream, PeerInfo { peer, remote }))
+            }
+            Err(e) => Err(HandshakeFailure::Identity {
+                remote,
+                error: e.to_string(),
+            }),
         }
-        Ok(Ok(stream)) => stream,
-    };
-    let identity = match stream.get_ref().1.peer_certificates() {
-        Some([leaf, ..]) => peer_from_cert(leaf),
-        _ => Err(TlsError::NoPeerCertificate),
-    };
-    match identity {
-        Ok(peer) => Ok(TlsConn {
-            inner: stream,
-            info: PeerInfo { peer, remote },
-        }),
-        Err(e) => Err(HandshakeFailure::Identity {
-            remote,
-            error: e.to_string(),
-        }),
+    }
+}
+
+/// The handshake of the open-data listener: TLS with the node's certificate, no client certificate.
+#[derive(Clone)]
+pub struct ServerTls(TlsAcceptor);
+
+impl ServerTls {
+    /// Handshakes under `config` (from [`public_server_config`]).
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        Self(TlsAcceptor::from(config))
+    }
+}
+
+impl Handshake for ServerTls {
+    type Io = TlsStream<TcpStream>;
+    type Info = ();
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+    ) -> Result<(Self::Io, ()), HandshakeFailure> {
+        let stream = self
+            .0
+            .accept(tcp)
+            .await
+            .map_err(|e| HandshakeFailure::Tls {
+                remote,
+                error: e.to_string(),
+            })?;
+        Ok((stream, ()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accept::{self, ConnectionsConfig, ListenerLimits};
     use crate::ident::DivisionCode;
     use crate::pki::{DevCa, IssuedCert};
     use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, SanType};
     use std::sync::Mutex;
-    use tokio::sync::{mpsc::UnboundedReceiver, oneshot};
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+    use tokio::sync::{mpsc, mpsc::UnboundedReceiver, oneshot};
     use tonic::transport::{Channel, Server};
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::health_server::HealthServer;
@@ -615,6 +514,14 @@ mod tests {
         ca.sign(&params, "odd certificate").unwrap()
     }
 
+    /// The backbone's default limits with a handshake timeout of `timeout`.
+    fn limits(timeout: Duration) -> ListenerLimits {
+        ListenerLimits {
+            handshake_timeout: timeout,
+            ..ConnectionsConfig::default().backbone()
+        }
+    }
+
     struct TestServer {
         addr: SocketAddr,
         failures: UnboundedReceiver<HandshakeFailure>,
@@ -624,18 +531,18 @@ mod tests {
     }
 
     impl TestServer {
-        async fn start(server: &TlsMaterial, timeout: Duration) -> TestServer {
+        async fn start(server: &TlsMaterial, limits: ListenerLimits) -> TestServer {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (fail_tx, failures) = mpsc::unbounded_channel();
-            let on_failure: OnFailure = Arc::new(move |f| {
+            let on_failure: accept::OnRefused = Arc::new(move |f| {
                 let _ = fail_tx.send(f);
             });
-            let stream = incoming_with_timeout(
+            let stream = accept::incoming(
                 listener,
-                server_config(server).unwrap(),
+                MutualTls::new(server_config(server).unwrap()),
+                limits,
                 on_failure,
-                timeout,
             );
             let seen = Arc::new(Mutex::new(Vec::new()));
             let seen2 = seen.clone();
@@ -715,7 +622,7 @@ mod tests {
         let server_peer = node("350100");
         let server = material(&ca, &ca.issue(&server_peer, &[]).unwrap());
         let client = material(&ca, &ca.issue(&node("350102"), &[]).unwrap());
-        let mut srv = TestServer::start(&server, HANDSHAKE_TIMEOUT).await;
+        let mut srv = TestServer::start(&server, limits(Duration::from_secs(10))).await;
 
         // A client that connects but never speaks TLS must not hold up others.
         let _silent = TcpStream::connect(srv.addr).await.unwrap();
@@ -746,7 +653,7 @@ mod tests {
         // Trusts the real CA (so it accepts the server) but presents a rogue-issued certificate.
         let mut client = material(&ca, &rogue.issue(&node("350102"), &[]).unwrap());
         client.ca_pem = ca.ca_pem();
-        let mut srv = TestServer::start(&server, HANDSHAKE_TIMEOUT).await;
+        let mut srv = TestServer::start(&server, limits(Duration::from_secs(10))).await;
 
         let err = health_check(srv.addr, &client, &server_peer)
             .await
@@ -776,7 +683,7 @@ mod tests {
         let server_peer = node("350100");
         let server = material(&ca, &ca.issue(&server_peer, &[]).unwrap());
         let client = material(&ca, &leaf_with_uris(&ca, &["https://example.org/"]));
-        let mut srv = TestServer::start(&server, HANDSHAKE_TIMEOUT).await;
+        let mut srv = TestServer::start(&server, limits(Duration::from_secs(10))).await;
 
         assert!(health_check(srv.addr, &client, &server_peer).await.is_err());
         let failure = srv.next_failure().await;
@@ -793,7 +700,7 @@ mod tests {
         install_provider();
         let ca = DevCa::generate("fedgate test CA").unwrap();
         let server = material(&ca, &ca.issue(&node("350100"), &[]).unwrap());
-        let mut srv = TestServer::start(&server, Duration::from_millis(200)).await;
+        let mut srv = TestServer::start(&server, limits(Duration::from_millis(200))).await;
         let silent = TcpStream::connect(srv.addr).await.unwrap();
         let failure = srv.next_failure().await;
         assert_eq!(
@@ -803,6 +710,105 @@ mod tests {
             }
         );
         assert!(failure.to_string().contains("timed out"));
+        srv.stop().await;
+    }
+
+    /// A TCP connection to `addr` from the loopback address `from`.
+    async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((from, 0)))
+            .expect("bind a loopback source address");
+        socket.connect(addr).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_over_a_source_cap_are_closed_at_once_and_others_still_get_in() {
+        install_provider();
+        let ca = DevCa::generate("fedgate test CA").unwrap();
+        let server_peer = node("350100");
+        let server = material(&ca, &ca.issue(&server_peer, &[]).unwrap());
+        let client = material(&ca, &ca.issue(&node("350102"), &[]).unwrap());
+        let mut srv = TestServer::start(
+            &server,
+            ListenerLimits {
+                max_pending_per_source: 4,
+                ..limits(Duration::from_secs(30))
+            },
+        )
+        .await;
+        let mut silent = Vec::new();
+        for _ in 0..4 {
+            silent.push(connect_from([127, 0, 0, 2], srv.addr).await);
+        }
+        // The fifth from the same source is closed without a handshake: the read sees end of file.
+        let mut over = connect_from([127, 0, 0, 2], srv.addr).await;
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut over, &mut byte),
+        )
+        .await
+        .expect("closed before the deadline")
+        .unwrap_or(0);
+        assert_eq!(n, 0);
+        let failure = srv.next_failure().await;
+        assert_eq!(failure.reason(), "over_cap", "{failure}");
+        assert!(failure.to_string().contains("per source"), "{failure}");
+        // Another source is not held up by the silent four.
+        let status = health_check(srv.addr, &client, &server_peer).await.unwrap();
+        assert_eq!(status, ServingStatus::Serving);
+        drop(silent);
+        srv.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_established_connection_without_calls_is_closed_after_the_idle_timeout() {
+        install_provider();
+        let ca = DevCa::generate("fedgate test CA").unwrap();
+        let server_peer = node("350100");
+        let server = material(&ca, &ca.issue(&server_peer, &[]).unwrap());
+        let client = material(&ca, &ca.issue(&node("350102"), &[]).unwrap());
+        let srv = TestServer::start(
+            &server,
+            ListenerLimits {
+                idle_timeout: Some(Duration::from_millis(300)),
+                ..limits(Duration::from_secs(10))
+            },
+        )
+        .await;
+        let tcp = TcpStream::connect(srv.addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(
+            rustls::ClientConfig::builder_with_provider(ring_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates({
+                    let mut roots = rustls::RootCertStore::empty();
+                    roots
+                        .add(CertificateDer::from_pem_slice(ca.ca_pem().as_bytes()).unwrap())
+                        .unwrap();
+                    roots
+                })
+                .with_client_auth_cert(
+                    parse_certs("certificate", &client.cert_pem).unwrap(),
+                    parse_key(&client.key_pem).unwrap(),
+                )
+                .unwrap(),
+        ));
+        let name = rustls::pki_types::ServerName::try_from(pki::server_name(&server_peer)).unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        // The server closes the connection it never got a call on; reading sees the end.
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the idle connection must be closed");
         srv.stop().await;
     }
 

@@ -27,6 +27,8 @@ use tonic::transport::Channel;
 
 /// Calls per minute each client may make to the root's open-data endpoint.
 pub const OPEN_DATA_RATE: u32 = 120;
+/// Pages one open-data download call streams at most.
+pub const OPEN_DATA_PAGES_PER_CALL: u32 = 100;
 
 /// One node of a development federation.
 #[derive(Debug, Clone)]
@@ -258,6 +260,16 @@ impl Devnet {
 
     /// Like [`Devnet::start`], with routing limits for every node.
     pub async fn start_with(specs: Vec<NodeSpec>, routing: RoutingConfig) -> Result<Self> {
+        Self::start_configured(specs, routing, |config| config).await
+    }
+
+    /// Like [`Devnet::start_with`], passing each node's configuration through `tweak` before the node starts
+    /// (tests tighten limits this way).
+    pub async fn start_configured(
+        specs: Vec<NodeSpec>,
+        routing: RoutingConfig,
+        tweak: impl Fn(NodeConfig) -> NodeConfig,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("fedgate-devnet-")
             .tempdir()?;
@@ -332,12 +344,16 @@ impl Devnet {
                 open_data: parent_in(s.code, &codes).is_none().then(|| OpenDataConfig {
                     listen: "127.0.0.1:0".into(),
                     requests_per_minute: OPEN_DATA_RATE,
+                    max_pages_per_call: OPEN_DATA_PAGES_PER_CALL,
                 }),
                 metrics: Some(MetricsConfig {
                     listen: "127.0.0.1:0".into(),
                 }),
                 trust: Default::default(),
+                connections: Default::default(),
+                rate_limits: Default::default(),
             };
+            let config = tweak(config);
             std::fs::write(
                 dir.path().join(format!("node-{}.toml", s.code)),
                 toml::to_string(&config).context("writing the node configuration")?,

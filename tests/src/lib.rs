@@ -8,10 +8,17 @@ pub mod rogue;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 pub use fedgate_gateway::ident::DivisionCode;
+use fedgate_gateway::ident::Peer;
+use fedgate_gateway::pki::IssuedCert;
+use fedgate_gateway::store::AuditQuery;
+use fedgate_gateway::tls::{TlsMaterial, client_tls};
 pub use fedgate_node::devnet::{Devnet, NodeSpec, ProviderSpec};
-use fedgate_proto::v1::{ShareMode, ShareRequest, ShareType};
+use fedgate_proto::v1::federation_client::FederationClient;
+use fedgate_proto::v1::open_data_client::OpenDataClient;
+use fedgate_proto::v1::{AuditRecord, PublishEntryRequest, ShareMode, ShareRequest, ShareType};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Installs the rustls provider and a test log writer; safe to call from every test.
 pub fn init() {
@@ -117,4 +124,94 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Every audit record `node` wrote itself, oldest first.
+pub async fn own_audit_records(net: &Devnet, node: &str) -> Result<Vec<AuditRecord>> {
+    let store = net.node(code(node))?.store().clone();
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let rows = store
+            .audit_query(&AuditQuery {
+                node_prefix: Some(node.to_owned()),
+                after_fwd_seq: after,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?;
+        let Some((last, _)) = rows.last() else {
+            break;
+        };
+        after = Some(*last);
+        out.extend(
+            rows.into_iter()
+                .map(|(_, r)| r)
+                .filter(|r| r.node_code == node),
+        );
+    }
+    Ok(out)
+}
+
+/// A Federation client of `node` presenting `cert` (any certificate of the federation's CA).
+pub async fn federation_client(
+    net: &Devnet,
+    node: &str,
+    cert: &IssuedCert,
+) -> Result<FederationClient<Channel>> {
+    let tls = TlsMaterial {
+        ca_pem: net.ca().ca_pem(),
+        cert_pem: cert.cert_pem.clone(),
+        key_pem: cert.key_pem.clone(),
+    };
+    let channel = Endpoint::from_shared(net.node_url(code(node))?)?
+        .tls_config(client_tls(&tls, &Peer::Node(code(node))))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(FederationClient::new(channel))
+}
+
+/// A client of the root's public open-data endpoint (TLS, no client certificate).
+pub async fn open_data_client(net: &Devnet, root: &str) -> Result<OpenDataClient<Channel>> {
+    let addr = net
+        .node(code(root))?
+        .open_data_addr()
+        .context("the root runs the open-data endpoint")?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(net.ca().ca_pem()))
+        .domain_name(format!("{root}.node.fedgate"));
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(OpenDataClient::new(channel))
+}
+
+/// Marks the provider's published entry `<node>:<local>` as open data.
+pub async fn open_dataset(net: &Devnet, node: &str, local: &str) -> Result<()> {
+    let provider = net.provider_at(code(node))?;
+    let mut entry = provider
+        .published
+        .iter()
+        .find(|e| e.id.ends_with(&format!(":{local}")))
+        .cloned()
+        .with_context(|| format!("no published entry {node}:{local}"))?;
+    entry.open = true;
+    net.client(&provider.uscc)
+        .await?
+        .publish_entry(PublishEntryRequest { entry: Some(entry) })
+        .await?;
+    Ok(())
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (per-source limits tell loopback addresses
+/// apart, so a test can play several sources).
+pub async fn connect_from(
+    from: [u8; 4],
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((from, 0)))?;
+    Ok(socket.connect(addr).await?)
 }

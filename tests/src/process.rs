@@ -313,6 +313,8 @@ impl ProcessFederation {
                 open_data: None,
                 metrics: None,
                 trust: Default::default(),
+                connections: Default::default(),
+                rate_limits: Default::default(),
             };
             let config_path = path.join(format!("node-{}.toml", s.code));
             std::fs::write(
