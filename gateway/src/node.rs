@@ -29,7 +29,7 @@ use crate::metrics::NodeMetrics;
 use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
-use crate::statement::{NodeSigner, StatementVerifier};
+use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
@@ -147,9 +147,9 @@ pub async fn start_with_clock(
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     uplink.set_audit_key(key.public_key());
     let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;
-    let verifier = Arc::new(
-        StatementVerifier::new(&tls.ca_pem, &config.trust.revoked_serials).map_err(trust_error)?,
-    );
+    let revoked = RevokedSerials::parse(&config.trust.revoked_serials).map_err(trust_error)?;
+    let verifier =
+        Arc::new(StatementVerifier::new(&tls.ca_pem, revoked.clone()).map_err(trust_error)?);
     let endorsement = signer
         .sign(&KeyEndorsement {
             node_code: code.to_string(),
@@ -358,7 +358,7 @@ pub async fn start_with_clock(
     )));
     let incoming = accept::incoming(
         listener,
-        tls::MutualTls::new(tls::server_config(&tls)?),
+        tls::MutualTls::new(tls::server_config(&tls)?, revoked),
         connections.backbone(),
         on_refused("backbone"),
     );

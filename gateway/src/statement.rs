@@ -306,10 +306,39 @@ struct CheckedCert {
     not_after: i64,
 }
 
+/// Serial numbers of federation certificates the CA revoked: refused at every listener and for every statement.
+#[derive(Debug, Clone, Default)]
+pub struct RevokedSerials(Arc<HashSet<Vec<u8>>>);
+
+impl RevokedSerials {
+    /// The serials given in hex (as `openssl x509 -serial` prints them, colons allowed).
+    pub fn parse(serials: &[String]) -> Result<Self, StatementError> {
+        let mut set = HashSet::new();
+        for s in serials {
+            let hex_text: String = s.chars().filter(|c| *c != ':').collect();
+            let serial = hex::decode(&hex_text).map_err(|e| {
+                StatementError::Signing(format!("revoked serial {:?}: {e}", prefix(s)))
+            })?;
+            set.insert(strip_leading_zeros(&serial).to_vec());
+        }
+        Ok(Self(Arc::new(set)))
+    }
+
+    /// The serial (hex) of the certificate `der` if it is revoked.
+    pub fn revoked(&self, der: &[u8]) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let (_, x509) = X509Certificate::from_der(der).ok()?;
+        let serial = strip_leading_zeros(x509.raw_serial());
+        self.0.contains(serial).then(|| hex::encode(serial))
+    }
+}
+
 /// Checks statements against the federation CA and its list of revoked certificates.
 pub struct StatementVerifier {
     anchors: Vec<TrustAnchor<'static>>,
-    revoked: HashSet<Vec<u8>>,
+    revoked: RevokedSerials,
     checked: DashMap<[u8; 32], CheckedCert>,
 }
 
@@ -317,15 +346,14 @@ impl std::fmt::Debug for StatementVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StatementVerifier")
             .field("anchors", &self.anchors.len())
-            .field("revoked", &self.revoked.len())
+            .field("revoked", &self.revoked.0.len())
             .finish_non_exhaustive()
     }
 }
 
 impl StatementVerifier {
-    /// A verifier trusting the CA certificates in `ca_pem` and refusing the certificates whose serial numbers
-    /// (hex, as `openssl x509 -serial` prints them) are in `revoked_serials`.
-    pub fn new(ca_pem: &str, revoked_serials: &[String]) -> Result<Self, StatementError> {
+    /// A verifier trusting the CA certificates in `ca_pem` and refusing the certificates in `revoked`.
+    pub fn new(ca_pem: &str, revoked: RevokedSerials) -> Result<Self, StatementError> {
         let bad = |e: String| StatementError::Signing(format!("CA bundle: {e}"));
         let mut anchors = Vec::new();
         for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -337,13 +365,6 @@ impl StatementVerifier {
         }
         if anchors.is_empty() {
             return Err(bad("no CA certificate".into()));
-        }
-        let mut revoked = HashSet::new();
-        for s in revoked_serials {
-            let hex_text: String = s.chars().filter(|c| *c != ':').collect();
-            let serial = hex::decode(&hex_text)
-                .map_err(|e| bad(format!("revoked serial {:?}: {e}", prefix(s))))?;
-            revoked.insert(strip_leading_zeros(&serial).to_vec());
         }
         Ok(Self {
             anchors,
@@ -430,12 +451,8 @@ impl StatementVerifier {
             Peer::Node(code) => code,
             other => return Err(StatementError::NotANode(other.to_uri())),
         };
-        let serial = strip_leading_zeros(x509.raw_serial()).to_vec();
-        if self.revoked.contains(&serial) {
-            return Err(StatementError::Revoked {
-                node,
-                serial: hex::encode(serial),
-            });
+        if let Some(serial) = self.revoked.revoked(der) {
+            return Err(StatementError::Revoked { node, serial });
         }
         let cert = CertificateDer::from(der);
         let ee = EndEntityCert::try_from(&cert).map_err(|e| bad(format!("{e:?}")))?;
@@ -509,7 +526,7 @@ mod tests {
     fn a_signed_statement_verifies_and_names_its_signer() {
         let ca = DevCa::generate("test").unwrap();
         let signer = NodeSigner::from_material(&material(&ca, &node("350102"))).unwrap();
-        let verifier = StatementVerifier::new(&ca.ca_pem(), &[]).unwrap();
+        let verifier = StatementVerifier::new(&ca.ca_pem(), RevokedSerials::default()).unwrap();
         let s = signer.sign(&endorsement()).unwrap();
         let v = verifier.verify::<KeyEndorsement>(&s, now()).unwrap();
         assert_eq!(v.signer().as_str(), "350102");
@@ -522,7 +539,7 @@ mod tests {
     fn altered_body_kind_and_signature_are_refused() {
         let ca = DevCa::generate("test").unwrap();
         let signer = NodeSigner::from_material(&material(&ca, &node("350102"))).unwrap();
-        let verifier = StatementVerifier::new(&ca.ca_pem(), &[]).unwrap();
+        let verifier = StatementVerifier::new(&ca.ca_pem(), RevokedSerials::default()).unwrap();
         let s = signer.sign(&endorsement()).unwrap();
 
         let mut altered = s.clone();
@@ -560,7 +577,7 @@ mod tests {
     fn a_foreign_ca_an_agency_and_a_revoked_certificate_are_refused() {
         let ca = DevCa::generate("test").unwrap();
         let foreign = DevCa::generate("foreign").unwrap();
-        let verifier = StatementVerifier::new(&ca.ca_pem(), &[]).unwrap();
+        let verifier = StatementVerifier::new(&ca.ca_pem(), RevokedSerials::default()).unwrap();
         let rogue = NodeSigner::from_material(&material(&foreign, &node("350102"))).unwrap();
         let s = rogue.sign(&endorsement()).unwrap();
         assert!(matches!(
@@ -582,7 +599,9 @@ mod tests {
             .unwrap();
         let (_, x509) = X509Certificate::from_der(&der).unwrap();
         let serial = hex::encode(x509.raw_serial());
-        let strict = StatementVerifier::new(&ca.ca_pem(), &[serial]).unwrap();
+        let strict =
+            StatementVerifier::new(&ca.ca_pem(), RevokedSerials::parse(&[serial]).unwrap())
+                .unwrap();
         let s = signer.sign(&endorsement()).unwrap();
         assert!(matches!(
             strict.verify::<KeyEndorsement>(&s, now()),
@@ -598,7 +617,7 @@ mod tests {
     #[test]
     fn oversized_parts_are_refused_before_any_work() {
         let ca = DevCa::generate("test").unwrap();
-        let verifier = StatementVerifier::new(&ca.ca_pem(), &[]).unwrap();
+        let verifier = StatementVerifier::new(&ca.ca_pem(), RevokedSerials::default()).unwrap();
         let s = SignedStatement {
             kind: KeyEndorsement::KIND.into(),
             body: vec![0; MAX_BODY + 1],

@@ -104,6 +104,12 @@ pub enum TlsError {
     /// The client completed the handshake without a certificate.
     #[error("the client presented no certificate")]
     NoPeerCertificate,
+    /// The client's certificate was revoked by the federation.
+    #[error("the client certificate {serial} is revoked")]
+    Revoked {
+        /// Its serial number, hex.
+        serial: String,
+    },
 }
 
 /// The CA, certificate and key (all PEM) a node or agency uses for mutual TLS.
@@ -377,12 +383,15 @@ impl HandshakeFailure {
 /// The handshake of the backbone listener: TLS with a client certificate from the federation's CA that names
 /// a fedgate identity.
 #[derive(Clone)]
-pub struct MutualTls(TlsAcceptor);
+pub struct MutualTls(TlsAcceptor, crate::statement::RevokedSerials);
 
 impl MutualTls {
-    /// Handshakes under `config` (from [`server_config`]).
-    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
-        Self(TlsAcceptor::from(config))
+    /// Handshakes under `config` (from [`server_config`]), refusing client certificates in `revoked`.
+    pub fn new(
+        config: Arc<rustls::ServerConfig>,
+        revoked: crate::statement::RevokedSerials,
+    ) -> Self {
+        Self(TlsAcceptor::from(config), revoked)
     }
 }
 
@@ -404,7 +413,10 @@ impl Handshake for MutualTls {
                 error: e.to_string(),
             })?;
         let identity = match stream.get_ref().1.peer_certificates() {
-            Some([leaf, ..]) => peer_from_cert(leaf),
+            Some([leaf, ..]) => match self.1.revoked(leaf) {
+                Some(serial) => Err(TlsError::Revoked { serial }),
+                None => peer_from_cert(leaf),
+            },
             _ => Err(TlsError::NoPeerCertificate),
         };
         match identity {
@@ -540,7 +552,7 @@ mod tests {
             });
             let stream = accept::incoming(
                 listener,
-                MutualTls::new(server_config(server).unwrap()),
+                MutualTls::new(server_config(server).unwrap(), Default::default()),
                 limits,
                 on_failure,
             );

@@ -558,6 +558,23 @@ impl Devnet {
         Ok(())
     }
 
+    /// Changes the configuration a stopped node starts with next (operators edit a node's file the same way).
+    pub fn reconfigure_node(
+        &mut self,
+        code: DivisionCode,
+        change: impl FnOnce(&mut NodeConfig),
+    ) -> Result<()> {
+        let n = self
+            .nodes
+            .get_mut(&code)
+            .ok_or_else(|| anyhow!("no node {code}"))?;
+        if n.handle.is_some() {
+            bail!("node {code} is running; stop it first");
+        }
+        change(&mut n.config);
+        Ok(())
+    }
+
     /// Stops every node and provider and removes the federation's files.
     pub async fn shutdown(mut self) -> Result<()> {
         self.stop_all().await

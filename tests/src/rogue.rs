@@ -42,6 +42,11 @@ impl RogueNode {
         })
     }
 
+    /// The rogue's certificate, PEM.
+    pub fn certificate_pem(&self) -> &str {
+        &self.tls.cert_pem
+    }
+
     /// The rogue's own signer, for statements it makes in its own name.
     pub fn signer(&self) -> &NodeSigner {
         &self.signer

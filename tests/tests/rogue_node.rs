@@ -469,3 +469,73 @@ async fn a_node_cannot_start_an_audit_chain_in_another_nodes_name() -> Result<()
     .await?;
     net.shutdown().await
 }
+
+/// The serial number of a PEM certificate, hex.
+fn serial(cert_pem: &str) -> Result<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::FromDer;
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())?;
+    let (_, x509) = x509_parser::prelude::X509Certificate::from_der(&der)?;
+    Ok(hex::encode(x509.raw_serial()))
+}
+
+#[tokio::test]
+async fn revoked_certificates_are_refused_at_the_handshake_and_in_statements() -> Result<()> {
+    let mut net = standard().await?;
+    let rogue = RogueNode::new(&net, "350200")?;
+    let agency = net.consumer_at(code("350102"))?;
+    let uscc = agency.uscc.clone();
+    let revoked = vec![
+        serial(&agency.cert.cert_pem)?,
+        serial(rogue.certificate_pem())?,
+    ];
+    // The operator of Gulou (350102) lists both certificates as revoked and restarts the node.
+    net.stop_node(code("350102")).await?;
+    net.reconfigure_node(code("350102"), |c| c.trust.revoked_serials = revoked)?;
+    net.restart_node(code("350102")).await?;
+
+    let mut client = net.client(&uscc).await?;
+    let err = client
+        .search_catalog(fedgate_proto::v1::SearchCatalogRequest::default())
+        .await
+        .expect_err("a revoked agency certificate was accepted");
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Unknown),
+        "{err:?}"
+    );
+    let node = net.node(code("350102"))?;
+    fedgate_tests::eventually(
+        "the refused handshake is recorded",
+        std::time::Duration::from_secs(10),
+        || async {
+            let rows = node
+                .store()
+                .audit_query(&fedgate_gateway::store::AuditQuery {
+                    limit: 10_000,
+                    ..Default::default()
+                })
+                .await?;
+            Ok(rows.iter().any(|(_, r)| r.detail.contains("is revoked")))
+        },
+    )
+    .await?;
+
+    // A statement signed with the revoked node certificate is refused where it is checked.
+    let own = net.consumer_at(code("350200"))?.uscc.to_string();
+    let req = query("350102:household", &key_at(&net, "350102", 1)?, &["name"]);
+    let mut env = rogue.envelope(
+        "revoked-signer",
+        ("350102:household", "350102"),
+        (&own, "350200"),
+    );
+    env.purpose = req.purpose.clone();
+    env.assertion = Some(rogue.assert(&env, &req.encode_to_vec(), now_ms(&net))?);
+    let err = rogue
+        .federation(&net, "350000")?
+        .forward(RogueNode::forward(env, &req))
+        .await
+        .expect_err("a statement of a revoked certificate was accepted");
+    expect(err, Code::PermissionDenied, "which is revoked")?;
+    net.shutdown().await
+}
