@@ -24,15 +24,22 @@ pub struct Vouched {
     uscc: String,
     node: DivisionCode,
     purpose: String,
+    certificate: Option<Arc<[u8]>>,
 }
 
 impl Vouched {
-    /// An agency authenticated at this node by its certificate.
-    pub(crate) fn local(uscc: &Uscc, node: DivisionCode, purpose: &str) -> Self {
+    /// An agency authenticated at this node by `certificate`.
+    pub(crate) fn local(
+        uscc: &Uscc,
+        node: DivisionCode,
+        purpose: &str,
+        certificate: Option<Arc<[u8]>>,
+    ) -> Self {
         Self {
             uscc: uscc.to_string(),
             node,
             purpose: purpose.to_owned(),
+            certificate,
         }
     }
 
@@ -42,6 +49,7 @@ impl Vouched {
             uscc: String::new(),
             node,
             purpose: String::new(),
+            certificate: None,
         }
     }
 
@@ -125,7 +133,12 @@ impl Assertions {
 
     /// Signs the assertion of a request this node sends on behalf of its agency (or, for open data, of the
     /// public), vouching for the envelope's consumer fields and the request bytes.
-    pub fn sign(&self, env: &Envelope, request: &[u8]) -> Result<SignedStatement> {
+    pub fn sign(
+        &self,
+        env: &Envelope,
+        request: &[u8],
+        consumer: &Vouched,
+    ) -> Result<SignedStatement> {
         let a = ConsumerAssertion {
             request_id: env.request_id.clone(),
             consumer_uscc: env.consumer_uscc.clone(),
@@ -139,6 +152,11 @@ impl Assertions {
             request_digest: request_digest(request),
             issued_at_unix_ms: self.now_ms(),
             open_data: env.open_data,
+            agency_certificate: consumer
+                .certificate
+                .as_deref()
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
         };
         self.signer.sign(&a).map_err(|e| {
             Error::Unavailable(format!(
@@ -205,10 +223,8 @@ impl Assertions {
                     "open-data downloads are vouched for by the province, not by node {signer}"
                 )));
             }
-        } else if a.consumer_uscc.parse::<Uscc>().is_err() {
-            return Err(Error::PermissionDenied(format!(
-                "the assertion of node {signer} names no valid consumer agency"
-            )));
+        } else {
+            self.check_registration(a, signer, now_ms / 1000)?;
         }
         let key = (
             signer,
@@ -226,7 +242,38 @@ impl Assertions {
             uscc: a.consumer_uscc.clone(),
             node: signer,
             purpose: a.purpose.clone(),
+            certificate: None,
         })
+    }
+
+    /// The consumer agency's certificate must be the federation's, name that agency, and register it at the
+    /// node that signed the assertion: no node can vouch for an agency registered elsewhere.
+    fn check_registration(
+        &self,
+        a: &ConsumerAssertion,
+        signer: DivisionCode,
+        at: i64,
+    ) -> Result<()> {
+        if a.agency_certificate.is_empty() {
+            return Err(Error::PermissionDenied(format!(
+                "the assertion of node {signer} carries no certificate of agency {}",
+                short(&a.consumer_uscc)
+            )));
+        }
+        let (uscc, registered) = self.verifier.verify_agency(&a.agency_certificate, at)?;
+        if uscc.as_str() != a.consumer_uscc {
+            return Err(Error::PermissionDenied(format!(
+                "the assertion of node {signer} names agency {} but carries the certificate of {uscc}",
+                short(&a.consumer_uscc)
+            )));
+        }
+        if registered != Some(signer) {
+            return Err(Error::PermissionDenied(format!(
+                "agency {uscc} is registered at {}, not at node {signer}, which vouched for it",
+                registered.map_or_else(|| "no node".to_owned(), |n| format!("node {n}"))
+            )));
+        }
+        Ok(())
     }
 }
 

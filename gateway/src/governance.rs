@@ -504,7 +504,7 @@ impl Governance {
         text("reason", &req.reason, !req.approve)?;
         let (mut a, owner) = self
             .application_and_provider(
-                &Vouched::local(provider, self.node, ""),
+                &Vouched::local(provider, self.node, "", None),
                 &req.application_id,
             )
             .await?;
@@ -862,7 +862,10 @@ impl Governance {
     ) -> Result<Objection> {
         text("resolution", &req.resolution, true)?;
         let (mut o, owner) = self
-            .objection(&Vouched::local(provider, self.node, ""), &req.objection_id)
+            .objection(
+                &Vouched::local(provider, self.node, "", None),
+                &req.objection_id,
+            )
             .await?;
         if owner != provider.as_str() {
             return Err(Error::PermissionDenied(format!(

@@ -181,6 +181,26 @@ impl DevCa {
     /// Issues a leaf certificate for `peer` (URI SAN, DNS SANs `server_name(peer)`, `localhost`
     /// and `extra_dns`, IP SAN 127.0.0.1; serverAuth + clientAuth; valid now-1d..now+825d).
     pub fn issue(&self, peer: &Peer, extra_dns: &[&str]) -> Result<IssuedCert, PkiError> {
+        self.issue_registered(peer, None, extra_dns)
+    }
+
+    /// Issues an agency's certificate that names the node it is registered at (its subject's organizational
+    /// unit), so that any node can tell which node may vouch for it.
+    pub fn issue_agency(
+        &self,
+        uscc: &crate::ident::Uscc,
+        node: crate::ident::DivisionCode,
+        extra_dns: &[&str],
+    ) -> Result<IssuedCert, PkiError> {
+        self.issue_registered(&Peer::Agency(uscc.clone()), Some(node), extra_dns)
+    }
+
+    fn issue_registered(
+        &self,
+        peer: &Peer,
+        registered_at: Option<crate::ident::DivisionCode>,
+        extra_dns: &[&str],
+    ) -> Result<IssuedCert, PkiError> {
         let uri = peer.to_uri();
         let mut sans = vec![SanType::URI(
             Ia5String::try_from(uri.as_str())
@@ -208,6 +228,9 @@ impl DevCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name(peer));
+        if let Some(node) = registered_at {
+            dn.push(DnType::OrganizationalUnitName, node.to_string());
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;

@@ -153,14 +153,14 @@ impl Router {
         deadline: Instant,
         consumer: Vouched,
     ) -> Result<Forwarded> {
-        self.vouch(&mut env, &request)?;
+        self.vouch(&mut env, &request, &consumer)?;
         self.dispatch(env, request, deadline, Some(consumer)).await
     }
 
     /// Signs the assertion of a request this node starts, when it must travel to another node.
-    pub fn vouch(&self, env: &mut Envelope, request: &[u8]) -> Result<()> {
+    pub fn vouch(&self, env: &mut Envelope, request: &[u8], consumer: &Vouched) -> Result<()> {
         if env.target_node != self.topology.code.as_str() {
-            env.assertion = Some(self.assertions.sign(env, request)?);
+            env.assertion = Some(self.assertions.sign(env, request, consumer)?);
         }
         Ok(())
     }

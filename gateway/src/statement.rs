@@ -73,10 +73,10 @@ pub enum StatementError {
     #[error("statement is signed by {0}, which is not a node")]
     NotANode(String),
     /// The certificate was revoked by the federation.
-    #[error("statement is signed by node {node} with certificate {serial}, which is revoked")]
+    #[error("the certificate {serial} of {peer} is revoked")]
     Revoked {
-        /// The signer.
-        node: DivisionCode,
+        /// Whom the certificate names.
+        peer: Peer,
         /// The certificate's serial number, hex.
         serial: String,
     },
@@ -299,9 +299,10 @@ impl<T> Verified<T> {
 }
 
 /// What is remembered of a verified certificate.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct CheckedCert {
-    node: DivisionCode,
+    peer: Peer,
+    registered_at: Option<DivisionCode>,
     not_before: i64,
     not_after: i64,
 }
@@ -397,6 +398,10 @@ impl StatementVerifier {
         }
         let scheme = Scheme::from_name(&s.scheme)?;
         let cert = self.check_certificate(&s.certificate, at_unix)?;
+        let signer = match cert.peer {
+            Peer::Node(code) => code,
+            other => return Err(StatementError::NotANode(other.to_uri())),
+        };
         let der = CertificateDer::from(s.certificate.as_slice());
         let ee = EndEntityCert::try_from(&der)
             .map_err(|e| StatementError::BadCertificate(format!("{e:?}")))?;
@@ -407,36 +412,57 @@ impl StatementVerifier {
         )
         .map_err(|_| StatementError::BadSignature {
             kind: T::KIND,
-            signer: cert.node,
+            signer,
         })?;
         let body = T::decode(s.body.as_slice()).map_err(|e| StatementError::Malformed {
             kind: T::KIND,
             reason: e.to_string(),
         })?;
-        Ok(Verified {
-            signer: cert.node,
-            body,
-        })
+        Ok(Verified { signer, body })
+    }
+
+    /// Checks an agency's certificate as valid at `at_unix`: chains to the CA, not revoked; returns the agency
+    /// and the node the certificate registers it at.
+    pub fn verify_agency(
+        &self,
+        der: &[u8],
+        at_unix: i64,
+    ) -> Result<(crate::ident::Uscc, Option<DivisionCode>), StatementError> {
+        if der.len() > MAX_CERTIFICATE {
+            return Err(StatementError::Oversized {
+                what: "agency certificate",
+                len: der.len(),
+                max: MAX_CERTIFICATE,
+            });
+        }
+        let cert = self.check_certificate(der, at_unix)?;
+        match cert.peer {
+            Peer::Agency(uscc) => Ok((uscc, cert.registered_at)),
+            other => Err(StatementError::BadCertificate(format!(
+                "{} is not an agency",
+                other.to_uri()
+            ))),
+        }
     }
 
     /// Checks a signer certificate once and remembers it; later statements only check the validity window.
     fn check_certificate(&self, der: &[u8], at_unix: i64) -> Result<CheckedCert, StatementError> {
         let digest: [u8; 32] = Sha256::digest(der).into();
         let cert = match self.checked.get(&digest) {
-            Some(c) => *c,
+            Some(c) => c.clone(),
             None => {
                 let c = self.check_chain(der)?;
                 if self.checked.len() >= MAX_CACHED_CERTIFICATES {
                     self.checked.clear();
                 }
-                self.checked.insert(digest, c);
+                self.checked.insert(digest, c.clone());
                 c
             }
         };
         if at_unix < cert.not_before || at_unix > cert.not_after {
             return Err(StatementError::BadCertificate(format!(
-                "the certificate of node {} is not valid at unix time {at_unix}",
-                cert.node
+                "the certificate of {} is not valid at unix time {at_unix}",
+                cert.peer
             )));
         }
         Ok(cert)
@@ -447,12 +473,9 @@ impl StatementVerifier {
         let (_, x509) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
         let not_before = x509.validity().not_before.timestamp();
         let not_after = x509.validity().not_after.timestamp();
-        let node = match peer_from_cert(der).map_err(|e| bad(e.to_string()))? {
-            Peer::Node(code) => code,
-            other => return Err(StatementError::NotANode(other.to_uri())),
-        };
+        let peer = peer_from_cert(der).map_err(|e| bad(e.to_string()))?;
         if let Some(serial) = self.revoked.revoked(der) {
-            return Err(StatementError::Revoked { node, serial });
+            return Err(StatementError::Revoked { peer, serial });
         }
         let cert = CertificateDer::from(der);
         let ee = EndEntityCert::try_from(&cert).map_err(|e| bad(format!("{e:?}")))?;
@@ -472,7 +495,8 @@ impl StatementVerifier {
         )
         .map_err(|e| bad(format!("{e:?}")))?;
         Ok(CheckedCert {
-            node,
+            registered_at: crate::tls::registered_node(der),
+            peer,
             not_before,
             not_after,
         })

@@ -302,6 +302,15 @@ pub struct PeerInfo {
     pub peer: Peer,
     /// The client's socket address.
     pub remote: SocketAddr,
+    /// The client's certificate (DER), as verified.
+    pub certificate: Arc<[u8]>,
+}
+
+/// The node an agency's certificate says the agency is registered at (its subject's organizational unit).
+pub fn registered_node(der: &[u8]) -> Option<crate::ident::DivisionCode> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let ou = cert.subject().iter_organizational_unit().next()?;
+    ou.as_str().ok()?.parse().ok()
 }
 
 /// The verified caller of a request served over [`MutualTls`] connections, if any.
@@ -415,14 +424,21 @@ impl Handshake for MutualTls {
         let identity = match stream.get_ref().1.peer_certificates() {
             Some([leaf, ..]) => match self.1.revoked(leaf) {
                 Some(serial) => Err(TlsError::Revoked { serial }),
-                None => peer_from_cert(leaf),
+                None => peer_from_cert(leaf).map(|peer| (peer, Arc::<[u8]>::from(leaf.as_ref()))),
             },
             _ => Err(TlsError::NoPeerCertificate),
         };
         match identity {
-            Ok(peer) => {
+            Ok((peer, certificate)) => {
                 tracing::debug!(%peer, %remote, "mutual TLS connection established");
-                Ok((stream, PeerInfo { peer, remote }))
+                Ok((
+                    stream,
+                    PeerInfo {
+                        peer,
+                        remote,
+                        certificate,
+                    },
+                ))
             }
             Err(e) => Err(HandshakeFailure::Identity {
                 remote,

@@ -59,8 +59,10 @@ enum Command {
         /// Node division codes to issue certificates for.
         #[arg(long = "node", value_name = "CODE")]
         nodes: Vec<String>,
-        /// Agency unified social credit codes to issue certificates for.
-        #[arg(long = "agency", value_name = "USCC")]
+        /// Agencies to issue certificates for, each as USCC@NODE: its unified social credit code and the node it
+        /// is registered at (the certificate names that node). Without @NODE, the registering division in the
+        /// code is taken as the node.
+        #[arg(long = "agency", value_name = "USCC[@NODE]")]
         agencies: Vec<String>,
     },
     /// Act as an agency at its node (catalog, shares, applications, grants, objections).
@@ -168,11 +170,25 @@ fn certs(out: PathBuf, nodes: Vec<String>, agencies: Vec<String>) -> Result<()> 
                 .map_err(|e| ConfigError(format!("--node {n}: {e}")))?,
         ));
     }
+    let mut registered = Vec::new();
     for a in &agencies {
-        peers.push(Peer::Agency(
-            a.parse::<Uscc>()
-                .map_err(|e| ConfigError(format!("--agency {a}: {e}")))?,
-        ));
+        let (code, node) = a
+            .split_once('@')
+            .map_or((a.as_str(), None), |(c, n)| (c, Some(n)));
+        let uscc = code
+            .parse::<Uscc>()
+            .map_err(|e| ConfigError(format!("--agency {a}: {e}")))?;
+        let node = match node {
+            Some(n) => n
+                .parse::<fedgate_gateway::ident::DivisionCode>()
+                .map_err(|e| ConfigError(format!("--agency {a}: node {e}")))?,
+            None => uscc.registering_division_code().ok_or_else(|| {
+                ConfigError(format!(
+                    "--agency {a}: the code names no division; give the node as USCC@NODE"
+                ))
+            })?,
+        };
+        registered.push((uscc, node));
     }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let ca = DevCa::generate("fedgate development root")?;
@@ -187,6 +203,15 @@ fn certs(out: PathBuf, nodes: Vec<String>, agencies: Vec<String>) -> Result<()> 
         let cert = ca.issue(peer, &[])?;
         let (crt, _key) = write_pem_files(&out, &name, &cert)?;
         println!("{}  ({})", crt.display(), peer.to_uri());
+    }
+    for (uscc, node) in &registered {
+        let cert = ca.issue_agency(uscc, *node, &[])?;
+        let (crt, _key) = write_pem_files(&out, &format!("agency-{uscc}"), &cert)?;
+        println!(
+            "{}  ({}, registered at node {node})",
+            crt.display(),
+            Peer::Agency(uscc.clone()).to_uri()
+        );
     }
     Ok(())
 }

@@ -195,7 +195,7 @@ pub async fn start_agency(
     a: &AgencySpec,
     stop: watch::Receiver<bool>,
 ) -> Result<(AgencyConfig, DevAgency)> {
-    let cert = ca.issue(&Peer::Agency(a.uscc.clone()), &[])?;
+    let cert = ca.issue_agency(&a.uscc, node, &[])?;
     write_pem_files(pki, &format!("agency-{}", a.uscc), &cert)?;
     let mut provider_addr = None;
     let mut registry = None;

@@ -23,6 +23,7 @@ pub struct RogueNode {
     code: String,
     tls: TlsMaterial,
     signer: NodeSigner,
+    agency_certificate: Vec<u8>,
 }
 
 impl RogueNode {
@@ -39,7 +40,16 @@ impl RogueNode {
             code: node.to_owned(),
             tls,
             signer,
+            agency_certificate: Vec::new(),
         })
+    }
+
+    /// The rogue puts `cert_pem` (an agency's certificate, which is public) into the assertions it signs.
+    pub fn presenting(mut self, cert_pem: &str) -> Result<Self> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        self.agency_certificate = CertificateDer::from_pem_slice(cert_pem.as_bytes())?.to_vec();
+        Ok(self)
     }
 
     /// The rogue's certificate, PEM.
@@ -120,6 +130,7 @@ impl RogueNode {
             request_digest: Sha256::digest(request).to_vec(),
             issued_at_unix_ms: issued_at_ms,
             open_data: env.open_data,
+            agency_certificate: self.agency_certificate.clone(),
         };
         Ok(self.signer.sign(&a)?)
     }

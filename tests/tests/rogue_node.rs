@@ -81,8 +81,10 @@ async fn a_node_cannot_speak_for_another_nodes_agency_or_use_its_grant() -> Resu
     let mut honest = net.client(&net.consumer_at(code("350203"))?.uscc).await?;
     honest.share(share_under(&net, &signed)?).await?;
 
-    // Xiamen (350200) lies about a request of Siming's agency (350203, its own child).
-    let rogue = RogueNode::new(&net, "350200")?;
+    // Xiamen (350200) lies about a request of Siming's agency (350203, its own child), whose certificate it
+    // has seen (certificates are public).
+    let rogue = RogueNode::new(&net, "350200")?
+        .presenting(&net.consumer_at(code("350203"))?.cert.cert_pem)?;
     let mut province = rogue.federation(&net, "350000")?;
     let req = share_under(&net, &signed)?;
     let envelope = |id: &str, consumer_node: &str| {
@@ -131,19 +133,39 @@ async fn a_node_cannot_speak_for_another_nodes_agency_or_use_its_grant() -> Resu
     )
     .await?;
 
-    // Honestly signed as itself, but presenting the grant Siming's agency holds.
+    // Honestly signed as itself, claiming Siming's agency is its own and presenting the grant it holds.
     let mut env = envelope("rogue-borrowed-grant", "350200");
     env.assertion = Some(rogue.assert(&env, &req.encode_to_vec(), now_ms(&net))?);
     let err = province
         .forward(RogueNode::forward(env, &req))
         .await
-        .expect_err("served under another node's grant");
+        .expect_err("served for an agency registered at another node");
     expect(
         err,
         Code::PermissionDenied,
-        "issued to an agency at node 350203, not at node 350200",
+        "is registered at node 350203, not at node 350200, which vouched for it",
     )?;
-    assert_audited(&net, "350102", "PERMISSION_DENIED", "not at node 350200").await?;
+    assert_audited(
+        &net,
+        "350102",
+        "PERMISSION_DENIED",
+        "not at node 350200, which vouched for it",
+    )
+    .await?;
+
+    // Without the agency's certificate at all.
+    let bare = RogueNode::new(&net, "350200")?;
+    let mut env = envelope("rogue-no-agency-certificate", "350200");
+    env.assertion = Some(bare.assert(&env, &req.encode_to_vec(), now_ms(&net))?);
+    let err = province
+        .forward(RogueNode::forward(env, &req))
+        .await
+        .expect_err("served without the agency's certificate");
+    expect(
+        err,
+        Code::PermissionDenied,
+        "carries no certificate of agency",
+    )?;
 
     // The honest grantee is still served.
     honest.share(share_under(&net, &signed)?).await?;
@@ -153,7 +175,8 @@ async fn a_node_cannot_speak_for_another_nodes_agency_or_use_its_grant() -> Resu
 #[tokio::test]
 async fn replayed_stale_altered_and_foreign_assertions_are_refused() -> Result<()> {
     let net = standard().await?;
-    let rogue = RogueNode::new(&net, "350200")?;
+    let rogue = RogueNode::new(&net, "350200")?
+        .presenting(&net.consumer_at(code("350200"))?.cert.cert_pem)?;
     let mut province = rogue.federation(&net, "350000")?;
     let own = net.consumer_at(code("350200"))?.uscc.to_string();
     let key = key_at(&net, "350102", 1)?;
@@ -316,7 +339,8 @@ async fn only_the_issuing_node_revokes_a_grant_and_every_relay_checks() -> Resul
 async fn applications_are_answered_only_to_their_applicant_through_its_node() -> Result<()> {
     let net = standard().await?;
     let (consumer, application, _, _) = granted(&net).await?;
-    let rogue = RogueNode::new(&net, "350200")?;
+    let rogue = RogueNode::new(&net, "350200")?
+        .presenting(&net.consumer_at(code("350203"))?.cert.cert_pem)?;
     let mut province = rogue.federation(&net, "350000")?;
     let read = GetApplicationRequest {
         id: application.id.clone(),
@@ -334,6 +358,19 @@ async fn applications_are_answered_only_to_their_applicant_through_its_node() ->
     expect(
         err,
         Code::PermissionDenied,
+        "is registered at node 350203, not at node 350200",
+    )?;
+    assert_audited(&net, "350102", "PERMISSION_DENIED", "not at node 350200").await?;
+
+    // Another agency asking through its own node is refused too.
+    let mut other = net.client(&net.consumer_at(code("350103"))?.uscc).await?;
+    let err = other
+        .get_application(read.clone())
+        .await
+        .expect_err("another agency read the application");
+    expect(
+        err,
+        Code::PermissionDenied,
         "answered only to the agency that filed it, through its own node",
     )?;
     assert_audited(
@@ -343,14 +380,6 @@ async fn applications_are_answered_only_to_their_applicant_through_its_node() ->
         "answered only to the agency",
     )
     .await?;
-
-    // Another agency asking through its own node is refused too.
-    let mut other = net.client(&net.consumer_at(code("350103"))?.uscc).await?;
-    let err = other
-        .get_application(read.clone())
-        .await
-        .expect_err("another agency read the application");
-    expect(err, Code::PermissionDenied, "answered only to the agency")?;
 
     // The applicant and the provider read it.
     let mut applicant = net.client(&net.consumer_at(code("350203"))?.uscc).await?;
@@ -483,7 +512,8 @@ fn serial(cert_pem: &str) -> Result<String> {
 #[tokio::test]
 async fn revoked_certificates_are_refused_at_the_handshake_and_in_statements() -> Result<()> {
     let mut net = standard().await?;
-    let rogue = RogueNode::new(&net, "350200")?;
+    let rogue = RogueNode::new(&net, "350200")?
+        .presenting(&net.consumer_at(code("350200"))?.cert.cert_pem)?;
     let agency = net.consumer_at(code("350102"))?;
     let uscc = agency.uscc.clone();
     let revoked = vec![
@@ -536,6 +566,32 @@ async fn revoked_certificates_are_refused_at_the_handshake_and_in_statements() -
         .forward(RogueNode::forward(env, &req))
         .await
         .expect_err("a statement of a revoked certificate was accepted");
-    expect(err, Code::PermissionDenied, "which is revoked")?;
+    expect(err, Code::PermissionDenied, "is revoked")?;
+    net.shutdown().await
+}
+
+#[tokio::test]
+async fn an_agency_certificate_registered_at_another_node_is_refused_at_the_consumers_node() -> Result<()> {
+    let net = standard().await?;
+    // Taijiang's agency, with a certificate that registers it at Gulou.
+    let taijiang = net.consumer_at(code("350103"))?.uscc.clone();
+    let misplaced = net.ca().issue_agency(&taijiang, code("350102"), &[])?;
+    let mut client = net.client_with(code("350103"), &misplaced).await?;
+    let err = client
+        .search_catalog(fedgate_proto::v1::SearchCatalogRequest::default())
+        .await
+        .expect_err("an agency certificate of another node was accepted");
+    expect(
+        err,
+        Code::PermissionDenied,
+        "registers it at node 350102, not at node 350103",
+    )?;
+    assert_audited(
+        &net,
+        "350103",
+        "PERMISSION_DENIED",
+        "registers it at node 350102",
+    )
+    .await?;
     net.shutdown().await
 }

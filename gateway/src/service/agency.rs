@@ -36,6 +36,8 @@ const MAX_REQUEST_ID: usize = 64;
 /// The Agency service of one node.
 #[derive(Clone)]
 pub struct AgencyService {
+    /// The latest certificate each agency presented, which this node's assertions carry.
+    certificates: Arc<dashmap::DashMap<Uscc, Arc<[u8]>>>,
     topology: Arc<Topology>,
     store: Arc<dyn Store>,
     router: Router,
@@ -53,6 +55,7 @@ impl AgencyService {
         audit: AuditLog,
     ) -> Self {
         Self {
+            certificates: Arc::default(),
             topology,
             store,
             router,
@@ -61,11 +64,27 @@ impl AgencyService {
         }
     }
 
-    /// The calling agency, which must be registered on this node; a refusal is audited.
+    /// The calling agency, which must be registered on this node, by configuration and by its certificate; a
+    /// refusal is audited. Its certificate is kept to vouch for it in the assertions this node signs.
     async fn agency<T>(&self, req: &Request<T>, rpc: &str) -> Result<Uscc, Status> {
+        let me = self.topology.code;
+        let certificate = crate::tls::peer_info(req).map(|p| p.certificate.clone());
         let refusal = match caller(req) {
             Ok(Peer::Agency(uscc)) if self.topology.agencies.contains_key(&uscc) => {
-                return Ok(uscc);
+                let registered = certificate.as_deref().and_then(crate::tls::registered_node);
+                if registered == Some(me) {
+                    if let Some(c) = certificate {
+                        self.certificates.insert(uscc.clone(), c);
+                    }
+                    return Ok(uscc);
+                }
+                (
+                    Peer::Agency(uscc.clone()).to_uri(),
+                    Error::PermissionDenied(format!(
+                        "the certificate of agency {uscc} registers it at {}, not at node {me}",
+                        registered.map_or_else(|| "no node".to_owned(), |n| format!("node {n}"))
+                    )),
+                )
             }
             Ok(other) => (
                 other.to_uri(),
@@ -191,7 +210,8 @@ impl AgencyService {
             open_data: false,
             assertion: None,
         };
-        let consumer = Vouched::local(uscc, me, &env.purpose);
+        let certificate = self.certificates.get(uscc).map(|c| c.value().clone());
+        let consumer = Vouched::local(uscc, me, &env.purpose, certificate);
         self.router
             .originate(env, request, deadline, consumer)
             .await

@@ -281,11 +281,12 @@ impl Download {
             Instant::now() + Duration::from_millis(self.router.limits().default_timeout_ms);
         let request = share.encode_to_vec();
         let mut env = self.envelope(request_id);
-        self.router.vouch(&mut env, &request)?;
         let me = self.router.topology().code;
+        let public = Vouched::open_data(me);
+        self.router.vouch(&mut env, &request, &public)?;
         let (result, record) = self
             .router
-            .dispatch_unrecorded(env, request, deadline, Some(Vouched::open_data(me)))
+            .dispatch_unrecorded(env, request, deadline, Some(public))
             .await?;
         tally.fetches += 1;
         tally.record.get_or_insert(record);
