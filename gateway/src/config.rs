@@ -47,6 +47,9 @@ pub struct NodeConfig {
     /// The metrics endpoint; none when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Limits on every string, list and message this node accepts (see `docs/limits.md`).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 /// The public open-data endpoint.

@@ -21,6 +21,7 @@ use crate::config::{MIN_RETENTION_DAYS, NodeConfig, StorageConfig};
 use crate::governance::Governance;
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
+use crate::limits::GuardLayer;
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
@@ -121,6 +122,8 @@ pub async fn start_with_clock(
             ),
         )));
     }
+    config.limits.validate(config.routing.hop_limit)?;
+    let limits = config.limits;
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let topology = Arc::new(Topology::from_config(&config, &tls)?);
     let code = topology.code;
@@ -136,7 +139,7 @@ pub async fn start_with_clock(
         error,
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let uplink = Uplink::new();
+    let uplink = Uplink::new().with_max_push_bytes(limits.max_push_bytes);
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     uplink.set_audit_key(key.public_key());
@@ -160,7 +163,8 @@ pub async fn start_with_clock(
         Arc::new(calendar),
         clock,
         audit_log.clone(),
-    );
+    )
+    .with_max_grant_days(limits.max_grant_days);
     let cache = ShareCache::new(
         std::time::Duration::from_secs(config.cache.ttl_secs.max(1)),
         if config.cache.ttl_secs == 0 {
@@ -215,7 +219,8 @@ pub async fn start_with_clock(
         uplink.clone(),
         metrics.clone(),
         audit_log.clone(),
-    );
+    )
+    .with_limits(limits);
     let metrics_addr = match &config.metrics {
         Some(m) => {
             let (listener, addr) = listen(&m.listen).await?;
@@ -243,14 +248,18 @@ pub async fn start_with_clock(
     let open_data_addr = match &config.open_data {
         Some(open) => {
             let (listener, open_addr) = listen(&open.listen).await?;
-            let svc = OpenDataService::new(router.clone(), store.clone(), open.requests_per_minute);
+            let svc = OpenDataService::new(router.clone(), store.clone(), open.requests_per_minute)
+                .with_limits(limits);
             let tls_config = tonic::transport::ServerTlsConfig::new().identity(
                 tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
             );
             let server = tonic::transport::Server::builder()
                 .tls_config(tls_config)
                 .map_err(NodeError::Serve)?
-                .add_service(OpenDataServer::new(svc));
+                .layer(GuardLayer::new(audit_log.clone()))
+                .add_service(
+                    OpenDataServer::new(svc).max_decoding_message_size(limits.max_message_bytes),
+                );
             let mut stop = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let incoming = tokio_stream::StreamExt::map(
@@ -281,7 +290,8 @@ pub async fn start_with_clock(
         router,
         uplink.clone(),
         audit_log.clone(),
-    );
+    )
+    .with_limits(limits);
     let server_config = tls::server_config(&tls)?;
     let refused = metrics.clone();
     let tls_audit = audit_log.clone();
@@ -300,17 +310,29 @@ pub async fn start_with_clock(
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(GuardLayer::new(audit_log.clone()))
             .add_service(health)
             .add_service(reflection)
-            .add_service(FederationServer::new(federation))
-            .add_service(AgencyServer::new(agency))
-            .add_service(OperatorServer::new(OperatorService::new(
-                code,
-                governance.clone(),
-                store.clone(),
-                topology.parent.is_some().then(|| uplink.clone()),
-                audit_log.clone(),
-            )))
+            .add_service(
+                FederationServer::new(federation)
+                    .max_decoding_message_size(limits.max_message_bytes),
+            )
+            .add_service(
+                AgencyServer::new(agency).max_decoding_message_size(limits.max_message_bytes),
+            )
+            .add_service(
+                OperatorServer::new(
+                    OperatorService::new(
+                        code,
+                        governance.clone(),
+                        store.clone(),
+                        topology.parent.is_some().then(|| uplink.clone()),
+                        audit_log.clone(),
+                    )
+                    .with_limits(limits),
+                )
+                .max_decoding_message_size(limits.max_message_bytes),
+            )
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
             }),

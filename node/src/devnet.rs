@@ -17,6 +17,7 @@ use fedgate_gateway::config::{
     StorageConfig, TlsFiles,
 };
 use fedgate_gateway::ident::{DivisionCode, Peer, Uscc};
+use fedgate_gateway::limits::LimitsConfig;
 use fedgate_gateway::node::{self, NodeHandle};
 use fedgate_gateway::pki::{DevCa, IssuedCert, write_pem_files};
 use fedgate_proto::v1::agency_client::AgencyClient;
@@ -37,6 +38,8 @@ pub struct NodeSpec {
     pub agencies: Vec<AgencySpec>,
     /// Its store; an SQLite file in the federation's directory when absent.
     pub storage: Option<StorageConfig>,
+    /// Its input limits; the defaults when absent.
+    pub limits: Option<LimitsConfig>,
 }
 
 /// An agency of a development federation.
@@ -70,7 +73,14 @@ impl NodeSpec {
             code: code.parse().map_err(|e| anyhow!("node {code}: {e}"))?,
             agencies: Vec::new(),
             storage: None,
+            limits: None,
         })
+    }
+
+    /// The node enforces `limits` instead of the defaults.
+    pub fn limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     /// The node keeps its state in `storage` instead of an SQLite file of the federation.
@@ -336,6 +346,7 @@ impl Devnet {
                 metrics: Some(MetricsConfig {
                     listen: "127.0.0.1:0".into(),
                 }),
+                limits: s.limits.unwrap_or_default(),
             };
             std::fs::write(
                 dir.path().join(format!("node-{}.toml", s.code)),

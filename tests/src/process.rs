@@ -312,6 +312,7 @@ impl ProcessFederation {
                 },
                 open_data: None,
                 metrics: None,
+                limits: Default::default(),
             };
             let config_path = path.join(format!("node-{}.toml", s.code));
             std::fs::write(
