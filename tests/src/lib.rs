@@ -3,6 +3,7 @@
 
 pub mod postgres;
 pub mod process;
+pub mod raw;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
