@@ -18,8 +18,9 @@ use proptest::prelude::*;
 use prost::Message;
 use tonic::Code;
 
-/// Longest error message any refusal may carry: its own words plus a few short excerpts.
-const MAX_MESSAGE: usize = 400;
+/// Longest error message any refusal may carry: its own words plus a few short excerpts, each at most 33
+/// characters that escaping may widen to 10 (`\u{10ffff}`).
+const MAX_MESSAGE: usize = 1200;
 
 /// Any text, often long, sometimes digits or code-like, sometimes with control characters.
 fn any_text() -> impl Strategy<Value = String> {
