@@ -102,21 +102,8 @@ fn is_field_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Refuses control characters (NUL among them) in an entry's text; tabs and line breaks are text.
-fn check_text(id: &ResourceId, field: &str, value: &str) -> Result<()> {
-    match value
-        .char_indices()
-        .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
-    {
-        Some((at, c)) => Err(Error::InvalidArgument(format!(
-            "entry.{field} of {id} contains the control character U+{:04X} at byte {at}",
-            u32::from(c)
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// Validates an entry an agency publishes at `node` and completes the parts the node owns.
+/// Validates an entry an agency publishes at `node` (within `limits`: lengths, counts, no control characters
+/// but tabs and line breaks in texts) and completes the parts the node owns.
 pub fn prepare_publish(
     node: DivisionCode,
     provider: &Uscc,
@@ -147,11 +134,6 @@ pub fn prepare_publish(
     }
     if entry.title.trim().is_empty() {
         return Err(Error::InvalidArgument("entry.title is required".into()));
-    }
-    check_text(&id, "title", &entry.title)?;
-    check_text(&id, "summary", &entry.summary)?;
-    for c in &entry.classification {
-        check_text(&id, "classification", c)?;
     }
     let share_type = ShareType::try_from(entry.share_type).unwrap_or(ShareType::Unspecified);
     if share_type == ShareType::Unspecified {
