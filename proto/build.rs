@@ -20,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("fedgate_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Every service and client decodes with the crate's codec: a malformed message is INVALID_ARGUMENT.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::ProtoCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

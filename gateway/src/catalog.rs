@@ -4,16 +4,17 @@ use std::fmt;
 use std::str::FromStr;
 
 use fedgate_proto::v1::{CatalogEntry, SearchCatalogRequest, ShareMode, ShareType};
+use prost::Message;
 
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Uscc};
+use crate::limits::{Bounded, LimitsConfig, excerpt};
 use crate::store::CatalogQuery;
 
-/// Longest local code a provider may choose.
+/// Longest local code a provider may choose, whatever the limits say: ids are stored and routed as they are.
 const MAX_LOCAL_CODE: usize = 64;
-/// Default and largest page of a search.
+/// Default page of a search.
 const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 500;
 
 /// A resource id `"<node code>:<local code>"`: the node that holds the resource and the provider's own code.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -46,7 +47,8 @@ impl ResourceId {
 fn check_local_code(local: &str) -> Result<()> {
     if local.is_empty() || local.len() > MAX_LOCAL_CODE {
         return Err(Error::InvalidArgument(format!(
-            "resource local code {local:?} must have 1 to {MAX_LOCAL_CODE} characters"
+            "resource local code {:?} must have 1 to {MAX_LOCAL_CODE} characters",
+            excerpt(local)
         )));
     }
     if let Some(c) = local
@@ -54,7 +56,8 @@ fn check_local_code(local: &str) -> Result<()> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(Error::InvalidArgument(format!(
-            "resource local code {local:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"
+            "resource local code {:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed",
+            excerpt(local)
         )));
     }
     Ok(())
@@ -66,12 +69,13 @@ impl FromStr for ResourceId {
     fn from_str(s: &str) -> Result<Self> {
         let Some((node, local)) = s.split_once(':') else {
             return Err(Error::InvalidArgument(format!(
-                "resource id {s:?} must have the form \"<node code>:<local code>\""
+                "resource id {:?} must have the form \"<node code>:<local code>\"",
+                excerpt(s)
             )));
         };
         let node = node
             .parse::<DivisionCode>()
-            .map_err(|e| Error::InvalidArgument(format!("resource id {s:?}: {e}")))?;
+            .map_err(|e| Error::InvalidArgument(format!("resource id {:?}: {e}", excerpt(s))))?;
         Self::new(node, local)
     }
 }
@@ -98,33 +102,22 @@ fn is_field_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Refuses control characters (NUL among them) in an entry's text; tabs and line breaks are text.
-fn check_text(id: &ResourceId, field: &str, value: &str) -> Result<()> {
-    match value
-        .char_indices()
-        .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
-    {
-        Some((at, c)) => Err(Error::InvalidArgument(format!(
-            "entry.{field} of {id} contains the control character U+{:04X} at byte {at}",
-            u32::from(c)
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// Validates an entry an agency publishes at `node` and completes the parts the node owns.
+/// Validates an entry an agency publishes at `node` (within `limits`: lengths, counts, no control characters
+/// but tabs and line breaks in texts) and completes the parts the node owns.
 pub fn prepare_publish(
     node: DivisionCode,
     provider: &Uscc,
     mut entry: CatalogEntry,
     now_rfc3339: String,
+    limits: &LimitsConfig,
 ) -> Result<CatalogEntry> {
+    entry.check_limits(limits)?;
     let id = if entry.id.contains(':') {
         let id = parse_resource_id("entry.id", &entry.id)?;
         if id.node() != node {
             return Err(Error::InvalidArgument(format!(
                 "entry.id {:?} names node {} but this is node {node}",
-                entry.id,
+                excerpt(&entry.id),
                 id.node()
             )));
         }
@@ -135,17 +128,12 @@ pub fn prepare_publish(
     };
     if !entry.provider_uscc.is_empty() && entry.provider_uscc != provider.as_str() {
         return Err(Error::PermissionDenied(format!(
-            "entry.provider_uscc {} differs from the caller's certificate ({provider})",
-            entry.provider_uscc
+            "entry.provider_uscc {:?} differs from the caller's certificate ({provider})",
+            excerpt(&entry.provider_uscc)
         )));
     }
     if entry.title.trim().is_empty() {
         return Err(Error::InvalidArgument("entry.title is required".into()));
-    }
-    check_text(&id, "title", &entry.title)?;
-    check_text(&id, "summary", &entry.summary)?;
-    for c in &entry.classification {
-        check_text(&id, "classification", c)?;
     }
     let share_type = ShareType::try_from(entry.share_type).unwrap_or(ShareType::Unspecified);
     if share_type == ShareType::Unspecified {
@@ -163,20 +151,20 @@ pub fn prepare_publish(
         if !is_field_name(&f.name) {
             return Err(Error::InvalidArgument(format!(
                 "entry.fields of {id}: field name {:?} must be 1-64 letters, digits or '_'",
-                f.name
+                excerpt(&f.name)
             )));
         }
         if !seen.insert(f.name.as_str()) {
             return Err(Error::InvalidArgument(format!(
                 "entry.fields of {id}: field {:?} is listed twice",
-                f.name
+                excerpt(&f.name)
             )));
         }
     }
     if !entry.key_field.is_empty() && !seen.contains(entry.key_field.as_str()) {
         return Err(Error::InvalidArgument(format!(
             "entry.key_field {:?} of {id} is not one of its fields",
-            entry.key_field
+            excerpt(&entry.key_field)
         )));
     }
     if entry
@@ -201,16 +189,14 @@ pub fn prepare_publish(
     Ok(entry)
 }
 
-/// Page token of a search: the last id returned.
-fn page_token(entries: &[CatalogEntry], full: bool) -> String {
-    match entries.last() {
-        Some(e) if full => e.id.clone(),
-        _ => String::new(),
-    }
-}
-
-/// Translates a search request at `node` into a store query over the node's subtree.
-pub fn search_query(node: DivisionCode, req: &SearchCatalogRequest) -> Result<CatalogQuery> {
+/// Translates a search request at `node` into a store query over the node's subtree, within `limits`: the
+/// text's length and words, the page's entries and bytes.
+pub fn search_query(
+    node: DivisionCode,
+    req: &SearchCatalogRequest,
+    limits: &LimitsConfig,
+) -> Result<CatalogQuery> {
+    req.check_limits(limits)?;
     let mut node_prefix = Some(subtree_prefix(node));
     if !req.node_code.is_empty() {
         let filter: DivisionCode = req
@@ -247,12 +233,7 @@ pub fn search_query(node: DivisionCode, req: &SearchCatalogRequest) -> Result<Ca
         }
     };
     let limit = match req.page_size {
-        0 => DEFAULT_PAGE,
-        n if n > MAX_PAGE => {
-            return Err(Error::InvalidArgument(format!(
-                "page_size {n} exceeds the maximum of {MAX_PAGE}"
-            )));
-        }
+        0 => DEFAULT_PAGE.min(limits.max_search_page),
         n => n,
     };
     Ok(CatalogQuery {
@@ -263,12 +244,39 @@ pub fn search_query(node: DivisionCode, req: &SearchCatalogRequest) -> Result<Ca
         node_prefix,
         after_id: (!req.page_token.is_empty()).then(|| req.page_token.clone()),
         limit,
+        max_bytes: Some(limits.max_page_bytes),
     })
 }
 
-/// Finishes a search page: the token for the next page, given the query's limit.
-pub fn next_page_token(entries: &[CatalogEntry], limit: u32) -> String {
-    page_token(entries, entries.len() == limit as usize)
+/// Finishes a search page as the store returned it for `query`: the entries that fit in the query's byte budget
+/// and the token for the next page (empty on the last page).
+pub fn finish_page(
+    mut entries: Vec<CatalogEntry>,
+    query: &CatalogQuery,
+) -> (Vec<CatalogEntry>, String) {
+    let budget = query.max_bytes.unwrap_or(usize::MAX);
+    let mut total = 0usize;
+    let mut cut = None;
+    for (i, e) in entries.iter().enumerate() {
+        total = total.saturating_add(e.encoded_len());
+        // The first entry is always answered, so that a page never comes back empty while more remain.
+        if total > budget && i > 0 {
+            cut = Some(i);
+            break;
+        }
+    }
+    let more = match cut {
+        Some(i) => {
+            entries.truncate(i);
+            true
+        }
+        None => entries.len() == query.limit as usize,
+    };
+    let token = match entries.last() {
+        Some(e) if more => e.id.clone(),
+        _ => String::new(),
+    };
+    (entries, token)
 }
 
 /// The code prefix shared by every node in the subtree of `node`.

@@ -65,7 +65,10 @@ impl From<Error> for Status {
                 tracing::error!(error = %err, "storage failure");
                 Status::internal("storage failure at this node; the operator has been told")
             }
-            other => Status::new(other.code(), other.to_string()),
+            other => Status::new(
+                other.code(),
+                crate::limits::clamp(&other.to_string(), crate::limits::MAX_STATUS_CHARS),
+            ),
         }
     }
 }

@@ -24,8 +24,9 @@ use crate::store::{Doc, DocKind, DocQuery, Store};
 const REVOCATION_DELIVERED: i32 = 1;
 /// State of a recorded revocation still owed to the next node toward the grantee.
 const REVOCATION_PENDING: i32 = 2;
-/// Default grant lifetime when the applicant asks for none: one year.
-const DEFAULT_GRANT_SECS: i64 = 366 * 24 * 3600;
+/// Longest grant lifetime, and the one given when the applicant asks for none, unless configured
+/// (`limits.max_grant_days`): one year.
+const DEFAULT_GRANT_SECS: i64 = 365 * 24 * 3600;
 /// Longest text a caller may put in a purpose, scenario, reason or description.
 const MAX_TEXT: usize = 2000;
 
@@ -41,6 +42,7 @@ pub struct Governance {
     calendar: Arc<WorkCalendar>,
     clock: Arc<dyn Clock>,
     audit: AuditLog,
+    max_grant_secs: i64,
 }
 
 fn text(field: &str, value: &str, required: bool) -> Result<()> {
@@ -100,7 +102,14 @@ impl Governance {
             calendar,
             clock,
             audit,
+            max_grant_secs: DEFAULT_GRANT_SECS,
         }
+    }
+
+    /// Governance whose grants run at most `days` days from their issue.
+    pub fn with_max_grant_days(mut self, days: u32) -> Self {
+        self.max_grant_secs = i64::from(days.max(1)) * 24 * 3600;
+        self
     }
 
     /// The node's clock.
@@ -286,6 +295,14 @@ impl Governance {
                 req.requested_expires_at
             )));
         }
+        let latest = now_unix.saturating_add(self.max_grant_secs);
+        if req.requested_expires_at > latest {
+            return Err(Error::InvalidArgument(format!(
+                "requested_expires_at {} is later than {latest}: grants run at most {} days (limits.max_grant_days)",
+                req.requested_expires_at,
+                self.max_grant_secs / 86_400
+            )));
+        }
         let fields = if req.fields.is_empty() {
             entry.fields.iter().map(|f| f.name.clone()).collect()
         } else {
@@ -302,7 +319,7 @@ impl Governance {
             fields,
             mode: mode as i32,
             requested_expires_at: if req.requested_expires_at == 0 {
-                now_unix + DEFAULT_GRANT_SECS
+                latest
             } else {
                 req.requested_expires_at
             },
@@ -560,8 +577,15 @@ impl Governance {
                     )));
                 }
             };
+            let latest = now.saturating_add(self.max_grant_secs);
             let expires_at = match req.expires_at {
-                0 => a.requested_expires_at,
+                0 => a.requested_expires_at.min(latest),
+                t if t > latest => {
+                    return Err(Error::InvalidArgument(format!(
+                        "expires_at {t} is later than {latest}: grants run at most {} days (limits.max_grant_days)",
+                        self.max_grant_secs / 86_400
+                    )));
+                }
                 t if t <= now || t > a.requested_expires_at => {
                     return Err(Error::InvalidArgument(format!(
                         "expires_at {t} must be in the future and not after the requested expiry {}",

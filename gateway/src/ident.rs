@@ -8,13 +8,18 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Why an identifier was rejected; every variant names the offending value.
+/// At most the first [`crate::limits::EXCERPT_CHARS`] characters of a rejected input: what an error quotes.
+fn shown(value: &str) -> String {
+    crate::limits::excerpt(value)
+}
+
+/// Why an identifier was rejected; every variant names the offending value (a short excerpt of it).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IdentError {
     /// A division code did not have exactly six characters.
     #[error("division code {value:?} must be 6 digits, but it has {len} characters")]
     DivisionLength {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// Its length in characters.
         len: usize,
@@ -22,7 +27,7 @@ pub enum IdentError {
     /// A division code contained something other than an ASCII digit.
     #[error("division code {value:?} must be 6 digits, but it contains {ch:?}")]
     DivisionNonDigit {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The first offending character.
         ch: char,
@@ -33,7 +38,7 @@ pub enum IdentError {
          (11-15, 21-23, 31-37, 41-46, 50-54, 61-65, 71, 81, 82)"
     )]
     DivisionProvince {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The two-digit prefix.
         prefix: String,
@@ -44,7 +49,7 @@ pub enum IdentError {
          expected PP0000 (province), PPCC00 (city) or PPCCDD (county)"
     )]
     DivisionStructure {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The last two digits.
         county: String,
@@ -52,7 +57,7 @@ pub enum IdentError {
     /// A unified social credit code had the wrong length.
     #[error("unified social credit code {value:?} must be {expected} characters, but it has {len}")]
     UsccLength {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// Its length in characters.
         len: usize,
@@ -65,7 +70,7 @@ pub enum IdentError {
          codes use uppercase letters only"
     )]
     UsccLowercase {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The offending character.
         ch: char,
@@ -78,7 +83,7 @@ pub enum IdentError {
          which is not in 0-9A-HJ-NPQRTUWXY (I, O, Z, S and V are never used)"
     )]
     UsccChar {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The offending character.
         ch: char,
@@ -90,7 +95,7 @@ pub enum IdentError {
         "unified social credit code {value:?} has check character {found:?} but {expected:?} was expected"
     )]
     UsccCheck {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The check character present.
         found: char,
@@ -100,7 +105,7 @@ pub enum IdentError {
     /// An ID number had the wrong length.
     #[error("ID number {value:?} must be {expected} characters, but it has {len}")]
     IdLength {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// Its length in characters.
         len: usize,
@@ -113,7 +118,7 @@ pub enum IdentError {
          and position 18 a digit or X"
     )]
     IdChar {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The offending character.
         ch: char,
@@ -123,7 +128,7 @@ pub enum IdentError {
     /// An ID number's check digit did not match.
     #[error("ID number {value:?} has check character {found:?} but {expected:?} was expected")]
     IdCheck {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The check character present.
         found: char,
@@ -133,7 +138,7 @@ pub enum IdentError {
     /// An ID number's birth date (characters 7-14) is not a real date in 1900..=2100.
     #[error("ID number {value:?} has birth date {date:?}, which is not a real date: {reason}")]
     IdBirthDate {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// The eight date digits.
         date: String,
@@ -145,13 +150,13 @@ pub enum IdentError {
         "peer URI {value:?} must be urn:fedgate:node:<division code> or urn:fedgate:agency:<USCC>"
     )]
     PeerUriScheme {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
     },
     /// A peer URI had the right form but an invalid identifier.
     #[error("peer URI {value:?} has an invalid identifier: {source}")]
     PeerUriIdent {
-        /// The rejected input.
+        /// The rejected input (at most its first 32 characters).
         value: String,
         /// Why the identifier was rejected.
         source: Box<IdentError>,
@@ -200,7 +205,7 @@ impl DivisionCode {
         let len = s.chars().count();
         if let Some(ch) = s.chars().find(|c| !c.is_ascii_digit()) {
             return Err(IdentError::DivisionNonDigit {
-                value: s.to_owned(),
+                value: shown(s),
                 ch,
             });
         }
@@ -208,19 +213,19 @@ impl DivisionCode {
             .as_bytes()
             .try_into()
             .map_err(|_| IdentError::DivisionLength {
-                value: s.to_owned(),
+                value: shown(s),
                 len,
             })?;
         let pp = (bytes[0] - b'0') * 10 + (bytes[1] - b'0');
         if !is_province_prefix(pp) {
             return Err(IdentError::DivisionProvince {
-                value: s.to_owned(),
+                value: shown(s),
                 prefix: s[..2].to_owned(),
             });
         }
         if &bytes[2..4] == b"00" && &bytes[4..6] != b"00" {
             return Err(IdentError::DivisionStructure {
-                value: s.to_owned(),
+                value: shown(s),
                 county: s[4..].to_owned(),
             });
         }
@@ -349,7 +354,7 @@ fn uscc_values(value: &str, expected: usize) -> Result<Vec<u32>, IdentError> {
     let len = value.chars().count();
     if len != expected {
         return Err(IdentError::UsccLength {
-            value: value.to_owned(),
+            value: shown(value),
             len,
             expected,
         });
@@ -360,7 +365,7 @@ fn uscc_values(value: &str, expected: usize) -> Result<Vec<u32>, IdentError> {
         .map(|(i, ch)| {
             if ch.is_ascii_lowercase() {
                 return Err(IdentError::UsccLowercase {
-                    value: value.to_owned(),
+                    value: shown(value),
                     ch,
                     pos: i + 1,
                 });
@@ -370,7 +375,7 @@ fn uscc_values(value: &str, expected: usize) -> Result<Vec<u32>, IdentError> {
                 .and_then(|b| USCC_ALPHABET.iter().position(|&a| a == b))
                 .and_then(|p| u32::try_from(p).ok())
                 .ok_or_else(|| IdentError::UsccChar {
-                    value: value.to_owned(),
+                    value: shown(value),
                     ch,
                     pos: i + 1,
                 })
@@ -393,7 +398,7 @@ impl Uscc {
         let found = s.chars().last().unwrap_or_default();
         if found != expected {
             return Err(IdentError::UsccCheck {
-                value: s.to_owned(),
+                value: shown(s),
                 found,
                 expected,
             });
@@ -486,7 +491,7 @@ fn id_check_for(value: &str, digits: &str) -> Result<char, IdentError> {
     let mut sum = 0u32;
     for (i, ch) in digits.chars().enumerate() {
         let d = ch.to_digit(10).ok_or_else(|| IdentError::IdChar {
-            value: value.to_owned(),
+            value: shown(value),
             ch,
             pos: i + 1,
         })?;
@@ -499,7 +504,7 @@ fn id_check_for(value: &str, digits: &str) -> Result<char, IdentError> {
 /// Checks that `date` (eight ASCII digits, YYYYMMDD) is a real date with year 1900..=2100.
 fn check_birth_date(value: &str, date: &str) -> Result<(), IdentError> {
     let bad = |reason| IdentError::IdBirthDate {
-        value: value.to_owned(),
+        value: shown(value),
         date: date.to_owned(),
         reason,
     };
@@ -530,14 +535,14 @@ impl IdNumber {
         let len = s.chars().count();
         if len != 18 {
             return Err(IdentError::IdLength {
-                value: s.to_owned(),
+                value: shown(s),
                 len,
                 expected: 18,
             });
         }
         if let Some((i, ch)) = s.char_indices().find(|&(_, c)| !c.is_ascii()) {
             return Err(IdentError::IdChar {
-                value: s.to_owned(),
+                value: shown(s),
                 ch,
                 pos: s[..i].chars().count() + 1,
             });
@@ -548,14 +553,14 @@ impl IdNumber {
         let found = if found == 'x' { 'X' } else { found };
         if !(found.is_ascii_digit() || found == 'X') {
             return Err(IdentError::IdChar {
-                value: s.to_owned(),
+                value: shown(s),
                 ch: found,
                 pos: 18,
             });
         }
         if found != expected {
             return Err(IdentError::IdCheck {
-                value: s.to_owned(),
+                value: shown(s),
                 found,
                 expected,
             });
@@ -571,13 +576,13 @@ impl IdNumber {
         if len != 17 || !first17.is_ascii() {
             if let Some((i, ch)) = first17.char_indices().find(|&(_, c)| !c.is_ascii()) {
                 return Err(IdentError::IdChar {
-                    value: first17.to_owned(),
+                    value: shown(first17),
                     ch,
                     pos: first17[..i].chars().count() + 1,
                 });
             }
             return Err(IdentError::IdLength {
-                value: first17.to_owned(),
+                value: shown(first17),
                 len,
                 expected: 17,
             });
@@ -674,7 +679,7 @@ impl Peer {
     /// Parses a peer URI produced by [`Peer::to_uri`].
     pub fn from_uri(uri: &str) -> Result<Peer, IdentError> {
         let wrap = |e| IdentError::PeerUriIdent {
-            value: uri.to_owned(),
+            value: shown(uri),
             source: Box::new(e),
         };
         if let Some(code) = uri.strip_prefix(NODE_URI_PREFIX) {
@@ -682,9 +687,7 @@ impl Peer {
         } else if let Some(code) = uri.strip_prefix(AGENCY_URI_PREFIX) {
             Uscc::parse(code).map(Peer::Agency).map_err(wrap)
         } else {
-            Err(IdentError::PeerUriScheme {
-                value: uri.to_owned(),
-            })
+            Err(IdentError::PeerUriScheme { value: shown(uri) })
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod governance;
 pub mod grant;
 pub mod ident;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod pki;

@@ -25,6 +25,7 @@ use crate::downlink::Downlink;
 use crate::governance::Governance;
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
+use crate::limits::GuardLayer;
 use crate::metrics::NodeMetrics;
 use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
@@ -127,6 +128,8 @@ pub async fn start_with_clock(
             ),
         )));
     }
+    config.limits.validate(config.routing.hop_limit)?;
+    let limits = config.limits;
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let topology = Arc::new(Topology::from_config(&config, &tls)?);
     let code = topology.code;
@@ -142,7 +145,7 @@ pub async fn start_with_clock(
         error,
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let uplink = Uplink::new();
+    let uplink = Uplink::new().with_max_push_bytes(limits.max_push_bytes);
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     uplink.set_audit_key(key.public_key());
@@ -178,7 +181,8 @@ pub async fn start_with_clock(
         Arc::new(calendar),
         clock.clone(),
         audit_log.clone(),
-    );
+    )
+    .with_max_grant_days(limits.max_grant_days);
     let clock_for_downlink = clock.clone();
     let assertions = Assertions::new(
         signer,
@@ -249,7 +253,8 @@ pub async fn start_with_clock(
         uplink.clone(),
         metrics.clone(),
         audit_log.clone(),
-    );
+    )
+    .with_limits(limits);
     let connections = &config.connections;
     let refusals = RefusalLog::new(audit_log.clone(), connections.refusal_summary());
     tasks.push(refusals.spawn_flusher(shutdown_rx.clone()));
@@ -312,7 +317,8 @@ pub async fn start_with_clock(
                 store.clone(),
                 open.requests_per_minute,
                 open.max_pages_per_call,
-            );
+            )
+            .with_limits(limits);
             let incoming = accept::incoming(
                 listener,
                 tls::ServerTls::new(tls::public_server_config(&tls)?),
@@ -321,7 +327,10 @@ pub async fn start_with_clock(
             );
             let server = http2_server(connections)
                 .layer(TrackCallsLayer::<()>::new())
-                .add_service(OpenDataServer::new(svc));
+                .layer(GuardLayer::new(audit_log.clone()))
+                .add_service(
+                    OpenDataServer::new(svc).max_decoding_message_size(limits.max_message_bytes),
+                );
             let mut stop = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = server
@@ -344,7 +353,8 @@ pub async fn start_with_clock(
         router,
         uplink.clone(),
         audit_log.clone(),
-    );
+    )
+    .with_limits(limits);
     let admission = Admission::new(
         &config.rate_limits,
         connections.max_calls_in_flight,
@@ -367,17 +377,29 @@ pub async fn start_with_clock(
         http2_server(connections)
             .layer(TrackCallsLayer::<tls::PeerInfo>::new())
             .layer(admission.layer())
+            .layer(GuardLayer::new(audit_log.clone()))
             .add_service(health)
             .add_service(reflection)
-            .add_service(FederationServer::new(federation))
-            .add_service(AgencyServer::new(agency))
-            .add_service(OperatorServer::new(OperatorService::new(
-                code,
-                governance.clone(),
-                store.clone(),
-                topology.parent.is_some().then(|| uplink.clone()),
-                audit_log.clone(),
-            )))
+            .add_service(
+                FederationServer::new(federation)
+                    .max_decoding_message_size(limits.max_message_bytes),
+            )
+            .add_service(
+                AgencyServer::new(agency).max_decoding_message_size(limits.max_message_bytes),
+            )
+            .add_service(
+                OperatorServer::new(
+                    OperatorService::new(
+                        code,
+                        governance.clone(),
+                        store.clone(),
+                        topology.parent.is_some().then(|| uplink.clone()),
+                        audit_log.clone(),
+                    )
+                    .with_limits(limits),
+                )
+                .max_decoding_message_size(limits.max_message_bytes),
+            )
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
             }),

@@ -74,6 +74,13 @@ pub mod action {
 /// cancelled on the far side while this node still waited for it (a link reset mid-request), is UNAVAILABLE:
 /// the caller may retry; any other status is the far side's answer and passes through.
 pub(crate) fn call_error(status: Status, who: &str) -> Error {
+    if fedgate_proto::codec::is_malformed(&status) {
+        // This node could not read the far side's answer: the far side's fault, not the caller's argument.
+        return Error::DataLoss(format!(
+            "{who} answered a message this node cannot read: {}",
+            crate::limits::clamp(status.message(), 256)
+        ));
+    }
     if status.source().is_some() {
         Error::Unavailable(format!("{who} is unreachable: {}", status.message()))
     } else if status.code() == tonic::Code::Cancelled {
@@ -82,7 +89,11 @@ pub(crate) fn call_error(status: Status, who: &str) -> Error {
             status.message()
         ))
     } else {
-        Error::Upstream(status)
+        // Only the code and a bounded message pass back: never the far side's metadata.
+        Error::Upstream(Status::new(
+            status.code(),
+            crate::limits::clamp(status.message(), crate::limits::MAX_STATUS_CHARS),
+        ))
     }
 }
 

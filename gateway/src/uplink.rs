@@ -20,6 +20,10 @@ use crate::topology::Neighbour;
 const BATCH: u32 = 512;
 /// Smallest push after repeated failures, so a flaky link still makes progress.
 const MIN_BATCH: u32 = 16;
+/// Smallest byte budget of a push after the parent refused larger ones as too large.
+const MIN_PUSH_BYTES: usize = 16 * 1024;
+/// Bytes of a push request around its items.
+const PUSH_OVERHEAD: usize = 16;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Wait before the first reconnection attempt.
@@ -58,6 +62,7 @@ pub struct Uplink {
     wake: Arc<[Notify; 2]>,
     status: Arc<[StreamStatus; 2]>,
     key: Arc<std::sync::OnceLock<[u8; 32]>>,
+    max_push_bytes: usize,
 }
 
 impl Default for Uplink {
@@ -84,6 +89,51 @@ enum SessionError {
     Corrupt { seq: u64, error: String },
     #[error("parent applied up to {applied} of a batch ending at {sent}")]
     Behind { applied: u64, sent: u64 },
+    #[error("parent refuses item {seq} ({bytes} bytes) alone as too large: {status}")]
+    TooLarge {
+        seq: u64,
+        bytes: usize,
+        status: tonic::Status,
+    },
+}
+
+/// How much one push carries: at most `items` items of at most `bytes` encoded bytes in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchSize {
+    items: u32,
+    bytes: usize,
+}
+
+impl BatchSize {
+    /// The parent refused a push of `sent` bytes as too large: the next carries at most half of it.
+    fn refused(&mut self, sent: usize) {
+        self.bytes = (sent / 2).max(MIN_PUSH_BYTES).min(self.bytes);
+    }
+}
+
+/// Whether the parent refused a push for its size: over its message limit (OUT_OF_RANGE), or out of room
+/// (RESOURCE_EXHAUSTED).
+fn too_large(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    )
+}
+
+/// The leading items that fit in `budget` encoded bytes (always at least one), and their size.
+fn fit(items: &mut Vec<StreamItem>, budget: usize) -> usize {
+    let mut total = PUSH_OVERHEAD;
+    let mut keep = 0;
+    for item in items.iter() {
+        let n = prost::encoding::message::encoded_len(2, item);
+        if keep > 0 && total + n > budget {
+            break;
+        }
+        total += n;
+        keep += 1;
+    }
+    items.truncate(keep);
+    total
 }
 
 impl Uplink {
@@ -93,7 +143,14 @@ impl Uplink {
             wake: Arc::new([Notify::new(), Notify::new()]),
             status: Arc::new([StreamStatus::default(), StreamStatus::default()]),
             key: Arc::new(std::sync::OnceLock::new()),
+            max_push_bytes: 3 * 1024 * 1024,
         }
+    }
+
+    /// An uplink whose pushes carry at most `bytes` encoded bytes (under the parent's message limit).
+    pub fn with_max_push_bytes(mut self, bytes: usize) -> Self {
+        self.max_push_bytes = bytes.max(MIN_PUSH_BYTES);
+        self
     }
 
     /// Sets the audit public key this node announces when it joins its parent.
@@ -135,9 +192,12 @@ impl Uplink {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = Backoff::default();
-        let mut batch = BATCH;
+        let mut size = BatchSize {
+            items: BATCH,
+            bytes: self.max_push_bytes,
+        };
         loop {
-            let session = self.session(stream, me, &parent, &store, &mut backoff, batch);
+            let session = self.session(stream, me, &parent, &store, &mut backoff, &mut size);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 res = session => {
@@ -153,7 +213,7 @@ impl Uplink {
                 _ = tokio::time::sleep(backoff.failed()) => {}
             }
             // A link that drops before a batch is acknowledged loses the parent's work on it: ship less next time.
-            batch = (batch / 2).max(MIN_BATCH);
+            size.items = (size.items / 2).max(MIN_BATCH);
         }
     }
 
@@ -164,7 +224,7 @@ impl Uplink {
         parent: &Neighbour,
         store: &Arc<dyn Store>,
         backoff: &mut Backoff,
-        mut batch: u32,
+        size: &mut BatchSize,
     ) -> Result<(), SessionError> {
         let mut client = FederationClient::new(parent.channel.clone());
         let join = client
@@ -187,25 +247,47 @@ impl Uplink {
         store.set_uplink_acked(stream, acked).await?;
         tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
         loop {
-            let items = store.outbox_after(stream, acked, batch).await?;
+            let items = store.outbox_after(stream, acked, size.items).await?;
             if items.is_empty() {
                 // Caught up: the link works, so the next interruption is retried quickly again.
                 backoff.progressed();
                 self.wake[slot(stream)].notified().await;
                 continue;
             }
-            let items: Vec<StreamItem> = items
+            let mut items: Vec<StreamItem> = items
                 .into_iter()
                 .map(|i| to_stream_item(stream, i))
                 .collect::<Result<Vec<_>, _>>()?;
-            let last = items.last().map_or(acked, |i| i.seq);
-            let resp = client
+            let bytes = fit(&mut items, size.bytes);
+            let (first, last) = (
+                items.first().map_or(acked, |i| i.seq),
+                items.last().map_or(acked, |i| i.seq),
+            );
+            let count = items.len();
+            let pushed = client
                 .push(PushRequest {
                     stream: stream as i32,
                     items,
                 })
-                .await?
-                .into_inner();
+                .await;
+            let resp = match pushed {
+                Ok(resp) => resp.into_inner(),
+                Err(status) if too_large(&status) && count > 1 && size.bytes > MIN_PUSH_BYTES => {
+                    // The parent takes less than this node sends: send less, at once.
+                    size.refused(bytes);
+                    tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, bytes, count,
+                        next = size.bytes, error = %status, "parent refused a push as too large; sending smaller ones");
+                    continue;
+                }
+                Err(status) if too_large(&status) && count == 1 => {
+                    return Err(SessionError::TooLarge {
+                        seq: first,
+                        bytes,
+                        status,
+                    });
+                }
+                Err(status) => return Err(status.into()),
+            };
             if resp.applied_seq < last {
                 return Err(SessionError::Behind {
                     applied: resp.applied_seq,
@@ -216,7 +298,7 @@ impl Uplink {
             status.acked.store(acked, Ordering::Relaxed);
             store.set_uplink_acked(stream, acked).await?;
             backoff.progressed();
-            batch = (batch * 2).min(BATCH);
+            size.items = (size.items * 2).min(BATCH);
         }
     }
 }
@@ -275,6 +357,54 @@ fn to_stream_item(stream: Stream, item: OutboxItem) -> Result<StreamItem, Sessio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(seq: u64, purpose_len: usize) -> StreamItem {
+        StreamItem {
+            seq,
+            body: Some(stream_item::Body::Audit(AuditRecord {
+                purpose: "p".repeat(purpose_len),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn batches_fit_their_byte_budget_and_carry_at_least_one_item() {
+        let mut items: Vec<StreamItem> = (1..=10).map(|s| record(s, 1000)).collect();
+        let bytes = fit(&mut items, 4000);
+        assert_eq!(
+            items.len(),
+            3,
+            "three records of about 1 kB fit in 4000 bytes"
+        );
+        assert!(bytes <= 4000, "{bytes}");
+        let sent = PushRequest {
+            stream: Stream::Audit as i32,
+            items: items.clone(),
+        };
+        assert!(
+            sent.encoded_len() <= bytes,
+            "the estimate covers the request"
+        );
+
+        let mut big = vec![record(1, 100_000), record(2, 10)];
+        let bytes = fit(&mut big, 4000);
+        assert_eq!(
+            big.len(),
+            1,
+            "an item larger than the budget still travels alone"
+        );
+        assert!(bytes > 100_000);
+
+        let mut size = BatchSize {
+            items: BATCH,
+            bytes: 3 << 20,
+        };
+        size.refused(1 << 20);
+        assert_eq!(size.bytes, 512 << 10, "half of what was refused");
+        size.refused(1000);
+        assert_eq!(size.bytes, MIN_PUSH_BYTES, "never below the minimum");
+    }
 
     #[test]
     fn reconnection_waits_grow_until_a_session_makes_progress() {

@@ -17,6 +17,7 @@ use fedgate_gateway::config::{
     StorageConfig, TlsFiles,
 };
 use fedgate_gateway::ident::{DivisionCode, Peer, Uscc};
+use fedgate_gateway::limits::LimitsConfig;
 use fedgate_gateway::node::{self, NodeHandle};
 use fedgate_gateway::pki::{DevCa, IssuedCert, write_pem_files};
 use fedgate_proto::v1::agency_client::AgencyClient;
@@ -39,6 +40,8 @@ pub struct NodeSpec {
     pub agencies: Vec<AgencySpec>,
     /// Its store; an SQLite file in the federation's directory when absent.
     pub storage: Option<StorageConfig>,
+    /// Its input limits; the defaults when absent.
+    pub limits: Option<LimitsConfig>,
 }
 
 /// An agency of a development federation.
@@ -72,7 +75,14 @@ impl NodeSpec {
             code: code.parse().map_err(|e| anyhow!("node {code}: {e}"))?,
             agencies: Vec::new(),
             storage: None,
+            limits: None,
         })
+    }
+
+    /// The node enforces `limits` instead of the defaults.
+    pub fn limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     /// The node keeps its state in `storage` instead of an SQLite file of the federation.
@@ -352,6 +362,7 @@ impl Devnet {
                 trust: Default::default(),
                 connections: Default::default(),
                 rate_limits: Default::default(),
+                limits: s.limits.unwrap_or_default(),
             };
             let config = tweak(config);
             std::fs::write(

@@ -3,6 +3,8 @@
 //! The `.proto` files under `proto/fedgate/v1/` are the source of truth; other languages compile them directly.
 #![allow(missing_docs, clippy::all)]
 
+pub mod codec;
+
 /// Version 1 of the fedgate API.
 pub mod v1 {
     tonic::include_proto!("fedgate.v1");

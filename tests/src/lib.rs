@@ -3,6 +3,7 @@
 
 pub mod postgres;
 pub mod process;
+pub mod raw;
 pub mod rogue;
 
 use std::future::Future;

@@ -315,6 +315,7 @@ impl ProcessFederation {
                 trust: Default::default(),
                 connections: Default::default(),
                 rate_limits: Default::default(),
+                limits: Default::default(),
             };
             let config_path = path.join(format!("node-{}.toml", s.code));
             std::fs::write(

@@ -571,7 +571,8 @@ async fn revoked_certificates_are_refused_at_the_handshake_and_in_statements() -
 }
 
 #[tokio::test]
-async fn an_agency_certificate_registered_at_another_node_is_refused_at_the_consumers_node() -> Result<()> {
+async fn an_agency_certificate_registered_at_another_node_is_refused_at_the_consumers_node()
+-> Result<()> {
     let net = standard().await?;
     // Taijiang's agency, with a certificate that registers it at Gulou.
     let taijiang = net.consumer_at(code("350103"))?.uscc.clone();

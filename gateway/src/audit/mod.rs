@@ -238,6 +238,8 @@ impl Writer {
         let mut records: Vec<AuditRecord> = Vec::with_capacity(batch.len());
         for p in batch.iter_mut() {
             let mut r = std::mem::take(&mut p.record);
+            // No record may outgrow an upward batch, whatever its caller put in it.
+            crate::limits::bound_record(&mut r);
             self.seq += 1;
             r.node_code.clone_from(&self.node_code);
             r.seq = self.seq;

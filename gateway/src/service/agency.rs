@@ -25,13 +25,14 @@ use crate::cache::{CachedAnswer, ShareCache};
 use crate::catalog::{self, parse_resource_id};
 use crate::error::{Error, Result};
 use crate::ident::{Peer, Uscc};
+use crate::limits::{Bounded, LimitsConfig, excerpt};
 use crate::route::{Router, action};
 use crate::store::Store;
 use crate::topology::Topology;
 use crate::uplink::Uplink;
 
-/// Longest request id a caller may choose.
-const MAX_REQUEST_ID: usize = 64;
+/// Characters a bulk page adds to the caller's request id ("-p" and the page number).
+const PAGE_SUFFIX: usize = 22;
 
 /// The Agency service of one node.
 #[derive(Clone)]
@@ -43,6 +44,7 @@ pub struct AgencyService {
     router: Router,
     uplink: Uplink,
     audit: AuditLog,
+    limits: LimitsConfig,
 }
 
 impl AgencyService {
@@ -61,7 +63,31 @@ impl AgencyService {
             router,
             uplink,
             audit,
+            limits: LimitsConfig::default(),
         }
+    }
+
+    /// The service with `limits` on what agencies send instead of the defaults.
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The calling agency, registered on this node, and a message within the limits; a refusal is audited.
+    async fn admitted<T: Bounded>(&self, req: &Request<T>, rpc: &str) -> Result<Uscc, Status> {
+        let uscc = self.agency(req, rpc).await?;
+        if let Err(e) = req.get_ref().check_limits(&self.limits) {
+            let mut r = crate::limits::refusal(
+                Peer::Agency(uscc.clone()).to_uri(),
+                &format!("Agency.{rpc}"),
+                &e,
+            );
+            r.consumer_uscc = uscc.to_string();
+            r.consumer_node = self.topology.code.to_string();
+            self.write(r).await?;
+            return Err(e.into());
+        }
+        Ok(uscc)
     }
 
     /// The calling agency, which must be registered on this node, by configuration and by its certificate; a
@@ -137,7 +163,8 @@ impl AgencyService {
         let entry = req
             .entry
             .ok_or_else(|| Error::InvalidArgument("entry is required".into()))?;
-        let entry = catalog::prepare_publish(self.topology.code, uscc, entry, now_rfc3339())?;
+        let entry =
+            catalog::prepare_publish(self.topology.code, uscc, entry, now_rfc3339(), &self.limits)?;
         let existing = self.store.entry(&entry.id).await?;
         if let Some(existing) = existing.filter(|e| e.entry.provider_uscc != uscc.as_str()) {
             return Err(Error::PermissionDenied(format!(
@@ -282,7 +309,11 @@ impl AgencyService {
         &self,
         share: &mut ShareRequest,
     ) -> Result<(crate::catalog::ResourceId, Option<i64>)> {
-        share.request_id = request_id(&share.request_id).inspect_err(|_| {
+        share.request_id = request_id(
+            &share.request_id,
+            self.limits.max_request_id_chars + PAGE_SUFFIX,
+        )
+        .inspect_err(|_| {
             share.request_id.clear();
         })?;
         let rid = parse_resource_id("resource_id", &share.resource_id)?;
@@ -395,7 +426,8 @@ impl AgencyService {
             .and_then(|(n, _)| n.parse::<crate::ident::DivisionCode>().ok())
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "id {id:?} must start with the division code of the node that issued it"
+                    "id {:?} must start with the division code of the node that issued it",
+                    excerpt(id)
                 ))
             })?;
         let deadline = std::time::Instant::now()
@@ -447,14 +479,15 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn request_id(given: &str) -> Result<String> {
+/// The request id a caller gave (at most `max` letters, digits or '-'), or a new one.
+fn request_id(given: &str, max: usize) -> Result<String> {
     if given.is_empty() {
         return Ok(uuid::Uuid::new_v4().to_string());
     }
-    if given.len() > MAX_REQUEST_ID || !given.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    {
+    if given.len() > max || !given.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(Error::InvalidArgument(format!(
-            "request_id {given:?} must be 1-{MAX_REQUEST_ID} letters, digits or '-'"
+            "request_id {:?} must be 1-{max} letters, digits or '-'",
+            excerpt(given)
         )));
     }
     Ok(given.to_owned())
@@ -474,7 +507,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<PublishEntryRequest>,
     ) -> Result<Response<PublishEntryResponse>, Status> {
-        let uscc = self.agency(&req, "PublishEntry").await?;
+        let uscc = self.admitted(&req, "PublishEntry").await?;
         let mut record = audit::event(
             AuditOperation::CatalogPublish,
             Peer::Agency(uscc.clone()).to_uri(),
@@ -504,7 +537,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<WithdrawEntryRequest>,
     ) -> Result<Response<WithdrawEntryResponse>, Status> {
-        let uscc = self.agency(&req, "WithdrawEntry").await?;
+        let uscc = self.admitted(&req, "WithdrawEntry").await?;
         let id = req.into_inner().id;
         let mut record = audit::event(
             AuditOperation::CatalogWithdraw,
@@ -522,7 +555,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<GetEntryRequest>,
     ) -> Result<Response<CatalogEntry>, Status> {
-        self.agency(&req, "GetEntry").await?;
+        self.admitted(&req, "GetEntry").await?;
         Ok(Response::new(self.subtree_entry(&req.get_ref().id).await?))
     }
 
@@ -530,10 +563,10 @@ impl Agency for AgencyService {
         &self,
         req: Request<SearchCatalogRequest>,
     ) -> Result<Response<SearchCatalogResponse>, Status> {
-        self.agency(&req, "SearchCatalog").await?;
-        let query = catalog::search_query(self.topology.code, req.get_ref())?;
+        self.admitted(&req, "SearchCatalog").await?;
+        let query = catalog::search_query(self.topology.code, req.get_ref(), &self.limits)?;
         let entries = self.store.search(&query).await.map_err(Error::from)?;
-        let next_page_token = catalog::next_page_token(&entries, query.limit);
+        let (entries, next_page_token) = catalog::finish_page(entries, &query);
         Ok(Response::new(SearchCatalogResponse {
             entries,
             next_page_token,
@@ -541,7 +574,7 @@ impl Agency for AgencyService {
     }
 
     async fn share(&self, req: Request<ShareRequest>) -> Result<Response<ShareResponse>, Status> {
-        let uscc = self.agency(&req, "Share").await?;
+        let uscc = self.admitted(&req, "Share").await?;
         let limit = Duration::from_millis(self.router.limits().default_timeout_ms);
         let deadline = deadline(&req, limit);
         let mut share = req.into_inner();
@@ -553,7 +586,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<QueryAuditRequest>,
     ) -> Result<Response<QueryAuditResponse>, Status> {
-        let uscc = self.agency(&req, "QueryAudit").await?;
+        let uscc = self.admitted(&req, "QueryAudit").await?;
         let q = req.into_inner();
         let counterpart = if q.counterpart_uscc.is_empty() {
             None
@@ -580,10 +613,10 @@ impl Agency for AgencyService {
     type BulkStream = ReceiverStream<Result<ShareResponse, Status>>;
 
     async fn bulk(&self, req: Request<ShareRequest>) -> Result<Response<Self::BulkStream>, Status> {
-        let uscc = self.agency(&req, "Bulk").await?;
+        let uscc = self.admitted(&req, "Bulk").await?;
         let mut share = req.into_inner();
         share.mode = ShareMode::Bulk as i32;
-        share.request_id = request_id(&share.request_id)?;
+        share.request_id = request_id(&share.request_id, self.limits.max_request_id_chars)?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let svc = self.clone();
         tokio::spawn(async move {
@@ -607,7 +640,7 @@ impl Agency for AgencyService {
     }
 
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<Application>, Status> {
-        let uscc = self.agency(&req, "Apply").await?;
+        let uscc = self.admitted(&req, "Apply").await?;
         let r = req.into_inner();
         let resource = r.resource_id.clone();
         Ok(Response::new(
@@ -620,7 +653,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<GetApplicationRequest>,
     ) -> Result<Response<Application>, Status> {
-        let uscc = self.agency(&req, "GetApplication").await?;
+        let uscc = self.admitted(&req, "GetApplication").await?;
         let r = req.into_inner();
         let id = r.id.clone();
         Ok(Response::new(
@@ -646,7 +679,7 @@ impl Agency for AgencyService {
     }
 
     async fn decide(&self, req: Request<DecideRequest>) -> Result<Response<Application>, Status> {
-        let uscc = self.agency(&req, "Decide").await?;
+        let uscc = self.admitted(&req, "Decide").await?;
         Ok(Response::new(
             self.router
                 .governance()
@@ -659,7 +692,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
-        let uscc = self.agency(&req, "Revoke").await?;
+        let uscc = self.admitted(&req, "Revoke").await?;
         let r = req.into_inner();
         let (checked, notice) = self
             .router
@@ -678,7 +711,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<FileObjectionRequest>,
     ) -> Result<Response<Objection>, Status> {
-        let uscc = self.agency(&req, "FileObjection").await?;
+        let uscc = self.admitted(&req, "FileObjection").await?;
         let r = req.into_inner();
         let resource = r.resource_id.clone();
         Ok(Response::new(
@@ -691,7 +724,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<GetObjectionRequest>,
     ) -> Result<Response<Objection>, Status> {
-        let uscc = self.agency(&req, "GetObjection").await?;
+        let uscc = self.admitted(&req, "GetObjection").await?;
         let r = req.into_inner();
         let id = r.id.clone();
         Ok(Response::new(
@@ -720,7 +753,7 @@ impl Agency for AgencyService {
         &self,
         req: Request<ResolveObjectionRequest>,
     ) -> Result<Response<Objection>, Status> {
-        let uscc = self.agency(&req, "ResolveObjection").await?;
+        let uscc = self.admitted(&req, "ResolveObjection").await?;
         Ok(Response::new(
             self.router
                 .governance()

@@ -17,6 +17,7 @@ use crate::audit::{self, AuditLog, ChainVerifier};
 use crate::catalog::parse_resource_id;
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer};
+use crate::limits::{Bounded, LimitsConfig, excerpt};
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
 use crate::statement::Verified;
@@ -36,6 +37,7 @@ pub struct FederationService {
     uplink: Uplink,
     metrics: Arc<NodeMetrics>,
     audit: AuditLog,
+    limits: LimitsConfig,
 }
 
 impl FederationService {
@@ -55,6 +57,21 @@ impl FederationService {
             uplink,
             metrics,
             audit,
+            limits: LimitsConfig::default(),
+        }
+    }
+
+    /// The service with `limits` on what neighbours send instead of the defaults.
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Refuses (and audits) a message over the limits.
+    async fn bounded<T: Bounded>(&self, req: &Request<T>, rpc: &str) -> Result<(), Status> {
+        match req.get_ref().check_limits(&self.limits) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.refuse(actor_of(req), rpc, e).await),
         }
     }
 
@@ -372,10 +389,11 @@ fn check_catalog_change(child: DivisionCode, change: &CatalogChange) -> Result<(
 impl Federation for FederationService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let child = self.checked_child(&req, "Join").await?;
+        self.bounded(&req, "Join").await?;
         if req.get_ref().node_code != child.as_str() {
             let err = Error::PermissionDenied(format!(
                 "join names node {:?} but the certificate is for node {child}",
-                req.get_ref().node_code
+                excerpt(&req.get_ref().node_code)
             ));
             return Err(self.refuse(actor_of(&req), "Join", err).await);
         }
@@ -420,6 +438,7 @@ impl Federation for FederationService {
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let child = self.checked_child(&req, "Push").await?;
+        self.bounded(&req, "Push").await?;
         let req = req.into_inner();
         if req.items.len() > MAX_PUSH {
             return Err(Error::InvalidArgument(format!(
@@ -456,6 +475,15 @@ impl Federation for FederationService {
         req: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
         let from = self.checked_neighbour(&req, "Forward").await?;
+        let here = req
+            .get_ref()
+            .envelope
+            .as_ref()
+            .map(|e| e.target_node.as_str())
+            == Some(self.topology.code.as_str());
+        if let Err(e) = crate::limits::check_forward(req.get_ref(), &self.limits, here) {
+            return Err(self.refuse(actor_of(&req), "Forward", e).await);
+        }
         let limit = Duration::from_millis(self.router.limits().default_timeout_ms);
         let mut deadline = deadline(&req, limit);
         let ForwardRequest { envelope, request } = req.into_inner();
@@ -486,6 +514,7 @@ impl Federation for FederationService {
         req: Request<RevocationNotice>,
     ) -> Result<Response<RevocationAck>, Status> {
         let from = self.checked_neighbour(&req, "Revoke").await?;
+        self.bounded(&req, "Revoke").await?;
         let mut notice = req.into_inner();
         let checked = match self.admit_revocation(from, &notice) {
             Ok(v) => v,
@@ -521,6 +550,7 @@ impl Federation for FederationService {
         req: Request<InvalidationNotice>,
     ) -> Result<Response<InvalidationAck>, Status> {
         let from = self.checked_neighbour(&req, "Invalidate").await?;
+        self.bounded(&req, "Invalidate").await?;
         let mut notice = req.into_inner();
         let downlink = self.router.downlink();
         let checked = match notice

@@ -23,6 +23,7 @@ use crate::assertion::Vouched;
 use crate::audit;
 use crate::catalog::{parse_resource_id, subtree_prefix};
 use crate::error::{Error, Result};
+use crate::limits::{Bounded, LimitsConfig};
 use crate::policy;
 use crate::route::{Router, action};
 use crate::store::{CatalogQuery, Store};
@@ -39,6 +40,7 @@ pub struct OpenDataService {
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     per_minute: u32,
     max_pages: u32,
+    limits: LimitsConfig,
 }
 
 impl OpenDataService {
@@ -51,7 +53,23 @@ impl OpenDataService {
             limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(rate))),
             per_minute: rate.get(),
             max_pages,
+            limits: LimitsConfig::default(),
         }
+    }
+
+    /// The service with `limits` on what the public sends instead of the defaults.
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Refuses (and audits) a request over the limits.
+    fn bounded<T: Bounded>(&self, req: &Request<T>, ip: IpAddr, rpc: &str) -> Result<(), Status> {
+        req.get_ref().check_limits(&self.limits).map_err(|e| {
+            let r = crate::limits::refusal(format!("public:{ip}"), rpc, &e);
+            self.router.audit().record_detached(r);
+            e.into()
+        })
     }
 
     fn admit<T>(&self, req: &Request<T>) -> Result<IpAddr, Status> {
@@ -89,7 +107,8 @@ impl OpenData for OpenDataService {
         &self,
         req: Request<ListDatasetsRequest>,
     ) -> Result<Response<ListDatasetsResponse>, Status> {
-        self.admit(&req)?;
+        let ip = self.admit(&req)?;
+        self.bounded(&req, ip, "OpenData.ListDatasets")?;
         let me = self.router.topology().code;
         let entries = self
             .store
@@ -125,6 +144,7 @@ impl OpenData for OpenDataService {
         req: Request<DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let ip = self.admit(&req)?;
+        self.bounded(&req, ip, "OpenData.Download")?;
         let d = req.into_inner();
         let checked = match self.open_entry(&d.resource_id).await.and_then(|e| {
             if e.share_type != ShareType::Unconditional as i32 {

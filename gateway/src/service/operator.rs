@@ -15,6 +15,7 @@ use crate::catalog::subtree_prefix;
 use crate::error::Error;
 use crate::governance::Governance;
 use crate::ident::{DivisionCode, Peer, Uscc};
+use crate::limits::{Bounded, LimitsConfig};
 use crate::store::Store;
 use crate::uplink::Uplink;
 
@@ -26,6 +27,7 @@ pub struct OperatorService {
     store: Arc<dyn Store>,
     uplink: Option<Uplink>,
     audit: AuditLog,
+    limits: LimitsConfig,
 }
 
 impl OperatorService {
@@ -43,7 +45,14 @@ impl OperatorService {
             store,
             uplink,
             audit,
+            limits: LimitsConfig::default(),
         }
+    }
+
+    /// The service with `limits` on what operators send instead of the defaults.
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
     }
 
     async fn operator<T>(&self, req: &Request<T>, rpc: &str) -> Result<(), Status> {
@@ -117,6 +126,14 @@ impl Operator for OperatorService {
         req: Request<OperatorAuditRequest>,
     ) -> Result<Response<QueryAuditResponse>, Status> {
         self.operator(&req, "QueryAudit").await?;
+        if let Err(e) = req.get_ref().check_limits(&self.limits) {
+            let r =
+                crate::limits::refusal(Peer::Node(self.node).to_uri(), "Operator.QueryAudit", &e);
+            if let Err(err) = self.audit.record(r).await {
+                tracing::error!(error = %err, "refusal not audited");
+            }
+            return Err(e.into());
+        }
         let r = req.into_inner();
         let party = if r.agency.is_empty() {
             None

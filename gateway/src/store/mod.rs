@@ -69,6 +69,9 @@ pub struct CatalogQuery {
     pub after_id: Option<String>,
     /// Maximum entries.
     pub limit: u32,
+    /// Stop reading after the entry that brings the encoded entries read above this many bytes, so that a page
+    /// holds at most one entry more than its budget in memory; unbounded when absent.
+    pub max_bytes: Option<usize>,
 }
 
 /// A catalog row as stored, including withdrawn entries (kept so versions only grow).

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream, catalog_change};
+use futures::TryStreamExt;
 use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
@@ -402,10 +403,17 @@ impl Store for PgStore {
             b.push(" AND id > ").push_bind(after.clone());
         }
         b.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
-        let rows = b.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| decode_entry(r.try_get::<&str, _>(0)?, r.try_get::<&[u8], _>(1)?))
-            .collect()
+        let mut rows = b.build().fetch(&self.pool);
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while let Some(r) = rows.try_next().await? {
+            let body = r.try_get::<&[u8], _>(1)?;
+            bytes = bytes.saturating_add(body.len());
+            out.push(decode_entry(r.try_get::<&str, _>(0)?, body)?);
+            if q.max_bytes.is_some_and(|max| bytes > max) {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn count_entries(&self) -> Result<u64, StoreError> {

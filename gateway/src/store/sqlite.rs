@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream, catalog_change};
+use futures::TryStreamExt;
 use prost::Message;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -349,10 +350,17 @@ impl Store for SqliteStore {
             b.push(" AND id > ").push_bind(after.clone());
         }
         b.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
-        let rows = b.build().fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|r| decode_entry(r.get::<&str, _>(0), r.get::<&[u8], _>(1)))
-            .collect()
+        let mut rows = b.build().fetch(&self.reader);
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while let Some(r) = rows.try_next().await? {
+            let body = r.get::<&[u8], _>(1);
+            bytes = bytes.saturating_add(body.len());
+            out.push(decode_entry(r.get::<&str, _>(0), body)?);
+            if q.max_bytes.is_some_and(|max| bytes > max) {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn count_entries(&self) -> Result<u64, StoreError> {
