@@ -56,7 +56,7 @@ pub struct NodeConfig {
     /// Per-agency and per-neighbour rate and concurrency limits.
     #[serde(default)]
     pub rate_limits: crate::admission::RateLimitsConfig,
-    /// Limits on every string, list and message this node accepts (see `docs/limits.md`).
+    /// Limits on every string, list and message this node accepts (see `docs/security.md`).
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
 }

@@ -2,7 +2,7 @@
 //! the edge before any work and refused with INVALID_ARGUMENT naming the field and the limit; errors quote at most
 //! a short excerpt of a bad value; no audit record or catalog item can outgrow what an upward batch carries.
 //!
-//! The limits and their defaults are listed in `docs/limits.md`.
+//! The limits and their defaults are listed in `docs/security.md`.
 
 mod guard;
 mod messages;
