@@ -743,6 +743,30 @@ impl Governance {
             .is_some())
     }
 
+    /// Checks a grant issued by any node, as the consumer's node does before a request leaves it: the issuer's
+    /// certificate-signed endorsement of its key, then the grant's signature under that key. The issuer's node
+    /// checks again with its own key ([`Governance::check_grant`]).
+    pub fn check_foreign_grant(&self, signed: &SignedGrant) -> Result<Grant> {
+        let claimed = Grant::decode(signed.grant.as_slice())
+            .map_err(|e| Error::InvalidArgument(format!("grant: not an encoded Grant: {e}")))?;
+        let issuer = grant_issuer(&claimed.id)?;
+        let endorsement = crate::statement::required(signed.key_endorsement.as_ref(), "grant")
+            .map_err(|e| Error::PermissionDenied(format!("grant {}: {e}", claimed.id)))?;
+        let v: Verified<fedgate_proto::v1::KeyEndorsement> =
+            self.verifier.verify(endorsement, self.clock.unix())?;
+        if v.signer() != issuer
+            || v.body().node_code != issuer.as_str()
+            || v.body().public_key != signed.public_key
+            || claimed.issuer_node != issuer.as_str()
+        {
+            return Err(Error::PermissionDenied(format!(
+                "grant {} is not signed with a key that node {issuer} endorsed",
+                claimed.id
+            )));
+        }
+        grant::open(signed, &signed.public_key).map_err(grant_refusal)
+    }
+
     /// Checks a grant presented for a share of `entry` held here; returns the grant.
     pub async fn check_grant(
         &self,

@@ -424,7 +424,8 @@ async fn forged_expired_and_revoked_grants_are_refused() -> Result<()> {
     assert_eq!(second.records, first.records);
     assert_eq!(second.route.len(), 1);
 
-    // Altered grant: widen its fields but keep the signature.
+    // Altered grant: widen its fields but keep the signature. The consumer's node checks the grant with the
+    // issuer's endorsed key before the request leaves it.
     let mut widened = g.clone();
     widened.fields.push("spouse_id_number".into());
     let forged = SignedGrant {
@@ -440,18 +441,28 @@ async fn forged_expired_and_revoked_grants_are_refused() -> Result<()> {
         ),
         Code::PermissionDenied,
         "altered or forged",
-        "350102",
+        "350203",
     )
     .await?;
-    // A grant signed by some other key.
-    let rogue = fedgate_gateway::grant::GrantKey::generate().sign(&g);
+    // A grant signed by some other key, with no endorsement, or with the issuer's endorsement of its own key.
+    let mut rogue = fedgate_gateway::grant::GrantKey::generate().sign(&g);
     refused(
         &net,
         &mut p.a,
         with_grant(query("350102:marriage", &p.key, &["name"]), &rogue),
         Code::PermissionDenied,
-        "not by the issuer's trusted key",
-        "350102",
+        "grant 350102-g-1: grant carries no signed statement",
+        "350203",
+    )
+    .await?;
+    rogue.key_endorsement = grant.key_endorsement.clone();
+    refused(
+        &net,
+        &mut p.a,
+        with_grant(query("350102:marriage", &p.key, &["name"]), &rogue),
+        Code::PermissionDenied,
+        "is not signed with a key that node 350102 endorsed",
+        "350203",
     )
     .await?;
 

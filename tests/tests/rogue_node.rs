@@ -167,6 +167,32 @@ async fn a_node_cannot_speak_for_another_nodes_agency_or_use_its_grant() -> Resu
         "carries no certificate of agency",
     )?;
 
+    // A widened grant that skipped the consumer's node check is refused by the issuer's node itself.
+    let mut widened = grant.clone();
+    widened.fields.push("spouse_id_number".into());
+    let mut forged_req = share_under(&net, &signed)?;
+    forged_req.grant = Some(SignedGrant {
+        grant: widened.encode_to_vec(),
+        ..signed.clone()
+    });
+    let siming = RogueNode::new(&net, "350203")?
+        .presenting(&net.consumer_at(code("350203"))?.cert.cert_pem)?;
+    let mut env = siming.envelope(
+        "rogue-widened-grant",
+        ("350102:marriage", "350102"),
+        (&consumer, "350203"),
+    );
+    env.grant_id = grant.id.clone();
+    env.purpose = PURPOSE.into();
+    env.assertion = Some(siming.assert(&env, &forged_req.encode_to_vec(), now_ms(&net))?);
+    let err = siming
+        .federation(&net, "350200")?
+        .forward(RogueNode::forward(env, &forged_req))
+        .await
+        .expect_err("a widened grant was served");
+    expect(err, Code::PermissionDenied, "altered or forged")?;
+    assert_audited(&net, "350102", "PERMISSION_DENIED", "altered or forged").await?;
+
     // The honest grantee is still served.
     honest.share(share_under(&net, &signed)?).await?;
     net.shutdown().await

@@ -319,8 +319,7 @@ impl AgencyService {
         let rid = parse_resource_id("resource_id", &share.resource_id)?;
         let mut grant_expiry = None;
         if let Some(signed) = &share.grant {
-            let g = Grant::decode(signed.grant.as_slice())
-                .map_err(|e| Error::InvalidArgument(format!("grant: not an encoded Grant: {e}")))?;
+            let g = self.router.governance().check_foreign_grant(signed)?;
             if self.router.governance().is_revoked(&g.id).await? {
                 return Err(Error::PermissionDenied(format!(
                     "grant {} was revoked",
