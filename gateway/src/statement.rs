@@ -639,6 +639,29 @@ mod tests {
     }
 
     #[test]
+    fn statements_made_before_a_certificate_rotation_still_verify() {
+        let ca = DevCa::generate("test").unwrap();
+        let verifier = StatementVerifier::new(&ca.ca_pem(), RevokedSerials::default()).unwrap();
+        let old = NodeSigner::from_material(&material(&ca, &node("350102"))).unwrap();
+        let before = old.sign(&endorsement()).unwrap();
+        // The node's certificate and key are replaced; both generations verify, each under its own certificate.
+        let new = NodeSigner::from_material(&material(&ca, &node("350102"))).unwrap();
+        let after = new.sign(&endorsement()).unwrap();
+        assert_ne!(before.certificate, after.certificate);
+        for s in [&before, &after] {
+            let v = verifier.verify::<KeyEndorsement>(s, now()).unwrap();
+            assert_eq!(v.signer().as_str(), "350102");
+        }
+        // A signature of one generation does not pass under the other's certificate.
+        let mut mixed = after.clone();
+        mixed.certificate = before.certificate.clone();
+        assert!(matches!(
+            verifier.verify::<KeyEndorsement>(&mixed, now()),
+            Err(StatementError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
     fn oversized_parts_are_refused_before_any_work() {
         let ca = DevCa::generate("test").unwrap();
         let verifier = StatementVerifier::new(&ca.ca_pem(), RevokedSerials::default()).unwrap();
