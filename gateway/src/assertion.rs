@@ -88,6 +88,31 @@ impl std::fmt::Debug for Assertions {
     }
 }
 
+/// What a node vouches for about `env` and its `request` bytes, as of `issued_at_ms`, for the agency whose
+/// certificate (DER) is `agency_certificate` (empty for open data).
+pub fn assertion_for(
+    env: &Envelope,
+    request: &[u8],
+    agency_certificate: &[u8],
+    issued_at_ms: i64,
+) -> ConsumerAssertion {
+    ConsumerAssertion {
+        request_id: env.request_id.clone(),
+        consumer_uscc: env.consumer_uscc.clone(),
+        consumer_node: env.consumer_node.clone(),
+        resource_id: env.resource_id.clone(),
+        target_node: env.target_node.clone(),
+        kind: env.kind,
+        grant_id: env.grant_id.clone(),
+        mode: env.mode,
+        purpose: env.purpose.clone(),
+        request_digest: request_digest(request),
+        issued_at_unix_ms: issued_at_ms,
+        open_data: env.open_data,
+        agency_certificate: agency_certificate.to_vec(),
+    }
+}
+
 /// The SHA-256 of request bytes, as an assertion carries it.
 pub fn request_digest(request: &[u8]) -> Vec<u8> {
     Sha256::digest(request).to_vec()
@@ -139,25 +164,8 @@ impl Assertions {
         request: &[u8],
         consumer: &Vouched,
     ) -> Result<SignedStatement> {
-        let a = ConsumerAssertion {
-            request_id: env.request_id.clone(),
-            consumer_uscc: env.consumer_uscc.clone(),
-            consumer_node: env.consumer_node.clone(),
-            resource_id: env.resource_id.clone(),
-            target_node: env.target_node.clone(),
-            kind: env.kind,
-            grant_id: env.grant_id.clone(),
-            mode: env.mode,
-            purpose: env.purpose.clone(),
-            request_digest: request_digest(request),
-            issued_at_unix_ms: self.now_ms(),
-            open_data: env.open_data,
-            agency_certificate: consumer
-                .certificate
-                .as_deref()
-                .map(<[u8]>::to_vec)
-                .unwrap_or_default(),
-        };
+        let certificate = consumer.certificate.as_deref().unwrap_or_default();
+        let a = assertion_for(env, request, certificate, self.now_ms());
         self.signer.sign(&a).map_err(|e| {
             Error::Unavailable(format!(
                 "node {} cannot sign its assertion: {e}",

@@ -1,27 +1,24 @@
 //! A dishonest node for adversarial tests: it holds a valid node certificate from the federation CA and uses the
 //! project's own signing code, but writes whatever it likes into envelopes, assertions and notices.
 
-use std::time::Duration;
-
 use anyhow::{Result, bail};
+use fedgate_gateway::assertion::assertion_for;
 use fedgate_gateway::ident::Peer;
+use fedgate_gateway::pki::IssuedCert;
 use fedgate_gateway::statement::NodeSigner;
 use fedgate_gateway::store::AuditQuery;
-use fedgate_gateway::tls::{TlsMaterial, client_tls};
+use fedgate_gateway::tls::TlsMaterial;
 use fedgate_proto::v1::federation_client::FederationClient;
-use fedgate_proto::v1::{
-    ConsumerAssertion, Envelope, ForwardRequest, Hop, RequestKind, ShareMode, SignedStatement,
-};
+use fedgate_proto::v1::{Envelope, ForwardRequest, Hop, RequestKind, ShareMode, SignedStatement};
 use prost::Message;
-use sha2::{Digest, Sha256};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{Devnet, code};
 
 /// A node that lies, holding a valid certificate for its code.
 pub struct RogueNode {
     code: String,
-    tls: TlsMaterial,
+    cert: IssuedCert,
     signer: NodeSigner,
     agency_certificate: Vec<u8>,
 }
@@ -30,15 +27,14 @@ impl RogueNode {
     /// A rogue with a fresh certificate for node `code` issued by the federation's CA.
     pub fn new(net: &Devnet, node: &str) -> Result<Self> {
         let cert = net.ca().issue(&Peer::Node(code(node)), &[])?;
-        let tls = TlsMaterial {
+        let signer = NodeSigner::from_material(&TlsMaterial {
             ca_pem: net.ca().ca_pem(),
-            cert_pem: cert.cert_pem,
-            key_pem: cert.key_pem,
-        };
-        let signer = NodeSigner::from_material(&tls)?;
+            cert_pem: cert.cert_pem.clone(),
+            key_pem: cert.key_pem.clone(),
+        })?;
         Ok(Self {
             code: node.to_owned(),
-            tls,
+            cert,
             signer,
             agency_certificate: Vec::new(),
         })
@@ -54,7 +50,7 @@ impl RogueNode {
 
     /// The rogue's certificate, PEM.
     pub fn certificate_pem(&self) -> &str {
-        &self.tls.cert_pem
+        &self.cert.cert_pem
     }
 
     /// The rogue's own signer, for statements it makes in its own name.
@@ -63,12 +59,12 @@ impl RogueNode {
     }
 
     /// A Federation client of node `neighbour`, presenting the rogue's certificate.
-    pub fn federation(&self, net: &Devnet, neighbour: &str) -> Result<FederationClient<Channel>> {
-        let channel = Endpoint::from_shared(net.node_url(code(neighbour))?)?
-            .tls_config(client_tls(&self.tls, &Peer::Node(code(neighbour))))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Ok(FederationClient::new(channel))
+    pub async fn federation(
+        &self,
+        net: &Devnet,
+        neighbour: &str,
+    ) -> Result<FederationClient<Channel>> {
+        crate::federation_client(net, neighbour, &self.cert).await
     }
 
     /// An envelope for a share of `resource` held at `target`, claiming `consumer_uscc` at `consumer_node`,
@@ -117,21 +113,7 @@ impl RogueNode {
         request: &[u8],
         issued_at_ms: i64,
     ) -> Result<SignedStatement> {
-        let a = ConsumerAssertion {
-            request_id: env.request_id.clone(),
-            consumer_uscc: env.consumer_uscc.clone(),
-            consumer_node: env.consumer_node.clone(),
-            resource_id: env.resource_id.clone(),
-            target_node: env.target_node.clone(),
-            kind: env.kind,
-            grant_id: env.grant_id.clone(),
-            mode: env.mode,
-            purpose: env.purpose.clone(),
-            request_digest: Sha256::digest(request).to_vec(),
-            issued_at_unix_ms: issued_at_ms,
-            open_data: env.open_data,
-            agency_certificate: self.agency_certificate.clone(),
-        };
+        let a = assertion_for(env, request, &self.agency_certificate, issued_at_ms);
         Ok(self.signer.sign(&a)?)
     }
 

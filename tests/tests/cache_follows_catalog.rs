@@ -74,7 +74,8 @@ async fn only_the_entrys_node_may_purge_its_answers() -> Result<()> {
         changed_at: 0,
     })?;
     let err = rogue
-        .federation(&net, "350203")?
+        .federation(&net, "350203")
+        .await?
         .invalidate(InvalidationNotice {
             invalidation: Some(forged),
             route: vec!["350102".into(), "350200".into()],

@@ -5,51 +5,16 @@ use std::time::Duration;
 
 use anyhow::Result;
 use fedgate_node::devnet::OPEN_DATA_RATE;
-use fedgate_proto::v1::open_data_client::OpenDataClient;
-use fedgate_proto::v1::{DownloadRequest, ListDatasetsRequest, PublishEntryRequest};
-use fedgate_tests::{Devnet, code, standard};
+use fedgate_proto::v1::{DownloadRequest, ListDatasetsRequest};
+use fedgate_tests::{open_data_client, open_dataset, standard};
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-
-async fn public_client(net: &Devnet) -> Result<OpenDataClient<Channel>> {
-    let addr = net
-        .node(code("350000"))?
-        .open_data_addr()
-        .expect("the province runs the open-data endpoint");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(net.ca().ca_pem()))
-        .domain_name("350000.node.fedgate");
-    let channel = Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    Ok(OpenDataClient::new(channel))
-}
-
-/// Marks a provider's published entry as open data.
-async fn open(net: &Devnet, node: &str, local: &str) -> Result<()> {
-    let provider = net.provider_at(code(node))?;
-    let mut entry = provider
-        .published
-        .iter()
-        .find(|e| e.id.ends_with(&format!(":{local}")))
-        .cloned()
-        .expect("published entry");
-    entry.open = true;
-    net.client(&provider.uscc)
-        .await?
-        .publish_entry(PublishEntryRequest { entry: Some(entry) })
-        .await?;
-    Ok(())
-}
 
 #[tokio::test]
 async fn anyone_downloads_open_data_masked_and_within_the_rate_limit() -> Result<()> {
     let net = standard().await?;
-    open(&net, "350203", "household").await?;
-    open(&net, "350102", "marriage").await?;
-    let mut public = public_client(&net).await?;
+    open_dataset(&net, "350203", "household").await?;
+    open_dataset(&net, "350102", "marriage").await?;
+    let mut public = open_data_client(&net, "350000").await?;
     let mut listed = Vec::new();
     for _ in 0..200 {
         listed = public

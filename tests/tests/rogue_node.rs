@@ -85,7 +85,7 @@ async fn a_node_cannot_speak_for_another_nodes_agency_or_use_its_grant() -> Resu
     // has seen (certificates are public).
     let rogue = RogueNode::new(&net, "350200")?
         .presenting(&net.consumer_at(code("350203"))?.cert.cert_pem)?;
-    let mut province = rogue.federation(&net, "350000")?;
+    let mut province = rogue.federation(&net, "350000").await?;
     let req = share_under(&net, &signed)?;
     let envelope = |id: &str, consumer_node: &str| {
         let mut env = rogue.envelope(
@@ -186,7 +186,8 @@ async fn a_node_cannot_speak_for_another_nodes_agency_or_use_its_grant() -> Resu
     env.purpose = PURPOSE.into();
     env.assertion = Some(siming.assert(&env, &forged_req.encode_to_vec(), now_ms(&net))?);
     let err = siming
-        .federation(&net, "350200")?
+        .federation(&net, "350200")
+        .await?
         .forward(RogueNode::forward(env, &forged_req))
         .await
         .expect_err("a widened grant was served");
@@ -203,7 +204,7 @@ async fn replayed_stale_altered_and_foreign_assertions_are_refused() -> Result<(
     let net = standard().await?;
     let rogue = RogueNode::new(&net, "350200")?
         .presenting(&net.consumer_at(code("350200"))?.cert.cert_pem)?;
-    let mut province = rogue.federation(&net, "350000")?;
+    let mut province = rogue.federation(&net, "350000").await?;
     let own = net.consumer_at(code("350200"))?.uscc.to_string();
     let key = key_at(&net, "350102", 1)?;
     let req = query("350102:household", &key, &["name"]);
@@ -303,7 +304,7 @@ async fn only_the_issuing_node_revokes_a_grant_and_every_relay_checks() -> Resul
     let net = standard().await?;
     let (_, _, signed, grant) = granted(&net).await?;
     let rogue = RogueNode::new(&net, "350200")?;
-    let mut siming = rogue.federation(&net, "350203")?;
+    let mut siming = rogue.federation(&net, "350203").await?;
 
     // A notice without a signed revocation (the old form: any issuer code, an empty signature).
     let err = siming
@@ -367,7 +368,7 @@ async fn applications_are_answered_only_to_their_applicant_through_its_node() ->
     let (consumer, application, _, _) = granted(&net).await?;
     let rogue = RogueNode::new(&net, "350200")?
         .presenting(&net.consumer_at(code("350203"))?.cert.cert_pem)?;
-    let mut province = rogue.federation(&net, "350000")?;
+    let mut province = rogue.federation(&net, "350000").await?;
     let read = GetApplicationRequest {
         id: application.id.clone(),
     };
@@ -433,7 +434,7 @@ async fn requests_routed_the_wrong_way_are_refused_and_recorded() -> Result<()> 
     let req = query("350203:household", &key_at(&net, "350203", 1)?, &["name"]);
 
     // A parent may not send down a request that claims to come from inside the subtree.
-    let mut down = rogue.federation(&net, "350203")?;
+    let mut down = rogue.federation(&net, "350203").await?;
     let env = rogue.envelope(
         "rogue-down",
         ("350203:household", "350203"),
@@ -453,7 +454,7 @@ async fn requests_routed_the_wrong_way_are_refused_and_recorded() -> Result<()> 
     .await?;
 
     // A route that does not start at the consumer's node.
-    let mut up = rogue.federation(&net, "350000")?;
+    let mut up = rogue.federation(&net, "350000").await?;
     let mut env = rogue.envelope(
         "rogue-route",
         ("350102:household", "350102"),
@@ -483,7 +484,7 @@ async fn requests_routed_the_wrong_way_are_refused_and_recorded() -> Result<()> 
 async fn a_node_cannot_start_an_audit_chain_in_another_nodes_name() -> Result<()> {
     let net = standard().await?;
     let rogue = RogueNode::new(&net, "350200")?;
-    let mut province = rogue.federation(&net, "350000")?;
+    let mut province = rogue.federation(&net, "350000").await?;
     // A chain for Haicang (350205), a county no one has heard from, with a key the rogue chose and endorsed.
     let key = vec![9u8; 32];
     let mut start = AuditRecord {
@@ -588,7 +589,8 @@ async fn revoked_certificates_are_refused_at_the_handshake_and_in_statements() -
     env.purpose = req.purpose.clone();
     env.assertion = Some(rogue.assert(&env, &req.encode_to_vec(), now_ms(&net))?);
     let err = rogue
-        .federation(&net, "350000")?
+        .federation(&net, "350000")
+        .await?
         .forward(RogueNode::forward(env, &req))
         .await
         .expect_err("a statement of a revoked certificate was accepted");

@@ -4,34 +4,13 @@ use std::time::Duration;
 
 use anyhow::Result;
 use fedgate_gateway::ident::Peer;
-use fedgate_gateway::pki::{DevCa, IssuedCert};
-use fedgate_gateway::tls::{TlsMaterial, client_tls};
+use fedgate_gateway::pki::DevCa;
 use fedgate_node::devnet::agency_code;
-use fedgate_proto::v1::federation_client::FederationClient;
 use fedgate_proto::v1::{
     Envelope, ForwardRequest, Hop, JoinRequest, PublishEntryRequest, SearchCatalogRequest,
 };
-use fedgate_tests::{Devnet, code, eventually, key_at, query, standard};
+use fedgate_tests::{code, eventually, federation_client, key_at, query, standard};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
-
-/// A Federation client of `node` presenting `cert`.
-async fn federation_client(
-    net: &Devnet,
-    node: &str,
-    cert: &IssuedCert,
-) -> Result<FederationClient<Channel>> {
-    let tls = TlsMaterial {
-        ca_pem: net.ca().ca_pem(),
-        cert_pem: cert.cert_pem.clone(),
-        key_pem: cert.key_pem.clone(),
-    };
-    let channel = Endpoint::from_shared(net.node_url(code(node))?)?
-        .tls_config(client_tls(&tls, &Peer::Node(code(node))))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    Ok(FederationClient::new(channel))
-}
 
 fn forward(route_last: &str, consumer_node: &str) -> ForwardRequest {
     ForwardRequest {
