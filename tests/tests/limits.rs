@@ -501,3 +501,25 @@ async fn a_parent_that_takes_smaller_batches_still_receives_the_audit_stream() -
     .await?;
     net.shutdown().await
 }
+
+#[tokio::test]
+async fn a_malformed_health_check_is_invalid_argument_too() -> Result<()> {
+    let net = standard().await?;
+    let gulou = net.consumer_at(code("350102"))?;
+    let channel = RawChannel::node(&net, "350102", &gulou.cert)?;
+    let t = Duration::from_secs(5);
+    let bad = channel
+        .call(
+            "/grpc.health.v1.Health/Check",
+            frame(&[0xff, 0xff, 0xff, 0x07]),
+            t,
+        )
+        .await?;
+    assert_eq!(bad.code, Code::InvalidArgument, "{bad:?}");
+    // A well-formed check is still answered.
+    let ok = channel
+        .call("/grpc.health.v1.Health/Check", frame(&[]), t)
+        .await?;
+    assert_eq!(ok.code, Code::Ok, "{ok:?}");
+    net.shutdown().await
+}

@@ -81,6 +81,9 @@ where
         let audit = self.audit.clone();
         Box::pin(async move {
             let mut resp = inner.call(req).await?;
+            if rpc.is_none() {
+                standard_decode_error(&mut resp);
+            }
             if resp.headers_mut().remove(MALFORMED_KEY).is_some() {
                 let message = Status::from_header_map(resp.headers())
                     .map(|s| s.message().to_owned())
@@ -94,6 +97,20 @@ where
             }
             Ok(resp)
         })
+    }
+}
+
+/// The standard services (health, reflection) decode with prost's own codec, which answers a body that does not
+/// decode as INTERNAL: when that answer comes at once (in the headers), it is the caller's mistake and says so.
+fn standard_decode_error(resp: &mut Response<Body>) {
+    let Some(status) = Status::from_header_map(resp.headers()) else {
+        return;
+    };
+    if status.code() == tonic::Code::Internal && status.message().starts_with("failed to decode") {
+        let refused = Status::invalid_argument(crate::limits::clamp(status.message(), 256));
+        if let Err(e) = refused.add_header(resp.headers_mut()) {
+            tracing::debug!(error = %e, "decode error left as it was");
+        }
     }
 }
 
