@@ -9,9 +9,11 @@
 //! `cargo bench -p fedgate-tests --bench share_path` runs it in full; [`BenchConfig::quick`] is the smoke-test
 //! size (`tests/tests/bench_smoke.rs`).
 
+mod calls;
 pub mod cpu;
 pub mod load;
 pub mod nginx;
+mod path;
 mod provider;
 mod report;
 mod rows;
@@ -21,8 +23,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub use path::{ROWS, SharePath};
 pub use report::{Ratios, Report, RowResult};
-pub use rows::{ROWS, SharePath};
 
 /// How long and how hard each row runs.
 #[derive(Debug, Clone)]
@@ -129,10 +131,10 @@ impl BenchConfig {
                 })
                 .collect::<Result<_>>()?;
         }
-        if c.persons < 2 * rows::HOT_KEYS {
+        if c.persons < 2 * calls::HOT_KEYS {
             bail!(
                 "SHARE_BENCH_PERSONS must be at least {}",
-                2 * rows::HOT_KEYS
+                2 * calls::HOT_KEYS
             );
         }
         Ok(c)

@@ -6,7 +6,8 @@ use std::time::Duration;
 use super::BenchConfig;
 use super::cpu::MachineLoad;
 use super::load::Outcome;
-use super::rows::{NODE_ORDER, SharePath, Snapshot};
+use super::path::SharePath;
+use super::rows::{NODE_ORDER, Snapshot};
 
 /// One measured (or skipped) row.
 #[derive(Debug, Clone)]

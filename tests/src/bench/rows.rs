@@ -12,132 +12,34 @@ use fedgate_gateway::ident::{DivisionCode, Peer, Uscc};
 use fedgate_gateway::tls::{TlsMaterial, client_tls};
 use fedgate_proto::v1::agency_client::AgencyClient;
 use fedgate_proto::v1::provider_client::ProviderClient;
-use fedgate_proto::v1::{
-    ApplyRequest, DecideRequest, FetchRequest, Grant, ShareMode, ShareRequest, SignedGrant,
-};
+use fedgate_proto::v1::{ApplyRequest, DecideRequest, FetchRequest, Grant, ShareMode, SignedGrant};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use super::BenchConfig;
+use super::calls::{
+    CALL_TIMEOUT, HOT_KEYS, HOUSEHOLD_FIELDS, MARRIAGE_FIELDS, PURPOSE, SERVING, check_share,
+    hot_key, household, marriage, one_record, share,
+};
 use super::cpu::{self, MachineSample};
 use super::load::{self, Load, Outcome};
 use super::nginx::{NginxChain, ProxyTls};
+use super::path::{ROWS, SharePath};
 use super::provider::{ProviderArgs, ProviderProcess};
 use super::report::{Report, RowResult};
 use crate::process::{ProcessFederation, audit_counts};
 use crate::{code, standard_topology};
 
-/// Keys (registry residents) the rows that repeat requests cycle through; uncached shares use the others.
-pub(super) const HOT_KEYS: usize = 1000;
 /// Keys the cache-hit rows ask for, each cached before they are measured.
 const CACHED_KEYS: usize = 16;
-/// Time one call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time the audit records of one row may take to reach the province.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
-/// Fields a query asks for.
-const HOUSEHOLD_FIELDS: [&str; 4] = ["name", "gender", "birth_date", "address"];
-/// Fields the conditional share's grant covers.
-const MARRIAGE_FIELDS: [&str; 2] = ["name", "marital_status"];
-/// The purpose every share states.
-const PURPOSE: &str = "share-path benchmark";
 
-/// The node serving every share: its provider holds the registry.
-const SERVING: &str = "350102";
 /// The consumer node of the cross-city shares.
 const FAR: &str = "350203";
 /// Node columns of the report, along the cross-city route from the serving node, then the idle county.
 pub(super) const NODE_ORDER: [&str; 6] =
     ["350102", "350100", "350000", "350200", "350203", "350103"];
-
-/// A path a request takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SharePath {
-    /// `Provider.Fetch` straight to the example provider over mTLS, as its node calls it: the floor.
-    Direct,
-    /// The same fetch through one nginx `grpc_pass` mTLS proxy.
-    Nginx1,
-    /// The same fetch through a chain of four nginx proxies.
-    Nginx4,
-    /// A share by an agency of county node 350102 of its own node's provider.
-    SameNode,
-    /// A same-node share of a conditional resource under a grant.
-    Conditional,
-    /// A share by an agency of 350203 of 350102's provider: 350203 → 350200 → 350000 → 350100 → 350102,
-    /// a new key every time, so the consumer node's cache never answers.
-    CrossCity,
-    /// The cross-city share of keys 350203 already holds in its cache.
-    CacheHit,
-}
-
-impl SharePath {
-    /// Every path, in report order.
-    pub const ALL: [SharePath; 7] = [
-        Self::Direct,
-        Self::Nginx1,
-        Self::Nginx4,
-        Self::SameNode,
-        Self::Conditional,
-        Self::CrossCity,
-        Self::CacheHit,
-    ];
-
-    /// Short name, used in the table and in `SHARE_BENCH_ONLY`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Direct => "direct",
-            Self::Nginx1 => "nginx1",
-            Self::Nginx4 => "nginx4",
-            Self::SameNode => "same-node",
-            Self::Conditional => "conditional",
-            Self::CrossCity => "cross-city",
-            Self::CacheHit => "cache-hit",
-        }
-    }
-
-    /// The path with this [`SharePath::name`].
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.name() == name)
-    }
-
-    /// One line on what the path is.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Direct => "Provider.Fetch straight to the provider over mTLS (the floor)",
-            Self::Nginx1 => "the same fetch through one nginx grpc_pass mTLS proxy",
-            Self::Nginx4 => "the same fetch through four nginx proxies in a chain",
-            Self::SameNode => "same-node share: county agency -> 350102 -> provider",
-            Self::Conditional => "same-node share of a conditional resource under a grant",
-            Self::CrossCity => {
-                "cross-city share 350203 -> 350200 -> 350000 -> 350100 -> 350102, uncached (a new key each time)"
-            }
-            Self::CacheHit => "the cross-city share answered from 350203's cache",
-        }
-    }
-
-    fn needs_nginx(self) -> bool {
-        matches!(self, Self::Nginx1 | Self::Nginx4)
-    }
-}
-
-/// The rows of the report: each path at each concurrency measured.
-pub const ROWS: [(SharePath, usize); 15] = [
-    (SharePath::Direct, 1),
-    (SharePath::Direct, 64),
-    (SharePath::Nginx1, 1),
-    (SharePath::Nginx1, 64),
-    (SharePath::Nginx4, 1),
-    (SharePath::Nginx4, 64),
-    (SharePath::SameNode, 1),
-    (SharePath::SameNode, 64),
-    (SharePath::SameNode, 256),
-    (SharePath::Conditional, 1),
-    (SharePath::Conditional, 64),
-    (SharePath::CrossCity, 1),
-    (SharePath::CrossCity, 64),
-    (SharePath::CacheHit, 1),
-    (SharePath::CacheHit, 64),
-];
 
 /// Everything the rows share.
 struct Bench {
@@ -662,77 +564,4 @@ fn fail_on_errors(path: SharePath, c: usize, phase: &str, out: &Outcome) -> Resu
         ),
         None => Ok(()),
     }
-}
-
-fn hot_key(keys: &[String], n: u64) -> String {
-    keys[usize::try_from(n % HOT_KEYS as u64).unwrap_or(0)].clone()
-}
-
-fn household(key: &str) -> ShareRequest {
-    ShareRequest {
-        resource_id: format!("{SERVING}:household"),
-        mode: ShareMode::Query as i32,
-        key: key.to_owned(),
-        fields: HOUSEHOLD_FIELDS.map(str::to_owned).to_vec(),
-        purpose: PURPOSE.to_owned(),
-        ..Default::default()
-    }
-}
-
-/// A query of the conditional resource under `grant`, stating the grant's purpose.
-fn marriage(key: &str, grant: &SignedGrant) -> ShareRequest {
-    ShareRequest {
-        resource_id: format!("{SERVING}:marriage"),
-        mode: ShareMode::Query as i32,
-        key: key.to_owned(),
-        fields: MARRIAGE_FIELDS.map(str::to_owned).to_vec(),
-        grant: Some(grant.clone()),
-        ..Default::default()
-    }
-}
-
-async fn share(
-    client: &mut AgencyClient<Channel>,
-    req: ShareRequest,
-) -> Result<fedgate_proto::v1::ShareResponse, String> {
-    let mut r = tonic::Request::new(req);
-    r.set_timeout(CALL_TIMEOUT);
-    client
-        .share(r)
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| describe_status(&s))
-}
-
-fn one_record(n: usize) -> Result<(), String> {
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(format!("answered {n} records instead of one"))
-    }
-}
-
-fn check_share(
-    resp: &fedgate_proto::v1::ShareResponse,
-    from_cache: bool,
-    grant_id: Option<&str>,
-) -> Result<(), String> {
-    one_record(resp.records.len())?;
-    if resp.from_cache != from_cache {
-        return Err(format!(
-            "answered {} the cache, expected {}",
-            if resp.from_cache { "from" } else { "without" },
-            if from_cache {
-                "a cache hit"
-            } else {
-                "the whole route"
-            }
-        ));
-    }
-    if let Some(id) = grant_id
-        && resp.grant_id != id
-    {
-        return Err(format!("served under grant {:?}, not {id}", resp.grant_id));
-    }
-    Ok(())
 }
