@@ -1,6 +1,7 @@
 //! Harness for fedgate's integration tests: real federations on loopback (see `fedgate_node::devnet`),
 //! plus the small helpers every test uses.
 
+pub mod bench;
 pub mod postgres;
 pub mod process;
 pub mod raw;

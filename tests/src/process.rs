@@ -51,6 +51,7 @@ const BIND_RETRY: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
 static BINARY: OnceCell<PathBuf> = OnceCell::const_new();
+static PROVIDER_BINARY: OnceCell<PathBuf> = OnceCell::const_new();
 
 /// The `fedgate` binary of this workspace, built once per test process with the test's own profile.
 ///
@@ -59,80 +60,95 @@ static BINARY: OnceCell<PathBuf> = OnceCell::const_new();
 /// (`target/<profile>/deps/<test>` → `target/<profile>/fedgate`), which follows `CARGO_TARGET_DIR`.
 pub async fn fedgate_binary() -> Result<PathBuf> {
     BINARY
-        .get_or_try_init(|| async {
-            if let Some(bin) = std::env::var_os("FEDGATE_BIN") {
-                return Ok(PathBuf::from(bin));
-            }
-            let exe = std::env::current_exe().context("locating the test executable")?;
-            let profile_dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .or_else(|| {
-                    std::env::var_os("CARGO_TARGET_DIR").map(|t| PathBuf::from(t).join("debug"))
-                })
-                .ok_or_else(|| {
-                    anyhow!("cannot derive the target directory from {}", exe.display())
-                })?;
-            let profile = profile_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("debug")
-                .to_owned();
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("Cargo.toml");
-            let mut cmd = Command::new(env!("CARGO"));
-            // Variables cargo set for this test describe the test's package; build scripts that track them (ring
-            // tracks CARGO_MANIFEST_DIR) would otherwise rebuild everything on every run.
-            for (k, _) in std::env::vars_os() {
-                let k = k.to_string_lossy();
-                if k == "CARGO_MANIFEST_DIR"
-                    || k == "CARGO_MANIFEST_PATH"
-                    || k == "CARGO_CRATE_NAME"
-                    || k == "CARGO_PRIMARY_PACKAGE"
-                    || k == "CARGO_TARGET_TMPDIR"
-                    || k == "OUT_DIR"
-                    || k.starts_with("CARGO_PKG_")
-                    || k.starts_with("CARGO_BIN_")
-                {
-                    cmd.env_remove(k.as_ref());
-                }
-            }
-            cmd.arg("build")
-                .arg("-q")
-                .arg("--manifest-path")
-                .arg(&manifest)
-                .args(["-p", "fedgate-node", "--bin", "fedgate"]);
-            match profile.as_str() {
-                "debug" => {}
-                "release" => {
-                    cmd.arg("--release");
-                }
-                other => {
-                    cmd.args(["--profile", other]);
-                }
-            }
-            let out = cmd
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .context("running cargo build for the fedgate binary")?;
-            if !out.status.success() {
-                bail!(
-                    "cargo build of the fedgate binary failed ({}):\n{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let bin = profile_dir.join(format!("fedgate{}", std::env::consts::EXE_SUFFIX));
-            if !bin.is_file() {
-                bail!("built fedgate but found no binary at {}", bin.display());
-            }
-            Ok(bin)
+        .get_or_try_init(|| workspace_binary("FEDGATE_BIN", "fedgate-node", "fedgate"))
+        .await
+        .cloned()
+}
+
+/// The example `civil-registry-provider` binary, built and found like [`fedgate_binary`]
+/// (`FEDGATE_PROVIDER_BIN` names a prebuilt one).
+pub async fn provider_binary() -> Result<PathBuf> {
+    PROVIDER_BINARY
+        .get_or_try_init(|| {
+            workspace_binary(
+                "FEDGATE_PROVIDER_BIN",
+                "fedgate-examples",
+                "civil-registry-provider",
+            )
         })
         .await
         .cloned()
+}
+
+/// Builds binary `bin` of workspace package `package` with the running test's profile (unless the variable
+/// `env` names a prebuilt one) and returns its path.
+async fn workspace_binary(env: &str, package: &str, bin: &str) -> Result<PathBuf> {
+    if let Some(prebuilt) = std::env::var_os(env) {
+        return Ok(PathBuf::from(prebuilt));
+    }
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|t| PathBuf::from(t).join("debug")))
+        .ok_or_else(|| anyhow!("cannot derive the target directory from {}", exe.display()))?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("Cargo.toml");
+    let mut cmd = Command::new(env!("CARGO"));
+    // Variables cargo set for this test describe the test's package; build scripts that track them (ring
+    // tracks CARGO_MANIFEST_DIR) would otherwise rebuild everything on every run.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k == "CARGO_MANIFEST_DIR"
+            || k == "CARGO_MANIFEST_PATH"
+            || k == "CARGO_CRATE_NAME"
+            || k == "CARGO_PRIMARY_PACKAGE"
+            || k == "CARGO_TARGET_TMPDIR"
+            || k == "OUT_DIR"
+            || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd.arg("build")
+        .arg("-q")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["-p", package, "--bin", bin]);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running cargo build for {bin}"))?;
+    if !out.status.success() {
+        bail!(
+            "cargo build of {bin} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    if !path.is_file() {
+        bail!("built {bin} but found no binary at {}", path.display());
+    }
+    Ok(path)
 }
 
 /// A node could not bind its port: another process holds it.
@@ -158,6 +174,7 @@ impl std::error::Error for PortTaken {}
 
 /// One node process and everything needed to start it again.
 struct ProcNode {
+    config: NodeConfig,
     config_path: PathBuf,
     db_path: PathBuf,
     addr: SocketAddr,
@@ -212,9 +229,19 @@ impl ProcessFederation {
     /// If another process takes a node's port before the node binds it and keeps it, the federation is started
     /// again from scratch with new ports (up to three times).
     pub async fn start(specs: Vec<NodeSpec>, relayed: &[DivisionCode]) -> Result<Self> {
+        Self::start_configured(specs, relayed, &|_| {}).await
+    }
+
+    /// Like [`ProcessFederation::start`], letting `configure` change each node's configuration before it is
+    /// written (the harness's defaults: no cache, no metrics, no open data).
+    pub async fn start_configured(
+        specs: Vec<NodeSpec>,
+        relayed: &[DivisionCode],
+        configure: &(dyn Fn(&mut NodeConfig) + Sync),
+    ) -> Result<Self> {
         let mut attempt = 1;
         loop {
-            match Self::start_once(specs.clone(), relayed).await {
+            match Self::start_once(specs.clone(), relayed, configure).await {
                 Err(e) if attempt < 3 && e.downcast_ref::<PortTaken>().is_some() => {
                     tracing::warn!(error = %e, "starting the federation again with new ports");
                     attempt += 1;
@@ -224,7 +251,11 @@ impl ProcessFederation {
         }
     }
 
-    async fn start_once(specs: Vec<NodeSpec>, relayed: &[DivisionCode]) -> Result<Self> {
+    async fn start_once(
+        specs: Vec<NodeSpec>,
+        relayed: &[DivisionCode],
+        configure: &(dyn Fn(&mut NodeConfig) + Sync),
+    ) -> Result<Self> {
         crate::init();
         let bin = fedgate_binary().await?;
         let dir = tempfile::Builder::new().prefix("fedgate-proc-").tempdir()?;
@@ -287,7 +318,7 @@ impl ProcessFederation {
                 })
                 .collect();
             let db_path = path.join(format!("node-{}.db", s.code));
-            let config = NodeConfig {
+            let mut config = NodeConfig {
                 code: s.code.to_string(),
                 listen: addrs[&s.code].to_string(),
                 tls: TlsFiles {
@@ -317,6 +348,7 @@ impl ProcessFederation {
                 rate_limits: Default::default(),
                 limits: Default::default(),
             };
+            configure(&mut config);
             let config_path = path.join(format!("node-{}.toml", s.code));
             std::fs::write(
                 &config_path,
@@ -325,6 +357,7 @@ impl ProcessFederation {
             nodes.insert(
                 s.code,
                 ProcNode {
+                    config,
                     config_path,
                     db_path,
                     addr: addrs[&s.code],
@@ -572,6 +605,20 @@ impl ProcessFederation {
     /// The node's `https://` address.
     pub fn node_url(&self, code: DivisionCode) -> Result<String> {
         Ok(format!("https://{}", self.proc_node(code)?.addr))
+    }
+
+    /// The configuration the node runs with.
+    pub fn node_config(&self, code: DivisionCode) -> Result<&NodeConfig> {
+        Ok(&self.proc_node(code)?.config)
+    }
+
+    /// The process id of the node's running process.
+    pub fn pid(&self, code: DivisionCode) -> Result<u32> {
+        self.proc_node(code)?
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .ok_or_else(|| anyhow!("node {code} is not running"))
     }
 
     /// The node's SQLite database file.
