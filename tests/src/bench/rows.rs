@@ -114,15 +114,24 @@ impl Bench {
         // The serving node calls a provider process of its own, started on this port once the PKI exists.
         let reserved = std::net::TcpListener::bind("127.0.0.1:0")?;
         let provider_addr = reserved.local_addr()?;
-        // Only the cross-city consumer's node caches; every other node's cache is off (the harness default).
+        // Only the cross-city consumer's node caches, under the serving node's allowance (the serving node says
+        // how long its answers may be cached); every other node's cache is off (the harness default). The load
+        // is the benchmark's own: the per-agency and per-neighbour limits are raised above it.
         let far = code(FAR);
         let fed = ProcessFederation::start_configured(specs, &[], &move |c| {
-            if c.code == far.as_str() {
+            if c.code == far.as_str() || c.code == SERVING {
                 c.cache = CacheConfig {
                     ttl_secs: 3600,
                     capacity: 1_000_000,
+                    ..CacheConfig::default()
                 };
             }
+            c.rate_limits.agency_calls_per_second = 1_000_000;
+            c.rate_limits.agency_burst = 1_000_000;
+            c.rate_limits.agency_max_in_flight = 4096;
+            c.rate_limits.forward_calls_per_second = 1_000_000;
+            c.rate_limits.forward_burst = 1_000_000;
+            c.rate_limits.forward_max_in_flight = 4096;
             if c.code == SERVING {
                 for a in c.agencies.iter_mut().filter(|a| a.provider.is_some()) {
                     a.provider = Some(format!("https://{provider_addr}"));
