@@ -148,7 +148,6 @@ pub async fn start_with_clock(
     let uplink = Uplink::new().with_max_push_bytes(limits.max_push_bytes);
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
-    uplink.set_audit_key(key.public_key());
     let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;
     let revoked = RevokedSerials::parse(&config.trust.revoked_serials).map_err(trust_error)?;
     let verifier =
@@ -160,6 +159,7 @@ pub async fn start_with_clock(
             issued_at: clock.unix(),
         })
         .map_err(trust_error)?;
+    uplink.set_audit_key(key.public_key(), Some(endorsement.clone()));
     let (audit_log, audit_writer) = AuditLog::start(
         code,
         store.clone(),

@@ -61,7 +61,7 @@ impl StreamProgress {
 pub struct Uplink {
     wake: Arc<[Notify; 2]>,
     status: Arc<[StreamStatus; 2]>,
-    key: Arc<std::sync::OnceLock<[u8; 32]>>,
+    key: Arc<std::sync::OnceLock<([u8; 32], Option<fedgate_proto::v1::SignedStatement>)>>,
     max_push_bytes: usize,
 }
 
@@ -153,9 +153,14 @@ impl Uplink {
         self
     }
 
-    /// Sets the audit public key this node announces when it joins its parent.
-    pub fn set_audit_key(&self, key: [u8; 32]) {
-        let _ = self.key.set(key);
+    /// Sets the audit public key this node announces when it joins its parent, with the node's
+    /// certificate-signed endorsement of it.
+    pub fn set_audit_key(
+        &self,
+        key: [u8; 32],
+        endorsement: Option<fedgate_proto::v1::SignedStatement>,
+    ) {
+        let _ = self.key.set((key, endorsement));
     }
 
     /// Tells the shipper of `stream` that its outbox grew.
@@ -231,7 +236,8 @@ impl Uplink {
             .join(JoinRequest {
                 node_code: me.to_string(),
                 software_version: env!("CARGO_PKG_VERSION").to_owned(),
-                audit_public_key: self.key.get().map(|k| k.to_vec()).unwrap_or_default(),
+                audit_public_key: self.key.get().map(|k| k.0.to_vec()).unwrap_or_default(),
+                key_endorsement: self.key.get().and_then(|k| k.1.clone()),
             })
             .await?
             .into_inner();

@@ -271,6 +271,7 @@ async fn random_and_mutated_bodies_never_crash_hang_or_answer_internal() -> Resu
                     node_code: "350102".into(),
                     software_version: "fuzz".into(),
                     audit_public_key: child_key,
+                    key_endorsement: None,
                 }
                 .encode_to_vec(),
             ],

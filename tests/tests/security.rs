@@ -162,6 +162,7 @@ async fn identities_come_from_certificates_not_from_requests() -> Result<()> {
             node_code: "350102".into(),
             software_version: String::new(),
             audit_public_key: vec![7; 32],
+            key_endorsement: None,
         })
         .await
         .expect_err("join under another code");
@@ -171,6 +172,7 @@ async fn identities_come_from_certificates_not_from_requests() -> Result<()> {
             node_code: "350103".into(),
             software_version: String::new(),
             audit_public_key: vec![7; 32],
+            key_endorsement: None,
         })
         .await
         .expect_err("a key other than the pinned one");
@@ -186,6 +188,7 @@ async fn identities_come_from_certificates_not_from_requests() -> Result<()> {
             node_code: "350103".into(),
             software_version: String::new(),
             audit_public_key: real_key.to_vec(),
+            key_endorsement: None,
         })
         .await?
         .into_inner();

@@ -1350,6 +1350,11 @@ async fn node_keys_are_pinned_on_first_sight(store: Arc<dyn Store>) -> Result<()
     assert_eq!(store.pin_node_key("350103", &[2; 32]).await?, vec![2; 32]);
     assert_eq!(store.node_key("350103").await?, Some(vec![2; 32]));
     assert_eq!(store.node_key("350102").await?, Some(vec![1; 32]));
+    // A rotation replaces the key.
+    store.replace_node_key("350102", &[3; 32]).await?;
+    assert_eq!(store.node_key("350102").await?, Some(vec![3; 32]));
+    store.replace_node_key("350104", &[4; 32]).await?;
+    assert_eq!(store.node_key("350104").await?, Some(vec![4; 32]));
     Ok(())
 }
 

@@ -140,7 +140,7 @@ impl AuditLog {
             node,
             node_code: node.to_string(),
             scratch: Vec::new(),
-            store,
+            store: store.clone(),
             key,
             uplink,
             metrics,
@@ -148,17 +148,32 @@ impl AuditLog {
             prev: head.1,
         };
         let task = tokio::spawn(writer.run(rx));
-        if fresh {
-            let mut start = event(
-                AuditOperation::ChainStart,
-                format!("urn:fedgate:node:{node}"),
-            );
-            start.detail = hex::encode(log.public_key);
-            start.key_endorsement = endorsement;
-            log.record(start).await.map_err(|e| StoreError::Corrupt {
+        let own = store.node_key(node.as_str()).await?;
+        let announce = |operation| {
+            let mut r = event(operation, format!("urn:fedgate:node:{node}"));
+            r.detail = hex::encode(log.public_key);
+            r.key_endorsement = endorsement.clone();
+            r
+        };
+        let first = if fresh {
+            Some(announce(AuditOperation::ChainStart))
+        } else if own.as_deref().is_some_and(|k| k != log.public_key) {
+            // The node's key was replaced: the chain says so before anything is signed with the new key.
+            tracing::warn!(%node, key = %hex::encode(log.public_key), "audit key rotated");
+            Some(announce(AuditOperation::KeyRotation))
+        } else {
+            None
+        };
+        if let Some(record) = first {
+            log.record(record).await.map_err(|e| StoreError::Corrupt {
                 what: "audit chain start".into(),
                 error: e.to_string(),
             })?;
+        }
+        if own.as_deref() != Some(log.public_key.as_slice()) {
+            store
+                .replace_node_key(node.as_str(), &log.public_key)
+                .await?;
         }
         Ok((log, task))
     }

@@ -81,18 +81,22 @@ pub struct ChainVerifier {
     next: u64,
     prev: Vec<u8>,
     key: Option<Vec<u8>>,
+    /// The key the chain must end with (pinned), when known; it may have rotated to it along the way.
+    expect: Option<Vec<u8>>,
     last_signed: u64,
     checked: u64,
 }
 
 impl ChainVerifier {
-    /// A verifier for `node`'s chain from its first record; `key` pins the expected public key.
+    /// A verifier for `node`'s chain from its first record; `key` pins the key the chain must end with (its first
+    /// record announces the first key; KEY_ROTATION records change it).
     pub fn new(node: &str, key: Option<Vec<u8>>) -> Self {
         Self {
             node: node.to_owned(),
             next: 1,
             prev: GENESIS_HASH.to_vec(),
-            key,
+            key: None,
+            expect: key,
             last_signed: 0,
             checked: 0,
         }
@@ -105,6 +109,7 @@ impl ChainVerifier {
             next: seq + 1,
             prev: hash,
             key,
+            expect: None,
             last_signed: seq,
             checked: 0,
         }
@@ -154,6 +159,11 @@ impl ChainVerifier {
         }
         if r.seq == 1 {
             self.check_start(r)?;
+        } else if r.operation == AuditOperation::KeyRotation as i32 {
+            self.key = Some(announced_key(r).map_err(|reason| VerifyError::BadStart {
+                node: node.clone(),
+                reason: format!("record {} rotates to an invalid key: {reason}", r.seq),
+            })?);
         }
         if !r.signature.is_empty() {
             let key = self.key.as_deref().ok_or_else(|| VerifyError::BadStart {
@@ -178,10 +188,7 @@ impl ChainVerifier {
         if r.operation != AuditOperation::ChainStart as i32 {
             return Err(bad("record 1 is not a CHAIN_START record".into()));
         }
-        let announced = hex::decode(&r.detail).map_err(|e| bad(format!("key is not hex: {e}")))?;
-        if announced.len() != 32 {
-            return Err(bad(format!("key has {} bytes, not 32", announced.len())));
-        }
+        let announced = announced_key(r).map_err(bad)?;
         match &self.key {
             Some(k) if *k != announced => {
                 Err(bad("the announced key differs from the pinned key".into()))
@@ -193,8 +200,22 @@ impl ChainVerifier {
         }
     }
 
-    /// Ends the check: the last record must be covered by a signature.
+    /// Whether the chain rotated its key since this verifier started (the key in force is then another).
+    pub fn rotated_from(&self, pinned: Option<&[u8]>) -> bool {
+        pinned.is_some_and(|p| self.key.as_deref().is_some_and(|k| k != p))
+    }
+
+    /// Ends the check: the last record must be covered by a signature, and the chain must end with the pinned
+    /// key.
     pub fn finish(&self) -> Result<(), VerifyError> {
+        if let Some(expected) = &self.expect
+            && self.key.as_ref() != Some(expected)
+        {
+            return Err(VerifyError::BadStart {
+                node: self.node.clone(),
+                reason: "the chain's key differs from the pinned key".into(),
+            });
+        }
         let last = self.next - 1;
         if last > self.last_signed {
             return Err(VerifyError::UnsignedTail {
@@ -324,4 +345,13 @@ pub async fn verify_store(
         out.push(ChainSummary::of(&v));
     }
     Ok(out)
+}
+
+/// The key a CHAIN_START or KEY_ROTATION record announces in its detail.
+fn announced_key(r: &AuditRecord) -> Result<Vec<u8>, String> {
+    let key = hex::decode(&r.detail).map_err(|e| format!("key is not hex: {e}"))?;
+    if key.len() != 32 {
+        return Err(format!("key has {} bytes, not 32", key.len()));
+    }
+    Ok(key)
 }

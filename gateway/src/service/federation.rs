@@ -188,12 +188,6 @@ impl FederationService {
             self.check_audit(child, &record, &mut verifiers).await?;
             items.push((item.seq, record));
         }
-        for v in verifiers.values() {
-            if let Some(key) = v.key() {
-                let node = v.node();
-                self.store.pin_node_key(node, key).await?;
-            }
-        }
         let count = items.len() as u64;
         let applied = self
             .store
@@ -205,6 +199,12 @@ impl FederationService {
                 )),
                 other => other.into(),
             })?;
+        // The key each chain ends with, once its records are stored: a rotation replaces the pinned key.
+        for v in verifiers.values() {
+            if let Some(key) = v.key() {
+                self.store.replace_node_key(v.node(), key).await?;
+            }
+        }
         NodeMetrics::add(&self.metrics.audit_items_applied, count);
         self.uplink.wake(Stream::Audit);
         Ok(applied)
@@ -233,7 +233,9 @@ impl FederationService {
             };
             verifiers.insert(record.node_code.clone(), v);
         }
-        if record.operation == AuditOperation::ChainStart as i32 {
+        if record.operation == AuditOperation::ChainStart as i32
+            || record.operation == AuditOperation::KeyRotation as i32
+        {
             self.check_key_endorsement(origin, record)?;
         }
         let Some(v) = verifiers.get_mut(&record.node_code) else {
@@ -327,8 +329,32 @@ impl FederationService {
 }
 
 impl FederationService {
-    /// A chain's first record announces its node's key; the node's certificate must endorse that key, so that no
-    /// node on the way can start a chain in another node's name.
+    /// Whether a joining child's certificate endorses the key it presents (a rotated key, not pinned yet).
+    fn endorses(&self, child: DivisionCode, req: &JoinRequest) -> bool {
+        let Some(s) = req.key_endorsement.as_ref() else {
+            return false;
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match self
+            .router
+            .assertions()
+            .verifier()
+            .verify::<KeyEndorsement>(s, now)
+        {
+            Ok(v) => {
+                v.signer() == child
+                    && v.body().node_code == child.as_str()
+                    && v.body().public_key == req.audit_public_key
+            }
+            Err(e) => {
+                tracing::warn!(%child, error = %e, "join endorsement refused");
+                false
+            }
+        }
+    }
+
+    /// A chain's first record, and a record rotating its key, announce its node's key; the node's certificate must
+    /// endorse that key, so that no node on the way can start or take over a chain in another node's name.
     fn check_key_endorsement(&self, origin: DivisionCode, record: &AuditRecord) -> Result<()> {
         let refused = |why: String| {
             Error::PermissionDenied(format!(
@@ -410,9 +436,10 @@ impl Federation for FederationService {
             .pin_node_key(child.as_str(), key)
             .await
             .map_err(Error::from)?;
-        if pinned != *key {
+        if pinned != *key && !self.endorses(child, req.get_ref()) {
             let err = Error::PermissionDenied(format!(
-                "node {child} presents audit key {} but {} is pinned for it",
+                "node {child} presents audit key {} but {} is pinned for it, and no endorsement of the new key by \
+                 its certificate",
                 hex::encode(key),
                 hex::encode(&pinned)
             ));

@@ -259,6 +259,8 @@ pub trait Store: Send + Sync + 'static {
     async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Pins a node's public key if none is pinned yet; returns the pinned key (the old one if it differs).
     async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError>;
+    /// Pins a node's new public key after its chain rotated to it.
+    async fn replace_node_key(&self, node: &str, key: &[u8]) -> Result<(), StoreError>;
 
     /// Notes that answers of `resource_id` were served to `node`, which may cache them until `until_unix`.
     async fn note_served(

@@ -825,6 +825,18 @@ impl Store for PgStore {
         Ok(key)
     }
 
+    async fn replace_node_key(&self, node: &str, key: &[u8]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO node_key (node_code, public_key) VALUES ($1, $2) \
+             ON CONFLICT (node_code) DO UPDATE SET public_key = excluded.public_key",
+        )
+        .bind(node)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(

@@ -788,6 +788,18 @@ impl Store for SqliteStore {
         Ok(row.map(|r| r.get::<Vec<u8>, _>(0)))
     }
 
+    async fn replace_node_key(&self, node: &str, key: &[u8]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO node_key (node_code, public_key) VALUES (?, ?) \
+             ON CONFLICT (node_code) DO UPDATE SET public_key = excluded.public_key",
+        )
+        .bind(node)
+        .bind(key)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
         let mut tx = self.writer.begin().await?;
         sqlx::query(

@@ -142,19 +142,22 @@ mod tests {
         let me = std::process::id();
         let before = process_cpu(me).unwrap_or_default();
         let sample = MachineSample::now();
-        // Burn CPU until this process's counter moves (it counts in ticks), for at most five seconds.
+        // Burn CPU until this process's counter and the machine's both move (they count in ticks), for at most
+        // five seconds.
         let began = Instant::now();
         let mut x = 0u64;
         let mut after = before;
-        while after <= before && began.elapsed() < Duration::from_secs(5) {
+        let mut load = MachineSample::now().since(&sample);
+        while (after <= before || load.busy_cpus <= 0.0) && began.elapsed() < Duration::from_secs(5)
+        {
             for _ in 0..100_000 {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
             }
             after = process_cpu(me).unwrap_or_default();
+            load = MachineSample::now().since(&sample);
         }
         assert_ne!(x, 1);
         assert!(after > before, "{before:?} -> {after:?}");
-        let load = MachineSample::now().since(&sample);
         assert!(load.busy_cpus > 0.0);
         assert!(process_cpu(u32::MAX).is_none());
         assert!(!machine_description().is_empty());
