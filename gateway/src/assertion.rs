@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Uscc};
+use crate::limits::excerpt;
 use crate::statement::{self, NodeSigner, StatementVerifier, Verified};
 
 /// Assertions remembered against replay.
@@ -185,13 +186,13 @@ impl Assertions {
         if a.consumer_node != signer.as_str() {
             return Err(Error::PermissionDenied(format!(
                 "the assertion names consumer node {:?} but is signed by node {signer}",
-                short(&a.consumer_node)
+                excerpt(&a.consumer_node)
             )));
         }
         let differs = |field: &str| {
             Error::PermissionDenied(format!(
                 "envelope.{field} differs from what node {signer} signed for request {}",
-                short(&a.request_id)
+                excerpt(&a.request_id)
             ))
         };
         let fields: [(&str, bool); 10] = [
@@ -212,14 +213,14 @@ impl Assertions {
         if a.request_digest != request_digest(request) {
             return Err(Error::PermissionDenied(format!(
                 "the request bytes of {} are not the ones node {signer} signed",
-                short(&a.request_id)
+                excerpt(&a.request_id)
             )));
         }
         let window_ms = i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX);
         if (now_ms - a.issued_at_unix_ms).abs() > window_ms {
             return Err(Error::PermissionDenied(format!(
                 "the assertion of request {} by node {signer} was issued at {} ms, outside the freshness window of {} s",
-                short(&a.request_id),
+                excerpt(&a.request_id),
                 a.issued_at_unix_ms,
                 self.window.as_secs()
             )));
@@ -243,7 +244,7 @@ impl Assertions {
         if !self.seen.entry(key).or_insert(()).await.is_fresh() {
             return Err(Error::PermissionDenied(format!(
                 "the assertion of request {} by node {signer} was already used: a replay",
-                short(&a.request_id)
+                excerpt(&a.request_id)
             )));
         }
         Ok(Vouched {
@@ -265,14 +266,14 @@ impl Assertions {
         if a.agency_certificate.is_empty() {
             return Err(Error::PermissionDenied(format!(
                 "the assertion of node {signer} carries no certificate of agency {}",
-                short(&a.consumer_uscc)
+                excerpt(&a.consumer_uscc)
             )));
         }
         let (uscc, registered) = self.verifier.verify_agency(&a.agency_certificate, at)?;
         if uscc.as_str() != a.consumer_uscc {
             return Err(Error::PermissionDenied(format!(
                 "the assertion of node {signer} names agency {} but carries the certificate of {uscc}",
-                short(&a.consumer_uscc)
+                excerpt(&a.consumer_uscc)
             )));
         }
         if registered != Some(signer) {
@@ -282,13 +283,5 @@ impl Assertions {
             )));
         }
         Ok(())
-    }
-}
-
-/// At most a short prefix of a value someone else wrote.
-fn short(s: &str) -> String {
-    match s.char_indices().nth(32) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
     }
 }

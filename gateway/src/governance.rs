@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::grant::{self, GrantError, GrantKey};
 use crate::ident::{DivisionCode, Peer, Uscc};
-use crate::statement::{NodeSigner, StatementVerifier, Verified};
+use crate::statement::{NodeSigner, StatementError, StatementVerifier, Verified};
 use crate::store::{Doc, DocKind, DocQuery, Store};
 
 /// State of a recorded revocation that the next node toward the grantee has acknowledged (or that ends here).
@@ -752,19 +752,24 @@ impl Governance {
         let issuer = grant_issuer(&claimed.id)?;
         let endorsement = crate::statement::required(signed.key_endorsement.as_ref(), "grant")
             .map_err(|e| Error::PermissionDenied(format!("grant {}: {e}", claimed.id)))?;
-        let v: Verified<fedgate_proto::v1::KeyEndorsement> =
-            self.verifier.verify(endorsement, self.clock.unix())?;
-        if v.signer() != issuer
-            || v.body().node_code != issuer.as_str()
-            || v.body().public_key != signed.public_key
-            || claimed.issuer_node != issuer.as_str()
-        {
-            return Err(Error::PermissionDenied(format!(
-                "grant {} is not signed with a key that node {issuer} endorsed",
-                claimed.id
-            )));
+        let endorsed = self.verifier.check_endorsement(
+            endorsement,
+            issuer,
+            &signed.public_key,
+            self.clock.unix(),
+        );
+        match endorsed {
+            Ok(()) if claimed.issuer_node == issuer.as_str() => {
+                grant::open(signed, &signed.public_key).map_err(grant_refusal)
+            }
+            Ok(()) | Err(StatementError::NotEndorsed { .. }) => {
+                Err(Error::PermissionDenied(format!(
+                    "grant {} is not signed with a key that node {issuer} endorsed",
+                    claimed.id
+                )))
+            }
+            Err(e) => Err(e.into()),
         }
-        grant::open(signed, &signed.public_key).map_err(grant_refusal)
     }
 
     /// Checks a grant presented for a share of `entry` held here; returns the grant.
@@ -1056,7 +1061,7 @@ pub fn grant_issuer(grant_id: &str) -> Result<DivisionCode> {
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "grant id {:?} is not of the form <node code>-g-<number>",
-                grant_id.chars().take(32).collect::<String>()
+                crate::limits::excerpt(grant_id)
             ))
         })
 }

@@ -23,6 +23,7 @@ use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::ident::{DivisionCode, Peer};
+use crate::limits::excerpt;
 use crate::tls::{TlsMaterial, peer_from_cert};
 
 /// Largest statement body accepted.
@@ -95,6 +96,16 @@ pub enum StatementError {
         kind: &'static str,
         /// The decoder's complaint.
         reason: String,
+    },
+    /// A valid key endorsement, but of another key or by another node than the one it should be.
+    #[error(
+        "the key is not endorsed by node {node}'s certificate (the endorsement is node {signer}'s, of another key or node)"
+    )]
+    NotEndorsed {
+        /// The node whose key it should be.
+        node: DivisionCode,
+        /// The node that signed the endorsement.
+        signer: DivisionCode,
     },
     /// This node's own signing material is unusable.
     #[error("signing material: {0}")]
@@ -170,7 +181,7 @@ impl Scheme {
         match name {
             "ecdsa-p256-sha256" => Ok(Scheme::EcdsaP256Sha256),
             "ed25519" => Ok(Scheme::Ed25519),
-            other => Err(StatementError::UnknownScheme(prefix(other))),
+            other => Err(StatementError::UnknownScheme(excerpt(other))),
         }
     }
 
@@ -186,14 +197,6 @@ impl Scheme {
             Scheme::EcdsaP256Sha256 => webpki::ring::ECDSA_P256_SHA256,
             Scheme::Ed25519 => webpki::ring::ED25519,
         }
-    }
-}
-
-/// At most the first 32 characters of a value, for error messages.
-fn prefix(s: &str) -> String {
-    match s.char_indices().nth(32) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
     }
 }
 
@@ -318,7 +321,7 @@ impl RevokedSerials {
         for s in serials {
             let hex_text: String = s.chars().filter(|c| *c != ':').collect();
             let serial = hex::decode(&hex_text).map_err(|e| {
-                StatementError::Signing(format!("revoked serial {:?}: {e}", prefix(s)))
+                StatementError::Signing(format!("revoked serial {:?}: {e}", excerpt(s)))
             })?;
             set.insert(strip_leading_zeros(&serial).to_vec());
         }
@@ -384,7 +387,7 @@ impl StatementVerifier {
         if s.kind != T::KIND {
             return Err(StatementError::WrongKind {
                 expected: T::KIND,
-                got: prefix(&s.kind),
+                got: excerpt(&s.kind),
             });
         }
         for (what, len, max) in [
@@ -419,6 +422,24 @@ impl StatementVerifier {
             reason: e.to_string(),
         })?;
         Ok(Verified { signer, body })
+    }
+
+    /// Checks that `s` is `node`'s certificate-signed endorsement of `key`, valid at `at_unix`.
+    pub fn check_endorsement(
+        &self,
+        s: &SignedStatement,
+        node: DivisionCode,
+        key: &[u8],
+        at_unix: i64,
+    ) -> Result<(), StatementError> {
+        let v: Verified<KeyEndorsement> = self.verify(s, at_unix)?;
+        if v.signer() != node || v.body().node_code != node.as_str() || v.body().public_key != key {
+            return Err(StatementError::NotEndorsed {
+                node,
+                signer: v.signer(),
+            });
+        }
+        Ok(())
     }
 
     /// Checks an agency's certificate as valid at `at_unix`: chains to the CA, not revoked; returns the agency

@@ -304,6 +304,8 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// The client's certificate (DER), as verified.
     pub certificate: Arc<[u8]>,
+    /// For an agency, the node its certificate says it is registered at.
+    pub registered_at: Option<crate::ident::DivisionCode>,
 }
 
 /// The node an agency's certificate says the agency is registered at (its subject's organizational unit).
@@ -315,10 +317,14 @@ pub fn registered_node(der: &[u8]) -> Option<crate::ident::DivisionCode> {
 
 /// The verified caller of a request served over [`MutualTls`] connections, if any.
 pub fn peer_info<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
-    req.extensions()
-        .get::<ConnInfo<PeerInfo>>()
+    peer_info_in(req.extensions())
+}
+
+/// The verified caller in a request's extensions, for layers that see the HTTP request rather than tonic's.
+pub fn peer_info_in(ext: &http::Extensions) -> Option<&PeerInfo> {
+    ext.get::<ConnInfo<PeerInfo>>()
         .map(|c| &c.info)
-        .or_else(|| req.extensions().get::<PeerInfo>())
+        .or_else(|| ext.get::<PeerInfo>())
 }
 
 /// The client address of a request served over connections admitted by [`crate::accept::incoming`].
@@ -431,12 +437,14 @@ impl Handshake for MutualTls {
         match identity {
             Ok((peer, certificate)) => {
                 tracing::debug!(%peer, %remote, "mutual TLS connection established");
+                let registered_at = registered_node(&certificate);
                 Ok((
                     stream,
                     PeerInfo {
                         peer,
                         remote,
                         certificate,
+                        registered_at,
                     },
                 ))
             }

@@ -200,11 +200,6 @@ impl ChainVerifier {
         }
     }
 
-    /// Whether the chain rotated its key since this verifier started (the key in force is then another).
-    pub fn rotated_from(&self, pinned: Option<&[u8]>) -> bool {
-        pinned.is_some_and(|p| self.key.as_deref().is_some_and(|k| k != p))
-    }
-
     /// Ends the check: the last record must be covered by a signature, and the chain must end with the pinned
     /// key.
     pub fn finish(&self) -> Result<(), VerifyError> {

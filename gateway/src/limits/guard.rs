@@ -17,7 +17,6 @@ use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::audit::{self, AuditLog};
-use crate::tls::PeerInfo;
 
 /// Path prefix of the fedgate services; other services (health, reflection) pass untouched.
 const FEDGATE_PATH: &str = "/fedgate.v1.";
@@ -122,11 +121,7 @@ fn rpc_name(path: &str) -> Option<String> {
 
 /// The caller as audit records name it: its certificate identity, else "public:<ip>" on the open-data listener.
 fn actor(ext: &Extensions) -> String {
-    if let Some(p) = ext
-        .get::<crate::accept::ConnInfo<PeerInfo>>()
-        .map(|c| &c.info)
-        .or_else(|| ext.get::<PeerInfo>())
-    {
+    if let Some(p) = crate::tls::peer_info_in(ext) {
         return p.peer.to_uri();
     }
     if let Some(c) = ext.get::<crate::accept::ConnInfo<()>>() {

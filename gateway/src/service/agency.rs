@@ -94,13 +94,18 @@ impl AgencyService {
     /// refusal is audited. Its certificate is kept to vouch for it in the assertions this node signs.
     async fn agency<T>(&self, req: &Request<T>, rpc: &str) -> Result<Uscc, Status> {
         let me = self.topology.code;
-        let certificate = crate::tls::peer_info(req).map(|p| p.certificate.clone());
+        let info = crate::tls::peer_info(req);
         let refusal = match caller(req) {
             Ok(Peer::Agency(uscc)) if self.topology.agencies.contains_key(&uscc) => {
-                let registered = certificate.as_deref().and_then(crate::tls::registered_node);
-                if registered == Some(me) {
-                    if let Some(c) = certificate {
-                        self.certificates.insert(uscc.clone(), c);
+                let registered = info.and_then(|p| p.registered_at);
+                if let Some(p) = info.filter(|_| registered == Some(me)) {
+                    if self
+                        .certificates
+                        .get(&uscc)
+                        .is_none_or(|c| *c.value() != p.certificate)
+                    {
+                        self.certificates
+                            .insert(uscc.clone(), p.certificate.clone());
                     }
                     return Ok(uscc);
                 }

@@ -6,9 +6,8 @@ use std::time::Duration;
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
     AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop,
-    InvalidationAck, InvalidationNotice, JoinRequest, JoinResponse, KeyEndorsement, PushRequest,
-    PushResponse, Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor,
-    catalog_change, stream_item,
+    InvalidationAck, InvalidationNotice, JoinRequest, JoinResponse, PushRequest, PushResponse,
+    Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor, catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
@@ -261,9 +260,7 @@ impl FederationService {
             other => {
                 return Err(Error::PermissionDenied(format!(
                     "envelope.route ends at {:?} but the sending certificate is for node {from}",
-                    other
-                        .map(|h| h.node_code.chars().take(16).collect::<String>())
-                        .unwrap_or_default()
+                    other.map(|h| excerpt(&h.node_code)).unwrap_or_default()
                 )));
             }
         }
@@ -334,53 +331,37 @@ impl FederationService {
         let Some(s) = req.key_endorsement.as_ref() else {
             return false;
         };
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        match self
-            .router
-            .assertions()
-            .verifier()
-            .verify::<KeyEndorsement>(s, now)
-        {
-            Ok(v) => {
-                v.signer() == child
-                    && v.body().node_code == child.as_str()
-                    && v.body().public_key == req.audit_public_key
-            }
-            Err(e) => {
-                tracing::warn!(%child, error = %e, "join endorsement refused");
-                false
-            }
+        let now = self.router.governance().clock().unix();
+        let checked = self.router.assertions().verifier().check_endorsement(
+            s,
+            child,
+            &req.audit_public_key,
+            now,
+        );
+        if let Err(e) = &checked {
+            tracing::warn!(%child, error = %e, "join endorsement refused");
         }
+        checked.is_ok()
     }
 
     /// A chain's first record, and a record rotating its key, announce its node's key; the node's certificate must
     /// endorse that key, so that no node on the way can start or take over a chain in another node's name.
     fn check_key_endorsement(&self, origin: DivisionCode, record: &AuditRecord) -> Result<()> {
-        let refused = |why: String| {
-            Error::PermissionDenied(format!(
-                "the audit chain of node {origin} starts with a key its certificate does not endorse: {why}"
-            ))
-        };
-        let s = crate::statement::required(record.key_endorsement.as_ref(), "chain start record")
-            .map_err(|e| refused(e.to_string()))?;
-        let at = record.time_unix_nanos / 1_000_000_000;
-        let v: Verified<KeyEndorsement> = self
-            .router
-            .assertions()
-            .verifier()
-            .verify(s, at)
-            .map_err(|e| refused(e.to_string()))?;
         let announced = hex::decode(&record.detail).unwrap_or_default();
-        if v.signer() != origin
-            || v.body().node_code != origin.as_str()
-            || v.body().public_key != announced
-        {
-            return Err(refused(format!(
-                "the endorsement is signed by node {} for another key or node",
-                v.signer()
-            )));
-        }
-        Ok(())
+        crate::statement::required(record.key_endorsement.as_ref(), "chain start record")
+            .and_then(|s| {
+                self.router.assertions().verifier().check_endorsement(
+                    s,
+                    origin,
+                    &announced,
+                    record.time_unix_nanos / 1_000_000_000,
+                )
+            })
+            .map_err(|e| {
+                Error::PermissionDenied(format!(
+                    "the audit chain of node {origin} starts with a key its certificate does not endorse: {e}"
+                ))
+            })
     }
 }
 
