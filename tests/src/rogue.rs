@@ -6,7 +6,6 @@ use fedgate_gateway::assertion::assertion_for;
 use fedgate_gateway::ident::Peer;
 use fedgate_gateway::pki::IssuedCert;
 use fedgate_gateway::statement::NodeSigner;
-use fedgate_gateway::store::AuditQuery;
 use fedgate_gateway::tls::TlsMaterial;
 use fedgate_proto::v1::federation_client::FederationClient;
 use fedgate_proto::v1::{Envelope, ForwardRequest, Hop, RequestKind, ShareMode, SignedStatement};
@@ -133,22 +132,15 @@ pub fn now_ms(net: &Devnet) -> i64 {
     t.unix_timestamp() * 1000 + i64::from(t.millisecond())
 }
 
-/// Asserts that `node` holds a record with `outcome` whose detail contains `needle`.
+/// Asserts that `node` wrote a record with `outcome` whose detail contains `needle`.
 pub async fn assert_audited(net: &Devnet, node: &str, outcome: &str, needle: &str) -> Result<()> {
-    let rows = net
-        .node(code(node))?
-        .store()
-        .audit_query(&AuditQuery {
-            outcome: Some(outcome.to_owned()),
-            limit: 10_000,
-            ..Default::default()
-        })
-        .await?;
-    if rows.iter().any(|(_, r)| r.detail.contains(needle)) {
+    let rows = crate::own_audit_records(net, node).await?;
+    let found: Vec<_> = rows.iter().filter(|r| r.outcome == outcome).collect();
+    if found.iter().any(|r| r.detail.contains(needle)) {
         return Ok(());
     }
     bail!(
         "node {node} holds no {outcome} record mentioning {needle:?}; it holds: {:?}",
-        rows.iter().map(|(_, r)| &r.detail).collect::<Vec<_>>()
+        found.iter().map(|r| &r.detail).collect::<Vec<_>>()
     )
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use fedgate_gateway::clock::Clock;
-use fedgate_gateway::store::AuditQuery;
 use fedgate_proto::v1::agency_client::AgencyClient;
 use fedgate_proto::v1::{
     Application, ApplicationState, ApplyRequest, DecideRequest, FileObjectionRequest,
@@ -14,7 +13,9 @@ use fedgate_proto::v1::{
     ListObjectionsRequest, ObjectionState, ResolveObjectionRequest, RevokeRequest, ShareMode,
     ShareRequest, ShareType, SignedGrant, VerifyResult,
 };
-use fedgate_tests::{Devnet, NodeSpec, code, eventually, key_at, query, registry, standard};
+use fedgate_tests::{
+    Devnet, NodeSpec, code, eventually, key_at, own_audit_records, query, registry, standard,
+};
 use prost::Message;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -49,16 +50,11 @@ fn grant_of(a: &Application) -> Result<(SignedGrant, Grant)> {
 
 /// Asserts that `node` recorded a refusal of `request_id` with `outcome`.
 async fn assert_recorded(net: &Devnet, node: &str, request_id: &str, outcome: &str) -> Result<()> {
-    let rows = net
-        .node(code(node))?
-        .store()
-        .audit_query(&AuditQuery {
-            outcome: Some(outcome.to_owned()),
-            limit: 10_000,
-            ..Default::default()
-        })
-        .await?;
-    if !rows.iter().any(|(_, r)| r.request_id == request_id) {
+    let rows = own_audit_records(net, node).await?;
+    if !rows
+        .iter()
+        .any(|r| r.outcome == outcome && r.request_id == request_id)
+    {
         bail!("node {node} holds no {outcome} record of request {request_id}");
     }
     Ok(())
