@@ -43,6 +43,9 @@ pub struct Governance {
     clock: Arc<dyn Clock>,
     audit: AuditLog,
     max_grant_secs: i64,
+    /// Grant ids this node knows revoked: read from the store at the first check, then kept as revocations are
+    /// recorded, so that no share waits on a store read for it.
+    revoked: Arc<tokio::sync::OnceCell<dashmap::DashSet<String>>>,
 }
 
 fn text(field: &str, value: &str, required: bool) -> Result<()> {
@@ -103,6 +106,7 @@ impl Governance {
             clock,
             audit,
             max_grant_secs: DEFAULT_GRANT_SECS,
+            revoked: Arc::default(),
         }
     }
 
@@ -715,6 +719,7 @@ impl Governance {
                 body: n.encode_to_vec(),
             })
             .await?;
+        self.revoked().await?.insert(v.body().grant_id.clone());
         Ok(())
     }
 
@@ -736,11 +741,19 @@ impl Governance {
 
     /// Whether a grant was revoked, as far as this node knows.
     pub async fn is_revoked(&self, grant_id: &str) -> Result<bool> {
-        Ok(self
-            .store
-            .doc(DocKind::Revocation, grant_id)
-            .await?
-            .is_some())
+        Ok(self.revoked().await?.contains(grant_id))
+    }
+
+    async fn revoked(&self) -> Result<&dashmap::DashSet<String>> {
+        self.revoked
+            .get_or_try_init(|| async {
+                let docs = self
+                    .store
+                    .docs(DocKind::Revocation, &DocQuery::default())
+                    .await?;
+                Ok::<_, Error>(docs.into_iter().map(|d| d.id).collect())
+            })
+            .await
     }
 
     /// Checks a grant issued by any node, as the consumer's node does before a request leaves it: the issuer's

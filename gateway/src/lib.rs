@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod downlink;
+pub mod entries;
 pub mod error;
 pub mod governance;
 pub mod grant;

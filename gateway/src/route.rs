@@ -23,6 +23,7 @@ use crate::audit::{self, AuditLog};
 use crate::cache::ShareCache;
 use crate::config::RoutingConfig;
 use crate::downlink::Downlink;
+use crate::entries::LocalEntries;
 use crate::error::{Error, Result};
 use crate::governance::Governance;
 use crate::ident::DivisionCode;
@@ -46,7 +47,6 @@ pub struct Forwarded {
 #[derive(Clone)]
 pub struct Router {
     topology: Arc<Topology>,
-    store: Arc<dyn Store>,
     limits: RoutingConfig,
     metrics: Arc<NodeMetrics>,
     audit: AuditLog,
@@ -54,6 +54,7 @@ pub struct Router {
     cache: ShareCache,
     assertions: Assertions,
     downlink: Downlink,
+    entries: LocalEntries,
 }
 
 /// Action names recorded in a route.
@@ -108,8 +109,8 @@ impl Router {
         (governance, cache, assertions, downlink): (Governance, ShareCache, Assertions, Downlink),
     ) -> Self {
         Self {
+            entries: LocalEntries::new(topology.code, store),
             topology,
-            store,
             limits,
             metrics,
             audit,
@@ -123,6 +124,13 @@ impl Router {
     /// Revocations and cache invalidations sent from this node.
     pub fn downlink(&self) -> &Downlink {
         &self.downlink
+    }
+
+    /// Follows a committed local publish or withdrawal of entry `id` at `version`: this node's copy of the entry
+    /// is dropped, then every node that may cache answers from it is told (see [`Downlink::invalidate`]).
+    pub async fn entry_changed(&self, id: &str, version: u64) -> Result<Vec<String>> {
+        self.entries.changed(id);
+        self.downlink.invalidate(id, version).await
     }
 
     /// This node's consumer assertions: signing its own, checking other nodes'.
@@ -189,6 +197,9 @@ impl Router {
     ) -> Result<Forwarded> {
         let started = Instant::now();
         let me = self.topology.code;
+        if local.is_none() && env.target_node != me.as_str() {
+            return self.relay(env, request, deadline, started).await;
+        }
         let (result, record) = self
             .dispatch_unrecorded(env, request, deadline, local)
             .await?;
@@ -246,6 +257,50 @@ impl Router {
             out
         });
         Ok((result, record))
+    }
+
+    /// Passes on a request that another node vouched for and another node serves. This hop's record states what
+    /// is known before the call (who sent which request where, outcome [`audit::FORWARDED`]) and is made durable
+    /// while the next node works on the request, so the record costs this hop no time of its own; a failure is
+    /// recorded again with its outcome before it is answered.
+    async fn relay(
+        &self,
+        env: Envelope,
+        request: Vec<u8>,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Forwarded> {
+        let me = self.topology.code;
+        let target: DivisionCode = env.target_node.parse()?;
+        let mut record = share_record(&env, false);
+        record.outcome = audit::FORWARDED.to_owned();
+        let failure = record.clone();
+        let (written, result) = tokio::join!(
+            self.audit.record(record),
+            self.forward(env, request, target, deadline)
+        );
+        let unrecorded = |e: audit::AuditError| {
+            Error::Unavailable(format!(
+                "node {me} could not record the request in its audit trail, so it is not answered: {e}"
+            ))
+        };
+        written.map_err(unrecorded)?;
+        match result {
+            Ok(mut out) => {
+                NodeMetrics::add(&self.metrics.shares_forwarded, 1);
+                self.stamp_elapsed(&mut out, started);
+                Ok(out)
+            }
+            Err(e) => {
+                NodeMetrics::add(&self.metrics.shares_failed, 1);
+                let mut r = failure;
+                r.time_unix_nanos = audit::now_nanos();
+                r.outcome = audit::outcome(e.code());
+                r.detail = e.to_string();
+                self.audit.record(r).await.map_err(unrecorded)?;
+                Err(e)
+            }
+        }
     }
 
     /// Sets this node's hop of `out.route` to the time since `started`.
@@ -417,18 +472,12 @@ impl Router {
                 env.request_id
             )));
         }
-        let entry = self
-            .store
-            .entry(&env.resource_id)
-            .await?
-            .filter(|s| !s.withdrawn && s.entry.node_code == me.as_str())
-            .map(|s| s.entry)
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "resource {} is not in the catalog of node {me}",
-                    env.resource_id
-                ))
-            })?;
+        let entry = self.entries.get(&env.resource_id).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "resource {} is not in the catalog of node {me}",
+                env.resource_id
+            ))
+        })?;
         record.provider_uscc = entry.provider_uscc.clone();
         let mode = policy::requested_mode(&req)?;
         let grant = match &req.grant {

@@ -193,3 +193,60 @@ async fn the_hop_limit_stops_long_routes() -> Result<()> {
     assert!(err.message().contains("hop limit"), "{}", err.message());
     net.shutdown().await
 }
+
+/// Each node a share passes records it once: the consumer's and the provider's node with its outcome and the
+/// digest of the answer, each relay as it passes the request on; a relay whose next node refuses records that too.
+#[tokio::test]
+async fn every_hop_records_a_share_once_and_a_relay_records_a_refusal_it_passed_back() -> Result<()>
+{
+    let net = standard().await?;
+    let key = key_at(&net, "350102", 0)?;
+    let mut siming = net.client(&net.consumer_at(code("350203"))?.uscc).await?;
+    let mut req = query("350102:household", &key, &["name"]);
+    req.request_id = "relay-ok".into();
+    siming.share(req).await?;
+    let mut req = query("350102:no-such-resource", &key, &["name"]);
+    req.request_id = "relay-refused".into();
+    let err = siming.share(req).await.expect_err("no such resource");
+    assert_eq!(err.code(), Code::NotFound);
+
+    let mut digests = Vec::new();
+    for node in ["350203", "350200", "350000", "350100", "350102"] {
+        let records = fedgate_tests::own_audit_records(&net, node).await?;
+        let of = |id: &str| -> Vec<(String, bool)> {
+            records
+                .iter()
+                .filter(|r| r.request_id == id)
+                .map(|r| (r.outcome.clone(), r.response_digest.is_empty()))
+                .collect()
+        };
+        let relay = !matches!(node, "350203" | "350102");
+        if relay {
+            assert_eq!(
+                of("relay-ok"),
+                vec![("FORWARDED".to_owned(), true)],
+                "{node}"
+            );
+            assert_eq!(
+                of("relay-refused"),
+                vec![
+                    ("FORWARDED".to_owned(), true),
+                    ("NOT_FOUND".to_owned(), true)
+                ],
+                "{node}"
+            );
+        } else {
+            assert_eq!(of("relay-ok"), vec![("OK".to_owned(), false)], "{node}");
+            assert_eq!(
+                of("relay-refused"),
+                vec![("NOT_FOUND".to_owned(), true)],
+                "{node}"
+            );
+            let r = records.iter().find(|r| r.request_id == "relay-ok");
+            digests.extend(r.map(|r| r.response_digest.clone()));
+        }
+    }
+    assert_eq!(digests.len(), 2);
+    assert_eq!(digests[0], digests[1], "both ends record the same answer");
+    net.shutdown().await
+}

@@ -56,6 +56,10 @@ pub fn digest(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
 }
 
+/// The outcome of a relaying node's record, written as it passes a request on (see `route::Router::dispatch`);
+/// a relay that fails records the failure again under its gRPC code name.
+pub const FORWARDED: &str = "FORWARDED";
+
 /// The gRPC code name used as a record's outcome.
 pub fn outcome(code: tonic::Code) -> String {
     match code {

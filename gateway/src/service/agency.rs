@@ -180,8 +180,7 @@ impl AgencyService {
         let stored = self.store.publish_local(entry).await?;
         self.uplink.wake(Stream::Catalog);
         self.router
-            .downlink()
-            .invalidate(&stored.id, stored.version)
+            .entry_changed(&stored.id, stored.version)
             .await?;
         Ok(stored)
     }
@@ -200,7 +199,7 @@ impl AgencyService {
             .await?
             .ok_or_else(|| Error::NotFound(format!("resource {id} is not in the catalog")))?;
         self.uplink.wake(Stream::Catalog);
-        self.router.downlink().invalidate(id, version).await?;
+        self.router.entry_changed(id, version).await?;
         Ok(version)
     }
 
