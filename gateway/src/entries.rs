@@ -70,3 +70,59 @@ impl LocalEntries {
         *self.changes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn entry(id: &str, node: &str, title: &str) -> CatalogEntry {
+        CatalogEntry {
+            id: id.into(),
+            node_code: node.into(),
+            title: title.into(),
+            provider_uscc: "11350100MB0000000X".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_is_seen_at_once_and_other_nodes_entries_are_not_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("n.db"))
+                .await
+                .expect("open"),
+        );
+        let node: DivisionCode = "350102".parse().expect("code");
+        let entries = LocalEntries::new(node, store.clone());
+        assert!(entries.get("350102:a").await.expect("get").is_none());
+        store
+            .publish_local(entry("350102:a", "350102", "first"))
+            .await
+            .expect("publish");
+        assert!(
+            entries.get("350102:a").await.expect("get").is_none(),
+            "unknown until its change is reported"
+        );
+        entries.changed("350102:a");
+        let got = entries.get("350102:a").await.expect("get").expect("live");
+        assert_eq!(got.title, "first");
+        store
+            .publish_local(entry("350102:a", "350102", "second"))
+            .await
+            .expect("publish");
+        entries.changed("350102:a");
+        let got = entries.get("350102:a").await.expect("get").expect("live");
+        assert_eq!(got.title, "second");
+        store.withdraw_local("350102:a").await.expect("withdraw");
+        entries.changed("350102:a");
+        assert!(entries.get("350102:a").await.expect("get").is_none());
+
+        store
+            .publish_local(entry("350103:b", "350103", "elsewhere"))
+            .await
+            .expect("publish");
+        assert!(entries.get("350103:b").await.expect("get").is_none());
+    }
+}
