@@ -46,6 +46,24 @@ pub struct Governance {
     /// Grant ids this node knows revoked: read from the store at the first check, then kept as revocations are
     /// recorded, so that no share waits on a store read for it.
     revoked: Arc<tokio::sync::OnceCell<dashmap::DashSet<String>>>,
+    /// Signed grants whose signatures checked lately, by [`OpenedKey`]: a grant used for many shares is verified
+    /// once per [`OPENED_TTL`]. Expiry, use and revocation are checked at every use.
+    opened: moka::sync::Cache<[u8; 32], Grant>,
+}
+
+/// How long a checked grant signature is trusted without checking it again: bounds how long a certificate that
+/// expired meanwhile still vouches for its node's grant key.
+const OPENED_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Checked grant signatures kept at most.
+const OPENED_CAPACITY: u64 = 10_000;
+
+/// Which check a cached grant passed.
+#[derive(Clone, Copy)]
+enum OpenedKey {
+    /// Signed with this node's own key.
+    Own = 1,
+    /// Signed with a key its issuer's certificate endorsed.
+    Endorsed = 2,
 }
 
 fn text(field: &str, value: &str, required: bool) -> Result<()> {
@@ -107,6 +125,10 @@ impl Governance {
             audit,
             max_grant_secs: DEFAULT_GRANT_SECS,
             revoked: Arc::default(),
+            opened: moka::sync::Cache::builder()
+                .max_capacity(OPENED_CAPACITY)
+                .time_to_live(OPENED_TTL)
+                .build(),
         }
     }
 
@@ -760,6 +782,30 @@ impl Governance {
     /// certificate-signed endorsement of its key, then the grant's signature under that key. The issuer's node
     /// checks again with its own key ([`Governance::check_grant`]).
     pub fn check_foreign_grant(&self, signed: &SignedGrant) -> Result<Grant> {
+        self.opened(OpenedKey::Endorsed, signed, || self.open_endorsed(signed))
+    }
+
+    /// The grant if `check` passes, from [`Governance::opened`] when the same check passed lately.
+    fn opened(
+        &self,
+        how: OpenedKey,
+        signed: &SignedGrant,
+        check: impl FnOnce() -> Result<Grant>,
+    ) -> Result<Grant> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update([how as u8]);
+        h.update(signed.encode_to_vec());
+        let key: [u8; 32] = h.finalize().into();
+        if let Some(g) = self.opened.get(&key) {
+            return Ok(g);
+        }
+        let g = check()?;
+        self.opened.insert(key, g.clone());
+        Ok(g)
+    }
+
+    fn open_endorsed(&self, signed: &SignedGrant) -> Result<Grant> {
         let claimed = Grant::decode(signed.grant.as_slice())
             .map_err(|e| Error::InvalidArgument(format!("grant: not an encoded Grant: {e}")))?;
         let issuer = grant_issuer(&claimed.id)?;
@@ -796,7 +842,9 @@ impl Governance {
     ) -> Result<Grant> {
         // A grant signed before this node's key rotated carries the endorsement of its older key.
         let g = if signed.public_key == self.key.public_key() || signed.key_endorsement.is_none() {
-            grant::open(signed, &self.key.public_key()).map_err(grant_refusal)?
+            self.opened(OpenedKey::Own, signed, || {
+                grant::open(signed, &self.key.public_key()).map_err(grant_refusal)
+            })?
         } else {
             self.check_foreign_grant(signed)?
         };
