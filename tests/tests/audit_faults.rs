@@ -651,7 +651,8 @@ async fn verify(
         }
     }
 
-    // Every share answered OK is recorded OK at its consumer's node, its provider's node and on its route.
+    // Every share answered OK is recorded OK at its consumer's node and its provider's node, and as forwarded at
+    // every node between them.
     let mut index: HashMap<DivisionCode, HashMap<&str, Vec<&str>>> = HashMap::new();
     for (c, dump) in &dumps {
         let by_id = index.entry(*c).or_default();
@@ -667,15 +668,21 @@ async fn verify(
     let consumer = code(CONSUMER_NODE);
     let mut unrecorded = Vec::new();
     for a in &load.answers {
-        let mut nodes: BTreeSet<DivisionCode> = [consumer, node_of(a.resource)].into();
+        let ends: BTreeSet<DivisionCode> = [consumer, node_of(a.resource)].into();
+        let mut nodes = ends.clone();
         for hop in &a.route {
             nodes.insert(code(hop));
         }
         for n in nodes {
+            let expected = if ends.contains(&n) {
+                "OK"
+            } else {
+                fedgate_gateway::audit::FORWARDED
+            };
             let ok = index
                 .get(&n)
                 .and_then(|m| m.get(a.request_id.as_str()))
-                .is_some_and(|outcomes| outcomes.contains(&"OK"));
+                .is_some_and(|outcomes| outcomes.contains(&expected));
             if !ok {
                 unrecorded.push(format!("{} ({}) at node {n}", a.request_id, a.resource));
             }
@@ -683,7 +690,7 @@ async fn verify(
     }
     if !unrecorded.is_empty() {
         problems.push(format!(
-            "{} OK shares lack an OK record, e.g. {:?}",
+            "{} OK shares lack their record (OK at either end, FORWARDED between), e.g. {:?}",
             unrecorded.len(),
             &unrecorded[..unrecorded.len().min(10)]
         ));
