@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::ident::{Peer, Uscc};
 use crate::limits::{Bounded, LimitsConfig, excerpt};
 use crate::route::{Router, action};
-use crate::store::Store;
+use crate::store::{Store, Upstream};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
 
@@ -71,6 +71,11 @@ impl AgencyService {
     pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Where this node's catalog changes go.
+    fn upstream(&self) -> Upstream {
+        Upstream::of(self.topology.parent.is_some())
     }
 
     /// The calling agency, registered on this node, and a message within the limits; a refusal is audited.
@@ -177,7 +182,7 @@ impl AgencyService {
                 entry.id, existing.entry.provider_uscc
             )));
         }
-        let stored = self.store.publish_local(entry).await?;
+        let stored = self.store.publish_local(entry, self.upstream()).await?;
         self.uplink.wake(Stream::Catalog);
         self.router
             .downlink()
@@ -196,7 +201,7 @@ impl AgencyService {
         }
         let version = self
             .store
-            .withdraw_local(id)
+            .withdraw_local(id, self.upstream())
             .await?
             .ok_or_else(|| Error::NotFound(format!("resource {id} is not in the catalog")))?;
         self.uplink.wake(Stream::Catalog);
