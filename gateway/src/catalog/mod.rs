@@ -192,6 +192,36 @@ pub fn prepare_publish(
     Ok(entry)
 }
 
+/// Validates a batch an agency publishes at `node`: each entry as [`prepare_publish`] does (errors name the
+/// entry's index), at least one entry, no id twice.
+pub fn prepare_batch(
+    node: DivisionCode,
+    provider: &Uscc,
+    entries: Vec<CatalogEntry>,
+    now_rfc3339: &str,
+    limits: &LimitsConfig,
+) -> Result<Vec<CatalogEntry>> {
+    if entries.is_empty() {
+        return Err(Error::InvalidArgument(
+            "entries must hold at least one entry".into(),
+        ));
+    }
+    let mut seen = std::collections::HashMap::with_capacity(entries.len());
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let entry = prepare_publish(node, provider, entry, now_rfc3339.to_owned(), limits)
+            .map_err(|e| e.within(&format!("entries[{i}]")))?;
+        if let Some(first) = seen.insert(entry.id.clone(), i) {
+            return Err(Error::InvalidArgument(format!(
+                "entries[{i}].id {} repeats entries[{first}].id",
+                entry.id
+            )));
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
