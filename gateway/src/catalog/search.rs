@@ -21,6 +21,9 @@ use crate::store::{CatalogHit, CatalogQuery};
 const DEFAULT_PAGE: u32 = 50;
 /// Version of the tokenizer: a store whose index was built by another version rebuilds it when it opens.
 pub const TOKENIZER_VERSION: i64 = 1;
+/// Lengths of the node code prefixes an entry is tagged with: a province's, a city's, a county's (any other
+/// prefix is matched by checking every candidate).
+const NODE_TAG_LENGTHS: [usize; 3] = [2, 4, 6];
 /// First character of every tag token; never part of a text token (it is neither a letter nor a digit).
 const TAG: char = '§';
 
@@ -151,9 +154,9 @@ pub fn entry_tokens(entry: &CatalogEntry) -> Vec<String> {
     }
     out.push(provider_tag(&entry.provider_uscc));
     out.push(share_tag(entry.share_type));
-    for end in 1..=entry.node_code.len() {
-        if entry.node_code.is_char_boundary(end) {
-            out.push(node_tag(&entry.node_code[..end]));
+    for end in NODE_TAG_LENGTHS {
+        if let Some(prefix) = entry.node_code.get(..end) {
+            out.push(node_tag(prefix));
         }
     }
     let path = entry.classification.join("/");
@@ -196,7 +199,11 @@ pub fn query_tokens(query: &CatalogQuery) -> Vec<IndexToken> {
     if let Some(s) = query.share_type {
         out.push(exact(share_tag(s as i32)));
     }
-    if let Some(p) = query.node_prefix.as_deref().filter(|p| !p.is_empty()) {
+    if let Some(p) = query
+        .node_prefix
+        .as_deref()
+        .filter(|p| NODE_TAG_LENGTHS.contains(&p.len()))
+    {
         out.push(exact(node_tag(p)));
     }
     if !query.classification.is_empty() {
@@ -415,7 +422,8 @@ mod tests {
             assert!(tokens.contains(&t.to_owned()), "{t} in {tokens:?}");
         }
         assert!(!tokens.contains(&"户籍人".to_owned()));
-        for t in ["§pP1", "§s2", "§n3", "§n35", "§n350102"] {
+        assert!(!tokens.contains(&"§n3".to_owned()));
+        for t in ["§pP1", "§s2", "§n35", "§n3501", "§n350102"] {
             assert!(tokens.contains(&t.to_owned()), "{t} in {tokens:?}");
         }
         let civil = class_tag("civil");
