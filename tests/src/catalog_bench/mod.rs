@@ -14,7 +14,10 @@ pub mod search;
 use std::fmt;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
+use fedgate_gateway::store::PgStore;
 
 pub use search::QueryKind;
 
@@ -29,6 +32,9 @@ pub struct CatalogBenchConfig {
     pub batches: (usize, usize),
     /// Cities, counties per city and entries per node of the converging province.
     pub province: (u32, u32, usize),
+    /// Also search a PostgreSQL store of each size, in a scratch database of the test server
+    /// (`FEDGATE_TEST_POSTGRES`).
+    pub postgres: bool,
 }
 
 impl CatalogBenchConfig {
@@ -39,6 +45,7 @@ impl CatalogBenchConfig {
             queries: 200,
             batches: (111, 1000),
             province: (10, 10, 1000),
+            postgres: false,
         }
     }
 
@@ -49,12 +56,14 @@ impl CatalogBenchConfig {
             queries: 10,
             batches: (3, 200),
             province: (2, 2, 50),
+            postgres: false,
         }
     }
 
     /// [`CatalogBenchConfig::full`] (or [`CatalogBenchConfig::quick`] with `CATALOG_BENCH_QUICK=1`) changed by
     /// `CATALOG_BENCH_SIZES` (comma-separated), `CATALOG_BENCH_QUERIES`, `CATALOG_BENCH_BATCHES` (`count x size`,
-    /// `0x0` skips) and `CATALOG_BENCH_PROVINCE` (`cities x counties x entries`, `0x0x0` skips).
+    /// `0x0` skips), `CATALOG_BENCH_PROVINCE` (`cities x counties x entries`, `0x0x0` skips) and
+    /// `CATALOG_BENCH_POSTGRES=1`.
     pub fn from_env() -> Result<Self> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let nums = |k: &str, v: &str, sep: char| -> Result<Vec<usize>> {
@@ -71,6 +80,7 @@ impl CatalogBenchConfig {
         } else {
             Self::full()
         };
+        c.postgres = var("CATALOG_BENCH_POSTGRES").is_some_and(|v| v != "0");
         if let Some(v) = var("CATALOG_BENCH_SIZES") {
             c.search_sizes = nums("CATALOG_BENCH_SIZES", &v, ',')?;
         }
@@ -139,6 +149,8 @@ impl Latencies {
 /// One kind of search at one catalog size.
 #[derive(Debug, Clone)]
 pub struct SearchRow {
+    /// The store's backend.
+    pub backend: &'static str,
     /// Entries in the catalog.
     pub entries: usize,
     /// The kind of query.
@@ -184,8 +196,8 @@ pub struct ConvergenceResult {
 /// What one run measured.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogReport {
-    /// Filling each searched store: entries and time.
-    pub fills: Vec<(usize, Duration)>,
+    /// Filling each searched store: backend, entries and time.
+    pub fills: Vec<(&'static str, usize, Duration)>,
     /// Search rows.
     pub search: Vec<SearchRow>,
     /// Batch publication, unless skipped.
@@ -200,11 +212,24 @@ pub async fn run(config: CatalogBenchConfig) -> Result<CatalogReport> {
     for &n in &config.search_sizes {
         let dir = tempfile::tempdir()?;
         let filled = search::fill(&dir.path().join("province.db"), n).await?;
-        report.fills.push((filled.entries, filled.took));
+        report.fills.push(("sqlite", filled.entries, filled.took));
         report
             .search
-            .extend(search::measure(&filled.store, n, config.queries).await?);
+            .extend(search::measure("sqlite", &filled.store, n, config.queries).await?);
         filled.store.close().await;
+        if config.postgres {
+            let db = crate::postgres::scratch_database()
+                .await?
+                .context("CATALOG_BENCH_POSTGRES needs FEDGATE_TEST_POSTGRES")?;
+            let store = Arc::new(PgStore::connect(&db.url).await?);
+            let filled = search::fill_store(store, n).await?;
+            report.fills.push(("postgres", filled.entries, filled.took));
+            report
+                .search
+                .extend(search::measure("postgres", &filled.store, n, config.queries).await?);
+            filled.store.close().await;
+            db.drop_database().await?;
+        }
     }
     let (batches, size) = config.batches;
     if batches > 0 && size > 0 {
@@ -223,10 +248,10 @@ fn ms(d: Option<Duration>) -> String {
 
 impl fmt::Display for CatalogReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (n, took) in &self.fills {
+        for (backend, n, took) in &self.fills {
             writeln!(
                 f,
-                "filled {n} entries through the store's apply path in {:.1} s ({:.0} entries/s)",
+                "{backend}: filled {n} entries through the store's apply path in {:.1} s ({:.0} entries/s)",
                 took.as_secs_f64(),
                 *n as f64 / took.as_secs_f64().max(1e-9)
             )?;
@@ -234,13 +259,14 @@ impl fmt::Display for CatalogReport {
         if !self.search.is_empty() {
             writeln!(
                 f,
-                "\n| entries | query | p50 ms | p99 ms | max ms | entries per page |"
+                "\n| store | entries | query | p50 ms | p99 ms | max ms | entries per page |"
             )?;
-            writeln!(f, "|---:|---|---:|---:|---:|---:|")?;
+            writeln!(f, "|---|---:|---|---:|---:|---:|---:|")?;
             for r in &self.search {
                 writeln!(
                     f,
-                    "| {} | {} | {} | {} | {} | {:.1} |",
+                    "| {} | {} | {} | {} | {} | {} | {:.1} |",
+                    r.backend,
                     r.entries,
                     r.kind.name(),
                     ms(r.latencies.quantile(0.5)),

@@ -31,8 +31,12 @@ pub struct Filled {
 
 /// Fills a new SQLite store at `path` with `n` entries of the benchmark's catalog.
 pub async fn fill(path: &Path, n: usize) -> Result<Filled> {
+    fill_store(Arc::new(SqliteStore::open(path).await?), n).await
+}
+
+/// Fills an empty `store` with `n` entries of the benchmark's catalog.
+pub async fn fill_store(store: Arc<dyn Store>, n: usize) -> Result<Filled> {
     let nodes = corpus::nodes()?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await?);
     let start = Instant::now();
     let mut seq = 0u64;
     let mut i = 0usize;
@@ -158,6 +162,7 @@ impl QueryKind {
 /// Runs `queries` searches of each kind at the province over `store`; each row's latencies and the entries its
 /// searches returned.
 pub async fn measure(
+    backend: &'static str,
     store: &Arc<dyn Store>,
     entries: usize,
     queries: usize,
@@ -191,6 +196,7 @@ pub async fn measure(
             found += page.len();
         }
         rows.push(SearchRow {
+            backend,
             entries,
             kind,
             latencies,
