@@ -180,10 +180,11 @@ proptest! {
             Ok(q) => {
                 // A whitespace-separated word may hold several terms (a CJK run and a word), never longer than it.
                 prop_assert!(q.terms.len() <= limits.max_search_chars);
-                prop_assert!(q.terms.iter().all(|t| match t {
-                    fedgate_gateway::catalog::Term::Word(w) | fedgate_gateway::catalog::Term::Cjk(w) =>
-                        !w.is_empty() && w.chars().count() <= 3 * limits.max_search_word_chars,
-                }));
+                let bounded = q.terms.iter().all(|t| {
+                    let (fedgate_gateway::catalog::Term::Word(w) | fedgate_gateway::catalog::Term::Cjk(w)) = t;
+                    !w.is_empty() && w.chars().count() <= 3 * limits.max_search_word_chars
+                });
+                prop_assert!(bounded);
                 prop_assert!(q.limit >= 1 && q.limit <= limits.max_search_page);
                 prop_assert_eq!(q.max_bytes, Some(limits.max_page_bytes));
             }

@@ -97,7 +97,7 @@ pub fn nodes_of(cities: u32, counties: u32) -> Result<Vec<DivisionCode>> {
 
 /// The `n`-th provider agency of `node` (1-based).
 pub fn provider(node: DivisionCode, n: u32) -> Result<Uscc> {
-    Ok(agency_code(node, n)?)
+    agency_code(node, n)
 }
 
 /// The rare word of rare group `k`.
@@ -124,7 +124,7 @@ pub fn entry(i: usize, nodes: &[DivisionCode]) -> Result<CatalogEntry> {
         pick(&CHINESE, i, 4),
         pick(&CHINESE, i, 5),
     );
-    if i % RARE_EVERY == 0 {
+    if i.is_multiple_of(RARE_EVERY) {
         title.push(' ');
         title.push_str(&rare_word((i / RARE_EVERY) % RARE_WORDS));
     }

@@ -171,24 +171,13 @@ async fn upsert_rows(
     entries: &[&CatalogEntry],
 ) -> Result<(), StoreError> {
     for chunk in entries.chunks(ROWS) {
-        let mut cols: (
-            Vec<&str>,
-            Vec<&str>,
-            Vec<&str>,
-            Vec<i32>,
-            Vec<i64>,
-            Vec<Vec<u8>>,
-        ) = Default::default();
-        let mut tokens = Vec::with_capacity(chunk.len());
-        for e in chunk {
-            cols.0.push(&e.id);
-            cols.1.push(&e.node_code);
-            cols.2.push(&e.provider_uscc);
-            cols.3.push(e.share_type);
-            cols.4.push(to_i64(e.version));
-            cols.5.push(e.encode_to_vec());
-            tokens.push(token_list(e));
-        }
+        let ids: Vec<&str> = chunk.iter().map(|e| e.id.as_str()).collect();
+        let nodes: Vec<&str> = chunk.iter().map(|e| e.node_code.as_str()).collect();
+        let providers: Vec<&str> = chunk.iter().map(|e| e.provider_uscc.as_str()).collect();
+        let share_types: Vec<i32> = chunk.iter().map(|e| e.share_type).collect();
+        let versions: Vec<i64> = chunk.iter().map(|e| to_i64(e.version)).collect();
+        let bodies: Vec<Vec<u8>> = chunk.iter().map(|e| e.encode_to_vec()).collect();
+        let tokens: Vec<String> = chunk.iter().map(|e| token_list(e)).collect();
         sqlx::query(
             "INSERT INTO catalog (id, node_code, provider_uscc, share_type, version, withdrawn, entry, tokens) \
              SELECT id, node_code, provider_uscc, share_type, version, FALSE, entry, \
@@ -200,12 +189,12 @@ async fn upsert_rows(
              version = excluded.version, withdrawn = FALSE, entry = excluded.entry, tokens = excluded.tokens \
              WHERE excluded.version > catalog.version",
         )
-        .bind(&cols.0)
-        .bind(&cols.1)
-        .bind(&cols.2)
-        .bind(&cols.3)
-        .bind(&cols.4)
-        .bind(&cols.5)
+        .bind(&ids)
+        .bind(&nodes)
+        .bind(&providers)
+        .bind(&share_types)
+        .bind(&versions)
+        .bind(&bodies)
         .bind(&tokens)
         .execute(&mut **tx)
         .await?;
