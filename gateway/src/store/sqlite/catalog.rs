@@ -20,6 +20,12 @@ const UPSERT_ROWS: usize = 500;
 /// Rows of one multi-row outbox or index insert, and ids of one `IN` list.
 const ROWS: usize = 1000;
 
+/// Begins a write transaction holding the write lock from its start. A deferred one would read first and then
+/// ask for the lock, which SQLite refuses at once (without waiting) while the checkpointer restarts the WAL.
+async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
+    Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
+}
+
 /// Rebuilds the search index unless it was built by this tokenizer version (after the migration that created
 /// it, or a tokenizer change).
 pub(super) async fn ensure_index(writer: &SqlitePool) -> Result<(), StoreError> {
@@ -29,7 +35,7 @@ pub(super) async fn ensure_index(writer: &SqlitePool) -> Result<(), StoreError> 
     if built == Some(TOKENIZER_VERSION) {
         return Ok(());
     }
-    let mut tx = writer.begin().await?;
+    let mut tx = begin(writer).await?;
     sqlx::query("INSERT INTO catalog_fts (catalog_fts) VALUES ('delete-all')")
         .execute(&mut *tx)
         .await?;
@@ -322,7 +328,7 @@ pub(super) async fn publish(
     mut entries: Vec<CatalogEntry>,
     upstream: Upstream,
 ) -> Result<Vec<CatalogEntry>, StoreError> {
-    let mut tx = writer.begin().await?;
+    let mut tx = begin(writer).await?;
     let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
     let mut stored = versions(&mut tx, &ids).await?;
     for e in &mut entries {
@@ -349,7 +355,7 @@ pub(super) async fn withdraw_local(
     id: &str,
     upstream: Upstream,
 ) -> Result<Option<u64>, StoreError> {
-    let mut tx = writer.begin().await?;
+    let mut tx = begin(writer).await?;
     let Some(old) = versions(&mut tx, &[id]).await?.get(id).copied() else {
         return Ok(None);
     };
@@ -373,7 +379,7 @@ pub(super) async fn apply_child(
     items: &[(u64, CatalogChange)],
     upstream: Upstream,
 ) -> Result<u64, StoreError> {
-    let mut tx = writer.begin().await?;
+    let mut tx = begin(writer).await?;
     let applied = read_cursor(&mut tx, child, Stream::Catalog).await?;
     let (fresh, applied) = fresh_items(child, applied, items)?;
     apply_changes(&mut tx, &fresh).await?;
