@@ -35,6 +35,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error with `context` (where in the request it arose, such as "entries[3]") before its message; errors
+    /// that are not about the request stay as they are.
+    pub fn within(self, context: &str) -> Self {
+        let wrap = |m: String| format!("{context}: {m}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(wrap(m)),
+            Error::NotFound(m) => Error::NotFound(wrap(m)),
+            Error::PermissionDenied(m) => Error::PermissionDenied(wrap(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(wrap(m)),
+            other => other,
+        }
+    }
+
     /// The gRPC code this error is answered with.
     pub fn code(&self) -> Code {
         match self {

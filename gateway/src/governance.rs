@@ -1052,7 +1052,9 @@ impl Governance {
                 limit: u32::MAX,
                 ..Default::default()
             })
-            .await?;
+            .await?
+            .into_iter()
+            .map(|hit| hit.entry);
         let corrected: Vec<Objection> = self
             .store
             .docs(

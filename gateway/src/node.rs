@@ -232,6 +232,12 @@ pub async fn start_with_clock(
                 shutdown_rx.clone(),
             )));
         }
+    } else {
+        // A node without a parent ships nothing: what an earlier build or configuration queued is dropped.
+        let dropped = store.clear_outbox(Stream::Catalog).await?;
+        if dropped > 0 {
+            tracing::info!(dropped, "catalog outbox emptied: this node has no parent");
+        }
     }
 
     let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -2,6 +2,7 @@
 //! plus the small helpers every test uses.
 
 pub mod bench;
+pub mod catalog_bench;
 pub mod postgres;
 pub mod process;
 pub mod raw;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
+use fedgate_gateway::catalog::terms;
 use fedgate_gateway::store::{
-    AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, PgStore, SqliteStore, Store,
-    StoreError,
+    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, PgStore, SqliteStore,
+    Store, StoreError, Upstream,
 };
 use fedgate_proto::v1::{
     AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
@@ -83,6 +84,9 @@ macro_rules! contract {
 contract!(
     catalog_versions_withdrawals_and_outbox,
     catalog_search_filters_and_pagination,
+    catalog_search_pages_through_candidates_the_index_over_matches,
+    catalog_batches_publish_in_one_step,
+    a_root_keeps_no_catalog_outbox,
     child_catalog_cursor_gap_and_idempotence,
     uplink_ack_only_grows,
     audit_append_head_chain_and_positions,
@@ -151,8 +155,8 @@ fn rec(node: &str, seq: u64, time_ns: i64) -> AuditRecord {
     }
 }
 
-fn ids(entries: &[CatalogEntry]) -> Vec<&str> {
-    entries.iter().map(|e| e.id.as_str()).collect()
+fn ids(hits: &[CatalogHit]) -> Vec<&str> {
+    hits.iter().map(|h| h.entry.id.as_str()).collect()
 }
 
 fn seqs(items: &[OutboxItem]) -> Vec<u64> {
@@ -206,7 +210,10 @@ async fn all_live(store: &dyn Store) -> Result<Vec<CatalogEntry>> {
             limit: 1000,
             ..Default::default()
         })
-        .await?)
+        .await?
+        .into_iter()
+        .map(|h| h.entry)
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +234,7 @@ async fn catalog_versions_withdrawals_and_outbox(store: Arc<dyn Store>) -> Resul
         ShareType::Unconditional,
     );
     e.version = 99;
-    let v1 = store.publish_local(e.clone()).await?;
+    let v1 = store.publish_local(e.clone(), Upstream::Parent).await?;
     assert_eq!(v1, with_version(&e, 1));
     let stored = store.entry(&e.id).await?.context("stored")?;
     assert_eq!(stored.entry, v1);
@@ -236,11 +243,14 @@ async fn catalog_versions_withdrawals_and_outbox(store: Arc<dyn Store>) -> Resul
     assert_eq!(store.outbox_head(Stream::Catalog).await?, 1);
 
     e.title = "Household register (户籍)".into();
-    let v2 = store.publish_local(e.clone()).await?;
+    let v2 = store.publish_local(e.clone(), Upstream::Parent).await?;
     assert_eq!(v2.version, 2);
     assert_eq!(store.entry(&e.id).await?.context("stored")?.entry, v2);
 
-    assert_eq!(store.withdraw_local(&e.id).await?, Some(3));
+    assert_eq!(
+        store.withdraw_local(&e.id, Upstream::Parent).await?,
+        Some(3)
+    );
     let stored = store.entry(&e.id).await?.context("stored")?;
     assert!(stored.withdrawn);
     assert_eq!(
@@ -250,11 +260,16 @@ async fn catalog_versions_withdrawals_and_outbox(store: Arc<dyn Store>) -> Resul
     assert_eq!(store.count_entries().await?, 0);
     assert!(all_live(store.as_ref()).await?.is_empty());
 
-    assert_eq!(store.withdraw_local("350102:unknown").await?, None);
+    assert_eq!(
+        store
+            .withdraw_local("350102:unknown", Upstream::Parent)
+            .await?,
+        None
+    );
     assert_eq!(store.outbox_head(Stream::Catalog).await?, 3);
 
     // Publishing again continues after the withdrawal's version.
-    let v4 = store.publish_local(e.clone()).await?;
+    let v4 = store.publish_local(e.clone(), Upstream::Parent).await?;
     assert_eq!(v4.version, 4);
     let stored = store.entry(&e.id).await?.context("stored")?;
     assert!(!stored.withdrawn);
@@ -327,7 +342,22 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
             &["户籍", "人口"],
             Conditional,
         ),
-        // Ids whose order differs between byte order and natural-language collations.
+        entry(
+            "350104:marriage-cn",
+            "婚姻登记信息",
+            "民政局婚姻登记",
+            &["民政"],
+            Conditional,
+        ),
+        // Holds every bigram of 户籍人口 but not the run itself.
+        entry("350104:split", "户籍 籍人 人口", "", &["民政"], Conditional),
+        entry(
+            "350104:mixed",
+            "户籍Household证明",
+            "",
+            &["民政"],
+            Conditional,
+        ),
         entry("350102:Zeta", "zeta", "", &["misc"], Conditional),
         entry("350102:a-b", "dash", "", &["misc"], Conditional),
         entry("350102:a.b", "dot", "", &["misc"], Conditional),
@@ -341,10 +371,13 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
         ),
     ];
     for e in &entries {
-        store.publish_local(e.clone()).await?;
+        store.publish_local(e.clone(), Upstream::Parent).await?;
     }
-    assert_eq!(store.withdraw_local("350102:old").await?, Some(2));
-    assert_eq!(store.count_entries().await?, 10);
+    assert_eq!(
+        store.withdraw_local("350102:old", Upstream::Parent).await?,
+        Some(2)
+    );
+    assert_eq!(store.count_entries().await?, 13);
 
     let search = |q: CatalogQuery| {
         let store = store.clone();
@@ -361,62 +394,83 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
             )
         }
     };
-    let words = |w: &[&str]| CatalogQuery {
-        words: w.iter().map(|s| (*s).to_owned()).collect(),
+    let text = |t: &str| CatalogQuery {
+        terms: terms(t),
         ..Default::default()
     };
 
-    // No filter: every live entry, in byte order of ids.
+    // No filter: every live entry, in the order entries reached the store.
     let everything = search(CatalogQuery::default()).await?;
-    let mut expected: Vec<String> = entries
+    let expected: Vec<String> = entries
         .iter()
         .map(|e| e.id.clone())
         .filter(|id| id != "350102:old")
         .collect();
-    expected.sort();
     assert_eq!(everything, expected);
-    assert_eq!(
-        everything[..5],
-        [
-            "350102:Zeta",
-            "350102:a-b",
-            "350102:a.b",
-            "350102:a_b",
-            "350102:household"
-        ]
-    );
     let full = all_live(store.as_ref()).await?;
     for e in &full {
         let stored = store.entry(&e.id).await?.context("stored")?;
         assert_eq!(&stored.entry, e);
     }
 
-    // Words: every word in title or summary, ASCII letters folded (as SQLite's lower()), withdrawn entries never.
+    // Words: a query word matches a word of title or summary that starts with it, letters folded to lower case;
+    // withdrawn entries never.
     assert_eq!(
-        search(words(&["household"])).await?,
-        ["350102:household", "350203:household"]
+        search(text("household")).await?,
+        ["350102:household", "350203:household", "350104:mixed"]
     );
     assert_eq!(
-        search(words(&["household", "xiamen"])).await?,
+        search(text("household xiamen")).await?,
         ["350203:household"]
     );
     assert_eq!(
-        search(words(&["register", "gulou"])).await?,
+        search(text("regist gul")).await?,
         ["350102:household", "350102:marriage"],
-        "words match inside longer words"
+        "words match as they are typed"
     );
     assert_eq!(
-        search(words(&["register residents"])).await?,
+        search(text("register residents")).await?,
         ["350102:household", "350203:household"],
-        "title and summary are searched as one text joined by a space"
+        "title and summary are searched as one text"
     );
-    assert_eq!(search(words(&["rzte permits"])).await?, ["351000:permits"]);
+    assert_eq!(search(text("ÄRZTE Permits")).await?, ["351000:permits"]);
+    assert_eq!(search(text("ärz")).await?, ["351000:permits"]);
     assert!(
-        search(words(&["ärzte"])).await?.is_empty(),
-        "only ASCII letters are folded"
+        search(text("ouse")).await?.is_empty(),
+        "the inside of a word is no match"
     );
-    assert!(search(words(&["household", "nowhere"])).await?.is_empty());
-    assert_eq!(search(words(&[""])).await?, everything);
+    assert!(search(text("rzte")).await?.is_empty());
+    assert!(search(text("household nowhere")).await?.is_empty());
+    assert!(search(text("old")).await?.is_empty(), "withdrawn");
+    assert_eq!(search(text("")).await?, everything);
+
+    // Chinese: one character, two-character words as they are typed, longer runs exactly.
+    assert_eq!(
+        search(text("户籍")).await?,
+        ["350103:hukou", "350104:split", "350104:mixed"]
+    );
+    assert_eq!(
+        search(text("户")).await?,
+        ["350103:hukou", "350104:split", "350104:mixed"]
+    );
+    assert_eq!(search(text("婚姻")).await?, ["350104:marriage-cn"]);
+    assert_eq!(search(text("婚")).await?, ["350104:marriage-cn"]);
+    assert_eq!(search(text("登记信息")).await?, ["350104:marriage-cn"]);
+    assert_eq!(
+        search(text("人口")).await?,
+        ["350103:hukou", "350104:split"]
+    );
+    assert_eq!(
+        search(text("户籍人口")).await?,
+        ["350103:hukou"],
+        "an entry holding only the run's bigrams does not match"
+    );
+    assert_eq!(search(text("籍人口")).await?, ["350103:hukou"]);
+    assert!(search(text("婚姻户籍")).await?.is_empty());
+    // Mixed scripts: each run of a script is a term, and every term must match.
+    assert_eq!(search(text("户籍household")).await?, ["350104:mixed"]);
+    assert_eq!(search(text("证明 house")).await?, ["350104:mixed"]);
+    assert!(search(text("户籍 marriage")).await?.is_empty());
 
     // Provider.
     assert_eq!(
@@ -468,6 +522,14 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
         .await?,
         ["350103:births"]
     );
+    assert_eq!(
+        search(CatalogQuery {
+            share_type: Some(Unconditional),
+            ..Default::default()
+        })
+        .await?,
+        ["350102:household", "350203:household", "351000:permits"]
+    );
 
     // Node prefix: province, city, county.
     let prefix = |p: &str| CatalogQuery {
@@ -481,14 +543,14 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
         ["350103:births", "350103:hukou"]
     );
     assert_eq!(search(prefix("351")).await?, ["351000:permits"]);
-    assert_eq!(search(prefix("3501")).await?.len(), 8);
+    assert_eq!(search(prefix("3501")).await?.len(), 11);
     assert!(search(prefix("3503")).await?.is_empty());
     assert_eq!(search(prefix("")).await?, everything);
 
     // Filters combine.
     assert_eq!(
         search(CatalogQuery {
-            words: vec!["household".into()],
+            terms: terms("household"),
             classification: vec!["civil-affairs".into()],
             share_type: Some(Unconditional),
             node_prefix: Some("3501".into()),
@@ -498,31 +560,47 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
         .await?,
         ["350102:household"]
     );
+    assert_eq!(
+        search(CatalogQuery {
+            terms: terms("户籍"),
+            node_prefix: Some("350104".into()),
+            ..Default::default()
+        })
+        .await?,
+        ["350104:split", "350104:mixed"]
+    );
 
-    // Pagination by id.
+    // Pagination by position: each page continues after the last position of the one before.
     let mut paged = Vec::new();
     let mut after = None;
     loop {
-        let page = search(CatalogQuery {
-            after_id: after.clone(),
+        let page = store
+            .search(&CatalogQuery {
+                after,
+                limit: 2,
+                ..Default::default()
+            })
+            .await?;
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.position);
+        paged.extend(ids(&page).into_iter().map(str::to_owned));
+    }
+    assert_eq!(paged, everything);
+    let first = store
+        .search(&CatalogQuery {
             limit: 2,
             ..Default::default()
         })
         .await?;
-        assert!(page.len() <= 2);
-        let Some(last) = page.last() else { break };
-        after = Some(last.clone());
-        paged.extend(page);
-    }
-    assert_eq!(paged, everything);
     assert_eq!(
         search(CatalogQuery {
-            after_id: Some("350102:a".into()),
+            after: Some(first[1].position),
             limit: 2,
             ..Default::default()
         })
         .await?,
-        ["350102:a-b", "350102:a.b"]
+        everything[2..4]
     );
     assert!(
         store
@@ -533,6 +611,199 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
             .await?
             .is_empty()
     );
+
+    // An entry keeps its position through withdrawal and publication again.
+    let old = store
+        .publish_local(entries[13].clone(), Upstream::Parent)
+        .await?;
+    assert_eq!(old.version, 3);
+    let hits = store
+        .search(&CatalogQuery {
+            limit: 100,
+            ..text("old")
+        })
+        .await?;
+    assert_eq!(ids(&hits), ["350102:old"]);
+    let last = store
+        .search(&CatalogQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(last.last().map(|h| h.position), Some(hits[0].position));
+    assert!(hits[0].position > first[1].position);
+    // An update is found under its new text only.
+    let mut renamed = entries[0].clone();
+    renamed.title = "人口普查".into();
+    store.publish_local(renamed, Upstream::Parent).await?;
+    assert_eq!(
+        search(text("household")).await?,
+        ["350203:household", "350104:mixed", "350102:old"]
+    );
+    assert_eq!(search(text("人口普查 gulou")).await?, ["350102:household"]);
+    Ok(())
+}
+
+async fn catalog_search_pages_through_candidates_the_index_over_matches(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    // Decoys hold every bigram of 户籍人口 without the run; one entry in five is a true match.
+    let mut batch = Vec::new();
+    let mut wanted = Vec::new();
+    for i in 0..50 {
+        let id = format!("350102:e{i:02}");
+        let title = if i % 5 == 3 {
+            wanted.push(id.clone());
+            format!("户籍人口 {i}")
+        } else {
+            format!("户籍 籍人 人口 {i}")
+        };
+        batch.push(entry(&id, &title, "", &["misc"], ShareType::Conditional));
+    }
+    let stored = store.publish_local_batch(batch, Upstream::Parent).await?;
+    assert_eq!(stored.len(), 50);
+    for limit in [1, 2, 3, 100] {
+        let mut found = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .search(&CatalogQuery {
+                    terms: terms("户籍人口"),
+                    after,
+                    limit,
+                    ..Default::default()
+                })
+                .await?;
+            assert!(page.len() <= limit as usize);
+            let Some(last) = page.last() else { break };
+            after = Some(last.position);
+            found.extend(ids(&page).into_iter().map(str::to_owned));
+        }
+        assert_eq!(found, wanted, "pages of {limit}");
+    }
+    // A byte budget ends a page after the entry that exceeds it.
+    let page = store
+        .search(&CatalogQuery {
+            terms: terms("人口"),
+            limit: 100,
+            max_bytes: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(page.len(), 1);
+    Ok(())
+}
+
+async fn catalog_batches_publish_in_one_step(store: Arc<dyn Store>) -> Result<()> {
+    let a = entry("350102:a", "A", "", &["misc"], ShareType::Conditional);
+    let b = entry("350102:b", "B", "", &["misc"], ShareType::Conditional);
+    store.publish_local(a.clone(), Upstream::Parent).await?;
+    let mut a2 = a.clone();
+    a2.title = "A2".into();
+    let mut a3 = a.clone();
+    a3.title = "A3".into();
+    let stored = store
+        .publish_local_batch(vec![b.clone(), a2.clone(), a3.clone()], Upstream::Parent)
+        .await?;
+    assert_eq!(
+        stored,
+        vec![
+            with_version(&b, 1),
+            with_version(&a2, 2),
+            with_version(&a3, 3)
+        ],
+        "each entry under its next version, a repeated id one after the other"
+    );
+    assert_eq!(
+        store.entry("350102:a").await?.context("a")?.entry,
+        with_version(&a3, 3)
+    );
+    let out = store.outbox_after(Stream::Catalog, 1, 10).await?;
+    assert_eq!(seqs(&out), vec![2, 3, 4]);
+    assert_eq!(
+        changes(&out)?,
+        stored.iter().map(upsert).collect::<Vec<_>>()
+    );
+    assert_eq!(search_ids(&store, "a3").await?, ["350102:a"]);
+    assert!(search_ids(&store, "a2").await?.is_empty());
+    let mut found: Vec<String> = store
+        .entries(&["350102:b".into(), "350102:a".into(), "350102:zz".into()])
+        .await?
+        .into_iter()
+        .map(|s| s.entry.id)
+        .collect();
+    found.sort();
+    assert_eq!(found, ["350102:a", "350102:b"]);
+    assert!(
+        store
+            .publish_local_batch(Vec::new(), Upstream::Parent)
+            .await?
+            .is_empty()
+    );
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 4);
+    Ok(())
+}
+
+async fn search_ids(store: &Arc<dyn Store>, text: &str) -> Result<Vec<String>> {
+    Ok(ids(&store
+        .search(&CatalogQuery {
+            terms: terms(text),
+            limit: 100,
+            ..Default::default()
+        })
+        .await?)
+    .into_iter()
+    .map(str::to_owned)
+    .collect())
+}
+
+async fn a_root_keeps_no_catalog_outbox(store: Arc<dyn Store>) -> Result<()> {
+    let a = entry("350102:a", "A", "", &["misc"], ShareType::Conditional);
+    let b = entry("350103:b", "B", "", &["misc"], ShareType::Conditional);
+    assert_eq!(
+        store
+            .publish_local(a.clone(), Upstream::Root)
+            .await?
+            .version,
+        1
+    );
+    store
+        .publish_local_batch(vec![a.clone(), b.clone()], Upstream::Root)
+        .await?;
+    assert_eq!(
+        store.withdraw_local("350103:b", Upstream::Root).await?,
+        Some(2)
+    );
+    assert_eq!(
+        store
+            .apply_child_catalog(
+                "350100",
+                &[(
+                    1,
+                    upsert(&with_version(
+                        &entry("350101:c", "C", "", &[], ShareType::Conditional),
+                        1
+                    ))
+                )],
+                Upstream::Root,
+            )
+            .await?,
+        1
+    );
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 0);
+    assert!(store.outbox_after(Stream::Catalog, 0, 10).await?.is_empty());
+    assert_eq!(store.count_entries().await?, 2);
+    assert_eq!(search_ids(&store, "c").await?, ["350101:c"]);
+
+    // What was queued before (under a parent) is cleared at once; the audit log, its own outbox, never.
+    store.publish_local(b.clone(), Upstream::Parent).await?;
+    store.audit_append(&[rec("350000", 1, 1)]).await?;
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 1);
+    assert_eq!(store.clear_outbox(Stream::Catalog).await?, 1);
+    assert_eq!(store.outbox_head(Stream::Catalog).await?, 0);
+    assert_eq!(store.clear_outbox(Stream::Audit).await?, 0);
+    assert_eq!(store.audit_count().await?, 1);
+    assert_eq!(store.count_entries().await?, 3);
     Ok(())
 }
 
@@ -549,7 +820,12 @@ async fn child_catalog_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Resu
     assert_eq!(store.cursor(child, Stream::Catalog).await?, 0);
 
     let batch = vec![(1, upsert(&a)), (2, upsert(&b))];
-    assert_eq!(store.apply_child_catalog(child, &batch).await?, 2);
+    assert_eq!(
+        store
+            .apply_child_catalog(child, &batch, Upstream::Parent)
+            .await?,
+        2
+    );
     assert_eq!(store.cursor(child, Stream::Catalog).await?, 2);
     assert_eq!(store.cursor(child, Stream::Audit).await?, 0);
     assert_eq!(store.cursor("350103", Stream::Catalog).await?, 0);
@@ -561,14 +837,29 @@ async fn child_catalog_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Resu
     assert_eq!(changes(&out)?, vec![upsert(&a), upsert(&b)]);
 
     // Re-sending applied items changes nothing.
-    assert_eq!(store.apply_child_catalog(child, &batch).await?, 2);
-    assert_eq!(store.apply_child_catalog(child, &batch[..1]).await?, 2);
+    assert_eq!(
+        store
+            .apply_child_catalog(child, &batch, Upstream::Parent)
+            .await?,
+        2
+    );
+    assert_eq!(
+        store
+            .apply_child_catalog(child, &batch[..1], Upstream::Parent)
+            .await?,
+        2
+    );
     assert_eq!(store.outbox_head(Stream::Catalog).await?, 2);
     assert_eq!(store.count_entries().await?, 2);
 
     // An overlapping batch applies only what is new.
     let overlap = vec![(2, upsert(&b)), (3, withdrawal("350102:a", 6))];
-    assert_eq!(store.apply_child_catalog(child, &overlap).await?, 3);
+    assert_eq!(
+        store
+            .apply_child_catalog(child, &overlap, Upstream::Parent)
+            .await?,
+        3
+    );
     let stored = store.entry("350102:a").await?.context("a")?;
     assert!(stored.withdrawn);
     assert_eq!(store.outbox_head(Stream::Catalog).await?, 3);
@@ -583,14 +874,16 @@ async fn child_catalog_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Resu
         1,
     );
     expect_gap(
-        store.apply_child_catalog(child, &[(5, upsert(&c))]).await,
+        store
+            .apply_child_catalog(child, &[(5, upsert(&c))], Upstream::Parent)
+            .await,
         child,
         4,
         5,
     )?;
     expect_gap(
         store
-            .apply_child_catalog(child, &[(4, upsert(&c)), (6, upsert(&b))])
+            .apply_child_catalog(child, &[(4, upsert(&c)), (6, upsert(&b))], Upstream::Parent)
             .await,
         child,
         5,
@@ -606,7 +899,8 @@ async fn child_catalog_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Resu
         store
             .apply_child_catalog(
                 child,
-                &[(4, upsert(&old_a)), (5, withdrawal("350102:b", 1))]
+                &[(4, upsert(&old_a)), (5, withdrawal("350102:b", 1))],
+                Upstream::Parent,
             )
             .await?,
         5
@@ -629,7 +923,8 @@ async fn child_catalog_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Resu
         store
             .apply_child_catalog(
                 child,
-                &[(6, upsert(&new_a)), (7, withdrawal("350102:zz", 3))]
+                &[(6, upsert(&new_a)), (7, withdrawal("350102:zz", 3))],
+                Upstream::Parent,
             )
             .await?,
         7
@@ -649,18 +944,34 @@ async fn child_catalog_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Resu
     );
 
     // A local publication of a child's entry continues its version.
-    assert_eq!(store.publish_local(a.clone()).await?.version, 8);
+    assert_eq!(
+        store
+            .publish_local(a.clone(), Upstream::Parent)
+            .await?
+            .version,
+        8
+    );
 
     // Empty batches; a second child's cursor is its own, and its items join the same outbox.
-    assert_eq!(store.apply_child_catalog(child, &[]).await?, 7);
-    assert_eq!(store.apply_child_catalog("350103", &[]).await?, 0);
+    assert_eq!(
+        store
+            .apply_child_catalog(child, &[], Upstream::Parent)
+            .await?,
+        7
+    );
+    assert_eq!(
+        store
+            .apply_child_catalog("350103", &[], Upstream::Parent)
+            .await?,
+        0
+    );
     let d = with_version(
         &entry("350103:d", "Delta", "", &["x"], ShareType::Unconditional),
         2,
     );
     assert_eq!(
         store
-            .apply_child_catalog("350103", &[(1, upsert(&d))])
+            .apply_child_catalog("350103", &[(1, upsert(&d))], Upstream::Parent)
             .await?,
         1
     );
@@ -1462,7 +1773,10 @@ async fn concurrent_writers_commit_in_position_order(store: Arc<dyn Store>) -> R
             for i in 0..PUBLICATIONS {
                 let id = format!("350102:e{}", i % IDS);
                 store
-                    .publish_local(entry(&id, "t", "s", &["x"], ShareType::Unconditional))
+                    .publish_local(
+                        entry(&id, "t", "s", &["x"], ShareType::Unconditional),
+                        Upstream::Parent,
+                    )
                     .await?;
             }
             Ok(())

@@ -4,9 +4,9 @@ use fedgate_proto::v1::{
     ApplyRequest, AuditOperation, AuditRecord, CatalogEntry, DecideRequest, DownloadRequest,
     Envelope, FileObjectionRequest, ForwardRequest, GetApplicationRequest, GetEntryRequest,
     GetObjectionRequest, InvalidationNotice, JoinRequest, ListDatasetsRequest,
-    OperatorAuditRequest, PublishEntryRequest, PushRequest, QueryAuditRequest, RequestKind,
-    ResolveObjectionRequest, RevocationNotice, RevokeRequest, SearchCatalogRequest, ShareRequest,
-    WithdrawEntryRequest, stream_item,
+    OperatorAuditRequest, PublishBatchRequest, PublishEntryRequest, PushRequest, QueryAuditRequest,
+    RequestKind, ResolveObjectionRequest, RevocationNotice, RevokeRequest, SearchCatalogRequest,
+    ShareRequest, WithdrawEntryRequest, stream_item,
 };
 use prost::Message;
 
@@ -164,6 +164,17 @@ impl Bounded for PublishEntryRequest {
             Some(e) => e.check_limits(l),
             None => Ok(()),
         }
+    }
+}
+
+impl Bounded for PublishBatchRequest {
+    fn check_limits(&self, l: &LimitsConfig) -> Result<()> {
+        count("entries", self.entries.len(), limit!(l, max_batch_entries))?;
+        for (i, e) in self.entries.iter().enumerate() {
+            e.check_limits(l)
+                .map_err(|err| err.within(&format!("entries[{i}]")))?;
+        }
+        Ok(())
     }
 }
 

@@ -81,6 +81,8 @@ pub struct LimitsConfig {
     pub max_search_word_chars: usize,
     /// Entries of one catalog search page.
     pub max_search_page: u32,
+    /// Entries of one batch publication (`Agency.PublishBatch`).
+    pub max_batch_entries: usize,
     /// Records of one bulk or open-data page.
     pub max_bulk_page: u32,
     /// Records of one audit query page.
@@ -125,6 +127,7 @@ impl Default for LimitsConfig {
             max_search_words: 8,
             max_search_word_chars: 64,
             max_search_page: 500,
+            max_batch_entries: 1000,
             max_bulk_page: 5000,
             max_audit_page: 1000,
             max_page_token_chars: 1024,
@@ -154,6 +157,7 @@ impl LimitsConfig {
             ("max_field_name_chars", self.max_field_name_chars),
             ("max_search_words", self.max_search_words),
             ("max_search_word_chars", self.max_search_word_chars),
+            ("max_batch_entries", self.max_batch_entries),
             ("max_grant_days", self.max_grant_days as usize),
             ("max_push_bytes", self.max_push_bytes),
             ("max_page_bytes", self.max_page_bytes),

@@ -8,11 +8,11 @@ use fedgate_proto::v1::{
     Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
     DecideRequest, Envelope, FileObjectionRequest, GetApplicationRequest, GetEntryRequest,
     GetObjectionRequest, Grant, Hop, ListApplicationsRequest, ListApplicationsResponse,
-    ListObjectionsRequest, ListObjectionsResponse, Objection, ObjectionState, PublishEntryRequest,
-    PublishEntryResponse, QueryAuditRequest, QueryAuditResponse, RequestKind,
-    ResolveObjectionRequest, RevokeRequest, RevokeResponse, SearchCatalogRequest,
-    SearchCatalogResponse, ShareMode, ShareRequest, ShareResponse, Stream, WithdrawEntryRequest,
-    WithdrawEntryResponse,
+    ListObjectionsRequest, ListObjectionsResponse, Objection, ObjectionState, PublishBatchRequest,
+    PublishBatchResponse, PublishEntryRequest, PublishEntryResponse, QueryAuditRequest,
+    QueryAuditResponse, RequestKind, ResolveObjectionRequest, RevokeRequest, RevokeResponse,
+    SearchCatalogRequest, SearchCatalogResponse, ShareMode, ShareRequest, ShareResponse, Stream,
+    WithdrawEntryRequest, WithdrawEntryResponse,
 };
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::ident::{Peer, Uscc};
 use crate::limits::{Bounded, LimitsConfig, excerpt};
 use crate::route::{Router, action};
-use crate::store::Store;
+use crate::store::{Store, Upstream};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
 
@@ -71,6 +71,11 @@ impl AgencyService {
     pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Where this node's catalog changes go.
+    fn upstream(&self) -> Upstream {
+        Upstream::of(self.topology.parent.is_some())
     }
 
     /// The calling agency, registered on this node, and a message within the limits; a refusal is audited.
@@ -177,11 +182,61 @@ impl AgencyService {
                 entry.id, existing.entry.provider_uscc
             )));
         }
-        let stored = self.store.publish_local(entry).await?;
+        let stored = self.store.publish_local(entry, self.upstream()).await?;
         self.uplink.wake(Stream::Catalog);
         self.router
             .entry_changed(&stored.id, stored.version)
             .await?;
+        Ok(stored)
+    }
+
+    /// Validates, stores and announces a batch, all of it or nothing.
+    async fn publish_batch_of(
+        &self,
+        uscc: &Uscc,
+        entries: Vec<CatalogEntry>,
+    ) -> Result<Vec<CatalogEntry>> {
+        let entries = catalog::prepare_batch(
+            self.topology.code,
+            uscc,
+            entries,
+            &now_rfc3339(),
+            &self.limits,
+        )?;
+        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        let foreign: std::collections::HashMap<String, String> = self
+            .store
+            .entries(&ids)
+            .await?
+            .into_iter()
+            .filter(|e| e.entry.provider_uscc != uscc.as_str())
+            .map(|e| (e.entry.id, e.entry.provider_uscc))
+            .collect();
+        if let Some((i, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| foreign.contains_key(*id))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "entries[{i}]: resource {id} belongs to agency {}, not {uscc}",
+                foreign.get(id).map_or("", String::as_str)
+            )));
+        }
+        let stored = self
+            .store
+            .publish_local_batch(entries, self.upstream())
+            .await?;
+        self.uplink.wake(Stream::Catalog);
+        // An entry at its first version was never served, so no node can hold answers of it to purge.
+        let changed: Vec<&CatalogEntry> = stored.iter().filter(|e| e.version > 1).collect();
+        for chunk in changed.chunks(8) {
+            let purges = chunk
+                .iter()
+                .map(|e| self.router.downlink().invalidate(&e.id, e.version));
+            for purged in futures::future::join_all(purges).await {
+                purged?;
+            }
+        }
         Ok(stored)
     }
 
@@ -195,7 +250,7 @@ impl AgencyService {
         }
         let version = self
             .store
-            .withdraw_local(id)
+            .withdraw_local(id, self.upstream())
             .await?
             .ok_or_else(|| Error::NotFound(format!("resource {id} is not in the catalog")))?;
         self.uplink.wake(Stream::Catalog);
@@ -534,6 +589,48 @@ impl Agency for AgencyService {
         Ok(Response::new(PublishEntryResponse {
             entry: Some(stored),
         }))
+    }
+
+    async fn publish_batch(
+        &self,
+        req: Request<PublishBatchRequest>,
+    ) -> Result<Response<PublishBatchResponse>, Status> {
+        let uscc = self.admitted(&req, "PublishBatch").await?;
+        let entries = req.into_inner().entries;
+        let count = entries.len();
+        let first_id = entries.first().map(|e| e.id.clone()).unwrap_or_default();
+        let record = || {
+            let mut r = audit::event(
+                AuditOperation::CatalogPublish,
+                Peer::Agency(uscc.clone()).to_uri(),
+            );
+            r.provider_uscc = uscc.to_string();
+            r
+        };
+        let result = self.publish_batch_of(&uscc, entries).await;
+        let stored = match result {
+            Ok(stored) => stored,
+            Err(e) => {
+                let mut r = record();
+                r.resource_id = first_id;
+                r.outcome = audit::outcome(e.code());
+                r.detail = format!("Agency.PublishBatch of {count} entries: {e}");
+                self.write(r).await?;
+                return Err(e.into());
+            }
+        };
+        // One record per entry, as a single publication writes; written together, so one commit carries them.
+        let writes = stored.iter().map(|e| {
+            let mut r = record();
+            r.resource_id = e.id.clone();
+            r.detail = format!("version {}", e.version);
+            self.write(r)
+        });
+        for written in futures::future::join_all(writes).await {
+            written?;
+        }
+        tracing::info!(entries = stored.len(), agency = %uscc, "catalog batch published");
+        Ok(Response::new(PublishBatchResponse { entries: stored }))
     }
 
     async fn withdraw_entry(

@@ -20,7 +20,7 @@ use crate::limits::{Bounded, LimitsConfig, excerpt};
 use crate::metrics::NodeMetrics;
 use crate::route::Router;
 use crate::statement::Verified;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Upstream};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
 
@@ -146,7 +146,11 @@ impl FederationService {
         let before = self.store.cursor(child.as_str(), Stream::Catalog).await?;
         let applied = self
             .store
-            .apply_child_catalog(child.as_str(), &items)
+            .apply_child_catalog(
+                child.as_str(),
+                &items,
+                Upstream::of(self.topology.parent.is_some()),
+            )
             .await
             .map_err(|e| match e {
                 StoreError::Gap { expected, got, .. } => Error::FailedPrecondition(format!(

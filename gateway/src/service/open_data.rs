@@ -113,12 +113,7 @@ impl OpenData for OpenDataService {
         let entries = self
             .store
             .search(&CatalogQuery {
-                words: req
-                    .get_ref()
-                    .text
-                    .split_whitespace()
-                    .map(str::to_lowercase)
-                    .collect(),
+                terms: crate::catalog::terms(&req.get_ref().text),
                 node_prefix: Some(subtree_prefix(me)),
                 limit: 100_000,
                 ..Default::default()
@@ -127,6 +122,7 @@ impl OpenData for OpenDataService {
             .map_err(Error::from)?;
         let datasets = entries
             .into_iter()
+            .map(|hit| hit.entry)
             .filter(|e| e.open)
             .take(MAX_LISTED as usize)
             .map(|entry| OpenDataset {

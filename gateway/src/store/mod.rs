@@ -9,6 +9,8 @@ use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream};
 use prost::Message;
 
+use crate::catalog::Term;
+
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -52,11 +54,11 @@ pub enum StoreError {
     },
 }
 
-/// Filters of a catalog search; every set filter must match.
+/// Filters of a catalog search; every set filter must match (as [`crate::catalog::matches`] decides).
 #[derive(Debug, Clone, Default)]
 pub struct CatalogQuery {
-    /// Lower-cased words that must all occur in title or summary.
-    pub words: Vec<String>,
+    /// Terms of the text that must all occur in title or summary.
+    pub terms: Vec<Term>,
     /// Provider agency code.
     pub provider_uscc: Option<String>,
     /// Classification path prefix.
@@ -65,13 +67,39 @@ pub struct CatalogQuery {
     pub share_type: Option<ShareType>,
     /// Prefix of node codes: "35" for a province, "3501" for a city, a full code for a county.
     pub node_prefix: Option<String>,
-    /// Only ids greater than this (pagination).
-    pub after_id: Option<String>,
+    /// Only entries at positions above this one (pagination).
+    pub after: Option<u64>,
     /// Maximum entries.
     pub limit: u32,
     /// Stop reading after the entry that brings the encoded entries read above this many bytes, so that a page
     /// holds at most one entry more than its budget in memory; unbounded when absent.
     pub max_bytes: Option<usize>,
+}
+
+/// One entry a search found, with its position in this node's catalog (the order of search results and the
+/// key pages continue from).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogHit {
+    /// Position of the entry in this node's catalog: fixed when the entry first reached it.
+    pub position: u64,
+    /// The entry.
+    pub entry: CatalogEntry,
+}
+
+/// Where a node's catalog changes go besides its own catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// The node has a parent: every change is appended to the catalog outbox that the uplink ships.
+    Parent,
+    /// The node has no parent (the province): changes are applied and never queued.
+    Root,
+}
+
+impl Upstream {
+    /// Where a node's changes go, by whether it has a parent.
+    pub fn of(has_parent: bool) -> Self {
+        if has_parent { Self::Parent } else { Self::Root }
+    }
 }
 
 /// A catalog row as stored, including withdrawn entries (kept so versions only grow).
@@ -177,21 +205,46 @@ pub struct DocQuery {
 pub trait Store: Send + Sync + 'static {
     /// Returns the catalog row with this id, withdrawn or not.
     async fn entry(&self, id: &str) -> Result<Option<StoredEntry>, StoreError>;
-    /// Searches live entries, ordered by id.
-    async fn search(&self, query: &CatalogQuery) -> Result<Vec<CatalogEntry>, StoreError>;
+    /// Searches live entries, in the order of their catalog positions.
+    async fn search(&self, query: &CatalogQuery) -> Result<Vec<CatalogHit>, StoreError>;
+    /// The catalog rows with these ids that exist, withdrawn or not, in no particular order.
+    async fn entries(&self, ids: &[String]) -> Result<Vec<StoredEntry>, StoreError>;
     /// Counts live entries.
     async fn count_entries(&self) -> Result<u64, StoreError>;
-    /// Stores a local entry under the next version and appends the change to the catalog outbox, atomically.
-    async fn publish_local(&self, entry: CatalogEntry) -> Result<CatalogEntry, StoreError>;
-    /// Withdraws a local entry under the next version and appends the change, atomically; `None` if unknown.
-    async fn withdraw_local(&self, id: &str) -> Result<Option<u64>, StoreError>;
-    /// Applies a child's catalog items above its cursor in order, re-appending each to this node's outbox,
-    /// and advances the cursor, atomically. Returns the new cursor.
+    /// Stores a local entry under the next version and, under a parent, appends the change to the catalog
+    /// outbox, atomically.
+    async fn publish_local(
+        &self,
+        entry: CatalogEntry,
+        upstream: Upstream,
+    ) -> Result<CatalogEntry, StoreError> {
+        let mut stored = self.publish_local_batch(vec![entry], upstream).await?;
+        stored.pop().ok_or_else(|| StoreError::Corrupt {
+            what: "publication".into(),
+            error: "a batch of one stored nothing".into(),
+        })
+    }
+    /// Stores local entries, each under its next version, and under a parent appends their changes to the
+    /// catalog outbox, in order, in one transaction. Returns the stored entries in the same order.
+    async fn publish_local_batch(
+        &self,
+        entries: Vec<CatalogEntry>,
+        upstream: Upstream,
+    ) -> Result<Vec<CatalogEntry>, StoreError>;
+    /// Withdraws a local entry under the next version and, under a parent, appends the change, atomically;
+    /// `None` if unknown.
+    async fn withdraw_local(&self, id: &str, upstream: Upstream)
+    -> Result<Option<u64>, StoreError>;
+    /// Applies a child's catalog items above its cursor in order, under a parent re-appending each to this
+    /// node's outbox, and advances the cursor, atomically. Returns the new cursor.
     async fn apply_child_catalog(
         &self,
         child: &str,
         items: &[(u64, CatalogChange)],
+        upstream: Upstream,
     ) -> Result<u64, StoreError>;
+    /// Deletes every item of a stream's outbox (a node without a parent keeps none); returns how many.
+    async fn clear_outbox(&self, stream: Stream) -> Result<u64, StoreError>;
     /// Last sequence number applied of a child's stream.
     async fn cursor(&self, child: &str, stream: Stream) -> Result<u64, StoreError>;
     /// Outbox items of a stream after a sequence number, oldest first.
@@ -286,6 +339,64 @@ fn decode_entry(id: &str, blob: &[u8]) -> Result<CatalogEntry, StoreError> {
         what: format!("catalog entry {id}"),
         error: e.to_string(),
     })
+}
+
+/// A search page being collected from the candidates an index returns in position order: each candidate is
+/// checked against the query exactly, and the page ends at its limit or byte budget.
+struct Page<'q> {
+    query: &'q CatalogQuery,
+    hits: Vec<CatalogHit>,
+    bytes: usize,
+    /// Position of the last candidate seen: where the next read of candidates continues.
+    after: Option<u64>,
+    done: bool,
+}
+
+/// Most candidates read at once.
+const CANDIDATES_PER_READ: u32 = 1024;
+
+impl<'q> Page<'q> {
+    fn new(query: &'q CatalogQuery) -> Self {
+        Self {
+            query,
+            hits: Vec::new(),
+            bytes: 0,
+            after: query.after,
+            done: query.limit == 0,
+        }
+    }
+
+    /// How many candidates the next read asks for; 0 once the page is complete.
+    fn wanted(&self) -> u32 {
+        if self.done {
+            return 0;
+        }
+        let left = self.query.limit.saturating_sub(self.hits.len() as u32);
+        left.clamp(1, CANDIDATES_PER_READ)
+    }
+
+    /// Offers the candidate at `position`; false once the page is complete.
+    fn offer(&mut self, position: u64, id: &str, blob: &[u8]) -> Result<bool, StoreError> {
+        self.after = Some(position);
+        let entry = decode_entry(id, blob)?;
+        if crate::catalog::matches(self.query, &entry) {
+            self.bytes = self.bytes.saturating_add(blob.len());
+            self.hits.push(CatalogHit { position, entry });
+            if self.hits.len() >= self.query.limit as usize
+                || self.query.max_bytes.is_some_and(|max| self.bytes > max)
+            {
+                self.done = true;
+            }
+        }
+        Ok(!self.done)
+    }
+
+    /// A read of `asked` candidates returned `got`: fewer means the candidates are exhausted.
+    fn read(&mut self, asked: u32, got: usize) {
+        if got < asked as usize {
+            self.done = true;
+        }
+    }
 }
 
 /// Decodes a stored audit record.

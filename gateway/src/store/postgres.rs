@@ -9,16 +9,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream, catalog_change};
-use futures::TryStreamExt;
+use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError, StoredEntry,
-    decode_audit, decode_entry, fresh_items, to_i64, to_u64,
+    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
+    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64,
 };
+
+mod catalog;
 
 /// Connections of the pool.
 const MAX_CONNECTIONS: u32 = 16;
@@ -44,6 +45,7 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = Self::pool(url).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        catalog::ensure_index(&pool).await?;
         Ok(Self { pool })
     }
 
@@ -136,66 +138,6 @@ async fn lock_stream(tx: &mut Transaction<'_, Postgres>, stream: Stream) -> Resu
     Ok(())
 }
 
-async fn stored_version(
-    tx: &mut Transaction<'_, Postgres>,
-    id: &str,
-) -> Result<Option<u64>, StoreError> {
-    let row = sqlx::query("SELECT version FROM catalog WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    row.map(|r| Ok(to_u64(r.try_get::<i64, _>(0)?))).transpose()
-}
-
-/// Writes an upsert if it is newer than what is stored.
-async fn upsert(tx: &mut Transaction<'_, Postgres>, e: &CatalogEntry) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO catalog (id, node_code, provider_uscc, title, summary, classification, share_type, \
-         version, withdrawn, entry) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE, $9) \
-         ON CONFLICT (id) DO UPDATE SET node_code = excluded.node_code, provider_uscc = excluded.provider_uscc, \
-         title = excluded.title, summary = excluded.summary, classification = excluded.classification, \
-         share_type = excluded.share_type, version = excluded.version, withdrawn = FALSE, entry = excluded.entry \
-         WHERE excluded.version > catalog.version",
-    )
-    .bind(&e.id)
-    .bind(&e.node_code)
-    .bind(&e.provider_uscc)
-    .bind(&e.title)
-    .bind(&e.summary)
-    .bind(e.classification.join("/"))
-    .bind(e.share_type)
-    .bind(to_i64(e.version))
-    .bind(e.encode_to_vec())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Marks an entry withdrawn if the withdrawal is newer than what is stored.
-async fn withdraw(
-    tx: &mut Transaction<'_, Postgres>,
-    id: &str,
-    version: u64,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE catalog SET withdrawn = TRUE, version = $1 WHERE id = $2 AND version < $1")
-        .bind(to_i64(version))
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-async fn apply_change(
-    tx: &mut Transaction<'_, Postgres>,
-    change: &CatalogChange,
-) -> Result<(), StoreError> {
-    match &change.change {
-        Some(catalog_change::Change::Upsert(e)) => upsert(tx, e).await,
-        Some(catalog_change::Change::Withdraw(w)) => withdraw(tx, &w.id, w.version).await,
-        None => Ok(()),
-    }
-}
-
 /// Where a child's stream was applied up to, inside a transaction.
 async fn read_cursor(
     tx: &mut Transaction<'_, Postgres>,
@@ -230,26 +172,6 @@ async fn write_cursor(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-/// Appends to a stream's outbox under the next position; the caller holds [`lock_stream`] for `stream`.
-async fn append_outbox(
-    tx: &mut Transaction<'_, Postgres>,
-    stream: Stream,
-    payload: &[u8],
-) -> Result<u64, StoreError> {
-    let max: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = $1")
-        .bind(stream as i32)
-        .fetch_one(&mut **tx)
-        .await?;
-    let seq = to_u64(max) + 1;
-    sqlx::query("INSERT INTO outbox (stream, seq, payload) VALUES ($1, $2, $3)")
-        .bind(stream as i32)
-        .bind(to_i64(seq))
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
-    Ok(seq)
 }
 
 /// Appends audit records under the next stream positions, in order; the caller holds [`lock_stream`] for the
@@ -367,53 +289,12 @@ impl Store for PgStore {
         .transpose()
     }
 
-    async fn search(&self, q: &CatalogQuery) -> Result<Vec<CatalogEntry>, StoreError> {
-        let mut b: QueryBuilder<Postgres> =
-            QueryBuilder::new("SELECT id, entry FROM catalog WHERE NOT withdrawn");
-        for w in &q.words {
-            // SQLite's lower() folds ASCII letters only; so does PostgreSQL's under the "C" collation.
-            b.push(" AND strpos(lower((title || ' ' || summary) COLLATE \"C\"), ")
-                .push_bind(w.clone())
-                .push(") > 0");
-        }
-        if let Some(p) = &q.provider_uscc {
-            b.push(" AND provider_uscc = ").push_bind(p.clone());
-        }
-        if !q.classification.is_empty() {
-            // The same expression as SQLite's: `substr` counts characters on both, and so do the lengths bound.
-            let path = q.classification.join("/");
-            b.push(" AND (classification = ")
-                .push_bind(path.clone())
-                .push(" OR substr(classification, 1, ")
-                .push_bind(len_i32(path.chars().count() + 1))
-                .push(") = ")
-                .push_bind(format!("{path}/"))
-                .push(")");
-        }
-        if let Some(t) = q.share_type {
-            b.push(" AND share_type = ").push_bind(t as i32);
-        }
-        if let Some(p) = &q.node_prefix {
-            b.push(" AND substr(node_code, 1, ")
-                .push_bind(len_i32(p.chars().count()))
-                .push(") = ")
-                .push_bind(p.clone());
-        }
-        if let Some(after) = &q.after_id {
-            b.push(" AND id > ").push_bind(after.clone());
-        }
-        b.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
-        let mut rows = b.build().fetch(&self.pool);
-        let (mut out, mut bytes) = (Vec::new(), 0usize);
-        while let Some(r) = rows.try_next().await? {
-            let body = r.try_get::<&[u8], _>(1)?;
-            bytes = bytes.saturating_add(body.len());
-            out.push(decode_entry(r.try_get::<&str, _>(0)?, body)?);
-            if q.max_bytes.is_some_and(|max| bytes > max) {
-                break;
-            }
-        }
-        Ok(out)
+    async fn search(&self, q: &CatalogQuery) -> Result<Vec<CatalogHit>, StoreError> {
+        catalog::search(&self.pool, q).await
+    }
+
+    async fn entries(&self, ids: &[String]) -> Result<Vec<StoredEntry>, StoreError> {
+        catalog::entries(&self.pool, ids).await
     }
 
     async fn count_entries(&self) -> Result<u64, StoreError> {
@@ -423,61 +304,41 @@ impl Store for PgStore {
         Ok(to_u64(n))
     }
 
-    async fn publish_local(&self, mut entry: CatalogEntry) -> Result<CatalogEntry, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Before reading the version too: concurrent publications of one id get consecutive versions.
-        lock_stream(&mut tx, Stream::Catalog).await?;
-        entry.version = stored_version(&mut tx, &entry.id)
-            .await?
-            .unwrap_or(0)
-            .saturating_add(1);
-        upsert(&mut tx, &entry).await?;
-        let change = CatalogChange {
-            change: Some(catalog_change::Change::Upsert(entry.clone())),
-        };
-        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
-        tx.commit().await?;
-        Ok(entry)
+    async fn publish_local_batch(
+        &self,
+        entries: Vec<CatalogEntry>,
+        upstream: Upstream,
+    ) -> Result<Vec<CatalogEntry>, StoreError> {
+        catalog::publish(&self.pool, entries, upstream).await
     }
 
-    async fn withdraw_local(&self, id: &str) -> Result<Option<u64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        lock_stream(&mut tx, Stream::Catalog).await?;
-        let Some(old) = stored_version(&mut tx, id).await? else {
-            return Ok(None);
-        };
-        let version = old.saturating_add(1);
-        withdraw(&mut tx, id, version).await?;
-        let change = CatalogChange {
-            change: Some(catalog_change::Change::Withdraw(
-                fedgate_proto::v1::Withdrawal {
-                    id: id.to_owned(),
-                    version,
-                },
-            )),
-        };
-        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
-        tx.commit().await?;
-        Ok(Some(version))
+    async fn withdraw_local(
+        &self,
+        id: &str,
+        upstream: Upstream,
+    ) -> Result<Option<u64>, StoreError> {
+        catalog::withdraw_local(&self.pool, id, upstream).await
     }
 
     async fn apply_child_catalog(
         &self,
         child: &str,
         items: &[(u64, CatalogChange)],
+        upstream: Upstream,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Also makes reading and advancing the child's cursor atomic against a concurrent push of the same child.
-        lock_stream(&mut tx, Stream::Catalog).await?;
-        let applied = read_cursor(&mut tx, child, Stream::Catalog).await?;
-        let (fresh, applied) = fresh_items(child, applied, items)?;
-        for change in fresh {
-            apply_change(&mut tx, change).await?;
-            append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+        catalog::apply_child(&self.pool, child, items, upstream).await
+    }
+
+    async fn clear_outbox(&self, stream: Stream) -> Result<u64, StoreError> {
+        if stream == Stream::Audit {
+            // The audit log is its own outbox: its records are kept for their retention, whoever ships them.
+            return Ok(0);
         }
-        write_cursor(&mut tx, child, Stream::Catalog, applied).await?;
-        tx.commit().await?;
-        Ok(applied)
+        let done = sqlx::query("DELETE FROM outbox WHERE stream = $1")
+            .bind(stream as i32)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn cursor(&self, child: &str, stream: Stream) -> Result<u64, StoreError> {

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream, catalog_change};
-use futures::TryStreamExt;
+use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 use prost::Message;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -17,9 +16,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AuditQuery, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError, StoredEntry,
-    decode_audit, decode_entry, fresh_items, to_i64, to_u64,
+    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
+    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64,
 };
+
+mod catalog;
 
 /// Page cache of the writer connection (negative: KiB), 32 MiB.
 const WRITER_CACHE_KIB: &str = "-32768";
@@ -136,6 +137,7 @@ impl SqliteStore {
             .connect_with(writer_options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        catalog::ensure_index(&writer).await?;
         // A restarting checkpoint holds writers back while it waits for readers; its short busy timeout bounds
         // that wait (it gives up and tries again on a later tick).
         let checkpointer = SqlitePoolOptions::new()
@@ -187,67 +189,6 @@ impl SqliteStore {
     }
 }
 
-async fn stored_version(
-    tx: &mut Transaction<'_, Sqlite>,
-    id: &str,
-) -> Result<Option<u64>, StoreError> {
-    let row = sqlx::query("SELECT version FROM catalog WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(row.map(|r| to_u64(r.get::<i64, _>(0))))
-}
-
-/// Writes an upsert if it is newer than what is stored.
-async fn upsert(tx: &mut Transaction<'_, Sqlite>, e: &CatalogEntry) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO catalog (id, node_code, provider_uscc, title, summary, classification, share_type, \
-         version, withdrawn, entry) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) \
-         ON CONFLICT(id) DO UPDATE SET node_code = excluded.node_code, provider_uscc = excluded.provider_uscc, \
-         title = excluded.title, summary = excluded.summary, classification = excluded.classification, \
-         share_type = excluded.share_type, version = excluded.version, withdrawn = 0, entry = excluded.entry \
-         WHERE excluded.version > catalog.version",
-    )
-    .bind(&e.id)
-    .bind(&e.node_code)
-    .bind(&e.provider_uscc)
-    .bind(&e.title)
-    .bind(&e.summary)
-    .bind(e.classification.join("/"))
-    .bind(e.share_type)
-    .bind(to_i64(e.version))
-    .bind(e.encode_to_vec())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Marks an entry withdrawn if the withdrawal is newer than what is stored.
-async fn withdraw(
-    tx: &mut Transaction<'_, Sqlite>,
-    id: &str,
-    version: u64,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE catalog SET withdrawn = 1, version = ? WHERE id = ? AND version < ?")
-        .bind(to_i64(version))
-        .bind(id)
-        .bind(to_i64(version))
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-async fn apply_change(
-    tx: &mut Transaction<'_, Sqlite>,
-    change: &CatalogChange,
-) -> Result<(), StoreError> {
-    match &change.change {
-        Some(catalog_change::Change::Upsert(e)) => upsert(tx, e).await,
-        Some(catalog_change::Change::Withdraw(w)) => withdraw(tx, &w.id, w.version).await,
-        None => Ok(()),
-    }
-}
-
 /// Where a child's stream was applied up to, inside a transaction.
 async fn read_cursor(
     tx: &mut Transaction<'_, Sqlite>,
@@ -281,25 +222,6 @@ async fn write_cursor(
     Ok(())
 }
 
-async fn append_outbox(
-    tx: &mut Transaction<'_, Sqlite>,
-    stream: Stream,
-    payload: &[u8],
-) -> Result<u64, StoreError> {
-    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?")
-        .bind(stream as i32)
-        .fetch_one(&mut **tx)
-        .await?;
-    let seq = to_u64(row.get::<i64, _>(0)) + 1;
-    sqlx::query("INSERT INTO outbox (stream, seq, payload) VALUES (?, ?, ?)")
-        .bind(stream as i32)
-        .bind(to_i64(seq))
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
-    Ok(seq)
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn entry(&self, id: &str) -> Result<Option<StoredEntry>, StoreError> {
@@ -316,51 +238,12 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn search(&self, q: &CatalogQuery) -> Result<Vec<CatalogEntry>, StoreError> {
-        let mut b: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT id, entry FROM catalog WHERE withdrawn = 0");
-        for w in &q.words {
-            b.push(" AND instr(lower(title || ' ' || summary), ")
-                .push_bind(w.clone())
-                .push(") > 0");
-        }
-        if let Some(p) = &q.provider_uscc {
-            b.push(" AND provider_uscc = ").push_bind(p.clone());
-        }
-        if !q.classification.is_empty() {
-            let path = q.classification.join("/");
-            b.push(" AND (classification = ")
-                .push_bind(path.clone())
-                .push(" OR substr(classification, 1, ")
-                .push_bind(i64::try_from(path.chars().count() + 1).unwrap_or(i64::MAX))
-                .push(") = ")
-                .push_bind(format!("{path}/"))
-                .push(")");
-        }
-        if let Some(t) = q.share_type {
-            b.push(" AND share_type = ").push_bind(t as i32);
-        }
-        if let Some(p) = &q.node_prefix {
-            b.push(" AND substr(node_code, 1, ")
-                .push_bind(i64::try_from(p.chars().count()).unwrap_or(i64::MAX))
-                .push(") = ")
-                .push_bind(p.clone());
-        }
-        if let Some(after) = &q.after_id {
-            b.push(" AND id > ").push_bind(after.clone());
-        }
-        b.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
-        let mut rows = b.build().fetch(&self.reader);
-        let (mut out, mut bytes) = (Vec::new(), 0usize);
-        while let Some(r) = rows.try_next().await? {
-            let body = r.get::<&[u8], _>(1);
-            bytes = bytes.saturating_add(body.len());
-            out.push(decode_entry(r.get::<&str, _>(0), body)?);
-            if q.max_bytes.is_some_and(|max| bytes > max) {
-                break;
-            }
-        }
-        Ok(out)
+    async fn search(&self, q: &CatalogQuery) -> Result<Vec<CatalogHit>, StoreError> {
+        catalog::search(&self.reader, q).await
+    }
+
+    async fn entries(&self, ids: &[String]) -> Result<Vec<StoredEntry>, StoreError> {
+        catalog::entries(&self.reader, ids).await
     }
 
     async fn count_entries(&self) -> Result<u64, StoreError> {
@@ -370,53 +253,41 @@ impl Store for SqliteStore {
         Ok(to_u64(row.get::<i64, _>(0)))
     }
 
-    async fn publish_local(&self, mut entry: CatalogEntry) -> Result<CatalogEntry, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        entry.version = stored_version(&mut tx, &entry.id).await?.unwrap_or(0) + 1;
-        upsert(&mut tx, &entry).await?;
-        let change = CatalogChange {
-            change: Some(catalog_change::Change::Upsert(entry.clone())),
-        };
-        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
-        tx.commit().await?;
-        Ok(entry)
+    async fn publish_local_batch(
+        &self,
+        entries: Vec<CatalogEntry>,
+        upstream: Upstream,
+    ) -> Result<Vec<CatalogEntry>, StoreError> {
+        catalog::publish(&self.writer, entries, upstream).await
     }
 
-    async fn withdraw_local(&self, id: &str) -> Result<Option<u64>, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let Some(old) = stored_version(&mut tx, id).await? else {
-            return Ok(None);
-        };
-        let version = old + 1;
-        withdraw(&mut tx, id, version).await?;
-        let change = CatalogChange {
-            change: Some(catalog_change::Change::Withdraw(
-                fedgate_proto::v1::Withdrawal {
-                    id: id.to_owned(),
-                    version,
-                },
-            )),
-        };
-        append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
-        tx.commit().await?;
-        Ok(Some(version))
+    async fn withdraw_local(
+        &self,
+        id: &str,
+        upstream: Upstream,
+    ) -> Result<Option<u64>, StoreError> {
+        catalog::withdraw_local(&self.writer, id, upstream).await
     }
 
     async fn apply_child_catalog(
         &self,
         child: &str,
         items: &[(u64, CatalogChange)],
+        upstream: Upstream,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let applied = read_cursor(&mut tx, child, Stream::Catalog).await?;
-        let (fresh, applied) = fresh_items(child, applied, items)?;
-        for change in fresh {
-            apply_change(&mut tx, change).await?;
-            append_outbox(&mut tx, Stream::Catalog, &change.encode_to_vec()).await?;
+        catalog::apply_child(&self.writer, child, items, upstream).await
+    }
+
+    async fn clear_outbox(&self, stream: Stream) -> Result<u64, StoreError> {
+        if stream == Stream::Audit {
+            // The audit log is its own outbox: its records are kept for their retention, whoever ships them.
+            return Ok(0);
         }
-        write_cursor(&mut tx, child, Stream::Catalog, applied).await?;
-        tx.commit().await?;
-        Ok(applied)
+        let done = sqlx::query("DELETE FROM outbox WHERE stream = ?")
+            .bind(stream as i32)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn cursor(&self, child: &str, stream: Stream) -> Result<u64, StoreError> {

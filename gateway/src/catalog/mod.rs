@@ -1,20 +1,23 @@
-//! The catalog: resource ids, validation of published entries, and search over a node's subtree.
+//! The catalog: resource ids, validation of published entries, and search over a node's subtree ([`search`]).
 
 use std::fmt;
 use std::str::FromStr;
 
-use fedgate_proto::v1::{CatalogEntry, SearchCatalogRequest, ShareMode, ShareType};
-use prost::Message;
+use fedgate_proto::v1::{CatalogEntry, ShareMode, ShareType};
 
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Uscc};
 use crate::limits::{Bounded, LimitsConfig, excerpt};
-use crate::store::CatalogQuery;
+
+pub mod search;
+
+pub use search::{
+    IndexToken, TOKENIZER_VERSION, Term, entry_tokens, finish_page, matches, query_tokens,
+    search_query, subtree_prefix, terms,
+};
 
 /// Longest local code a provider may choose, whatever the limits say: ids are stored and routed as they are.
 const MAX_LOCAL_CODE: usize = 64;
-/// Default page of a search.
-const DEFAULT_PAGE: u32 = 50;
 
 /// A resource id `"<node code>:<local code>"`: the node that holds the resource and the provider's own code.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -189,105 +192,34 @@ pub fn prepare_publish(
     Ok(entry)
 }
 
-/// Translates a search request at `node` into a store query over the node's subtree, within `limits`: the
-/// text's length and words, the page's entries and bytes.
-pub fn search_query(
+/// Validates a batch an agency publishes at `node`: each entry as [`prepare_publish`] does (errors name the
+/// entry's index), at least one entry, no id twice.
+pub fn prepare_batch(
     node: DivisionCode,
-    req: &SearchCatalogRequest,
+    provider: &Uscc,
+    entries: Vec<CatalogEntry>,
+    now_rfc3339: &str,
     limits: &LimitsConfig,
-) -> Result<CatalogQuery> {
-    req.check_limits(limits)?;
-    let mut node_prefix = Some(subtree_prefix(node));
-    if !req.node_code.is_empty() {
-        let filter: DivisionCode = req
-            .node_code
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("node_code: {e}")))?;
-        if !node.contains(&filter) && !filter.contains(&node) {
+) -> Result<Vec<CatalogEntry>> {
+    if entries.is_empty() {
+        return Err(Error::InvalidArgument(
+            "entries must hold at least one entry".into(),
+        ));
+    }
+    let mut seen = std::collections::HashMap::with_capacity(entries.len());
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let entry = prepare_publish(node, provider, entry, now_rfc3339.to_owned(), limits)
+            .map_err(|e| e.within(&format!("entries[{i}]")))?;
+        if let Some(first) = seen.insert(entry.id.clone(), i) {
             return Err(Error::InvalidArgument(format!(
-                "node_code {filter} is outside the subtree of node {node}"
+                "entries[{i}].id {} repeats entries[{first}].id",
+                entry.id
             )));
         }
-        if node.contains(&filter) {
-            node_prefix = Some(subtree_prefix(filter));
-        }
+        out.push(entry);
     }
-    let provider_uscc = if req.provider_uscc.is_empty() {
-        None
-    } else {
-        Some(
-            req.provider_uscc
-                .parse::<Uscc>()
-                .map_err(|e| Error::InvalidArgument(format!("provider_uscc: {e}")))?
-                .to_string(),
-        )
-    };
-    let share_type = match ShareType::try_from(req.share_type) {
-        Ok(ShareType::Unspecified) => None,
-        Ok(t) => Some(t),
-        Err(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "share_type {} is not a known share type",
-                req.share_type
-            )));
-        }
-    };
-    let limit = match req.page_size {
-        0 => DEFAULT_PAGE.min(limits.max_search_page),
-        n => n,
-    };
-    Ok(CatalogQuery {
-        words: req.text.split_whitespace().map(str::to_lowercase).collect(),
-        provider_uscc,
-        classification: req.classification.clone(),
-        share_type,
-        node_prefix,
-        after_id: (!req.page_token.is_empty()).then(|| req.page_token.clone()),
-        limit,
-        max_bytes: Some(limits.max_page_bytes),
-    })
-}
-
-/// Finishes a search page as the store returned it for `query`: the entries that fit in the query's byte budget
-/// and the token for the next page (empty on the last page).
-pub fn finish_page(
-    mut entries: Vec<CatalogEntry>,
-    query: &CatalogQuery,
-) -> (Vec<CatalogEntry>, String) {
-    let budget = query.max_bytes.unwrap_or(usize::MAX);
-    let mut total = 0usize;
-    let mut cut = None;
-    for (i, e) in entries.iter().enumerate() {
-        total = total.saturating_add(e.encoded_len());
-        // The first entry is always answered, so that a page never comes back empty while more remain.
-        if total > budget && i > 0 {
-            cut = Some(i);
-            break;
-        }
-    }
-    let more = match cut {
-        Some(i) => {
-            entries.truncate(i);
-            true
-        }
-        None => entries.len() == query.limit as usize,
-    };
-    let token = match entries.last() {
-        Some(e) if more => e.id.clone(),
-        _ => String::new(),
-    };
-    (entries, token)
-}
-
-/// The code prefix shared by every node in the subtree of `node`.
-pub fn subtree_prefix(node: DivisionCode) -> String {
-    let s = node.to_string();
-    let keep = match node.level() {
-        crate::ident::Level::Province => 2,
-        crate::ident::Level::City => 4,
-        crate::ident::Level::County => 6,
-    };
-    s[..keep].to_owned()
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -303,13 +235,5 @@ mod tests {
         assert!("35010:x".parse::<ResourceId>().is_err());
         assert!("350102:a b".parse::<ResourceId>().is_err());
         assert!("350102:".parse::<ResourceId>().is_err());
-    }
-
-    #[test]
-    fn subtree_prefixes_follow_levels() {
-        let p = |s: &str| subtree_prefix(s.parse().expect("code"));
-        assert_eq!(p("350000"), "35");
-        assert_eq!(p("350100"), "3501");
-        assert_eq!(p("350102"), "350102");
     }
 }

@@ -1,0 +1,390 @@
+//! The catalog in SQLite: rows by position, the FTS5 index of the tokens the node computes for each live entry,
+//! and the catalog outbox.
+
+use std::collections::{HashMap, HashSet};
+
+use fedgate_proto::v1::{CatalogChange, CatalogEntry, Stream, Withdrawal, catalog_change};
+use futures::TryStreamExt;
+use prost::Message;
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
+
+use super::{read_cursor, write_cursor};
+use crate::catalog::{self, TOKENIZER_VERSION};
+use crate::store::{
+    CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, decode_entry, fresh_items,
+    to_i64, to_u64,
+};
+
+/// Rows of one multi-row catalog upsert (7 binds each).
+const UPSERT_ROWS: usize = 500;
+/// Rows of one multi-row outbox or index insert, and ids of one `IN` list.
+const ROWS: usize = 1000;
+
+/// Begins a write transaction holding the write lock from its start. A deferred one would read first and then
+/// ask for the lock, which SQLite refuses at once (without waiting) while the checkpointer restarts the WAL.
+async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
+    Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
+}
+
+/// Rebuilds the search index unless it was built by this tokenizer version (after the migration that created
+/// it, or a tokenizer change).
+pub(super) async fn ensure_index(writer: &SqlitePool) -> Result<(), StoreError> {
+    let built: Option<i64> = sqlx::query_scalar("SELECT tokenizer FROM catalog_index")
+        .fetch_optional(writer)
+        .await?;
+    if built == Some(TOKENIZER_VERSION) {
+        return Ok(());
+    }
+    let mut tx = begin(writer).await?;
+    sqlx::query("INSERT INTO catalog_fts (catalog_fts) VALUES ('delete-all')")
+        .execute(&mut *tx)
+        .await?;
+    let mut after = 0i64;
+    loop {
+        let rows = sqlx::query(
+            "SELECT pos, id, entry FROM catalog WHERE withdrawn = 0 AND pos > ? ORDER BY pos LIMIT ?",
+        )
+        .bind(after)
+        .bind(ROWS as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.get(0);
+        let mut indexed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let entry = decode_entry(r.get::<&str, _>(1), r.get::<&[u8], _>(2))?;
+            indexed.push((r.get::<i64, _>(0), tokens(&entry)));
+        }
+        index_rows(&mut tx, &indexed).await?;
+    }
+    sqlx::query("DELETE FROM catalog_index")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO catalog_index (tokenizer) VALUES (?)")
+        .bind(TOKENIZER_VERSION)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The index document of an entry: its tokens separated by spaces (FTS5's `ascii` tokenizer splits there and
+/// nowhere inside a token, which holds no ASCII character but letters and digits).
+fn tokens(entry: &CatalogEntry) -> String {
+    catalog::entry_tokens(entry).join(" ")
+}
+
+/// The FTS5 expression requiring every token of `query`; `None` when the query has none.
+fn fts_expression(query: &CatalogQuery) -> Option<String> {
+    let tokens = catalog::query_tokens(query);
+    if tokens.is_empty() {
+        return None;
+    }
+    let terms: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.prefix {
+                format!("\"{}\" *", t.token)
+            } else {
+                format!("\"{}\"", t.token)
+            }
+        })
+        .collect();
+    Some(terms.join(" AND "))
+}
+
+async fn index_rows(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[(i64, String)],
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT OR REPLACE INTO catalog_fts (rowid, tokens) ");
+        b.push_values(chunk, |mut row, (pos, tokens)| {
+            row.push_bind(*pos).push_bind(tokens.as_str());
+        });
+        b.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Live entries matching `q`, in position order: candidates from the index (or every row when the query has no
+/// token), each checked exactly.
+pub(super) async fn search(
+    reader: &SqlitePool,
+    q: &CatalogQuery,
+) -> Result<Vec<CatalogHit>, StoreError> {
+    let expression = fts_expression(q);
+    let mut page = Page::new(q);
+    loop {
+        let wanted = page.wanted();
+        if wanted == 0 {
+            break;
+        }
+        let after = page.after.map_or(0, to_i64);
+        let query = match &expression {
+            Some(e) => sqlx::query(
+                "SELECT c.pos, c.id, c.entry FROM catalog_fts JOIN catalog c ON c.pos = catalog_fts.rowid \
+                 WHERE catalog_fts MATCH ? AND catalog_fts.rowid > ? AND c.withdrawn = 0 \
+                 ORDER BY catalog_fts.rowid LIMIT ?",
+            )
+            .bind(e.as_str()),
+            None => sqlx::query(
+                "SELECT pos, id, entry FROM catalog WHERE pos > ? AND withdrawn = 0 ORDER BY pos LIMIT ?",
+            ),
+        };
+        let mut rows = query.bind(after).bind(i64::from(wanted)).fetch(reader);
+        let mut got = 0usize;
+        while let Some(r) = rows.try_next().await? {
+            got += 1;
+            let position = to_u64(r.get::<i64, _>(0));
+            if !page.offer(position, r.get::<&str, _>(1), r.get::<&[u8], _>(2))? {
+                break;
+            }
+        }
+        drop(rows);
+        page.read(wanted, got);
+    }
+    Ok(page.hits)
+}
+
+/// The rows with these ids.
+pub(super) async fn entries(
+    reader: &SqlitePool,
+    ids: &[String],
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, entry, withdrawn FROM catalog WHERE id IN (");
+        let mut list = b.separated(", ");
+        for id in chunk {
+            list.push_bind(id.as_str());
+        }
+        b.push(")");
+        for r in b.build().fetch_all(reader).await? {
+            out.push(StoredEntry {
+                entry: decode_entry(r.get::<&str, _>(0), r.get::<&[u8], _>(1))?,
+                withdrawn: r.get::<i64, _>(2) != 0,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Stored versions of these ids.
+async fn versions(
+    tx: &mut Transaction<'_, Sqlite>,
+    ids: &[&str],
+) -> Result<HashMap<String, u64>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, version FROM catalog WHERE id IN (");
+        let mut list = b.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        b.push(")");
+        for r in b.build().fetch_all(&mut **tx).await? {
+            out.insert(r.get::<String, _>(0), to_u64(r.get::<i64, _>(1)));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes upserts of distinct ids, each only if newer than what is stored, and indexes those written.
+async fn upsert_rows(
+    tx: &mut Transaction<'_, Sqlite>,
+    entries: &[&CatalogEntry],
+) -> Result<(), StoreError> {
+    for chunk in entries.chunks(UPSERT_ROWS) {
+        let mut b: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO catalog (id, node_code, provider_uscc, share_type, version, withdrawn, entry) ",
+        );
+        b.push_values(chunk, |mut row, e| {
+            row.push_bind(e.id.as_str())
+                .push_bind(e.node_code.as_str())
+                .push_bind(e.provider_uscc.as_str())
+                .push_bind(e.share_type)
+                .push_bind(to_i64(e.version))
+                .push_bind(0i64)
+                .push_bind(e.encode_to_vec());
+        });
+        b.push(
+            " ON CONFLICT(id) DO UPDATE SET node_code = excluded.node_code, \
+             provider_uscc = excluded.provider_uscc, share_type = excluded.share_type, \
+             version = excluded.version, withdrawn = 0, entry = excluded.entry \
+             WHERE excluded.version > catalog.version RETURNING pos, id",
+        );
+        let written = b.build().fetch_all(&mut **tx).await?;
+        let by_id: HashMap<&str, &CatalogEntry> =
+            chunk.iter().map(|e| (e.id.as_str(), *e)).collect();
+        let mut indexed = Vec::with_capacity(written.len());
+        for r in &written {
+            let id: &str = r.get(1);
+            if let Some(e) = by_id.get(id) {
+                indexed.push((r.get::<i64, _>(0), tokens(e)));
+            }
+        }
+        index_rows(tx, &indexed).await?;
+    }
+    Ok(())
+}
+
+/// Marks an entry withdrawn if the withdrawal is newer than what is stored, and drops it from the index.
+async fn withdraw(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: &str,
+    version: u64,
+) -> Result<(), StoreError> {
+    let pos: Option<i64> = sqlx::query_scalar(
+        "UPDATE catalog SET withdrawn = 1, version = ? WHERE id = ? AND version < ? RETURNING pos",
+    )
+    .bind(to_i64(version))
+    .bind(id)
+    .bind(to_i64(version))
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(pos) = pos {
+        sqlx::query("DELETE FROM catalog_fts WHERE rowid = ?")
+            .bind(pos)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Applies changes in order: runs of upserts of distinct ids as multi-row statements, withdrawals one by one.
+async fn apply_changes(
+    tx: &mut Transaction<'_, Sqlite>,
+    changes: &[&CatalogChange],
+) -> Result<(), StoreError> {
+    let mut run: Vec<&CatalogEntry> = Vec::new();
+    let mut ids: HashSet<&str> = HashSet::new();
+    for change in changes {
+        match &change.change {
+            Some(catalog_change::Change::Upsert(e)) => {
+                if ids.contains(e.id.as_str()) {
+                    upsert_rows(tx, &run).await?;
+                    run.clear();
+                    ids.clear();
+                }
+                ids.insert(e.id.as_str());
+                run.push(e);
+            }
+            Some(catalog_change::Change::Withdraw(w)) => {
+                upsert_rows(tx, &run).await?;
+                run.clear();
+                ids.clear();
+                withdraw(tx, &w.id, w.version).await?;
+            }
+            None => {}
+        }
+    }
+    upsert_rows(tx, &run).await
+}
+
+/// Appends payloads to the catalog outbox under the next positions, in order.
+async fn append_outbox(
+    tx: &mut Transaction<'_, Sqlite>,
+    payloads: &[Vec<u8>],
+) -> Result<(), StoreError> {
+    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?")
+        .bind(Stream::Catalog as i32)
+        .fetch_one(&mut **tx)
+        .await?;
+    let mut seq = head;
+    for chunk in payloads.chunks(ROWS) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO outbox (stream, seq, payload) ");
+        b.push_values(chunk, |mut row, payload| {
+            seq += 1;
+            row.push_bind(Stream::Catalog as i32)
+                .push_bind(seq)
+                .push_bind(payload.as_slice());
+        });
+        b.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Under a parent, appends the changes to the outbox.
+async fn forward(
+    tx: &mut Transaction<'_, Sqlite>,
+    changes: &[&CatalogChange],
+    upstream: Upstream,
+) -> Result<(), StoreError> {
+    if upstream == Upstream::Parent && !changes.is_empty() {
+        let payloads: Vec<Vec<u8>> = changes.iter().map(|c| c.encode_to_vec()).collect();
+        append_outbox(tx, &payloads).await?;
+    }
+    Ok(())
+}
+
+/// Stores local entries under their next versions in one transaction.
+pub(super) async fn publish(
+    writer: &SqlitePool,
+    mut entries: Vec<CatalogEntry>,
+    upstream: Upstream,
+) -> Result<Vec<CatalogEntry>, StoreError> {
+    let mut tx = begin(writer).await?;
+    let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    let mut stored = versions(&mut tx, &ids).await?;
+    for e in &mut entries {
+        let v = stored.entry(e.id.clone()).or_insert(0);
+        *v += 1;
+        e.version = *v;
+    }
+    let changes: Vec<CatalogChange> = entries
+        .iter()
+        .map(|e| CatalogChange {
+            change: Some(catalog_change::Change::Upsert(e.clone())),
+        })
+        .collect();
+    let refs: Vec<&CatalogChange> = changes.iter().collect();
+    apply_changes(&mut tx, &refs).await?;
+    forward(&mut tx, &refs, upstream).await?;
+    tx.commit().await?;
+    Ok(entries)
+}
+
+/// Withdraws a local entry under its next version.
+pub(super) async fn withdraw_local(
+    writer: &SqlitePool,
+    id: &str,
+    upstream: Upstream,
+) -> Result<Option<u64>, StoreError> {
+    let mut tx = begin(writer).await?;
+    let Some(old) = versions(&mut tx, &[id]).await?.get(id).copied() else {
+        return Ok(None);
+    };
+    let version = old + 1;
+    withdraw(&mut tx, id, version).await?;
+    let change = CatalogChange {
+        change: Some(catalog_change::Change::Withdraw(Withdrawal {
+            id: id.to_owned(),
+            version,
+        })),
+    };
+    forward(&mut tx, &[&change], upstream).await?;
+    tx.commit().await?;
+    Ok(Some(version))
+}
+
+/// Applies a child's items above its cursor and advances the cursor.
+pub(super) async fn apply_child(
+    writer: &SqlitePool,
+    child: &str,
+    items: &[(u64, CatalogChange)],
+    upstream: Upstream,
+) -> Result<u64, StoreError> {
+    let mut tx = begin(writer).await?;
+    let applied = read_cursor(&mut tx, child, Stream::Catalog).await?;
+    let (fresh, applied) = fresh_items(child, applied, items)?;
+    apply_changes(&mut tx, &fresh).await?;
+    forward(&mut tx, &fresh, upstream).await?;
+    write_cursor(&mut tx, child, Stream::Catalog, applied).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
