@@ -127,9 +127,13 @@ impl Router {
     }
 
     /// Follows a committed local publish or withdrawal of entry `id` at `version`: this node's copy of the entry
-    /// is dropped, then every node that may cache answers from it is told (see [`Downlink::invalidate`]).
+    /// is dropped, then every node that may cache answers from it is told (see [`Downlink::invalidate`]); an
+    /// entry at its first version was never served, so no node holds answers of it.
     pub async fn entry_changed(&self, id: &str, version: u64) -> Result<Vec<String>> {
         self.entries.changed(id);
+        if version <= 1 {
+            return Ok(Vec::new());
+        }
         self.downlink.invalidate(id, version).await
     }
 

@@ -227,12 +227,10 @@ impl AgencyService {
             .publish_local_batch(entries, self.upstream())
             .await?;
         self.uplink.wake(Stream::Catalog);
-        // An entry at its first version was never served, so no node can hold answers of it to purge.
-        let changed: Vec<&CatalogEntry> = stored.iter().filter(|e| e.version > 1).collect();
-        for chunk in changed.chunks(8) {
+        for chunk in stored.chunks(8) {
             let purges = chunk
                 .iter()
-                .map(|e| self.router.downlink().invalidate(&e.id, e.version));
+                .map(|e| self.router.entry_changed(&e.id, e.version));
             for purged in futures::future::join_all(purges).await {
                 purged?;
             }
