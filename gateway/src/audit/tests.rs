@@ -273,3 +273,38 @@ async fn a_childs_records_follow_a_signed_head() {
     drop(log);
     writer.await.expect("writer");
 }
+
+#[tokio::test]
+async fn only_the_running_nodes_own_chain_may_end_unsigned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = store(&dir).await;
+    let key = Arc::new(GrantKey::generate());
+    let (log, writer) = start(by_count(1000), &store, &key).await;
+    log.record(event(AuditOperation::CatalogPublish, "a"))
+        .await
+        .expect("record");
+    let none = std::collections::HashMap::new();
+    let resume = std::collections::HashMap::new();
+    let strict = super::verify_store(store.as_ref(), &none, &resume).await;
+    assert!(
+        matches!(
+            strict,
+            Err(super::StoreVerifyError::Chain(
+                super::VerifyError::UnsignedTail { seq: 2, .. }
+            ))
+        ),
+        "{strict:?}"
+    );
+    let live = super::verify_live_store(store.as_ref(), &none, &resume, Some(NODE))
+        .await
+        .expect("a running node's own unsigned tail");
+    assert_eq!(live[0].unsigned, 2);
+    let other = super::verify_live_store(store.as_ref(), &none, &resume, Some("350103")).await;
+    assert!(other.is_err(), "another node's chain may not end unsigned");
+    drop(log);
+    writer.await.expect("writer");
+    let closed = super::verify_store(store.as_ref(), &none, &resume)
+        .await
+        .expect("signed at shutdown");
+    assert_eq!(closed[0].unsigned, 0);
+}
