@@ -1,5 +1,5 @@
-//! Audit append throughput of one node: the full path (concurrent producers, hash chain, batch signature,
-//! durable group commit) against a baseline of raw inserts of the same record blobs, measured in one run.
+//! Audit append throughput of one node: the full path (concurrent producers, hash chain, chain-head signature
+//! per 256 records or 100 ms, durable group commit) against a baseline of raw inserts of the same record blobs, measured in one run.
 //!
 //! `cargo bench -p fedgate-gateway --bench audit_append`. Environment: `AUDIT_BENCH_RECORDS` (records per run,
 //! default 500000), `AUDIT_BENCH_TASKS` (comma-separated producer counts, default "64,256,1024"),
@@ -44,7 +44,7 @@ fn share_event(i: u64) -> AuditRecord {
     r
 }
 
-/// `n` records chained and signed per batch as the writer would, built before the clock starts.
+/// `n` records chained, one signature per transaction, built before the clock starts.
 fn prebuilt(n: u64, key: &GrantKey) -> Vec<AuditRecord> {
     let mut prev = GENESIS_HASH.to_vec();
     let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
@@ -170,10 +170,10 @@ async fn full(store: Arc<dyn Store>, n: u64, tasks: u64, key: GrantKey) -> Resul
 }
 
 /// Checks the whole chain the full path wrote (so the benchmark cannot pass by skipping work); returns the
-/// records checked and the number of batches (one signature each).
+/// records checked and the number of signatures.
 async fn verify(store: &dyn Store) -> Result<(u64, u64)> {
     let mut v = ChainVerifier::new(NODE, None);
-    let mut batches = 0;
+    let mut signatures = 0;
     loop {
         let page = store.audit_chain(NODE, v.head().0, 50_000).await?;
         if page.is_empty() {
@@ -181,11 +181,11 @@ async fn verify(store: &dyn Store) -> Result<(u64, u64)> {
         }
         for r in &page {
             v.push(r)?;
-            batches += u64::from(!r.signature.is_empty());
+            signatures += u64::from(!r.signature.is_empty());
         }
     }
     v.finish()?;
-    Ok((v.checked(), batches))
+    Ok((v.checked(), signatures))
 }
 
 /// Prints one full-path run and checks the chain it wrote; closes the store.
@@ -197,7 +197,7 @@ async fn report<F: std::future::Future<Output = Result<Run>>>(
     run: F,
 ) -> Result<()> {
     let run = run.await?;
-    let (checked, batches) = verify(store).await?;
+    let (checked, signatures) = verify(store).await?;
     store.close().await;
     let ratio = base.map_or_else(|| "n/a".to_owned(), |b| format!("{:.2}", run.rate() / b));
     println!(
@@ -205,9 +205,9 @@ async fn report<F: std::future::Future<Output = Result<Run>>>(
         run.describe()
     );
     println!(
-        "           ratio to baseline {ratio}; {batches} batches of {:.1} records on average; \
+        "           ratio to baseline {ratio}; {signatures} signatures, one per {:.1} records on average; \
          chain of {checked} records verified",
-        checked as f64 / batches.max(1) as f64
+        checked as f64 / signatures.max(1) as f64
     );
     Ok(())
 }

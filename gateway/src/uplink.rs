@@ -18,6 +18,11 @@ use crate::topology::Neighbour;
 
 /// Items shipped in one push.
 const BATCH: u32 = 512;
+/// Items of one audit push at most, when a chain runs longer than [`BATCH`] without a signature (the parent's
+/// limit per push).
+const MAX_AUDIT_PUSH: u32 = 4096;
+/// Least time between the starts of two audit pushes that are not full.
+const SHIP_EVERY: Duration = Duration::from_millis(100);
 /// Smallest push after repeated failures, so a flaky link still makes progress.
 const MIN_BATCH: u32 = 16;
 /// Smallest byte budget of a push after the parent refused larger ones as too large.
@@ -63,6 +68,7 @@ pub struct Uplink {
     status: Arc<[StreamStatus; 2]>,
     key: Arc<std::sync::OnceLock<([u8; 32], Option<fedgate_proto::v1::SignedStatement>)>>,
     max_push_bytes: usize,
+    ship_every: Duration,
 }
 
 impl Default for Uplink {
@@ -122,9 +128,20 @@ fn too_large(status: &tonic::Status) -> bool {
 
 /// The leading items that fit in `budget` encoded bytes (always at least one), and their size.
 fn fit(items: &mut Vec<StreamItem>, budget: usize) -> usize {
+    let (keep, total) = fit_len(items, budget);
+    items.truncate(keep);
+    total
+}
+
+/// How many leading items fit in `budget` encoded bytes (at least one, if there is one).
+fn fit_count(items: &[StreamItem], budget: usize) -> usize {
+    fit_len(items, budget).0
+}
+
+fn fit_len(items: &[StreamItem], budget: usize) -> (usize, usize) {
     let mut total = PUSH_OVERHEAD;
     let mut keep = 0;
-    for item in items.iter() {
+    for item in items {
         let n = prost::encoding::message::encoded_len(2, item);
         if keep > 0 && total + n > budget {
             break;
@@ -132,8 +149,7 @@ fn fit(items: &mut Vec<StreamItem>, budget: usize) -> usize {
         total += n;
         keep += 1;
     }
-    items.truncate(keep);
-    total
+    (keep, total)
 }
 
 impl Uplink {
@@ -144,7 +160,14 @@ impl Uplink {
             status: Arc::new([StreamStatus::default(), StreamStatus::default()]),
             key: Arc::new(std::sync::OnceLock::new()),
             max_push_bytes: 3 * 1024 * 1024,
+            ship_every: SHIP_EVERY,
         }
+    }
+
+    /// An uplink whose audit pushes that are not full start at most once per `every`.
+    pub fn with_ship_every(mut self, every: Duration) -> Self {
+        self.ship_every = every;
+        self
     }
 
     /// An uplink whose pushes carry at most `bytes` encoded bytes (under the parent's message limit).
@@ -252,19 +275,40 @@ impl Uplink {
         status.connected.store(true, Ordering::Relaxed);
         store.set_uplink_acked(stream, acked).await?;
         tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
+        // When the last audit push started, if it was not full.
+        let mut last_push: Option<tokio::time::Instant> = None;
         loop {
-            let items = store.outbox_after(stream, acked, size.items).await?;
+            let items = match stream {
+                Stream::Audit => {
+                    // Fewer, fuller pushes: after one that was not full, the next waits for the interval.
+                    if let Some(at) = last_push {
+                        tokio::time::sleep_until(at + self.ship_every).await;
+                    }
+                    signed_prefix(store.as_ref(), acked, size).await?
+                }
+                _ => {
+                    let items = store.outbox_after(stream, acked, size.items).await?;
+                    let mut items: Vec<StreamItem> = items
+                        .into_iter()
+                        .map(|i| to_stream_item(stream, i))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    fit(&mut items, size.bytes);
+                    items
+                }
+            };
             if items.is_empty() {
-                // Caught up: the link works, so the next interruption is retried quickly again.
+                // Caught up (or only an unsigned head is left, which the writer signs and wakes for): the link
+                // works, so the next interruption is retried quickly again.
                 backoff.progressed();
                 self.wake[slot(stream)].notified().await;
                 continue;
             }
-            let mut items: Vec<StreamItem> = items
-                .into_iter()
-                .map(|i| to_stream_item(stream, i))
-                .collect::<Result<Vec<_>, _>>()?;
-            let bytes = fit(&mut items, size.bytes);
+            last_push = (items.len() < size.items as usize).then(tokio::time::Instant::now);
+            let bytes = PUSH_OVERHEAD
+                + items
+                    .iter()
+                    .map(|i| prost::encoding::message::encoded_len(2, i))
+                    .sum::<usize>();
             let (first, last) = (
                 items.first().map_or(acked, |i| i.seq),
                 items.last().map_or(acked, |i| i.seq),
@@ -307,6 +351,61 @@ impl Uplink {
             size.items = (size.items * 2).min(BATCH);
         }
     }
+}
+
+/// The audit items to push next: the longest run after `acked` that fits `size` and ends where every chain it
+/// carries ends with a signed record; if no such end fits, the run up to the first one (a push never leaves a
+/// chain's end unsigned). Empty when nothing signed is waiting.
+async fn signed_prefix(
+    store: &dyn Store,
+    acked: u64,
+    size: &BatchSize,
+) -> Result<Vec<StreamItem>, SessionError> {
+    let mut limit = size.items;
+    loop {
+        let rows = store.outbox_after(Stream::Audit, acked, limit).await?;
+        let more = rows.len() as u64 == u64::from(limit);
+        let mut items = rows
+            .into_iter()
+            .map(|i| to_stream_item(Stream::Audit, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ends = signed_ends(&items);
+        let fitting = fit_count(&items, size.bytes);
+        let keep = match ends.iter().rev().find(|&&e| e <= fitting) {
+            Some(&e) => e,
+            None => match ends.first() {
+                Some(&e) => e,
+                None if more && limit < MAX_AUDIT_PUSH => {
+                    // A run longer than the batch without a signed end: look further.
+                    limit = (limit * 2).min(MAX_AUDIT_PUSH);
+                    continue;
+                }
+                None => 0,
+            },
+        };
+        items.truncate(keep);
+        return Ok(items);
+    }
+}
+
+/// The lengths of the prefixes of `items` after which every chain they carry ends with a signed record, shortest
+/// first.
+fn signed_ends(items: &[StreamItem]) -> Vec<usize> {
+    let mut open: std::collections::HashSet<&str> = Default::default();
+    let mut ends = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        if let Some(stream_item::Body::Audit(r)) = &item.body {
+            if r.signature.is_empty() {
+                open.insert(r.node_code.as_str());
+            } else {
+                open.remove(r.node_code.as_str());
+            }
+        }
+        if open.is_empty() {
+            ends.push(i + 1);
+        }
+    }
+    ends
 }
 
 /// Wait before reconnecting: doubles with every interruption, and falls back to the minimum only once a session
@@ -410,6 +509,34 @@ mod tests {
         assert_eq!(size.bytes, 512 << 10, "half of what was refused");
         size.refused(1000);
         assert_eq!(size.bytes, MIN_PUSH_BYTES, "never below the minimum");
+    }
+
+    fn audit(node: &str, seq: u64, signed: bool) -> StreamItem {
+        StreamItem {
+            seq,
+            body: Some(stream_item::Body::Audit(AuditRecord {
+                node_code: node.into(),
+                signature: if signed { vec![1; 64] } else { Vec::new() },
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn audit_pushes_end_only_where_every_chain_is_signed() {
+        // Own records 1-3 (signed at 3), a child's block ending signed, own 4-5 unsigned.
+        let items = [
+            audit("350100", 1, false),
+            audit("350100", 2, false),
+            audit("350100", 3, true),
+            audit("350102", 1, false),
+            audit("350103", 1, true),
+            audit("350102", 2, true),
+            audit("350100", 4, false),
+            audit("350100", 5, false),
+        ];
+        assert_eq!(signed_ends(&items), [3, 6]);
+        assert!(signed_ends(&items[..2]).is_empty(), "nothing signed yet");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use fedgate_gateway::audit::export::{read_jsonl, write_jsonl};
-use fedgate_gateway::audit::{ChainSummary, verify_records, verify_store};
+use fedgate_gateway::audit::{ChainSummary, verify_live_store, verify_records};
 use fedgate_gateway::config::StorageConfig;
 use fedgate_gateway::store::{AuditQuery, PgStore, SqliteStore, Store};
 use fedgate_proto::v1::{AuditOperation, AuditRecord};
@@ -30,6 +30,10 @@ pub enum AuditCmd {
         /// Archive files holding the beginning of the chains, oldest first.
         #[arg(long = "archive", value_name = "FILE")]
         archives: Vec<PathBuf>,
+        /// The code of the running node whose database this is: its own chain may end with records it has not
+        /// signed yet (it signs its chain head at least every 100 ms, and when it stops).
+        #[arg(long, value_name = "CODE", requires = "db")]
+        live: Option<String>,
     },
     /// Move records older than the retention period (and already forwarded) to an archive file.
     Archive {
@@ -185,7 +189,8 @@ pub async fn run(cmd: AuditCmd) -> Result<()> {
             file,
             keys,
             archives,
-        } => verify(db, file, keys, archives).await,
+            live,
+        } => verify((db, live), file, keys, archives).await,
         AuditCmd::Archive { config, out, now } => archive(config, out, now).await,
         AuditCmd::Export { db, filter, out } => export(db, filter, out).await,
         AuditCmd::Query { db, filter, limit } => query(db, filter, limit).await,
@@ -198,11 +203,17 @@ fn print_summary(chains: &[ChainSummary]) {
             "  node {}: {} records verified, head #{}",
             c.node, c.records, c.head
         );
+        if c.unsigned > 0 {
+            println!(
+                "    its last {} records are not signed yet (the running node signs them shortly)",
+                c.unsigned
+            );
+        }
     }
 }
 
 async fn verify(
-    db: Option<Database>,
+    (db, live): (Option<Database>, Option<String>),
     file: Option<PathBuf>,
     keys: Vec<String>,
     archives: Vec<PathBuf>,
@@ -239,7 +250,7 @@ async fn verify(
     let result = match (db, file) {
         (Some(db), _) => {
             let store = db.open().await?;
-            let r = verify_store(store.as_ref(), &pinned, &resume)
+            let r = verify_live_store(store.as_ref(), &pinned, &resume, live.as_deref())
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"));
             store.close().await;

@@ -526,6 +526,80 @@ async fn a_node_cannot_start_an_audit_chain_in_another_nodes_name() -> Result<()
     net.shutdown().await
 }
 
+#[tokio::test]
+async fn a_push_may_not_end_a_chain_with_records_no_signature_covers() -> Result<()> {
+    let net = standard().await?;
+    // The province holds the chain of Xiamen (350200) up to its signed head.
+    fedgate_tests::eventually(
+        "the city's chain start reaches the province",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(net
+                .node(code("350000"))?
+                .store()
+                .audit_head("350200")
+                .await?
+                .is_some())
+        },
+    )
+    .await?;
+    let head = net
+        .node(code("350000"))?
+        .store()
+        .audit_head("350200")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no head"))?;
+    let rogue = RogueNode::new(&net, "350200")?;
+    let mut province = rogue.federation(&net, "350000").await?;
+    // The next record of the chain, correctly hashed and linked, but shipped before any signature covers it.
+    let mut next = AuditRecord {
+        node_code: "350200".into(),
+        seq: head.seq + 1,
+        time_unix_nanos: now_ms(&net) * 1_000_000,
+        operation: AuditOperation::CatalogPublish as i32,
+        actor: "urn:fedgate:agency:x".into(),
+        outcome: "OK".into(),
+        prev_hash: head.hash.clone(),
+        ..Default::default()
+    };
+    next.hash = fedgate_gateway::audit::record_hash(&next).to_vec();
+    let err = province
+        .push(PushRequest {
+            stream: Stream::Audit as i32,
+            items: vec![StreamItem {
+                seq: 1 << 40,
+                body: Some(stream_item::Body::Audit(next)),
+            }],
+        })
+        .await
+        .expect_err("an unsigned chain end was accepted");
+    expect(
+        err,
+        Code::InvalidArgument,
+        &format!(
+            "ends the chain of node 350200 at record {}, which no signature covers",
+            head.seq + 1
+        ),
+    )?;
+    assert_audited(
+        &net,
+        "350000",
+        "INVALID_ARGUMENT",
+        "Federation.Push: items: the push ends the chain of node 350200",
+    )
+    .await?;
+    assert_eq!(
+        net.node(code("350000"))?
+            .store()
+            .audit_head("350200")
+            .await?
+            .map(|r| r.seq),
+        Some(head.seq),
+        "nothing of the push was stored"
+    );
+    net.shutdown().await
+}
+
 /// The serial number of a PEM certificate, hex.
 fn serial(cert_pem: &str) -> Result<String> {
     use rustls::pki_types::CertificateDer;

@@ -90,6 +90,7 @@ contract!(
     child_catalog_cursor_gap_and_idempotence,
     uplink_ack_only_grows,
     audit_append_head_chain_and_positions,
+    a_late_signature_replaces_only_its_record,
     audit_query_filters_and_pagination,
     child_audit_cursor_gap_and_idempotence,
     audit_archival_and_deletion,
@@ -1008,6 +1009,36 @@ async fn uplink_ack_only_grows(store: Arc<dyn Store>) -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Audit
+
+async fn a_late_signature_replaces_only_its_record(store: Arc<dyn Store>) -> Result<()> {
+    let written = vec![
+        rec("350102", 1, 1_000),
+        rec("350100", 1, 1_050),
+        rec("350102", 2, 1_100),
+    ];
+    store.audit_append(&written).await?;
+    let before = store.outbox_after(Stream::Audit, 0, 10).await?;
+    let mut head = written[2].clone();
+    head.signature = vec![5; 64];
+    store.audit_seal(&head).await?;
+    assert_eq!(store.audit_head("350102").await?, Some(head.clone()));
+    let after = store.outbox_after(Stream::Audit, 0, 10).await?;
+    assert_eq!(
+        after.iter().map(|i| i.seq).collect::<Vec<_>>(),
+        before.iter().map(|i| i.seq).collect::<Vec<_>>(),
+        "the record keeps its stream position"
+    );
+    assert_eq!(
+        records(&after)?,
+        [written[0].clone(), written[1].clone(), head]
+    );
+    // A record the store does not hold cannot be signed into it.
+    let mut missing = rec("350102", 9, 2_000);
+    missing.signature = vec![5; 64];
+    assert!(store.audit_seal(&missing).await.is_err());
+    assert_eq!(store.audit_count().await?, 3);
+    Ok(())
+}
 
 async fn audit_append_head_chain_and_positions(store: Arc<dyn Store>) -> Result<()> {
     assert_eq!(store.audit_count().await?, 0);

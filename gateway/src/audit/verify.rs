@@ -1,4 +1,10 @@
-//! Verification of a node's audit chain: sequence, links, hashes and batch signatures.
+//! Verification of a node's audit chain: sequence, links, hashes and signatures.
+//!
+//! A node signs its chain head per interval or per N records, so most records carry no signature of their own:
+//! each signature covers every record before it through the hash chain. What no signature covers yet is the
+//! unsigned tail, which only the last records of a running node's own chain may be (it signs them within its
+//! signing interval, and at shutdown or the next start); a node ships only signed prefixes upward, so every
+//! chain a parent holds ends with a signature, and so does every chain a push carries.
 
 use fedgate_proto::v1::{AuditOperation, AuditRecord};
 
@@ -64,7 +70,8 @@ pub enum VerifyError {
         /// What is wrong.
         reason: String,
     },
-    /// Records after the last signature: the end of the chain is not covered by a signature.
+    /// Records after the last signature: the end of the chain is not covered by a signature (allowed only at the
+    /// end of a running node's own chain, never in what is shipped or held above it).
     #[error("chain of node {node} ends at record {seq}, which no signature covers")]
     UnsignedTail {
         /// The chain.
@@ -200,9 +207,20 @@ impl ChainVerifier {
         }
     }
 
+    /// Records checked after the last signature (0 when the last record checked is signed).
+    pub fn unsigned_tail(&self) -> u64 {
+        (self.next - 1).saturating_sub(self.last_signed)
+    }
+
     /// Ends the check: the last record must be covered by a signature, and the chain must end with the pinned
     /// key.
     pub fn finish(&self) -> Result<(), VerifyError> {
+        self.finish_open(false)
+    }
+
+    /// [`ChainVerifier::finish`], except that with `open` the chain may end with records no signature covers
+    /// yet (a running node's own chain; [`ChainVerifier::unsigned_tail`] says how many).
+    pub fn finish_open(&self, open: bool) -> Result<(), VerifyError> {
         if let Some(expected) = &self.expect
             && self.key.as_ref() != Some(expected)
         {
@@ -212,7 +230,7 @@ impl ChainVerifier {
             });
         }
         let last = self.next - 1;
-        if last > self.last_signed {
+        if !open && last > self.last_signed {
             return Err(VerifyError::UnsignedTail {
                 node: self.node.clone(),
                 seq: last,
@@ -240,6 +258,8 @@ pub struct ChainSummary {
     pub head_hash: Vec<u8>,
     /// The node's public key, as pinned or announced.
     pub key: Option<Vec<u8>>,
+    /// Records at the end that no signature covers yet (only ever in a running node's own chain).
+    pub unsigned: u64,
 }
 
 impl ChainSummary {
@@ -250,6 +270,7 @@ impl ChainSummary {
             head: v.head().0,
             head_hash: v.head().1.to_vec(),
             key: v.key().map(<[u8]>::to_vec),
+            unsigned: v.unsigned_tail(),
         }
     }
 
@@ -308,11 +329,23 @@ pub enum StoreVerifyError {
 }
 
 /// Verifies every node chain held in a store, page by page; `resume` continues chains whose beginning was
-/// archived (sequence number, hash and key of the last archived record).
+/// archived (sequence number, hash and key of the last archived record). Every chain must end with a signature:
+/// the store of a stopped node, or of a parent; see [`verify_live_store`] for a running node's own store.
 pub async fn verify_store(
     store: &dyn crate::store::Store,
     pinned: &std::collections::HashMap<String, Vec<u8>>,
     resume: &std::collections::HashMap<String, (u64, Vec<u8>, Vec<u8>)>,
+) -> Result<Vec<ChainSummary>, StoreVerifyError> {
+    verify_live_store(store, pinned, resume, None).await
+}
+
+/// [`verify_store`] on the store of running node `live`, whose own chain may end with records it has not signed
+/// yet (reported in [`ChainSummary::unsigned`]); every other chain must still end with a signature.
+pub async fn verify_live_store(
+    store: &dyn crate::store::Store,
+    pinned: &std::collections::HashMap<String, Vec<u8>>,
+    resume: &std::collections::HashMap<String, (u64, Vec<u8>, Vec<u8>)>,
+    live: Option<&str>,
 ) -> Result<Vec<ChainSummary>, StoreVerifyError> {
     const PAGE: u32 = 10_000;
     let mut out = Vec::new();
@@ -336,7 +369,7 @@ pub async fn verify_store(
                 v.push(r)?;
             }
         }
-        v.finish()?;
+        v.finish_open(live == Some(node.as_str()))?;
         out.push(ChainSummary::of(&v));
     }
     Ok(out)

@@ -12,7 +12,7 @@ use fedgate_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{caller, deadline};
-use crate::audit::{self, AuditLog, ChainVerifier};
+use crate::audit::{self, AuditLog, ChainVerifier, ChildApplyError};
 use crate::catalog::parse_resource_id;
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer};
@@ -173,10 +173,12 @@ fn actor_of<T>(req: &Request<T>) -> String {
 
 impl FederationService {
     /// Checks and stores a child's audit batch: each record must continue its node's chain (hash, link and
-    /// signature), and come from the child's subtree.
+    /// signature), come from the child's subtree, and each chain the batch carries must end with a signed record
+    /// (a child ships only signed prefixes, so one signature per chain covers the whole batch).
     async fn push_audit(&self, child: DivisionCode, req: PushRequest) -> Result<u64> {
         let applied = self.store.cursor(child.as_str(), Stream::Audit).await?;
-        let mut verifiers: std::collections::HashMap<String, ChainVerifier> = Default::default();
+        let mut verifiers: std::collections::HashMap<String, (ChainVerifier, Option<Vec<u8>>)> =
+            Default::default();
         let mut items = Vec::with_capacity(req.items.len());
         for item in req.items {
             let Some(stream_item::Body::Audit(record)) = item.body else {
@@ -191,20 +193,37 @@ impl FederationService {
             self.check_audit(child, &record, &mut verifiers).await?;
             items.push((item.seq, record));
         }
+        for (v, _) in verifiers.values() {
+            if v.unsigned_tail() > 0 {
+                let (seq, _) = v.head();
+                return Err(Error::InvalidArgument(format!(
+                    "items: the push ends the chain of node {} at record {seq}, which no signature covers; only \
+                     signed prefixes of a chain may be shipped",
+                    v.node()
+                )));
+            }
+        }
         let count = items.len() as u64;
         let applied = self
-            .store
-            .apply_child_audit(child.as_str(), &items)
+            .audit
+            .apply_child(child.as_str(), items)
             .await
             .map_err(|e| match e {
-                StoreError::Gap { expected, got, .. } => Error::FailedPrecondition(format!(
-                    "audit stream of node {child} skipped from {expected} to {got}; resend from {expected}"
-                )),
-                other => other.into(),
+                ChildApplyError::Store(StoreError::Gap { expected, got, .. }) => {
+                    Error::FailedPrecondition(format!(
+                        "audit stream of node {child} skipped from {expected} to {got}; resend from {expected}"
+                    ))
+                }
+                ChildApplyError::Store(other) => other.into(),
+                ChildApplyError::Stopped => {
+                    Error::Unavailable(format!("node {} is shutting down", self.topology.code))
+                }
             })?;
         // The key each chain ends with, once its records are stored: a rotation replaces the pinned key.
-        for v in verifiers.values() {
-            if let Some(key) = v.key() {
+        for (v, pinned) in verifiers.values() {
+            if let Some(key) = v.key()
+                && pinned.as_deref() != Some(key)
+            {
                 self.store.replace_node_key(v.node(), key).await?;
             }
         }
@@ -217,7 +236,7 @@ impl FederationService {
         &self,
         child: DivisionCode,
         record: &AuditRecord,
-        verifiers: &mut std::collections::HashMap<String, ChainVerifier>,
+        verifiers: &mut std::collections::HashMap<String, (ChainVerifier, Option<Vec<u8>>)>,
     ) -> Result<()> {
         let origin: DivisionCode = record
             .node_code
@@ -231,17 +250,19 @@ impl FederationService {
         if !verifiers.contains_key(&record.node_code) {
             let key = self.store.node_key(&record.node_code).await?;
             let v = match self.store.audit_head(&record.node_code).await? {
-                Some(head) => ChainVerifier::resume(&record.node_code, key, head.seq, head.hash),
-                None => ChainVerifier::new(&record.node_code, key),
+                Some(head) => {
+                    ChainVerifier::resume(&record.node_code, key.clone(), head.seq, head.hash)
+                }
+                None => ChainVerifier::new(&record.node_code, key.clone()),
             };
-            verifiers.insert(record.node_code.clone(), v);
+            verifiers.insert(record.node_code.clone(), (v, key));
         }
         if record.operation == AuditOperation::ChainStart as i32
             || record.operation == AuditOperation::KeyRotation as i32
         {
             self.check_key_endorsement(origin, record)?;
         }
-        let Some(v) = verifiers.get_mut(&record.node_code) else {
+        let Some((v, _)) = verifiers.get_mut(&record.node_code) else {
             return Err(Error::InvalidArgument("audit verifier missing".into()));
         };
         v.push(record).map_err(|e| {

@@ -273,6 +273,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends records this node wrote (already chained), atomically, in order.
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// Stores the signature of a record already appended (the chain head the writer signs late); the record must
+    /// differ from the stored one only in its signature, which no hash covers.
+    async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError>;
     /// The last record of `node`'s chain held here.
     async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError>;
     /// Applies a child's audit items above its cursor in order and advances the cursor, atomically; each record
@@ -405,6 +408,14 @@ fn decode_audit(blob: &[u8]) -> Result<AuditRecord, StoreError> {
         what: "audit record".into(),
         error: e.to_string(),
     })
+}
+
+/// The error for a seal of a record the store does not hold.
+fn unsealed(record: &AuditRecord) -> StoreError {
+    StoreError::Corrupt {
+        what: format!("audit record {}#{}", record.node_code, record.seq),
+        error: "the record to sign is not stored".into(),
+    }
 }
 
 /// A sequence number as the signed integer both databases store (saturating).

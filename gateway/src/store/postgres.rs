@@ -16,7 +16,7 @@ use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
     AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
-    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64,
+    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
 };
 
 mod catalog;
@@ -490,6 +490,20 @@ impl Store for PgStore {
         lock_stream(&mut tx, Stream::Audit).await?;
         insert_audit(&mut tx, &records).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let done =
+            sqlx::query("UPDATE audit_log SET record = $1 WHERE node_code = $2 AND seq = $3")
+                .bind(record.encode_to_vec())
+                .bind(&record.node_code)
+                .bind(to_i64(record.seq))
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() != 1 {
+            return Err(unsealed(record));
+        }
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
-    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64,
+    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
 };
 
 mod catalog;
@@ -440,13 +440,28 @@ impl Store for SqliteStore {
         if records.len() <= AUDIT_ROWS_PER_INSERT {
             // One statement is atomic on its own: a single round trip to the connection instead of four.
             if !records.is_empty() {
-                audit_insert(&self.writer, records).await?;
+                let records: Vec<&AuditRecord> = records.iter().collect();
+                audit_insert(&self.writer, &records).await?;
             }
             return Ok(());
         }
+        let records: Vec<&AuditRecord> = records.iter().collect();
         let mut tx = self.writer.begin().await?;
-        insert_audit(&mut tx, records).await?;
+        insert_audit(&mut tx, &records).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE audit_log SET record = ? WHERE node_code = ? AND seq = ?")
+            .bind(record.encode_to_vec())
+            .bind(&record.node_code)
+            .bind(to_i64(record.seq))
+            .execute(&self.writer)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(unsealed(record));
+        }
         Ok(())
     }
 
@@ -468,7 +483,6 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin().await?;
         let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
         let (fresh, applied) = fresh_items(child, applied, items)?;
-        let fresh: Vec<AuditRecord> = fresh.into_iter().cloned().collect();
         insert_audit(&mut tx, &fresh).await?;
         write_cursor(&mut tx, child, Stream::Audit, applied).await?;
         tx.commit().await?;
@@ -709,7 +723,7 @@ fn doc_from_row(kind: DocKind, r: &sqlx::sqlite::SqliteRow) -> Doc {
 const AUDIT_ROWS_PER_INSERT: usize = 256;
 
 /// Runs one multi-row INSERT of `records` (at most [`AUDIT_ROWS_PER_INSERT`]) on `e`.
-async fn audit_insert<'e, E>(e: E, records: &[AuditRecord]) -> Result<(), StoreError>
+async fn audit_insert<'e, E>(e: E, records: &[&AuditRecord]) -> Result<(), StoreError>
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
@@ -734,7 +748,7 @@ where
 
 async fn insert_audit(
     tx: &mut Transaction<'_, Sqlite>,
-    records: &[AuditRecord],
+    records: &[&AuditRecord],
 ) -> Result<(), StoreError> {
     for chunk in records.chunks(AUDIT_ROWS_PER_INSERT) {
         audit_insert(&mut **tx, chunk).await?;
