@@ -74,6 +74,7 @@ impl LocalEntries {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Upstream;
     use crate::store::sqlite::SqliteStore;
 
     fn entry(id: &str, node: &str, title: &str) -> CatalogEntry {
@@ -98,7 +99,7 @@ mod tests {
         let entries = LocalEntries::new(node, store.clone());
         assert!(entries.get("350102:a").await.expect("get").is_none());
         store
-            .publish_local(entry("350102:a", "350102", "first"))
+            .publish_local(entry("350102:a", "350102", "first"), Upstream::Parent)
             .await
             .expect("publish");
         assert!(
@@ -109,18 +110,21 @@ mod tests {
         let got = entries.get("350102:a").await.expect("get").expect("live");
         assert_eq!(got.title, "first");
         store
-            .publish_local(entry("350102:a", "350102", "second"))
+            .publish_local(entry("350102:a", "350102", "second"), Upstream::Parent)
             .await
             .expect("publish");
         entries.changed("350102:a");
         let got = entries.get("350102:a").await.expect("get").expect("live");
         assert_eq!(got.title, "second");
-        store.withdraw_local("350102:a").await.expect("withdraw");
+        store
+            .withdraw_local("350102:a", Upstream::Parent)
+            .await
+            .expect("withdraw");
         entries.changed("350102:a");
         assert!(entries.get("350102:a").await.expect("get").is_none());
 
         store
-            .publish_local(entry("350103:b", "350103", "elsewhere"))
+            .publish_local(entry("350103:b", "350103", "elsewhere"), Upstream::Parent)
             .await
             .expect("publish");
         assert!(entries.get("350103:b").await.expect("get").is_none());
