@@ -181,7 +181,9 @@ proptest! {
                 // A whitespace-separated word may hold several terms (a CJK run and a word), never longer than it.
                 prop_assert!(q.terms.len() <= limits.max_search_chars);
                 let bounded = q.terms.iter().all(|t| {
-                    let (fedgate_gateway::catalog::Term::Word(w) | fedgate_gateway::catalog::Term::Cjk(w)) = t;
+                    let (fedgate_gateway::catalog::Term::Word(w)
+                    | fedgate_gateway::catalog::Term::Prefix(w)
+                    | fedgate_gateway::catalog::Term::Cjk(w)) = t;
                     !w.is_empty() && w.chars().count() <= 3 * limits.max_search_word_chars
                 });
                 prop_assert!(bounded);

@@ -85,6 +85,7 @@ contract!(
     catalog_versions_withdrawals_and_outbox,
     catalog_search_filters_and_pagination,
     catalog_search_pages_through_candidates_the_index_over_matches,
+    catalog_search_long_prefixes_match_every_word_they_start,
     catalog_batches_publish_in_one_step,
     a_root_keeps_no_catalog_outbox,
     child_catalog_cursor_gap_and_idempotence,
@@ -297,6 +298,87 @@ async fn catalog_versions_withdrawals_and_outbox(store: Arc<dyn Store>) -> Resul
     Ok(())
 }
 
+/// A prefix longer than the index's own prefix lists matches every word starting with it, whether few or many
+/// words do, and only while an entry holding one is live.
+async fn catalog_search_long_prefixes_match_every_word_they_start(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    let mut want = Vec::new();
+    for n in 0..80 {
+        let id = format!("350102:w{n:02}");
+        let title = format!("Wordfamily{n} registry");
+        store
+            .publish_local(
+                entry(&id, &title, "", &["misc"], ShareType::Conditional),
+                Upstream::Parent,
+            )
+            .await?;
+        want.push(id);
+    }
+    store
+        .publish_local(
+            entry(
+                "350102:gone",
+                "Wordfamilygone",
+                "",
+                &["misc"],
+                ShareType::Conditional,
+            ),
+            Upstream::Parent,
+        )
+        .await?;
+    store
+        .withdraw_local("350102:gone", Upstream::Parent)
+        .await?;
+    let search = |t: &str| {
+        let q = CatalogQuery {
+            terms: terms(t),
+            limit: 200,
+            ..Default::default()
+        };
+        let store = store.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                ids(&store.search(&q).await?)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    assert_eq!(
+        search("wordfamily").await?,
+        want,
+        "more words than are looked up one by one"
+    );
+    assert_eq!(search("registry wordfam").await?, want);
+    assert_eq!(
+        search("wordfamily7").await?,
+        [
+            "350102:w07",
+            "350102:w70",
+            "350102:w71",
+            "350102:w72",
+            "350102:w73",
+            "350102:w74",
+            "350102:w75",
+            "350102:w76",
+            "350102:w77",
+            "350102:w78",
+            "350102:w79"
+        ]
+    );
+    assert_eq!(search("registry wordfamily12").await?, ["350102:w12"]);
+    assert_eq!(search("wordfamily12 ").await?, ["350102:w12"]);
+    assert!(
+        search("wordfamily registry").await?.is_empty(),
+        "a completed word is whole"
+    );
+    assert!(search("wordfamilyg").await?.is_empty(), "withdrawn");
+    assert!(search("wordfamilyx").await?.is_empty());
+    Ok(())
+}
+
 async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<()> {
     use ShareType::{Conditional, NotShared, Unconditional};
     let entries = [
@@ -414,8 +496,8 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
         assert_eq!(&stored.entry, e);
     }
 
-    // Words: a query word matches a word of title or summary that starts with it, letters folded to lower case;
-    // withdrawn entries never.
+    // Words: a completed query word matches that word of title or summary, the word the text ends in (still
+    // being typed) any word that starts with it; letters folded to lower case; withdrawn entries never.
     assert_eq!(
         search(text("household")).await?,
         ["350102:household", "350203:household", "350104:mixed"]
@@ -425,10 +507,28 @@ async fn catalog_search_filters_and_pagination(store: Arc<dyn Store>) -> Result<
         ["350203:household"]
     );
     assert_eq!(
-        search(text("regist gul")).await?,
+        search(text("gulou regist")).await?,
         ["350102:household", "350102:marriage"],
-        "words match as they are typed"
+        "the last word matches as it is typed"
     );
+    assert!(
+        search(text("regist gulou")).await?.is_empty(),
+        "a completed word matches a whole word only"
+    );
+    assert_eq!(
+        search(text("gulou register")).await?,
+        ["350102:household", "350102:marriage"]
+    );
+    assert_eq!(
+        search(text("gulou register ")).await?,
+        ["350102:household"],
+        "a word followed by a space is completed"
+    );
+    assert_eq!(search(text("register, gulou")).await?, ["350102:household"]);
+    assert_eq!(search(text("marriage.")).await?, ["350102:marriage"]);
+    assert!(search(text("marriag ")).await?.is_empty());
+    assert!(search(text("house 户籍")).await?.is_empty());
+    assert_eq!(search(text("household户籍")).await?, ["350104:mixed"]);
     assert_eq!(
         search(text("register residents")).await?,
         ["350102:household", "350203:household"],

@@ -12,8 +12,8 @@ use crate::limits::{Bounded, LimitsConfig, excerpt};
 pub mod search;
 
 pub use search::{
-    IndexToken, TOKENIZER_VERSION, Term, entry_tokens, finish_page, matches, query_tokens,
-    search_query, subtree_prefix, terms,
+    INDEXED_PREFIX_CHARS, IndexToken, TOKENIZER_VERSION, Term, entry_tokens, finish_page,
+    is_long_word, matches, query_tokens, search_query, subtree_prefix, terms,
 };
 
 /// Longest local code a provider may choose, whatever the limits say: ids are stored and routed as they are.

@@ -5,8 +5,9 @@
 //! lower case; a CJK run is a run of Han, kana or Hangul characters, which carry no spaces between words. An entry
 //! is indexed under each of its words, each character of its CJK runs and each pair of adjacent characters
 //! (unigrams and bigrams), and under tags for its provider, share type, node code prefixes and classification
-//! path prefixes. A query word matches an entry having a word that starts with it (so a word matches as it is
-//! typed); a query CJK run matches an entry whose CJK text holds it, character for character: one or two
+//! path prefixes. A completed query word (any but the last of the text, or the last when the text ends with a
+//! space or punctuation) matches an entry having that very word; the last word, still being typed, matches an
+//! entry having a word that starts with it (so a word matches as it is typed); a query CJK run matches an entry whose CJK text holds it, character for character: one or two
 //! characters are one index token, longer runs are looked up by their bigrams and the candidates checked.
 
 use fedgate_proto::v1::{CatalogEntry, SearchCatalogRequest, ShareType};
@@ -26,12 +27,23 @@ pub const TOKENIZER_VERSION: i64 = 1;
 const NODE_TAG_LENGTHS: [usize; 3] = [2, 4, 6];
 /// First character of every tag token; never part of a text token (it is neither a letter nor a digit).
 const TAG: char = '§';
+/// Longest prefix an index answers from its own prefix lists (SQLite FTS5 `prefix = '1 2 3'`); a longer prefix
+/// is looked up as the indexed words that start with it.
+pub const INDEXED_PREFIX_CHARS: usize = 3;
+
+/// Whether the index token `token` is a word that a prefix longer than `INDEXED_PREFIX_CHARS` may stand for
+/// (CJK grams are shorter, tags start with a mark no word holds).
+pub fn is_long_word(token: &str) -> bool {
+    !token.starts_with(TAG) && token.chars().count() > INDEXED_PREFIX_CHARS
+}
 
 /// One term of a search text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Term {
-    /// A lower-cased word: matches an entry that has a word starting with it.
+    /// A completed lower-cased word: matches an entry that has this word.
     Word(String),
+    /// The lower-cased word the text ends in, still being typed: matches an entry that has a word starting with it.
+    Prefix(String),
     /// A run of CJK characters: matches an entry whose CJK text holds it.
     Cjk(String),
 }
@@ -57,7 +69,7 @@ fn is_cjk(c: char) -> bool {
     )
 }
 
-/// The words and CJK runs of `text`, in order.
+/// The words and CJK runs of `text`, in order; a word the text ends in (nothing after it) is a `Prefix`.
 fn segments(text: &str) -> Vec<Term> {
     let mut out = Vec::new();
     let mut word = String::new();
@@ -83,7 +95,7 @@ fn segments(text: &str) -> Vec<Term> {
         }
     }
     if !word.is_empty() {
-        out.push(Term::Word(word));
+        out.push(Term::Prefix(word));
     }
     if !cjk.is_empty() {
         out.push(Term::Cjk(cjk));
@@ -148,7 +160,7 @@ pub fn entry_tokens(entry: &CatalogEntry) -> Vec<String> {
     let mut out = Vec::new();
     for t in segments(&searched_text(entry)) {
         match t {
-            Term::Word(w) => out.push(w),
+            Term::Word(w) | Term::Prefix(w) => out.push(w),
             Term::Cjk(run) => grams(&run, &mut out),
         }
     }
@@ -180,7 +192,8 @@ pub fn query_tokens(query: &CatalogQuery) -> Vec<IndexToken> {
     };
     for t in &query.terms {
         match t {
-            Term::Word(w) => out.push(IndexToken {
+            Term::Word(w) => out.push(exact(w.clone())),
+            Term::Prefix(w) => out.push(IndexToken {
                 token: w.clone(),
                 prefix: true,
             }),
@@ -252,7 +265,10 @@ pub fn matches(query: &CatalogQuery, entry: &CatalogEntry) -> bool {
     query.terms.iter().all(|term| match term {
         Term::Word(w) => text
             .iter()
-            .any(|t| matches!(t, Term::Word(have) if have.starts_with(w.as_str()))),
+            .any(|t| matches!(t, Term::Word(have) | Term::Prefix(have) if have == w)),
+        Term::Prefix(w) => text.iter().any(
+            |t| matches!(t, Term::Word(have) | Term::Prefix(have) if have.starts_with(w.as_str())),
+        ),
         Term::Cjk(run) => text
             .iter()
             .any(|t| matches!(t, Term::Cjk(have) if have.contains(run.as_str()))),
@@ -414,6 +430,20 @@ mod tests {
     }
 
     #[test]
+    fn only_the_word_being_typed_is_a_prefix() {
+        let w = |s: &str| Term::Word(s.into());
+        let p = |s: &str| Term::Prefix(s.into());
+        assert_eq!(terms("Health insur"), [w("health"), p("insur")]);
+        assert_eq!(terms("health insurance "), [w("health"), w("insurance")]);
+        assert_eq!(terms("health insurance,"), [w("health"), w("insurance")]);
+        assert_eq!(
+            terms("insurance户籍"),
+            [w("insurance"), Term::Cjk("户籍".into())]
+        );
+        assert_eq!(terms("reg reg"), [w("reg"), p("reg")]);
+    }
+
+    #[test]
     fn entries_are_indexed_under_words_cjk_grams_and_tags() {
         let tokens = entry_tokens(&entry("户籍人口 Register", "x"));
         for t in [
@@ -442,7 +472,8 @@ mod tests {
             "人口信息",
             "籍人口",
             "house",
-            "reg 常住",
+            "常住 reg",
+            "register 常住",
             "household 户籍人口信",
         ] {
             let query = text(q);
@@ -468,6 +499,14 @@ mod tests {
         assert!(matches(&text("户籍"), &e));
         assert!(!matches(&text("ouse"), &entry("household", "")));
         assert!(!matches(&text("户籍 marriage"), &e));
+        let e = entry("Household register", "");
+        assert!(matches(&text("household reg"), &e));
+        assert!(
+            !matches(&text("house register"), &e),
+            "a completed word is whole"
+        );
+        assert!(!matches(&text("household reg "), &e));
+        assert!(matches(&text("register household "), &e));
     }
 
     #[test]

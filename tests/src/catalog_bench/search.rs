@@ -78,8 +78,10 @@ pub enum QueryKind {
     ChineseWord,
     /// A single Chinese character.
     ChineseChar,
-    /// A Chinese word and an English word.
+    /// A completed English word (more text follows it) and a Chinese word.
     Mixed,
+    /// A Chinese word and a whole English word the text ends in, so still matched as a prefix.
+    MixedTyped,
     /// The first three letters of a common word, as a user types it.
     Prefix,
     /// One provider's entries.
@@ -94,11 +96,12 @@ pub enum QueryKind {
 
 impl QueryKind {
     /// Every kind, in the report's order.
-    pub const ALL: [QueryKind; 9] = [
+    pub const ALL: [QueryKind; 10] = [
         QueryKind::RareWord,
         QueryKind::ChineseWord,
         QueryKind::ChineseChar,
         QueryKind::Mixed,
+        QueryKind::MixedTyped,
         QueryKind::Prefix,
         QueryKind::Provider,
         QueryKind::Classification,
@@ -112,7 +115,8 @@ impl QueryKind {
             QueryKind::RareWord => "rare word",
             QueryKind::ChineseWord => "Chinese word (2 chars)",
             QueryKind::ChineseChar => "Chinese character",
-            QueryKind::Mixed => "Chinese + English word",
+            QueryKind::Mixed => "English word + Chinese",
+            QueryKind::MixedTyped => "Chinese + English word typed",
             QueryKind::Prefix => "word prefix (3 letters)",
             QueryKind::Provider => "provider filter",
             QueryKind::Classification => "classification",
@@ -134,6 +138,9 @@ impl QueryKind {
                     .collect::<String>()
             }
             QueryKind::Mixed => {
+                r.text = format!("insurance {}", CHINESE[k % CHINESE.len()]);
+            }
+            QueryKind::MixedTyped => {
                 r.text = format!("{} insurance", CHINESE[k % CHINESE.len()]);
             }
             QueryKind::Prefix => {

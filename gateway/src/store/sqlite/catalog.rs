@@ -19,6 +19,8 @@ use crate::store::{
 const UPSERT_ROWS: usize = 500;
 /// Rows of one multi-row outbox or index insert, and ids of one `IN` list.
 const ROWS: usize = 1000;
+/// Most indexed words a long prefix is looked up as; a prefix that more words start with is left to FTS5.
+const PREFIX_WORDS: usize = 64;
 
 /// Begins a write transaction holding the write lock from its start. A deferred one would read first and then
 /// ask for the lock, which SQLite refuses at once (without waiting) while the checkpointer restarts the WAL.
@@ -37,6 +39,9 @@ pub(super) async fn ensure_index(writer: &SqlitePool) -> Result<(), StoreError> 
     }
     let mut tx = begin(writer).await?;
     sqlx::query("INSERT INTO catalog_fts (catalog_fts) VALUES ('delete-all')")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM catalog_words")
         .execute(&mut *tx)
         .await?;
     let mut after = 0i64;
@@ -75,22 +80,52 @@ fn tokens(entry: &CatalogEntry) -> String {
 }
 
 /// The FTS5 expression requiring every token of `query`; `None` when the query has none.
-fn fts_expression(query: &CatalogQuery) -> Option<String> {
+///
+/// FTS5 answers a prefix of up to `INDEXED_PREFIX_CHARS` characters from a prefix list it can step through, but
+/// merges the lists of every term starting with a longer prefix in memory, at a cost in proportion to the entries
+/// holding them whatever the page. So a longer prefix becomes the indexed words starting with it (from
+/// `catalog_words`), any of which an entry must hold, and FTS5 steps through their lists like exact tokens.
+async fn fts_expression(
+    reader: &SqlitePool,
+    query: &CatalogQuery,
+) -> Result<Option<String>, StoreError> {
     let tokens = catalog::query_tokens(query);
     if tokens.is_empty() {
-        return None;
+        return Ok(None);
     }
-    let terms: Vec<String> = tokens
-        .iter()
-        .map(|t| {
-            if t.prefix {
-                format!("\"{}\" *", t.token)
-            } else {
-                format!("\"{}\"", t.token)
-            }
-        })
-        .collect();
-    Some(terms.join(" AND "))
+    let mut terms = Vec::with_capacity(tokens.len());
+    for t in &tokens {
+        if !t.prefix {
+            terms.push(format!("\"{}\"", t.token));
+            continue;
+        }
+        let words = if catalog::is_long_word(&t.token) {
+            words_starting_with(reader, &t.token).await?
+        } else {
+            Vec::new()
+        };
+        if words.is_empty() || words.len() > PREFIX_WORDS {
+            terms.push(format!("\"{}\" *", t.token));
+        } else {
+            let any: Vec<String> = words.iter().map(|w| format!("\"{w}\"")).collect();
+            terms.push(format!("({})", any.join(" OR ")));
+        }
+    }
+    Ok(Some(terms.join(" AND ")))
+}
+
+/// Up to `PREFIX_WORDS + 1` indexed words starting with `prefix`, read as one range of `catalog_words`.
+async fn words_starting_with(reader: &SqlitePool, prefix: &str) -> Result<Vec<String>, StoreError> {
+    // Every word starting with `prefix` sorts below it followed by the greatest character, which no word holds.
+    let end = format!("{prefix}{}", char::MAX);
+    Ok(sqlx::query_scalar(
+        "SELECT word FROM catalog_words WHERE word >= ? AND word < ? ORDER BY word LIMIT ?",
+    )
+    .bind(prefix)
+    .bind(end)
+    .bind((PREFIX_WORDS + 1) as i64)
+    .fetch_all(reader)
+    .await?)
 }
 
 async fn index_rows(
@@ -105,6 +140,23 @@ async fn index_rows(
         });
         b.build().execute(&mut **tx).await?;
     }
+    // The long words, so that a prefix can be looked up as them. A word stays when its last entry goes: it then
+    // stands for no entry, which costs a prefix lookup one empty list.
+    let mut words: Vec<&str> = rows
+        .iter()
+        .flat_map(|(_, tokens)| tokens.split(' '))
+        .filter(|t| catalog::is_long_word(t))
+        .collect();
+    words.sort_unstable();
+    words.dedup();
+    for chunk in words.chunks(ROWS) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT OR IGNORE INTO catalog_words (word) ");
+        b.push_values(chunk, |mut row, w| {
+            row.push_bind(*w);
+        });
+        b.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -114,7 +166,7 @@ pub(super) async fn search(
     reader: &SqlitePool,
     q: &CatalogQuery,
 ) -> Result<Vec<CatalogHit>, StoreError> {
-    let expression = fts_expression(q);
+    let expression = fts_expression(reader, q).await?;
     let mut page = Page::new(q);
     loop {
         let wanted = page.wanted();
