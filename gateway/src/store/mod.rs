@@ -451,3 +451,82 @@ fn fresh_items<'a, T>(
     }
     Ok((fresh, applied))
 }
+
+/// One step of applying catalog changes in their order: a run of upserts of distinct ids (one multi-row
+/// statement), or one withdrawal.
+pub(crate) enum ApplyStep<'a> {
+    /// Upserts, no id twice.
+    Upserts(Vec<&'a CatalogEntry>),
+    /// A withdrawal of an id at a version.
+    Withdraw(&'a str, u64),
+}
+
+/// Splits catalog changes into [`ApplyStep`]s, keeping their order: a run of upserts ends where an id repeats or
+/// a withdrawal comes.
+pub(crate) fn apply_steps<'a>(changes: &[&'a CatalogChange]) -> Vec<ApplyStep<'a>> {
+    use fedgate_proto::v1::catalog_change::Change;
+    let mut steps = Vec::new();
+    let mut run: Vec<&CatalogEntry> = Vec::new();
+    let mut ids: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for change in changes {
+        match &change.change {
+            Some(Change::Upsert(e)) => {
+                if !ids.insert(e.id.as_str()) {
+                    steps.push(ApplyStep::Upserts(std::mem::take(&mut run)));
+                    ids.clear();
+                    ids.insert(e.id.as_str());
+                }
+                run.push(e);
+            }
+            Some(Change::Withdraw(w)) => {
+                if !run.is_empty() {
+                    steps.push(ApplyStep::Upserts(std::mem::take(&mut run)));
+                }
+                ids.clear();
+                steps.push(ApplyStep::Withdraw(&w.id, w.version));
+            }
+            None => {}
+        }
+    }
+    if !run.is_empty() {
+        steps.push(ApplyStep::Upserts(run));
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use fedgate_proto::v1::{Withdrawal, catalog_change::Change};
+
+    use super::*;
+
+    fn upsert(id: &str) -> CatalogChange {
+        CatalogChange {
+            change: Some(Change::Upsert(CatalogEntry {
+                id: id.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn runs_of_upserts_end_where_an_id_repeats_or_a_withdrawal_comes() {
+        let withdraw = CatalogChange {
+            change: Some(Change::Withdraw(Withdrawal {
+                id: "b".into(),
+                version: 3,
+                ..Default::default()
+            })),
+        };
+        let changes = [upsert("a"), upsert("b"), upsert("a"), withdraw, upsert("c")];
+        let refs: Vec<&CatalogChange> = changes.iter().collect();
+        let shape: Vec<String> = apply_steps(&refs)
+            .into_iter()
+            .map(|s| match s {
+                ApplyStep::Upserts(run) => run.iter().map(|e| e.id.as_str()).collect::<String>(),
+                ApplyStep::Withdraw(id, v) => format!("-{id}@{v}"),
+            })
+            .collect();
+        assert_eq!(shape, ["ab", "a", "-b@3", "c"]);
+    }
+}

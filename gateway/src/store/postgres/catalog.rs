@@ -1,7 +1,7 @@
 //! The catalog in PostgreSQL: rows by position, a GIN index over the tokens the node computes for each live
 //! entry, and the catalog outbox (written under the catalog stream's advisory lock).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use fedgate_proto::v1::{CatalogChange, CatalogEntry, Stream, Withdrawal, catalog_change};
 use futures::TryStreamExt;
@@ -11,8 +11,8 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{lock_stream, read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
-    CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, decode_entry, fresh_items,
-    to_i64, to_u64,
+    ApplyStep, CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, apply_steps,
+    decode_entry, fresh_items, to_i64, to_u64,
 };
 
 /// Rows of one multi-row statement, and ids of one `= ANY` list.
@@ -218,34 +218,18 @@ async fn withdraw(
     Ok(())
 }
 
-/// Applies changes in order: runs of upserts of distinct ids as one statement, withdrawals one by one.
+/// Applies changes in order (see [`apply_steps`]).
 async fn apply_changes(
     tx: &mut Transaction<'_, Postgres>,
     changes: &[&CatalogChange],
 ) -> Result<(), StoreError> {
-    let mut run: Vec<&CatalogEntry> = Vec::new();
-    let mut ids: HashSet<&str> = HashSet::new();
-    for change in changes {
-        match &change.change {
-            Some(catalog_change::Change::Upsert(e)) => {
-                if ids.contains(e.id.as_str()) {
-                    upsert_rows(tx, &run).await?;
-                    run.clear();
-                    ids.clear();
-                }
-                ids.insert(e.id.as_str());
-                run.push(e);
-            }
-            Some(catalog_change::Change::Withdraw(w)) => {
-                upsert_rows(tx, &run).await?;
-                run.clear();
-                ids.clear();
-                withdraw(tx, &w.id, w.version).await?;
-            }
-            None => {}
+    for step in apply_steps(changes) {
+        match step {
+            ApplyStep::Upserts(run) => upsert_rows(tx, &run).await?,
+            ApplyStep::Withdraw(id, version) => withdraw(tx, id, version).await?,
         }
     }
-    upsert_rows(tx, &run).await
+    Ok(())
 }
 
 /// Under a parent, appends the changes to the catalog outbox under the next positions; the caller holds the

@@ -1,7 +1,7 @@
 //! The catalog in SQLite: rows by position, the FTS5 index of the tokens the node computes for each live entry,
 //! and the catalog outbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use fedgate_proto::v1::{CatalogChange, CatalogEntry, Stream, Withdrawal, catalog_change};
 use futures::TryStreamExt;
@@ -11,8 +11,8 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
 use super::{read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
-    CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, decode_entry, fresh_items,
-    to_i64, to_u64,
+    ApplyStep, CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, apply_steps,
+    decode_entry, fresh_items, to_i64, to_u64,
 };
 
 /// Rows of one multi-row catalog upsert (7 binds each).
@@ -307,34 +307,18 @@ async fn withdraw(
     Ok(())
 }
 
-/// Applies changes in order: runs of upserts of distinct ids as multi-row statements, withdrawals one by one.
+/// Applies changes in order (see [`apply_steps`]).
 async fn apply_changes(
     tx: &mut Transaction<'_, Sqlite>,
     changes: &[&CatalogChange],
 ) -> Result<(), StoreError> {
-    let mut run: Vec<&CatalogEntry> = Vec::new();
-    let mut ids: HashSet<&str> = HashSet::new();
-    for change in changes {
-        match &change.change {
-            Some(catalog_change::Change::Upsert(e)) => {
-                if ids.contains(e.id.as_str()) {
-                    upsert_rows(tx, &run).await?;
-                    run.clear();
-                    ids.clear();
-                }
-                ids.insert(e.id.as_str());
-                run.push(e);
-            }
-            Some(catalog_change::Change::Withdraw(w)) => {
-                upsert_rows(tx, &run).await?;
-                run.clear();
-                ids.clear();
-                withdraw(tx, &w.id, w.version).await?;
-            }
-            None => {}
+    for step in apply_steps(changes) {
+        match step {
+            ApplyStep::Upserts(run) => upsert_rows(tx, &run).await?,
+            ApplyStep::Withdraw(id, version) => withdraw(tx, id, version).await?,
         }
     }
-    upsert_rows(tx, &run).await
+    Ok(())
 }
 
 /// Appends payloads to the catalog outbox under the next positions, in order.
