@@ -515,7 +515,6 @@ mod tests {
             change: Some(Change::Withdraw(Withdrawal {
                 id: "b".into(),
                 version: 3,
-                ..Default::default()
             })),
         };
         let changes = [upsert("a"), upsert("b"), upsert("a"), withdraw, upsert("c")];
