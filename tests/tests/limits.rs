@@ -448,7 +448,13 @@ async fn a_parent_that_takes_smaller_batches_still_receives_the_audit_stream() -
         ..LimitsConfig::default()
     };
     specs[0] = specs[0].clone().limits(small);
-    let mut net = Devnet::start(specs).await?;
+    // The pile is sent as fast as the nodes answer; the agency's call rate is not what this test is about.
+    let mut net = Devnet::start_configured(specs, Default::default(), |mut c| {
+        c.rate_limits.agency_calls_per_second = 100_000;
+        c.rate_limits.agency_burst = 100_000;
+        c
+    })
+    .await?;
     let province = code("350000");
     net.wait_for_catalog(province, 6, Duration::from_secs(20))
         .await?;
