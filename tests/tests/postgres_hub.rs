@@ -156,3 +156,59 @@ async fn a_writer_stuck_behind_a_lock_gives_up_instead_of_waiting_forever() -> R
     other.close().await?;
     db.drop_database().await
 }
+
+#[tokio::test]
+async fn replicas_sharing_a_database_hear_each_others_revocations_and_catalog_changes() -> Result<()>
+{
+    use fedgate_gateway::store::{Doc, DocKind, StoreChange, Upstream};
+
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let writer = PgStore::connect(&db.url).await?;
+    let listener = PgStore::connect(&db.url).await?;
+    let Some(mut feed) = listener.change_feed().await? else {
+        bail!("a PostgreSQL store has a change feed");
+    };
+    let doc = |kind, id: &str| Doc {
+        kind,
+        id: id.into(),
+        provider_uscc: String::new(),
+        consumer_uscc: String::new(),
+        state: 0,
+        due_at: 0,
+        body: Vec::new(),
+    };
+    // An application is nothing another replica keeps a copy of; a revocation is.
+    writer.put_doc(&doc(DocKind::Application, "app-1")).await?;
+    writer.put_doc(&doc(DocKind::Revocation, "grant-7")).await?;
+    let entry = fedgate_proto::v1::CatalogEntry {
+        id: "350000:household".into(),
+        node_code: "350000".into(),
+        title: "household".into(),
+        ..Default::default()
+    };
+    writer.publish_local(entry.clone(), Upstream::Root).await?;
+    writer
+        .withdraw_local("350000:household", Upstream::Root)
+        .await?;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(
+            tokio::time::timeout(Duration::from_secs(10), feed.next())
+                .await
+                .context("no change arrived within 10 s")??,
+        );
+    }
+    assert_eq!(
+        seen,
+        [
+            StoreChange::Revoked("grant-7".into()),
+            StoreChange::Entry("350000:household".into()),
+            StoreChange::Entry("350000:household".into()),
+        ]
+    );
+    writer.close().await;
+    listener.close().await;
+    db.drop_database().await
+}

@@ -90,6 +90,7 @@ contract!(
     a_root_keeps_no_catalog_outbox,
     child_catalog_cursor_gap_and_idempotence,
     uplink_ack_only_grows,
+    leases_go_to_one_holder_at_a_time,
     audit_append_head_chain_and_positions,
     a_late_signature_replaces_only_its_record,
     audit_query_filters_and_pagination,
@@ -1104,6 +1105,62 @@ async fn uplink_ack_only_grows(store: Arc<dyn Store>) -> Result<()> {
         i64::MAX.unsigned_abs()
     );
     assert_eq!(store.uplink_acked(Stream::Catalog).await?, 9);
+    Ok(())
+}
+
+async fn leases_go_to_one_holder_at_a_time(store: Arc<dyn Store>) -> Result<()> {
+    let long = std::time::Duration::from_secs(60);
+    ensure!(
+        store.take_lease("uplink:AUDIT", "a", long).await?,
+        "a free lease is taken"
+    );
+    ensure!(
+        !store.take_lease("uplink:AUDIT", "b", long).await?,
+        "a held lease is not taken"
+    );
+    ensure!(
+        store.take_lease("uplink:AUDIT", "a", long).await?,
+        "its holder renews it"
+    );
+    assert_eq!(
+        store.lease_holder("uplink:AUDIT").await?.as_deref(),
+        Some("a")
+    );
+    assert_eq!(store.lease_holder("uplink:nothing").await?, None);
+    ensure!(
+        store.take_lease("uplink:CATALOG", "b", long).await?,
+        "leases are independent"
+    );
+    store.release_lease("uplink:AUDIT", "b").await?;
+    ensure!(
+        !store.take_lease("uplink:AUDIT", "b", long).await?,
+        "only the holder releases it"
+    );
+    store.release_lease("uplink:AUDIT", "a").await?;
+    ensure!(
+        store.take_lease("uplink:AUDIT", "b", long).await?,
+        "a released lease is taken at once"
+    );
+
+    // A lease nobody renews runs out and goes to whoever asks next.
+    let short = std::time::Duration::from_millis(50);
+    ensure!(store.take_lease("uplink:CATALOG", "b", short).await?);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !store.take_lease("uplink:CATALOG", "a", long).await? {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the lease never ran out"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    ensure!(
+        !store.take_lease("uplink:CATALOG", "b", short).await?,
+        "the new holder keeps it"
+    );
+    assert_eq!(
+        store.lease_holder("uplink:CATALOG").await?.as_deref(),
+        Some("a")
+    );
     Ok(())
 }
 

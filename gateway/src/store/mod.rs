@@ -5,6 +5,8 @@
 pub mod postgres;
 pub mod sqlite;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream};
 use prost::Message;
@@ -200,6 +202,24 @@ pub struct DocQuery {
     pub due_before: Option<i64>,
 }
 
+/// A change another process sharing the store committed, which this process may hold a copy of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// A grant was revoked.
+    Revoked(String),
+    /// A local catalog entry was published or withdrawn.
+    Entry(String),
+    /// Changes may have been missed (the feed reconnected): every copy should be read again.
+    Missed,
+}
+
+/// Changes committed by every process sharing a store, in commit order.
+#[async_trait]
+pub trait ChangeFeed: Send {
+    /// The next change; waits for one.
+    async fn next(&mut self) -> Result<StoreChange, StoreError>;
+}
+
 /// A node's durable state.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -331,6 +351,19 @@ pub trait Store: Send + Sync + 'static {
         resource_id: &str,
         now_unix: i64,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// Takes the lease `name` for `holder` for `ttl`, or renews it if `holder` has it; whether `holder` holds it
+    /// now (a lease another holder renewed less than its `ttl` ago is left to it).
+    async fn take_lease(&self, name: &str, holder: &str, ttl: Duration)
+    -> Result<bool, StoreError>;
+    /// Who holds the lease `name`, unless it ran out.
+    async fn lease_holder(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Gives up the lease `name` if `holder` has it, so another can take it at once.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// A feed of the changes every process sharing this store commits; `None` for a store only one process opens
+    /// (SQLite), whose changes this process makes itself.
+    async fn change_feed(&self) -> Result<Option<Box<dyn ChangeFeed>>, StoreError>;
 
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}

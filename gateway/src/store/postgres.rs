@@ -11,12 +11,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 use prost::Message;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
-    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
+    AuditQuery, CatalogHit, CatalogQuery, ChangeFeed, Doc, DocKind, DocQuery, OutboxItem, Store,
+    StoreChange, StoreError, StoredEntry, Upstream, decode_audit, decode_entry, fresh_items,
+    to_i64, to_u64, unsealed,
 };
 
 mod catalog;
@@ -118,6 +119,55 @@ impl PgStore {
 /// A string length as the `int4` that `substr` takes.
 fn len_i32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// The channel on which transactions announce the changes other replicas hold copies of.
+const CHANGES_CHANNEL: &str = "fedgate_changes";
+
+/// Announces `changes` to every replica's [`ChangeFeed`] when the transaction commits (and never if it does not).
+async fn notify(
+    tx: &mut Transaction<'_, Postgres>,
+    changes: &[StoreChange],
+) -> Result<(), StoreError> {
+    let payloads: Vec<String> = changes
+        .iter()
+        .filter_map(|c| match c {
+            StoreChange::Revoked(id) => Some(format!("revoked:{id}")),
+            StoreChange::Entry(id) => Some(format!("entry:{id}")),
+            StoreChange::Missed => None,
+        })
+        .collect();
+    if !payloads.is_empty() {
+        sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS t(p)")
+            .bind(CHANGES_CHANNEL)
+            .bind(&payloads)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The changes every replica commits, as PostgreSQL notifies them.
+struct PgChangeFeed {
+    listener: PgListener,
+}
+
+#[async_trait]
+impl ChangeFeed for PgChangeFeed {
+    async fn next(&mut self) -> Result<StoreChange, StoreError> {
+        loop {
+            // `None`: the connection was lost and is opened again on the next call; what was sent meanwhile is
+            // gone.
+            let Some(n) = self.listener.try_recv().await? else {
+                return Ok(StoreChange::Missed);
+            };
+            match n.payload().split_once(':') {
+                Some(("revoked", id)) => return Ok(StoreChange::Revoked(id.to_owned())),
+                Some(("entry", id)) => return Ok(StoreChange::Entry(id.to_owned())),
+                _ => tracing::warn!(payload = n.payload(), "unknown change notification ignored"),
+            }
+        }
+    }
 }
 
 /// Serializes the writers of `stream`'s positions until the transaction ends.
@@ -409,6 +459,7 @@ impl Store for PgStore {
     }
 
     async fn put_doc(&self, d: &Doc) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO governance_doc (kind, id, provider_uscc, consumer_uscc, state, due_at, body) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (kind, id) DO UPDATE SET \
@@ -422,8 +473,12 @@ impl Store for PgStore {
         .bind(d.state)
         .bind(d.due_at)
         .bind(&d.body)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if d.kind == DocKind::Revocation {
+            notify(&mut tx, &[StoreChange::Revoked(d.id.clone())]).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -690,6 +745,55 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(nodes)
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let taken = sqlx::query(
+            "INSERT INTO leases (name, holder, until_at) \
+             VALUES ($1, $2, clock_timestamp() + $3 * interval '1 millisecond') \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_at = excluded.until_at \
+             WHERE leases.holder = excluded.holder OR leases.until_at < clock_timestamp()",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    async fn lease_holder(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let holder = sqlx::query_scalar(
+            "SELECT holder FROM leases WHERE name = $1 AND until_at >= clock_timestamp()",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(holder)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn change_feed(&self) -> Result<Option<Box<dyn ChangeFeed>>, StoreError> {
+        // A connection of its own, outside the store's pool: closing the store never waits for the feed.
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        let mut listener = PgListener::connect_with(&own).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        Ok(Some(Box::new(PgChangeFeed { listener })))
     }
 
     async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -665,6 +665,50 @@ impl Store for SqliteStore {
         Ok(nodes)
     }
 
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = unix_ms();
+        let taken = sqlx::query(
+            "INSERT INTO leases (name, holder, until_ms) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms \
+             WHERE leases.holder = excluded.holder OR leases.until_ms < ?",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)))
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    async fn lease_holder(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let holder =
+            sqlx::query_scalar("SELECT holder FROM leases WHERE name = ? AND until_ms >= ?")
+                .bind(name)
+                .bind(unix_ms())
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(holder)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leases WHERE name = ? AND holder = ?")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn change_feed(&self) -> Result<Option<Box<dyn super::ChangeFeed>>, StoreError> {
+        Ok(None)
+    }
+
     async fn node_key(&self, node: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let row = sqlx::query("SELECT public_key FROM node_key WHERE node_code = ?")
             .bind(node)
@@ -754,6 +798,13 @@ async fn insert_audit(
         audit_insert(&mut **tx, chunk).await?;
     }
     Ok(())
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock (0 before it).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{lock_stream, read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
-    ApplyStep, CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, apply_steps,
-    decode_entry, fresh_items, to_i64, to_u64,
+    ApplyStep, CatalogHit, CatalogQuery, Page, StoreChange, StoreError, StoredEntry, Upstream,
+    apply_steps, decode_entry, fresh_items, to_i64, to_u64,
 };
 
 /// Rows of one multi-row statement, and ids of one `= ANY` list.
@@ -288,6 +288,11 @@ pub(super) async fn publish(
     let refs: Vec<&CatalogChange> = changes.iter().collect();
     apply_changes(&mut tx, &refs).await?;
     forward(&mut tx, &refs, upstream).await?;
+    let changed: Vec<StoreChange> = entries
+        .iter()
+        .map(|e| StoreChange::Entry(e.id.clone()))
+        .collect();
+    super::notify(&mut tx, &changed).await?;
     tx.commit().await?;
     Ok(entries)
 }
@@ -312,6 +317,7 @@ pub(super) async fn withdraw_local(
         })),
     };
     forward(&mut tx, &[&change], upstream).await?;
+    super::notify(&mut tx, &[StoreChange::Entry(id.to_owned())]).await?;
     tx.commit().await?;
     Ok(Some(version))
 }
