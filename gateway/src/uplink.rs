@@ -33,6 +33,9 @@ const PUSH_OVERHEAD: usize = 16;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Wait before the first reconnection attempt.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a replica's hold on shipping a stream lasts unless renewed: another replica of the node takes the
+/// stream over within about this long after the holder dies.
+const LEASE_TTL: Duration = Duration::from_secs(3);
 
 /// Progress of one upward stream, readable while it runs.
 #[derive(Debug, Default)]
@@ -41,6 +44,8 @@ pub struct StreamStatus {
     pub acked: AtomicU64,
     /// Whether the link to the parent is currently up.
     pub connected: AtomicBool,
+    /// Whether this process holds the stream's lease (of the replicas sharing a store, one ships each stream).
+    pub leased: AtomicBool,
 }
 
 /// A snapshot of one upward stream, for operators.
@@ -69,6 +74,8 @@ pub struct Uplink {
     key: Arc<std::sync::OnceLock<([u8; 32], Option<fedgate_proto::v1::SignedStatement>)>>,
     max_push_bytes: usize,
     ship_every: Duration,
+    /// Who this process is among the replicas sharing the store, as named in the leases it takes.
+    replica: Arc<str>,
 }
 
 impl Default for Uplink {
@@ -95,6 +102,8 @@ enum SessionError {
     Corrupt { seq: u64, error: String },
     #[error("parent applied up to {applied} of a batch ending at {sent}")]
     Behind { applied: u64, sent: u64 },
+    #[error("this replica lost the stream's lease: {0}")]
+    LeaseLost(String),
     #[error("parent refuses item {seq} ({bytes} bytes) alone as too large: {status}")]
     TooLarge {
         seq: u64,
@@ -161,7 +170,13 @@ impl Uplink {
             key: Arc::new(std::sync::OnceLock::new()),
             max_push_bytes: 3 * 1024 * 1024,
             ship_every: SHIP_EVERY,
+            replica: Arc::from(replica_id()),
         }
+    }
+
+    /// Who this process is among the replicas of its node, as its leases name it.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// An uplink whose audit pushes that are not full start at most once per `every`.
@@ -210,7 +225,8 @@ impl Uplink {
         })
     }
 
-    /// Ships `stream` to `parent` until `shutdown` turns true.
+    /// Ships `stream` to `parent` until `shutdown` turns true, while this process holds the stream's lease (so that
+    /// of several replicas sharing the store one ships it at a time, and another takes over when it dies).
     pub async fn run(
         self,
         stream: Stream,
@@ -224,17 +240,49 @@ impl Uplink {
             items: BATCH,
             bytes: self.max_push_bytes,
         };
+        let lease = format!("uplink:{}", stream.as_str_name());
+        let status = self.status(stream);
         loop {
-            let session = self.session(stream, me, &parent, &store, &mut backoff, &mut size);
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                res = session => {
-                    self.status(stream).connected.store(false, Ordering::Relaxed);
-                    if let Err(e) = res {
-                        tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
-                            "uplink interrupted; retrying in {:?}", backoff.wait);
+            match store.take_lease(&lease, &self.replica, LEASE_TTL).await {
+                Ok(true) => {
+                    if !status.leased.swap(true, Ordering::Relaxed) {
+                        tracing::info!(stream = stream.as_str_name(), replica = %self.replica, "shipping this stream");
                     }
                 }
+                Ok(false) => {
+                    // Another replica ships it: look again when its lease could have run out.
+                    status.leased.store(false, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(LEASE_TTL / 3) => continue,
+                    }
+                }
+                Err(e) => {
+                    status.leased.store(false, Ordering::Relaxed);
+                    tracing::warn!(stream = stream.as_str_name(), error = %e, "uplink lease not taken");
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(backoff.failed()) => continue,
+                    }
+                }
+            }
+            let session = self.session(stream, me, &parent, &store, &mut backoff, &mut size);
+            let outcome = tokio::select! {
+                _ = shutdown.changed() => {
+                    status.leased.store(false, Ordering::Relaxed);
+                    let _ = store.release_lease(&lease, &self.replica).await;
+                    return;
+                }
+                res = session => res,
+                lost = hold_lease(store.as_ref(), &lease, &self.replica) => Err(lost),
+            };
+            status.connected.store(false, Ordering::Relaxed);
+            if let Err(e) = outcome {
+                tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
+                    "uplink interrupted; retrying in {:?}", backoff.wait);
+                // Another replica whose link works may take the stream meanwhile.
+                status.leased.store(false, Ordering::Relaxed);
+                let _ = store.release_lease(&lease, &self.replica).await;
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -406,6 +454,34 @@ fn signed_ends(items: &[StreamItem]) -> Vec<usize> {
         }
     }
     ends
+}
+
+/// Renews `lease` for `holder` every third of its time to live; returns why it could not be renewed.
+async fn hold_lease(store: &dyn Store, lease: &str, holder: &str) -> SessionError {
+    loop {
+        tokio::time::sleep(LEASE_TTL / 3).await;
+        match store.take_lease(lease, holder, LEASE_TTL).await {
+            Ok(true) => {}
+            Ok(false) => return SessionError::LeaseLost("another replica holds it".into()),
+            Err(e) => return SessionError::LeaseLost(format!("renewal failed: {e}")),
+        }
+    }
+}
+
+/// A name for this process among the replicas of its node: host, process id and a random part (a restarted
+/// process is a new replica).
+fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!(
+        "{host}/{}/{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Wait before reconnecting: doubles with every interruption, and falls back to the minimum only once a session
