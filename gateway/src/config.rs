@@ -228,6 +228,10 @@ pub struct PeerNode {
     pub code: String,
     /// Its gRPC address, e.g. "https://127.0.0.1:7400".
     pub address: String,
+    /// Addresses of its other replicas, if it runs several: calls are spread over every address and fail over
+    /// to the others when one is down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 /// An agency registered on a node.

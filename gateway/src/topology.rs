@@ -5,7 +5,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::{AgencyConfig, NodeConfig, PeerNode};
 use crate::error::{Error, Result};
@@ -72,6 +76,89 @@ fn channel(
     server: &Peer,
     connect_timeout: Duration,
 ) -> Result<Channel> {
+    Ok(endpoint(address, what, tls, server, connect_timeout)?.connect_lazy())
+}
+
+/// How often the replicas of a neighbour are checked.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How long a replica may take to answer a check before it counts as down.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// One channel over `addresses`, the replicas of one node: calls are spread over those that answer a health
+/// check (see [`watch_replicas`]).
+fn balanced(
+    addresses: &[&str],
+    what: &str,
+    tls: &TlsMaterial,
+    server: &Peer,
+    connect_timeout: Duration,
+) -> Result<Channel> {
+    match addresses {
+        [one] => channel(one, what, tls, server, connect_timeout),
+        many => {
+            let endpoints = many
+                .iter()
+                .map(|a| endpoint(a, what, tls, server, connect_timeout))
+                .collect::<Result<Vec<_>>>()?;
+            let (channel, changes) = Channel::balance_channel(endpoints.len());
+            tokio::spawn(watch_replicas(endpoints, changes));
+            Ok(channel)
+        }
+    }
+}
+
+/// Keeps the replicas that answer a health check in a balanced channel's set, checking each every
+/// [`PROBE_EVERY`]: one that stops answering leaves the set within about a second, so calls fail over to the
+/// others, and comes back once it answers again. When none answers, all stay in, so calls fail at once rather
+/// than wait for one. Ends when the channel is dropped.
+async fn watch_replicas(
+    endpoints: Vec<Endpoint>,
+    changes: tokio::sync::mpsc::Sender<Change<usize, Endpoint>>,
+) {
+    let probes: Vec<HealthClient<Channel>> = endpoints
+        .iter()
+        .map(|e| HealthClient::new(e.connect_lazy()))
+        .collect();
+    let mut member = vec![false; endpoints.len()];
+    loop {
+        let alive: Vec<bool> = futures::future::join_all(probes.iter().map(|p| {
+            let mut p = p.clone();
+            async move {
+                let check = p.check(HealthCheckRequest::default());
+                matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, check).await,
+                    Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
+                )
+            }
+        }))
+        .await;
+        let none = !alive.iter().any(|a| *a);
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            let wanted = alive[i] || none;
+            if wanted != member[i] {
+                let change = if wanted {
+                    Change::Insert(i, endpoint.clone())
+                } else {
+                    tracing::warn!(address = %endpoint.uri(), "replica of a neighbour does not answer; calls go to the others");
+                    Change::Remove(i)
+                };
+                if changes.send(change).await.is_err() {
+                    return;
+                }
+                member[i] = wanted;
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+fn endpoint(
+    address: &str,
+    what: &str,
+    tls: &TlsMaterial,
+    server: &Peer,
+    connect_timeout: Duration,
+) -> Result<Endpoint> {
     let endpoint = Endpoint::from_shared(address.to_owned())
         .map_err(|e| Error::InvalidArgument(format!("{what} address {address:?}: {e}")))?
         .tls_config(client_tls(tls, server))
@@ -81,7 +168,7 @@ fn channel(
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+    Ok(endpoint)
 }
 
 fn neighbour(p: &PeerNode, what: &str, tls: &TlsMaterial, timeout: Duration) -> Result<Neighbour> {
@@ -89,10 +176,13 @@ fn neighbour(p: &PeerNode, what: &str, tls: &TlsMaterial, timeout: Duration) -> 
         .code
         .parse()
         .map_err(|e| Error::InvalidArgument(format!("{what}.code: {e}")))?;
+    let addresses: Vec<&str> = std::iter::once(p.address.as_str())
+        .chain(p.replicas.iter().map(String::as_str))
+        .collect();
     Ok(Neighbour {
         code,
         address: p.address.clone(),
-        channel: channel(&p.address, what, tls, &Peer::Node(code), timeout)?,
+        channel: balanced(&addresses, what, tls, &Peer::Node(code), timeout)?,
     })
 }
 

@@ -323,6 +323,7 @@ impl Devnet {
             let parent = parent_in(s.code, &codes).map(|p| PeerNode {
                 code: p.to_string(),
                 address: address(&p),
+                replicas: Vec::new(),
             });
             let children = codes
                 .iter()
@@ -330,6 +331,7 @@ impl Devnet {
                 .map(|c| PeerNode {
                     code: c.to_string(),
                     address: address(c),
+                    replicas: Vec::new(),
                 })
                 .collect();
             let config = NodeConfig {
