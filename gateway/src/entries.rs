@@ -66,6 +66,13 @@ impl LocalEntries {
         self.cache.invalidate(id);
     }
 
+    /// Forgets every entry: changes may have been missed.
+    pub fn all_changed(&self) {
+        let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        *changes = changes.wrapping_add(1);
+        self.cache.invalidate_all();
+    }
+
     fn change_count(&self) -> u64 {
         *self.changes.lock().unwrap_or_else(PoisonError::into_inner)
     }

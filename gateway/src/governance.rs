@@ -761,6 +761,25 @@ impl Governance {
             .collect()
     }
 
+    /// Notes a revocation another replica of this node recorded.
+    pub async fn revoked_elsewhere(&self, grant_id: &str) -> Result<()> {
+        self.revoked().await?.insert(grant_id.to_owned());
+        Ok(())
+    }
+
+    /// Reads every recorded revocation again (revocations may have been recorded elsewhere unseen).
+    pub async fn reload_revocations(&self) -> Result<()> {
+        let known = self.revoked().await?;
+        for d in self
+            .store
+            .docs(DocKind::Revocation, &DocQuery::default())
+            .await?
+        {
+            known.insert(d.id);
+        }
+        Ok(())
+    }
+
     /// Whether a grant was revoked, as far as this node knows.
     pub async fn is_revoked(&self, grant_id: &str) -> Result<bool> {
         Ok(self.revoked().await?.contains(grant_id))

@@ -31,7 +31,7 @@ use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
 use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
-use crate::store::{PgStore, SqliteStore, Store, StoreError};
+use crate::store::{PgStore, SqliteStore, Store, StoreChange, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
@@ -222,6 +222,14 @@ pub async fn start_with_clock(
         std::time::Duration::from_millis(config.trust.revocation_retry_ms.max(10)),
         shutdown_rx.clone(),
     )));
+    if let Some(feed) = store.change_feed().await? {
+        tasks.push(tokio::spawn(follow_changes(
+            feed,
+            governance.clone(),
+            router.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     if let Some(parent) = &topology.parent {
         for stream in [Stream::Catalog, Stream::Audit] {
             tasks.push(tokio::spawn(uplink.clone().run(
@@ -450,6 +458,45 @@ async fn deliver_revocations(
             Ok(0) => {}
             Ok(n) => tracing::info!(delivered = n, "pending revocations handed on"),
             Err(e) => tracing::warn!(error = %e, "pending revocations not handed on"),
+        }
+    }
+}
+
+/// Follows the changes other replicas of this node commit to the shared store: a revocation joins the known
+/// ones at once, a changed entry's copy is dropped; after a gap in the feed every copy is read again.
+async fn follow_changes(
+    mut feed: Box<dyn crate::store::ChangeFeed>,
+    governance: Governance,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let change = tokio::select! {
+            c = feed.next() => c,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let followed = match change {
+            Ok(StoreChange::Revoked(id)) => governance.revoked_elsewhere(&id).await,
+            Ok(StoreChange::Entry(id)) => {
+                router.changed_elsewhere(Some(&id));
+                Ok(())
+            }
+            Ok(StoreChange::Missed) => {
+                router.changed_elsewhere(None);
+                governance.reload_revocations().await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed interrupted; reading again");
+                router.changed_elsewhere(None);
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                governance.reload_revocations().await
+            }
+        };
+        if let Err(e) = followed {
+            tracing::warn!(error = %e, "a change committed by another replica was not followed");
         }
     }
 }

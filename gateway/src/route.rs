@@ -137,6 +137,15 @@ impl Router {
         self.downlink.invalidate(id, version).await
     }
 
+    /// Follows a change another replica of this node committed: its copies here are dropped (the replica that made
+    /// the change purged the caches elsewhere); `None` when changes may have been missed, which drops every copy.
+    pub fn changed_elsewhere(&self, id: Option<&str>) {
+        match id {
+            Some(id) => self.entries.changed(id),
+            None => self.entries.all_changed(),
+        }
+    }
+
     /// This node's consumer assertions: signing its own, checking other nodes'.
     pub fn assertions(&self) -> &Assertions {
         &self.assertions
