@@ -172,6 +172,42 @@ impl std::fmt::Display for PortTaken {
 
 impl std::error::Error for PortTaken {}
 
+/// One process of a federation: a node (replica 0) or another replica of a node sharing its database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    /// The node.
+    pub code: DivisionCode,
+    /// Which of its processes: 0 for the node as first started, 1.. for the replicas added to it.
+    pub replica: usize,
+}
+
+impl Member {
+    /// The first (or only) process of `code`.
+    pub fn of(code: DivisionCode) -> Self {
+        Self { code, replica: 0 }
+    }
+
+    /// Replica `replica` of `code`.
+    pub fn replica(code: DivisionCode, replica: usize) -> Self {
+        Self { code, replica }
+    }
+}
+
+impl From<DivisionCode> for Member {
+    fn from(code: DivisionCode) -> Self {
+        Self::of(code)
+    }
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.replica {
+            0 => write!(f, "{}", self.code),
+            r => write!(f, "{}#{r}", self.code),
+        }
+    }
+}
+
 /// One node process and everything needed to start it again.
 struct ProcNode {
     config: NodeConfig,
@@ -194,7 +230,7 @@ pub struct ProcessFederation {
     path: PathBuf,
     ca: DevCa,
     bin: PathBuf,
-    nodes: BTreeMap<DivisionCode, ProcNode>,
+    nodes: BTreeMap<Member, ProcNode>,
     agencies: Agencies,
     relays: BTreeMap<DivisionCode, Relay>,
     stop_providers: watch::Sender<bool>,
@@ -239,9 +275,21 @@ impl ProcessFederation {
         relayed: &[DivisionCode],
         configure: &(dyn Fn(&mut NodeConfig) + Sync),
     ) -> Result<Self> {
+        Self::start_replicated(specs, relayed, configure, &BTreeMap::new()).await
+    }
+
+    /// Like [`ProcessFederation::start_configured`], starting `replicas[code]` more processes of each node named
+    /// there, with the same configuration but their own ports (their storage must be one they can share:
+    /// PostgreSQL, set by `configure`); every neighbour lists all of a node's addresses.
+    pub async fn start_replicated(
+        specs: Vec<NodeSpec>,
+        relayed: &[DivisionCode],
+        configure: &(dyn Fn(&mut NodeConfig) + Sync),
+        replicas: &BTreeMap<DivisionCode, usize>,
+    ) -> Result<Self> {
         let mut attempt = 1;
         loop {
-            match Self::start_once(specs.clone(), relayed, configure).await {
+            match Self::start_once(specs.clone(), relayed, configure, replicas).await {
                 Err(e) if attempt < 3 && e.downcast_ref::<PortTaken>().is_some() => {
                     tracing::warn!(error = %e, "starting the federation again with new ports");
                     attempt += 1;
@@ -255,6 +303,7 @@ impl ProcessFederation {
         specs: Vec<NodeSpec>,
         relayed: &[DivisionCode],
         configure: &(dyn Fn(&mut NodeConfig) + Sync),
+        replicas: &BTreeMap<DivisionCode, usize>,
     ) -> Result<Self> {
         crate::init();
         let bin = fedgate_binary().await?;
@@ -279,6 +328,30 @@ impl ProcessFederation {
             .iter()
             .map(|(c, l)| Ok((*c, l.local_addr()?)))
             .collect::<Result<_>>()?;
+        let mut replica_ports: BTreeMap<DivisionCode, Vec<std::net::TcpListener>> = BTreeMap::new();
+        for (code, n) in replicas {
+            if !codes.contains(code) {
+                bail!("replicas of node {code}, which is not in the federation");
+            }
+            for _ in 0..*n {
+                replica_ports
+                    .entry(*code)
+                    .or_default()
+                    .push(std::net::TcpListener::bind("127.0.0.1:0")?);
+            }
+        }
+        // The addresses of each node's other processes, as its neighbours list them.
+        let others: BTreeMap<DivisionCode, Vec<String>> = replica_ports
+            .iter()
+            .map(|(c, ls)| {
+                let addrs = ls
+                    .iter()
+                    .map(|l| Ok(format!("https://{}", l.local_addr()?)))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((*c, addrs))
+            })
+            .collect::<Result<_>>()?;
+        let others_of = |c: &DivisionCode| others.get(c).cloned().unwrap_or_default();
 
         let mut relays = BTreeMap::new();
         for child in relayed {
@@ -308,6 +381,7 @@ impl ProcessFederation {
                     Some(r) => format!("https://{}", r.addr()),
                     None => format!("https://{}", addrs[&p]),
                 },
+                replicas: others_of(&p),
             });
             let children = codes
                 .iter()
@@ -315,6 +389,7 @@ impl ProcessFederation {
                 .map(|c| PeerNode {
                     code: c.to_string(),
                     address: format!("https://{}", addrs[c]),
+                    replicas: others_of(c),
                 })
                 .collect();
             let db_path = path.join(format!("node-{}.db", s.code));
@@ -354,8 +429,35 @@ impl ProcessFederation {
                 &config_path,
                 toml::to_string(&config).context("writing a node configuration")?,
             )?;
+            for (r, listener) in replica_ports
+                .remove(&s.code)
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
+                let addr = listener.local_addr()?;
+                let mut config = config.clone();
+                config.listen = addr.to_string();
+                let config_path = path.join(format!("node-{}-r{}.toml", s.code, r + 1));
+                std::fs::write(
+                    &config_path,
+                    toml::to_string(&config).context("writing a node configuration")?,
+                )?;
+                nodes.insert(
+                    Member::replica(s.code, r + 1),
+                    ProcNode {
+                        config,
+                        config_path,
+                        db_path: db_path.clone(),
+                        addr,
+                        reserved: Some(listener),
+                        child: None,
+                        starts: 0,
+                    },
+                );
+            }
             nodes.insert(
-                s.code,
+                Member::of(s.code),
                 ProcNode {
                     config,
                     config_path,
@@ -380,7 +482,7 @@ impl ProcessFederation {
         };
         let started = async {
             // Spawn every node first, then wait for all: they start in parallel.
-            let codes: Vec<DivisionCode> = fed.nodes.keys().copied().collect();
+            let codes: Vec<Member> = fed.nodes.keys().copied().collect();
             for c in &codes {
                 fed.spawn(*c)?;
             }
@@ -414,28 +516,34 @@ impl ProcessFederation {
         Ok(())
     }
 
-    fn proc_node(&self, code: DivisionCode) -> Result<&ProcNode> {
+    fn proc_node(&self, code: impl Into<Member>) -> Result<&ProcNode> {
+        let m = code.into();
         self.nodes
-            .get(&code)
-            .ok_or_else(|| anyhow!("no node {code} in this federation"))
+            .get(&m)
+            .ok_or_else(|| anyhow!("no node {m} in this federation"))
     }
 
-    fn proc_node_mut(&mut self, code: DivisionCode) -> Result<&mut ProcNode> {
+    fn proc_node_mut(&mut self, code: impl Into<Member>) -> Result<&mut ProcNode> {
+        let m = code.into();
         self.nodes
-            .get_mut(&code)
-            .ok_or_else(|| anyhow!("no node {code} in this federation"))
+            .get_mut(&m)
+            .ok_or_else(|| anyhow!("no node {m} in this federation"))
     }
 
-    fn log_paths(&self, code: DivisionCode, start: u32) -> (PathBuf, PathBuf) {
+    fn log_paths(&self, code: Member, start: u32) -> (PathBuf, PathBuf) {
         let logs = self.path.join("logs");
+        let name = match code.replica {
+            0 => format!("node-{}", code.code),
+            r => format!("node-{}-r{r}", code.code),
+        };
         (
-            logs.join(format!("node-{code}.{start}.out")),
-            logs.join(format!("node-{code}.{start}.err")),
+            logs.join(format!("{name}.{start}.out")),
+            logs.join(format!("{name}.{start}.err")),
         )
     }
 
     /// Spawns the node process (its port reservation, if any, is released first).
-    fn spawn(&mut self, code: DivisionCode) -> Result<()> {
+    fn spawn(&mut self, code: Member) -> Result<()> {
         let bin = self.bin.clone();
         let cwd = self.path.clone();
         let start = self.proc_node(code)?.starts + 1;
@@ -467,7 +575,7 @@ impl ProcessFederation {
     }
 
     /// Waits until the node's current process prints that it listens; respawns it while its port is taken.
-    async fn wait_listening(&mut self, code: DivisionCode) -> Result<Duration> {
+    async fn wait_listening(&mut self, code: Member) -> Result<Duration> {
         let began = Instant::now();
         loop {
             let start = self.proc_node(code)?.starts;
@@ -496,7 +604,7 @@ impl ProcessFederation {
                 }
                 if in_use {
                     return Err(PortTaken {
-                        code,
+                        code: code.code,
                         addr: self.proc_node(code)?.addr,
                     }
                     .into());
@@ -511,13 +619,15 @@ impl ProcessFederation {
     }
 
     /// Starts a stopped node on its old port with its old database; returns how long it took to listen.
-    pub async fn start_node(&mut self, code: DivisionCode) -> Result<Duration> {
+    pub async fn start_node(&mut self, code: impl Into<Member>) -> Result<Duration> {
+        let code: Member = code.into();
         self.spawn(code)?;
         self.wait_listening(code).await
     }
 
     /// Stops a node with SIGTERM and waits for it to exit; it must exit successfully. Returns how long it took.
-    pub async fn terminate(&mut self, code: DivisionCode) -> Result<Duration> {
+    pub async fn terminate(&mut self, code: impl Into<Member>) -> Result<Duration> {
+        let code: Member = code.into();
         let began = Instant::now();
         let n = self.proc_node_mut(code)?;
         let mut child = n
@@ -552,7 +662,8 @@ impl ProcessFederation {
     }
 
     /// Kills a node with SIGKILL and reaps it.
-    pub async fn kill9(&mut self, code: DivisionCode) -> Result<()> {
+    pub async fn kill9(&mut self, code: impl Into<Member>) -> Result<()> {
+        let code: Member = code.into();
         let n = self.proc_node_mut(code)?;
         let mut child = n
             .child
@@ -564,8 +675,10 @@ impl ProcessFederation {
     }
 
     /// Whether the node's process is running.
-    pub fn is_running(&self, code: DivisionCode) -> bool {
-        self.nodes.get(&code).is_some_and(|n| n.child.is_some())
+    pub fn is_running(&self, code: impl Into<Member>) -> bool {
+        self.nodes
+            .get(&code.into())
+            .is_some_and(|n| n.child.is_some())
     }
 
     /// The directory holding the PKI, configurations, databases and logs.
@@ -580,7 +693,11 @@ impl ProcessFederation {
 
     /// The codes of all nodes, in code order (the province first).
     pub fn node_codes(&self) -> Vec<DivisionCode> {
-        self.nodes.keys().copied().collect()
+        self.nodes
+            .keys()
+            .filter(|m| m.replica == 0)
+            .map(|m| m.code)
+            .collect()
     }
 
     /// The root of the federation (the node without a listed ancestor).
@@ -595,25 +712,27 @@ impl ProcessFederation {
 
     /// The nodes of `code`'s subtree held by the federation, `code` included.
     pub fn subtree(&self, code: DivisionCode) -> Vec<DivisionCode> {
-        self.nodes
-            .keys()
-            .copied()
+        self.node_codes()
+            .into_iter()
             .filter(|c| code.contains(c))
             .collect()
     }
 
     /// The node's `https://` address.
-    pub fn node_url(&self, code: DivisionCode) -> Result<String> {
+    pub fn node_url(&self, code: impl Into<Member>) -> Result<String> {
+        let code: Member = code.into();
         Ok(format!("https://{}", self.proc_node(code)?.addr))
     }
 
     /// The configuration the node runs with.
-    pub fn node_config(&self, code: DivisionCode) -> Result<&NodeConfig> {
+    pub fn node_config(&self, code: impl Into<Member>) -> Result<&NodeConfig> {
+        let code: Member = code.into();
         Ok(&self.proc_node(code)?.config)
     }
 
     /// The process id of the node's running process.
-    pub fn pid(&self, code: DivisionCode) -> Result<u32> {
+    pub fn pid(&self, code: impl Into<Member>) -> Result<u32> {
+        let code: Member = code.into();
         self.proc_node(code)?
             .child
             .as_ref()
@@ -622,7 +741,8 @@ impl ProcessFederation {
     }
 
     /// The node's SQLite database file.
-    pub fn db_path(&self, code: DivisionCode) -> Result<&Path> {
+    pub fn db_path(&self, code: impl Into<Member>) -> Result<&Path> {
+        let code: Member = code.into();
         Ok(&self.proc_node(code)?.db_path)
     }
 
@@ -672,7 +792,8 @@ impl ProcessFederation {
     }
 
     /// The log files of every start of a node, oldest first.
-    pub fn log_files(&self, code: DivisionCode) -> Vec<PathBuf> {
+    pub fn log_files(&self, code: impl Into<Member>) -> Vec<PathBuf> {
+        let code = code.into();
         let starts = self.nodes.get(&code).map_or(0, |n| n.starts);
         (1..=starts)
             .flat_map(|s| {
@@ -720,8 +841,8 @@ impl ProcessFederation {
 
     /// Stops every running node with SIGTERM, leaves first; the federation stays usable (nodes can start again).
     pub async fn stop_all(&mut self) -> Result<()> {
-        let mut codes: Vec<DivisionCode> = self.nodes.keys().copied().collect();
-        codes.sort_by_key(|c| std::cmp::Reverse(c.level()));
+        let mut codes: Vec<Member> = self.nodes.keys().copied().collect();
+        codes.sort_by_key(|c| std::cmp::Reverse(c.code.level()));
         let mut failures = Vec::new();
         for c in codes {
             if self.is_running(c)
@@ -806,6 +927,34 @@ pub async fn audit_counts(db: &Path) -> Result<AuditCounts> {
     Ok(counts)
 }
 
+/// Reads the audit counts of a PostgreSQL node's database, also while its replicas run.
+pub async fn audit_counts_pg(url: &str) -> Result<AuditCounts> {
+    let mut conn = sqlx::postgres::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let mut counts = AuditCounts::default();
+    let rows = sqlx::query("SELECT node_code, COUNT(*) FROM audit_log GROUP BY node_code")
+        .fetch_all(&mut conn)
+        .await?;
+    for r in rows {
+        counts.per_node.insert(
+            r.get::<String, _>(0),
+            u64::try_from(r.get::<i64, _>(1)).unwrap_or(0),
+        );
+    }
+    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(fwd_seq), 0) FROM audit_log")
+        .fetch_one(&mut conn)
+        .await?;
+    counts.outbox_head = u64::try_from(head).unwrap_or(0);
+    let acked: Option<i64> = sqlx::query_scalar("SELECT seq FROM uplink_ack WHERE stream = $1")
+        .bind(Stream::Audit as i32)
+        .fetch_optional(&mut conn)
+        .await?;
+    counts.uplink_acked = acked.map_or(0, |a| u64::try_from(a).unwrap_or(0));
+    conn.close().await?;
+    Ok(counts)
+}
+
 /// What [`ProcessFederation::wait_audit_settled`] observed when forwarding had caught up.
 #[derive(Debug, Clone)]
 pub struct Settled {
@@ -816,6 +965,27 @@ pub struct Settled {
 }
 
 impl ProcessFederation {
+    /// A node's audit counts, read from its database (SQLite or PostgreSQL), also while it runs.
+    pub async fn audit_counts(&self, code: DivisionCode) -> Result<AuditCounts> {
+        match &self.proc_node(code)?.config.storage {
+            StorageConfig::Postgres { url } => audit_counts_pg(url).await,
+            _ => audit_counts(self.db_path(code)?).await,
+        }
+    }
+
+    /// Every audit record a node's database holds; the node (every replica of it) must be stopped.
+    pub async fn audit_dump(&self, code: DivisionCode) -> Result<AuditDump> {
+        match &self.proc_node(code)?.config.storage {
+            StorageConfig::Postgres { url } => {
+                let store = fedgate_gateway::store::PgStore::connect_existing(url).await?;
+                let dump = AuditDump::of_store(&store).await;
+                store.close().await;
+                dump
+            }
+            _ => AuditDump::read(self.db_path(code)?).await,
+        }
+    }
+
     /// Waits until at most `max` audit items written at `code` (its own and its children's) are not yet
     /// acknowledged by its parent, as the node last persisted; returns how long it took.
     pub async fn wait_uplink_lag(
@@ -826,7 +996,7 @@ impl ProcessFederation {
     ) -> Result<Duration> {
         let began = Instant::now();
         loop {
-            let lag = audit_counts(self.db_path(code)?).await?.lag();
+            let lag = self.audit_counts(code).await?.lag();
             if lag <= max {
                 return Ok(began.elapsed());
             }
@@ -845,7 +1015,7 @@ impl ProcessFederation {
         loop {
             let mut counts = BTreeMap::new();
             for c in self.node_codes() {
-                counts.insert(c, audit_counts(self.db_path(c)?).await?);
+                counts.insert(c, self.audit_counts(c).await?);
             }
             let mut behind = Vec::new();
             let mut chains = BTreeMap::new();
@@ -894,6 +1064,13 @@ impl AuditDump {
         let store = SqliteStore::open(db)
             .await
             .with_context(|| format!("opening {}", db.display()))?;
+        let dump = Self::of_store(&store).await;
+        store.close().await;
+        dump
+    }
+
+    /// Reads every record a store holds, through the product's store.
+    pub async fn of_store(store: &dyn Store) -> Result<Self> {
         let mut dump = Self {
             count: store.audit_count().await?,
             ..Self::default()
@@ -905,7 +1082,6 @@ impl AuditDump {
             }
             dump.chains.insert(node, records);
         }
-        store.close().await;
         Ok(dump)
     }
 

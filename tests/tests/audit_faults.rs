@@ -3,7 +3,9 @@
 //! A consumer at county 350103 runs a steady share load over four routes — its own county, the neighbouring
 //! county 350102 through the city, the city 350100 itself, and the other city 350200 through the province —
 //! while (a) the province is stopped with SIGTERM and restarted, (b) the city is killed with SIGKILL and
-//! restarted, (c) the city's link to the province is cut, also in the middle of a forwarded batch. Afterwards,
+//! restarted, (c) the city's link to the province is cut, also in the middle of a forwarded batch, (d) the
+//! province and the city each run as two replicas on one PostgreSQL database and one replica after the other is
+//! killed with SIGKILL and restarted, while agencies keep publishing catalog entries. Afterwards,
 //! with every node up, forwarding must settle; then, with every node stopped, each node's database is read:
 //!
 //! - every ancestor (the province above all) holds exactly the records each node of its subtree wrote: the same
@@ -18,10 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
+use fedgate_gateway::config::StorageConfig;
+use fedgate_gateway::store::{PgStore, Store};
 use fedgate_proto::v1::agency_client::AgencyClient;
 use fedgate_proto::v1::{AuditRecord, ShareMode, ShareRequest, ShareType};
+use fedgate_tests::postgres::{ScratchDb, scratch_database};
 use fedgate_tests::process::{
-    AuditDump, CutPoint, ProcessFederation, Settled, fedgate_binary, verify_chain,
+    CutPoint, Member, ProcessFederation, Settled, fedgate_binary, verify_chain,
 };
 use fedgate_tests::{DivisionCode, NodeSpec, code, registry};
 use tokio::task::JoinHandle;
@@ -263,6 +268,135 @@ impl Load {
     }
 }
 
+/// Nodes whose provider agencies keep publishing new catalog entries during the replica faults: a county under
+/// the replicated city, and the other city.
+const PUBLISHING: [&str; 2] = ["350102", "350200"];
+
+/// Agencies publishing a new entry every [`PACE`] each while the faults happen.
+struct Publishers {
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<Result<Tally>>>,
+    /// Entries published before they started, at every node.
+    before: u64,
+}
+
+/// Publications one publisher got acknowledged, and its failures by code.
+type Tally = (u64, BTreeMap<String, u64>);
+
+/// What the publishers did.
+struct Published {
+    ok: u64,
+    failures: BTreeMap<String, u64>,
+    before: u64,
+}
+
+impl Publishers {
+    async fn start(fed: &ProcessFederation) -> Result<Self> {
+        let mut before = 0;
+        for n in fed.node_codes() {
+            if let Ok(p) = fed.provider_at(n) {
+                before += p.published.len() as u64;
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::new();
+        for node in PUBLISHING {
+            let provider = fed.provider_at(code(node))?;
+            let mut client = fed.client(&provider.uscc).await?;
+            let stop = stop.clone();
+            workers.push(tokio::spawn(async move {
+                let (mut ok, mut failures) = (0, BTreeMap::<String, u64>::new());
+                let mut tick = tokio::time::interval(PACE);
+                for i in 0.. {
+                    tick.tick().await;
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let mut entry = fedgate_examples::civil_affairs_entries(
+                        ShareType::Unconditional,
+                        ShareType::Unconditional,
+                    )
+                    .remove(0);
+                    entry.id = format!("extra-{i:04}");
+                    let mut req = tonic::Request::new(fedgate_proto::v1::PublishEntryRequest {
+                        entry: Some(entry),
+                    });
+                    req.set_timeout(Duration::from_secs(5));
+                    match client.publish_entry(req).await {
+                        Ok(_) => ok += 1,
+                        Err(status) => {
+                            *failures.entry(format!("{:?}", status.code())).or_default() += 1;
+                        }
+                    }
+                }
+                Ok((ok, failures))
+            }));
+        }
+        Ok(Self {
+            stop,
+            workers,
+            before,
+        })
+    }
+
+    async fn stop(self) -> Result<Published> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut published = Published {
+            ok: 0,
+            failures: BTreeMap::new(),
+            before: self.before,
+        };
+        for w in self.workers {
+            let (ok, failures) = w.await??;
+            published.ok += ok;
+            for (k, n) in failures {
+                *published.failures.entry(k).or_default() += n;
+            }
+        }
+        Ok(published)
+    }
+}
+
+impl Published {
+    /// Every acknowledged entry reaches the province, and nothing else: its catalog counts exactly.
+    async fn check(&self, fed: &ProcessFederation) -> Result<String> {
+        if let Some(code) = self.failures.keys().find(|k| k.as_str() != "Unavailable") {
+            bail!(
+                "a publication failed with {code} (failures {:?})",
+                self.failures
+            );
+        }
+        if self.ok == 0 {
+            bail!("no publication succeeded during the faults");
+        }
+        let StorageConfig::Postgres { url } = &fed.node_config(code(PROVINCE))?.storage else {
+            bail!("the province is not on PostgreSQL");
+        };
+        let store = PgStore::connect_existing(url).await?;
+        let expected = self.before + self.ok;
+        let began = Instant::now();
+        let result = loop {
+            let held = store.count_entries().await?;
+            if held == expected {
+                break Ok(format!(
+                    "catalog: {} entries published during the faults ({:?} refused); the province holds {held}",
+                    self.ok, self.failures
+                ));
+            }
+            if began.elapsed() > WAIT {
+                break Err(anyhow!(
+                    "the province holds {held} catalog entries; {} were published before the faults and {}                      during them",
+                    self.before,
+                    self.ok
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        store.close().await;
+        result
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -275,6 +409,9 @@ enum Fault {
     CityKill,
     /// (c) The city's link to the province is cut: at once, in the middle of a batch, and as it is acknowledged.
     LinkCuts,
+    /// (d) Province and city run as two replicas each on PostgreSQL; each province replica, then the city replica
+    /// shipping the city's streams, is killed with SIGKILL and restarted.
+    ReplicaKill,
 }
 
 /// Timings and notes of one run, printed at the end (`--nocapture` shows them).
@@ -303,6 +440,13 @@ async fn forwarding_link_cut_mid_batch_loses_and_duplicates_no_record() -> Resul
     fault_test(Fault::LinkCuts, "cut").await
 }
 
+/// Needs a PostgreSQL server (`FEDGATE_TEST_POSTGRES`); passes without doing anything when none is configured,
+/// unless `FEDGATE_REQUIRE_POSTGRES=1`.
+#[tokio::test]
+async fn replicas_killed_with_sigkill_under_load_lose_and_duplicate_nothing() -> Result<()> {
+    fault_test(Fault::ReplicaKill, "repl").await
+}
+
 async fn fault_test(fault: Fault, tag: &'static str) -> Result<()> {
     let _serial = SERIAL.lock().await;
     let began = Instant::now();
@@ -313,7 +457,30 @@ async fn fault_test(fault: Fault, tag: &'static str) -> Result<()> {
         Fault::LinkCuts => vec![code(CITY)],
         _ => Vec::new(),
     };
-    let mut fed = ProcessFederation::start(topology()?, &relayed).await?;
+    let mut databases: Vec<ScratchDb> = Vec::new();
+    let mut fed = if fault == Fault::ReplicaKill {
+        let (Some(province_db), Some(city_db)) =
+            (scratch_database().await?, scratch_database().await?)
+        else {
+            return Ok(());
+        };
+        let urls = [
+            (PROVINCE, province_db.url.clone()),
+            (CITY, city_db.url.clone()),
+        ];
+        databases.extend([province_db, city_db]);
+        // Replicas of a node share its database and its signing key.
+        let configure = move |c: &mut fedgate_gateway::config::NodeConfig| {
+            if let Some((node, url)) = urls.iter().find(|(n, _)| *n == c.code) {
+                c.storage = StorageConfig::Postgres { url: url.clone() };
+                c.signing_key = Some(format!("node-{node}-signing.key").into());
+            }
+        };
+        let replicas = BTreeMap::from([(code(PROVINCE), 1), (code(CITY), 1)]);
+        ProcessFederation::start_replicated(topology()?, &relayed, &configure, &replicas).await?
+    } else {
+        ProcessFederation::start(topology()?, &relayed).await?
+    };
     timings.federation_up = began.elapsed() - timings.binary;
     let outcome = tokio::time::timeout(TEST_BOUND, exercise(&mut fed, fault, tag, &mut timings))
         .await
@@ -349,6 +516,44 @@ async fn fault_test(fault: Fault, tag: &'static str) -> Result<()> {
             Err(e)
         }
     }
+    .and(drop_all(databases).await)
+}
+
+async fn drop_all(databases: Vec<ScratchDb>) -> Result<()> {
+    for db in databases {
+        db.drop_database().await?;
+    }
+    Ok(())
+}
+
+/// The replica of `node` that holds the lease of its upward audit stream.
+async fn stream_holder(fed: &ProcessFederation, node: DivisionCode) -> Result<Member> {
+    let StorageConfig::Postgres { url } = &fed.node_config(node)?.storage else {
+        bail!("node {node} is not on PostgreSQL");
+    };
+    let began = Instant::now();
+    loop {
+        let store = PgStore::connect_existing(url).await?;
+        let holder = store.lease_holder("uplink:AUDIT").await?;
+        store.close().await;
+        // A holder is named host/pid/nonce.
+        let pid = holder.as_deref().and_then(|h| h.split('/').nth(1));
+        let holders: Vec<Member> = (0..2)
+            .map(|r| Member::replica(node, r))
+            .filter(|m| fed.is_running(*m))
+            .filter(|m| {
+                fed.pid(*m)
+                    .is_ok_and(|p| pid == Some(p.to_string().as_str()))
+            })
+            .collect();
+        if let [one] = holders.as_slice() {
+            return Ok(*one);
+        }
+        if began.elapsed() > WAIT {
+            bail!("no running replica of {node} holds its audit stream's lease");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn exercise(
@@ -373,6 +578,11 @@ async fn exercise(
     load.wait_ok(20).await?;
     let province = code(PROVINCE);
     let city = code(CITY);
+    let publishers = if fault == Fault::ReplicaKill {
+        Some(Publishers::start(fed).await?)
+    } else {
+        None
+    };
 
     match fault {
         Fault::ProvinceRestart => {
@@ -457,8 +667,41 @@ async fn exercise(
                 s.bytes_down.load(Ordering::Relaxed) / 1024,
             ));
         }
+        Fault::ReplicaKill => {
+            // Each province replica in turn: shares keep crossing the province through the other one.
+            for r in 0..2 {
+                let replica = Member::replica(province, r);
+                fed.kill9(replica).await?;
+                load.wait_ok_of(CROSS_CITY, load.ok_of(CROSS_CITY) + 4)
+                    .await?;
+                let up = fed.start_node(replica).await?;
+                timings.notes.push(format!(
+                    "province replica {r} killed; shares crossed the other; listened {up:.1?} after restart"
+                ));
+                load.wait_ok(load.ok() + 8).await?;
+            }
+            // The city replica shipping the city's streams: the other one takes them over.
+            for round in 1..=2 {
+                let holder = stream_holder(fed, city).await?;
+                fed.kill9(holder).await?;
+                let killed = Instant::now();
+                let successor = stream_holder(fed, city).await?;
+                let took_over = killed.elapsed();
+                load.wait_ok_of(CROSS_COUNTY, load.ok_of(CROSS_COUNTY) + 4)
+                    .await?;
+                let up = fed.start_node(holder).await?;
+                timings.notes.push(format!(
+                    "round {round}: city replica {holder} killed while shipping; {successor} took the streams                      over {took_over:.1?} later; {holder} listened {up:.1?} after restart"
+                ));
+                load.wait_ok(load.ok() + 8).await?;
+            }
+        }
     }
 
+    let published = match publishers {
+        Some(p) => Some(p.stop().await?),
+        None => None,
+    };
     let report = load.stop().await?;
     timings.faults = began.elapsed();
     timings.notes.push(format!(
@@ -483,6 +726,10 @@ async fn exercise(
     }
 
     let settled = fed.wait_audit_settled(SETTLE).await;
+    if let Some(published) = &published {
+        let note = published.check(fed).await?;
+        timings.notes.push(note);
+    }
     fed.stop_all().await?;
     let began = Instant::now();
     match settled {
@@ -568,7 +815,7 @@ async fn verify(
     let root = fed.root()?;
     let mut dumps = BTreeMap::new();
     for c in fed.node_codes() {
-        dumps.insert(c, AuditDump::read(fed.db_path(c)?).await?);
+        dumps.insert(c, fed.audit_dump(c).await?);
     }
     let mut problems = Vec::new();
 
