@@ -42,6 +42,8 @@ pub struct NodeMetrics {
     pub uplink_lag: Family<StreamLabels, Gauge>,
     /// 1 while the link to the parent is up for the stream.
     pub uplink_connected: Family<StreamLabels, Gauge>,
+    /// 1 while this process holds the stream's lease and ships it (of a node's replicas, one does).
+    pub uplink_shipping: Family<StreamLabels, Gauge>,
     /// Audit records this node wrote to its own chain.
     pub audit_records_written: Counter,
     /// Audit batches the store refused (their callers got an error).
@@ -76,6 +78,7 @@ impl NodeMetrics {
             uplink_acked: Family::default(),
             uplink_lag: Family::default(),
             uplink_connected: Family::default(),
+            uplink_shipping: Family::default(),
             audit_records_written: Counter::default(),
             audit_batches_failed: Counter::default(),
             // 1 to 8192 records.
@@ -149,6 +152,11 @@ impl NodeMetrics {
             "uplink_connected",
             "1 while the link to the parent is up",
             m.uplink_connected.clone(),
+        );
+        r.register(
+            "uplink_shipping",
+            "1 while this replica holds the upward stream's lease and ships it",
+            m.uplink_shipping.clone(),
         );
         r.register(
             "audit_records_written",

@@ -57,6 +57,8 @@ pub struct StreamProgress {
     pub acked: u64,
     /// Whether the link to the parent is up.
     pub connected: bool,
+    /// Whether this process ships the stream (holds its lease).
+    pub shipping: bool,
 }
 
 impl StreamProgress {
@@ -218,10 +220,17 @@ impl Uplink {
         store: &dyn Store,
     ) -> Result<StreamProgress, StoreError> {
         let status = self.status(stream);
+        let shipping = status.leased.load(Ordering::Relaxed);
         Ok(StreamProgress {
             head: store.outbox_head(stream).await?,
-            acked: status.acked.load(Ordering::Relaxed),
+            // Another replica ships it: what it last recorded.
+            acked: if shipping {
+                status.acked.load(Ordering::Relaxed)
+            } else {
+                store.uplink_acked(stream).await?
+            },
             connected: status.connected.load(Ordering::Relaxed),
+            shipping,
         })
     }
 

@@ -58,6 +58,9 @@ async fn scrape(State(s): State<ScrapeState>) -> Response {
             m.uplink_connected
                 .get_or_create(&labels)
                 .set(i64::from(p.connected));
+            m.uplink_shipping
+                .get_or_create(&labels)
+                .set(i64::from(p.shipping));
         }
     }
     match s.metrics.encode() {
