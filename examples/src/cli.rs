@@ -46,7 +46,7 @@ const DAY: i64 = 86_400;
 /// The connection flags are global, so they may be given before or after the subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct AgencyArgs {
-    /// Address of the node's Agency service.
+    /// Address of the node's Agency service; for a node running as replicas, their addresses separated by commas.
     #[arg(long, global = true, default_value = "https://127.0.0.1:7400")]
     pub node_addr: String,
     /// Division code of the node; its certificate must name CODE.node.fedgate.

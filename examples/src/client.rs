@@ -24,7 +24,10 @@ pub fn agency_domain_name(uscc: &str) -> String {
     format!("{}.agency.fedgate", uscc.to_ascii_lowercase())
 }
 
-/// Connects to the Agency service of node `node_code` at `node_addr` (e.g. `"https://127.0.0.1:7400"`).
+/// Connects to the Agency service of node `node_code` at `node_addr` (e.g. `"https://127.0.0.1:7400"`); a node
+/// that runs as several replicas is given as their addresses separated by commas, and calls are spread over
+/// them (a replica that is down fails the calls sent to it until the connection to it is found broken, so a
+/// caller retries an `UNAVAILABLE` call).
 ///
 /// The node's certificate must be signed by `ca_pem` and name `<node_code>.node.fedgate`, which pins the node's
 /// identity; the agency authenticates with `cert_pem`/`key_pem`. The process must have installed a rustls crypto
@@ -40,11 +43,21 @@ pub async fn connect_agency(
         .ca_certificate(Certificate::from_pem(ca_pem))
         .identity(Identity::from_pem(cert_pem, key_pem))
         .domain_name(node_domain_name(node_code));
-    let channel = Endpoint::from_shared(node_addr.to_owned())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tls_config(tls)?
-        .connect()
-        .await?;
+    let endpoint = |addr: &str| -> Result<Endpoint, tonic::transport::Error> {
+        Endpoint::from_shared(addr.trim().to_owned())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tls_config(tls.clone())
+    };
+    let addrs: Vec<&str> = node_addr.split(',').filter(|a| !a.trim().is_empty()).collect();
+    let channel = if addrs.len() > 1 {
+        let endpoints = addrs
+            .iter()
+            .map(|a| endpoint(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        Channel::balance_list(endpoints.into_iter())
+    } else {
+        endpoint(node_addr)?.connect().await?
+    };
     Ok(AgencyClient::new(channel))
 }
 
