@@ -74,3 +74,42 @@ fn shipped_node_configurations_are_accepted() -> Result<()> {
     );
     Ok(())
 }
+
+/// The Kubernetes province runs as two replicas on PostgreSQL, and its children list both.
+#[test]
+fn the_kubernetes_province_is_replicated_and_its_children_reach_both_replicas() -> Result<()> {
+    use fedgate_gateway::config::StorageConfig;
+
+    let dir = workspace().join("deploy/kubernetes");
+    let read = |name: &str| -> Result<(String, NodeConfig)> {
+        let yaml = std::fs::read_to_string(dir.join(name))?;
+        let toml = embedded_toml(&yaml).with_context(|| format!("{name} holds no node.toml"))?;
+        Ok((yaml, toml::from_str(&toml)?))
+    };
+    let (yaml, province) = read("node-350000.yaml")?;
+    assert!(
+        matches!(province.storage, StorageConfig::Postgres { .. }),
+        "replicas share a PostgreSQL database"
+    );
+    assert!(province.signing_key.is_some(), "and one signing key");
+    assert!(yaml.contains("replicas: 2"), "two replicas");
+    assert!(yaml.contains("kind: PodDisruptionBudget") && yaml.contains("minAvailable: 1"));
+    for city in ["node-350100.yaml", "node-350200.yaml"] {
+        let (_, config) = read(city)?;
+        let parent = config.parent.context("a city has a parent")?;
+        let all: Vec<String> = std::iter::once(parent.address)
+            .chain(parent.replicas)
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "https://node-350000-0.node-350000-pods:7400",
+                "https://node-350000-1.node-350000-pods:7400"
+            ],
+            "{city} lists both replicas"
+        );
+    }
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml"))?;
+    assert!(kustomization.contains("postgres-350000.yaml"));
+    Ok(())
+}
