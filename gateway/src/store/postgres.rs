@@ -86,6 +86,16 @@ impl PgStore {
         Ok(Self { pool })
     }
 
+    /// Whether the database at `url` holds fedgate tables (a node's store, which a restore would replace).
+    pub async fn holds_tables(url: &str) -> Result<bool, StoreError> {
+        let pool = Self::pool(url).await?;
+        let held = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&pool)
+            .await;
+        pool.close().await;
+        Ok(held?)
+    }
+
     /// A pool on a UTF-8 database.
     async fn pool(url: &str) -> Result<PgPool, StoreError> {
         // A writer waiting for a stream's lock (or any row lock) gives up as SQLite's busy timeout does, rather
