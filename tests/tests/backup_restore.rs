@@ -745,3 +745,119 @@ async fn postgres_round_trip(first: &str, second: &str) -> Result<()> {
         .expect_success()?;
     fed.shutdown().await
 }
+
+/// `deploy/systemd/fedgate-backup`, which the scheduled unit runs.
+fn backup_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/fedgate-backup")
+}
+
+/// Runs the shipped backup script with `action` for the county, with `env` besides the harness's binary and
+/// configuration.
+async fn run_script(
+    fed: &ProcessFederation,
+    action: &str,
+    env: &[(&str, String)],
+) -> Result<std::process::Output> {
+    let county = code(COUNTY);
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg(backup_script())
+        .args([action, COUNTY])
+        .current_dir(fed.dir())
+        .env(
+            "FEDGATE_BIN",
+            fedgate_tests::process::fedgate_binary().await?,
+        )
+        .env("FEDGATE_CONFIG", fed.config_path(county)?)
+        .env_remove("FEDGATE_BACKUP_RECIPIENT")
+        .env_remove("FEDGATE_BACKUP_COPY")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(cmd.output().await?)
+}
+
+#[tokio::test]
+async fn the_scheduled_backup_script_keeps_the_newest_encrypted_backups_and_copies_them_away()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut fed = ProcessFederation::start(vec![county()?], &[]).await?;
+    let county = code(COUNTY);
+    let local = fed.dir().join("backups/local");
+    let remote = fed.dir().join("backups/remote");
+    std::fs::create_dir_all(&remote)?;
+    let key = fed.dir().join("backups/backup.key");
+    let out = fed
+        .fedgate(["backup-key", "--out", &key.display().to_string()])
+        .await?;
+    let recipient = out.expect_success()?.stdout.trim().to_owned();
+
+    // Without a recipient nothing is written: backups leave the host, so they are encrypted.
+    let out = run_script(
+        &fed,
+        "take",
+        &[("FEDGATE_BACKUP_DIR", local.display().to_string())],
+    )
+    .await?;
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(!local.exists());
+
+    let env = [
+        ("FEDGATE_BACKUP_DIR", local.display().to_string()),
+        ("FEDGATE_BACKUP_RECIPIENT", recipient),
+        ("FEDGATE_BACKUP_KEEP", "2".to_owned()),
+        (
+            "FEDGATE_BACKUP_COPY",
+            format!(
+                "cp \"$FEDGATE_BACKUP_FILE\" '{}/'\"$FEDGATE_NODE\"-copy.tar.age",
+                remote.display()
+            ),
+        ),
+    ];
+    let traffic = Traffic::start(&fed, COUNTY, "cron").await?;
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        traffic.wait_more(3).await?;
+        let out = run_script(&fed, "take", &env).await?;
+        if !out.status.success() {
+            bail!("take failed: {out:?}");
+        }
+        let latest = std::fs::read_link(local.join("node-350102-latest.tar.age"))?;
+        taken.push(latest);
+    }
+    traffic.stop().await?;
+    let kept: BTreeSet<PathBuf> = std::fs::read_dir(&local)?
+        .map(|e| e.map(|e| PathBuf::from(e.file_name())))
+        .collect::<std::io::Result<_>>()?;
+    let expected: BTreeSet<PathBuf> = taken[1..]
+        .iter()
+        .cloned()
+        .chain([PathBuf::from("node-350102-latest.tar.age")])
+        .collect();
+    assert_eq!(kept, expected, "the two newest and the link to the latest");
+
+    let out = run_script(&fed, "copy", &env).await?;
+    if !out.status.success() {
+        bail!("copy failed: {out:?}");
+    }
+    let copied = remote.join("350102-copy.tar.age");
+    assert_eq!(
+        std::fs::read(&copied)?,
+        std::fs::read(local.join(&taken[2]))?
+    );
+    fed.terminate(county).await?;
+    let out = fed
+        .fedgate([
+            "restore",
+            "--config",
+            &config_arg(&fed, county)?,
+            "--in",
+            &copied.display().to_string(),
+            "--identity",
+            &key.display().to_string(),
+            "--check",
+        ])
+        .await?;
+    out.expect_success()?;
+    fed.shutdown().await
+}

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use fedgate_gateway::config::NodeConfig;
+use fedgate_gateway::config::{NodeConfig, StorageConfig};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -71,6 +71,249 @@ fn shipped_node_configurations_are_accepted() -> Result<()> {
     assert_eq!(
         checked, 18,
         "six nodes in each of compose, examples and Kubernetes"
+    );
+    Ok(())
+}
+
+/// The lines of `text` from the first one whose trimmed form starts with `start` up to the next one at the same
+/// or a smaller indentation.
+fn yaml_block<'a>(text: &'a str, start: &str) -> Option<Vec<&'a str>> {
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with(start));
+    let first = lines.next()?;
+    let indent = first.len() - first.trim_start().len();
+    let mut block = vec![first];
+    block.extend(
+        lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > indent),
+    );
+    Some(block)
+}
+
+/// The arguments of a shell command line as `sh` would split them, for lines without nested quotes.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quote = None;
+    for c in line.chars() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            (_, c) => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[test]
+fn the_backup_cronjob_backs_up_the_node_it_names_with_arguments_fedgate_accepts() -> Result<()> {
+    use clap::Parser;
+    let dir = workspace().join("deploy/kubernetes");
+    let cronjob = std::fs::read_to_string(dir.join("backup-350000.yaml"))?;
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml"))?;
+    assert!(
+        kustomization.contains("- backup-350000.yaml"),
+        "the kustomization applies the CronJob"
+    );
+    assert!(cronjob.contains("kind: CronJob") && cronjob.contains("concurrencyPolicy: Forbid"));
+
+    // The command the backup container runs is one fedgate parses.
+    let init = yaml_block(&cronjob, "initContainers:").context("no initContainers")?;
+    let init_text = init.join("\n");
+    let args = yaml_block(&init_text, "- >-").context("no folded command")?;
+    let command = args[1..]
+        .iter()
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let words = shell_words(&command);
+    assert_eq!(words[..2], ["exec", "/usr/local/bin/fedgate"], "{command}");
+    fedgate_node::cli::Cli::try_parse_from(words[1..].iter())
+        .with_context(|| format!("fedgate does not accept {command}"))?;
+    let config_path = words
+        .iter()
+        .position(|w| w == "--config")
+        .and_then(|i| words.get(i + 1))
+        .context("no --config")?;
+
+    // It reads the node's own configuration, TLS files and volume, where that configuration names them.
+    let node_yaml = std::fs::read_to_string(dir.join("node-350000.yaml"))?;
+    let config: NodeConfig = toml::from_str(&embedded_toml(&node_yaml).context("no node.toml")?)?;
+    let mounts: Vec<String> = init
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("mountPath: "))
+        .map(str::to_owned)
+        .collect();
+    let StorageConfig::Sqlite { path: db } = &config.storage else {
+        bail!("node-350000.yaml keeps its state in SQLite");
+    };
+    for needed in [
+        Path::new(config_path.as_str()),
+        &config.tls.ca,
+        &config.tls.cert,
+        &config.tls.key,
+        db,
+    ] {
+        assert!(
+            mounts.iter().any(|m| needed.starts_with(m)),
+            "{} is on no volume the backup mounts ({mounts:?})",
+            needed.display()
+        );
+    }
+    for reference in [
+        "name: node-350000-config",
+        "secretName: fedgate-node-350000-tls",
+        // The StatefulSet's claim: <template name>-<set name>-<ordinal>.
+        "claimName: data-node-350000-0",
+        "app.kubernetes.io/instance: node-350000",
+    ] {
+        assert!(cronjob.contains(reference), "the CronJob lacks {reference}");
+    }
+    assert!(
+        node_yaml.contains("name: node-350000-config")
+            && node_yaml.contains("- metadata:\n        name: data")
+    );
+
+    // With kubectl at hand, the kustomization builds with the CronJob in it.
+    match std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(&dir)
+        .output()
+    {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "kubectl kustomize: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let built = String::from_utf8_lossy(&out.stdout);
+            assert!(built.contains("kind: CronJob") && built.contains("name: backup-node-350000"));
+        }
+        Err(e) => {
+            eprintln!("kubectl is not available ({e}): the kustomization build is not checked")
+        }
+    }
+    Ok(())
+}
+
+/// `key=value` settings of one section of a systemd unit, in order.
+fn unit_section(unit: &str, section: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .skip_while(|l| l.trim() != format!("[{section}]"))
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_backup_timer_runs_the_backup_service_daily_and_systemd_accepts_both() -> Result<()> {
+    let dir = workspace().join("deploy/systemd");
+    let service = std::fs::read_to_string(dir.join("fedgate-backup@.service"))?;
+    let timer = std::fs::read_to_string(dir.join("fedgate-backup@.timer"))?;
+    let readme = std::fs::read_to_string(dir.join("README.md"))?;
+    let env_example = std::fs::read_to_string(dir.join("backup.env.example"))?;
+    let script = std::fs::read_to_string(dir.join("fedgate-backup"))?;
+
+    let t = unit_section(&timer, "Timer");
+    for setting in [("OnCalendar", "daily"), ("Persistent", "true")] {
+        assert!(
+            t.contains(&(setting.0.to_owned(), setting.1.to_owned())),
+            "timer lacks {setting:?}"
+        );
+    }
+    let s = unit_section(&service, "Service");
+    let get = |k: &str| {
+        s.iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(get("Type"), ["oneshot"]);
+    assert_eq!(
+        get("ExecStart"),
+        ["/usr/local/lib/fedgate/fedgate-backup take %i"]
+    );
+    assert_eq!(
+        get("ExecStartPost"),
+        ["/usr/local/lib/fedgate/fedgate-backup copy %i"]
+    );
+    // The README installs the script where the unit runs it, and the settings file the unit reads.
+    assert!(readme.contains("deploy/systemd/fedgate-backup /usr/local/lib/fedgate/fedgate-backup"));
+    assert!(get("EnvironmentFile").contains(&"/etc/fedgate/backup.env".to_owned()));
+    assert!(readme.contains("/etc/fedgate/backup.env"));
+    // Every setting of the example file is one the script reads.
+    for line in env_example
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+    {
+        let key = line.split('=').next().unwrap_or_default();
+        assert!(
+            script.contains(&format!("${{{key}")),
+            "the script ignores {key}"
+        );
+    }
+
+    // systemd itself parses both units (and the node's), against a scratch root holding the script.
+    let Ok(version) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze is not available: the units are not verified by systemd");
+        return Ok(());
+    };
+    assert!(version.status.success());
+    let root = tempfile::tempdir()?;
+    let units = root.path().join("etc/systemd/system");
+    std::fs::create_dir_all(&units)?;
+    std::fs::create_dir_all(root.path().join("usr/lib/systemd"))?;
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("/usr/lib/systemd/system")
+        .arg(root.path().join("usr/lib/systemd/"))
+        .status()?;
+    assert!(copied.success(), "copying the system's units");
+    for f in [
+        "fedgate-node@.service",
+        "fedgate-backup@.service",
+        "fedgate-backup@.timer",
+    ] {
+        std::fs::copy(dir.join(f), units.join(f))?;
+    }
+    for (path, from) in [
+        (
+            "usr/local/lib/fedgate/fedgate-backup",
+            dir.join("fedgate-backup"),
+        ),
+        ("usr/local/bin/fedgate", dir.join("fedgate-backup")),
+    ] {
+        let to = root.path().join(path);
+        std::fs::create_dir_all(to.parent().context("a parent")?)?;
+        std::fs::copy(from, &to)?;
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(format!("--root={}", root.path().display()))
+        .args([
+            "fedgate-node@350102.service",
+            "fedgate-backup@350102.service",
+            "fedgate-backup@350102.timer",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
     );
     Ok(())
 }
