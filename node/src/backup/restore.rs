@@ -36,10 +36,7 @@ pub(super) async fn run(args: RestoreArgs) -> Result<()> {
     }
     let input = std::fs::File::open(&args.input)
         .with_context(|| format!("opening {}", args.input.display()))?;
-    let check_dir = tempfile::Builder::new()
-        .prefix("fedgate-restore-")
-        .tempdir()
-        .context("creating a staging directory")?;
+    let check_dir = scratch_dir(&config, &keys, args.check)?;
 
     let opts = (args.force, args.skip_tls, args.check);
     let code = config.code.clone();
@@ -110,6 +107,34 @@ pub(super) async fn run(args: RestoreArgs) -> Result<()> {
         manifest.signing_public_key
     );
     Ok(())
+}
+
+/// A private directory for members that are checked but not placed (and a PostgreSQL dump): in the system's
+/// temporary directory (`TMPDIR`) for `--check`, else in the node's state directory (the SQLite file's, or the
+/// signing key's), which has room for the store and is writable where the root file system may not be.
+fn scratch_dir(config: &NodeConfig, keys: &[KeyFile], check: bool) -> Result<tempfile::TempDir> {
+    let builder = {
+        let mut b = tempfile::Builder::new();
+        b.prefix(".fedgate-restore-");
+        b
+    };
+    if check {
+        return builder
+            .tempdir()
+            .context("creating a staging directory in the temporary directory");
+    }
+    let state = match &config.storage {
+        StorageConfig::Sqlite { path } => dir_of(path),
+        StorageConfig::Postgres { .. } => keys
+            .iter()
+            .find(|k| k.role == Role::SigningKey)
+            .map_or_else(|| PathBuf::from("."), |k| dir_of(&k.path)),
+    };
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("creating directory {}", state.display()))?;
+    builder
+        .tempdir_in(&state)
+        .with_context(|| format!("creating a staging directory in {}", state.display()))
 }
 
 /// Refuses to restore under a running node: its listen address must be free.
