@@ -348,6 +348,9 @@ async fn back_up_under_traffic_and_restore(
     traffic.wait_more(15).await?;
     let published = traffic.stop().await?;
     let point = PointInTime::of(&published, began, ended);
+    // Everything written after the backup reaches the city: a restore from the backup loses nothing the
+    // federation does not hold.
+    fed.wait_uplink_lag(county, 0, WAIT).await?;
     fed.terminate(county).await?;
     let before_restore = AuditDump::read(fed.db_path(county)?).await?;
 
