@@ -713,6 +713,21 @@ async fn postgres_round_trip(first: &str, second: &str) -> Result<()> {
         .await?;
     out.expect_code(73)?;
     assert!(out.stderr.contains("a store exists"), "{}", out.stderr);
+    // Nor while anything else (a replica on another machine) is connected to the database, even with --force.
+    let replica = PgStore::connect_existing(first).await?;
+    let out = fed
+        .fedgate([
+            "restore",
+            "--config",
+            &cfg,
+            "--in",
+            &archive.display().to_string(),
+            "--force",
+        ])
+        .await?;
+    replica.close().await;
+    out.expect_code(73)?;
+    assert!(out.stderr.contains("other session"), "{}", out.stderr);
 
     let second_url = second.to_owned();
     fed.reconfigure(county, |c| {

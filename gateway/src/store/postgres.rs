@@ -96,6 +96,19 @@ impl PgStore {
         Ok(held?)
     }
 
+    /// How many other sessions are connected to the database at `url` (a node's replicas, while they run).
+    pub async fn other_sessions(url: &str) -> Result<u64, StoreError> {
+        let pool = Self::pool(url).await?;
+        let n: Result<i64, _> = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+        .fetch_one(&pool)
+        .await;
+        pool.close().await;
+        Ok(to_u64(n?))
+    }
+
     /// A pool on a UTF-8 database.
     async fn pool(url: &str) -> Result<PgPool, StoreError> {
         // A writer waiting for a stream's lock (or any row lock) gives up as SQLite's busy timeout does, rather

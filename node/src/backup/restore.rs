@@ -31,7 +31,7 @@ pub(super) async fn run(args: RestoreArgs) -> Result<()> {
     let identities = args.identity.as_deref().map(Identities::load).transpose()?;
     let keys = key_files(&config)?;
     if !args.check {
-        refuse_if_running(&config)?;
+        refuse_if_running(&config).await?;
         refuse_existing_store(&config.storage, args.force).await?;
     }
     let input = std::fs::File::open(&args.input)
@@ -137,17 +137,47 @@ fn scratch_dir(config: &NodeConfig, keys: &[KeyFile], check: bool) -> Result<tem
         .with_context(|| format!("creating a staging directory in {}", state.display()))
 }
 
-/// Refuses to restore under a running node: its listen address must be free.
-fn refuse_if_running(config: &NodeConfig) -> Result<()> {
+/// How long the sessions of a node that has just stopped may take to leave its PostgreSQL database.
+const SESSIONS_END_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Refuses to restore under a running node: its listen address must be free, and no other session may be
+/// connected to its PostgreSQL database (replicas elsewhere).
+async fn refuse_if_running(config: &NodeConfig) -> Result<()> {
     match std::net::TcpListener::bind(&config.listen) {
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(BackupError::Refused(format!(
-            "{} is in use: stop node {} before restoring its store",
-            config.listen, config.code
-        ))
-        .into()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(BackupError::Refused(format!(
+                "{} is in use: stop node {} before restoring its store",
+                config.listen, config.code
+            ))
+            .into());
+        }
         // Free, or not an address of this machine (restoring elsewhere): nothing runs here.
-        _ => Ok(()),
+        _ => {}
     }
+    if let StorageConfig::Postgres { url } = &config.storage {
+        // The sessions of a node that has just stopped end moments after it: look again for a few seconds.
+        let deadline = tokio::time::Instant::now() + SESSIONS_END_WITHIN;
+        let mut sessions;
+        loop {
+            sessions = PgStore::other_sessions(url)
+                .await
+                .with_context(|| format!("connecting to {}", config.storage.describe()))?;
+            if sessions == 0 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        if sessions > 0 {
+            return Err(BackupError::Refused(format!(
+                "{sessions} other session(s) are connected to {}: stop every replica of node {} (and anything \
+                 else using the database) before restoring its store",
+                config.storage.describe(),
+                config.code
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Refuses to replace an existing store unless `force`.
