@@ -125,17 +125,20 @@ fn the_backup_cronjob_backs_up_the_node_it_names_with_arguments_fedgate_accepts(
     );
     assert!(cronjob.contains("kind: CronJob") && cronjob.contains("concurrencyPolicy: Forbid"));
 
-    // The command the backup container runs is one fedgate parses.
-    let init = yaml_block(&cronjob, "initContainers:").context("no initContainers")?;
-    let init_text = init.join("\n");
-    let args = yaml_block(&init_text, "- >-").context("no folded command")?;
-    let command = args[1..]
+    // The command the backup container runs is one fedgate parses, with the binary the init container copies.
+    let backup = yaml_block(&cronjob, "- name: backup").context("no backup container")?;
+    let backup_text = backup.join("\n");
+    let folded = yaml_block(&backup_text, "- >-").context("no folded command")?;
+    let command = folded[1..]
         .iter()
         .map(|l| l.trim())
         .collect::<Vec<_>>()
         .join(" ");
     let words = shell_words(&command);
-    assert_eq!(words[..2], ["exec", "/usr/local/bin/fedgate"], "{command}");
+    assert_eq!(words[..2], ["exec", "/tools/fedgate"], "{command}");
+    assert!(
+        cronjob.contains(r#"command: ["/bin/cp", "/usr/local/bin/fedgate", "/tools/fedgate"]"#)
+    );
     fedgate_node::cli::Cli::try_parse_from(words[1..].iter())
         .with_context(|| format!("fedgate does not accept {command}"))?;
     let config_path = words
@@ -144,43 +147,62 @@ fn the_backup_cronjob_backs_up_the_node_it_names_with_arguments_fedgate_accepts(
         .and_then(|i| words.get(i + 1))
         .context("no --config")?;
 
-    // It reads the node's own configuration, TLS files and volume, where that configuration names them.
+    // It reads the node's own configuration and every file that configuration names, from the node's own
+    // ConfigMap and Secrets.
     let node_yaml = std::fs::read_to_string(dir.join("node-350000.yaml"))?;
     let config: NodeConfig = toml::from_str(&embedded_toml(&node_yaml).context("no node.toml")?)?;
-    let mounts: Vec<String> = init
+    let mounts: Vec<&str> = backup
         .iter()
         .filter_map(|l| l.trim().strip_prefix("mountPath: "))
-        .map(str::to_owned)
         .collect();
-    let StorageConfig::Sqlite { path: db } = &config.storage else {
-        bail!("node-350000.yaml keeps its state in SQLite");
-    };
-    for needed in [
-        Path::new(config_path.as_str()),
-        &config.tls.ca,
-        &config.tls.cert,
-        &config.tls.key,
-        db,
-    ] {
+    let mut needed = vec![
+        PathBuf::from(config_path),
+        config.tls.ca.clone(),
+        config.tls.cert.clone(),
+        config.tls.key.clone(),
+    ];
+    needed.extend(config.signing_key_path());
+    match &config.storage {
+        StorageConfig::Sqlite { path } => {
+            needed.push(path.clone());
+            assert!(
+                cronjob.contains("podAffinity"),
+                "a backup of an SQLite node runs beside its pod"
+            );
+        }
+        StorageConfig::Postgres { .. } => {
+            // pg_dump of the server's own version, with the password the node uses.
+            let server = std::fs::read_to_string(dir.join("postgres-350000.yaml"))?;
+            let image = server
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("image: postgres:"))
+                .context("no server image")?;
+            assert!(
+                backup_text.contains(&format!("image: postgres:{image}")),
+                "the backup runs in the server's image postgres:{image}"
+            );
+            assert!(backup_text.contains("name: PGPASSWORD"));
+            let secret = yaml_block(&node_yaml, "- name: PGPASSWORD")
+                .and_then(|b| {
+                    b.iter()
+                        .find_map(|l| l.trim().strip_prefix("name: ").map(str::to_owned))
+                })
+                .context("the node takes PGPASSWORD from a Secret")?;
+            assert!(backup_text.contains(&format!("name: {secret}")), "{secret}");
+        }
+    }
+    for path in &needed {
         assert!(
-            mounts.iter().any(|m| needed.starts_with(m)),
+            mounts.iter().any(|m| path.starts_with(m)),
             "{} is on no volume the backup mounts ({mounts:?})",
-            needed.display()
+            path.display()
         );
     }
-    for reference in [
-        "name: node-350000-config",
-        "secretName: fedgate-node-350000-tls",
-        // The StatefulSet's claim: <template name>-<set name>-<ordinal>.
-        "claimName: data-node-350000-0",
-        "app.kubernetes.io/instance: node-350000",
-    ] {
-        assert!(cronjob.contains(reference), "the CronJob lacks {reference}");
+    for line in node_yaml.lines().map(str::trim) {
+        if line.starts_with("secretName: ") || line == "name: node-350000-config" {
+            assert!(cronjob.contains(line), "the CronJob lacks {line}");
+        }
     }
-    assert!(
-        node_yaml.contains("name: node-350000-config")
-            && node_yaml.contains("- metadata:\n        name: data")
-    );
 
     // With kubectl at hand, the kustomization builds with the CronJob in it.
     match std::process::Command::new("kubectl")

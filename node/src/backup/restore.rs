@@ -36,7 +36,7 @@ pub(super) async fn run(args: RestoreArgs) -> Result<()> {
     }
     let input = std::fs::File::open(&args.input)
         .with_context(|| format!("opening {}", args.input.display()))?;
-    let check_dir = scratch_dir(&config, &keys, args.check)?;
+    let check_dir = scratch_dir(&config, args.check)?;
 
     let opts = (args.force, args.skip_tls, args.check);
     let code = config.code.clone();
@@ -109,32 +109,28 @@ pub(super) async fn run(args: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// A private directory for members that are checked but not placed (and a PostgreSQL dump): in the system's
-/// temporary directory (`TMPDIR`) for `--check`, else in the node's state directory (the SQLite file's, or the
-/// signing key's), which has room for the store and is writable where the root file system may not be.
-fn scratch_dir(config: &NodeConfig, keys: &[KeyFile], check: bool) -> Result<tempfile::TempDir> {
+/// A private directory for members that are checked but not placed, and for a PostgreSQL dump: for an SQLite store
+/// in its directory (which has room for the store, and is writable where the root file system may not be); for
+/// `--check` and a PostgreSQL store in the system's temporary directory (`TMPDIR`).
+fn scratch_dir(config: &NodeConfig, check: bool) -> Result<tempfile::TempDir> {
     let builder = {
         let mut b = tempfile::Builder::new();
         b.prefix(".fedgate-restore-");
         b
     };
-    if check {
-        return builder
+    match &config.storage {
+        StorageConfig::Sqlite { path } if !check => {
+            let state = dir_of(path);
+            std::fs::create_dir_all(&state)
+                .with_context(|| format!("creating directory {}", state.display()))?;
+            builder
+                .tempdir_in(&state)
+                .with_context(|| format!("creating a staging directory in {}", state.display()))
+        }
+        _ => builder
             .tempdir()
-            .context("creating a staging directory in the temporary directory");
+            .context("creating a staging directory in the temporary directory (TMPDIR)"),
     }
-    let state = match &config.storage {
-        StorageConfig::Sqlite { path } => dir_of(path),
-        StorageConfig::Postgres { .. } => keys
-            .iter()
-            .find(|k| k.role == Role::SigningKey)
-            .map_or_else(|| PathBuf::from("."), |k| dir_of(&k.path)),
-    };
-    std::fs::create_dir_all(&state)
-        .with_context(|| format!("creating directory {}", state.display()))?;
-    builder
-        .tempdir_in(&state)
-        .with_context(|| format!("creating a staging directory in {}", state.display()))
 }
 
 /// How long the sessions of a node that has just stopped may take to leave its PostgreSQL database.
