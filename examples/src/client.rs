@@ -48,7 +48,10 @@ pub async fn connect_agency(
             .connect_timeout(CONNECT_TIMEOUT)
             .tls_config(tls.clone())
     };
-    let addrs: Vec<&str> = node_addr.split(',').filter(|a| !a.trim().is_empty()).collect();
+    let addrs: Vec<&str> = node_addr
+        .split(',')
+        .filter(|a| !a.trim().is_empty())
+        .collect();
     let channel = if addrs.len() > 1 {
         let endpoints = addrs
             .iter()

@@ -218,8 +218,8 @@ impl GrantKey {
         Ok(key)
     }
 
-    /// Parses the contents of a key file.
-    fn parse_key_file(path: &Path, text: &str) -> Result<Self, GrantError> {
+    /// Parses the contents of the key file at `path` (named in errors, and warned about if others may read it).
+    pub fn parse_key_file(path: &Path, text: &str) -> Result<Self, GrantError> {
         let bad = |reason: String| GrantError::BadKeyFile {
             path: path.to_path_buf(),
             reason,

@@ -67,6 +67,12 @@ enum Command {
     },
     /// Act as an agency at its node (catalog, shares, applications, grants, objections).
     Agency(fedgate_examples::cli::AgencyArgs),
+    /// Back up a running node's store, signing key and TLS files into one file, consistent as of one instant.
+    Backup(crate::backup::BackupArgs),
+    /// Put a node's store, signing key and TLS files back from a backup; the node must be stopped.
+    Restore(crate::backup::RestoreArgs),
+    /// Create an age key pair for encrypting backups: writes the secret key, prints the public key.
+    BackupKey(crate::backup::KeygenArgs),
 }
 
 impl Cli {
@@ -96,6 +102,9 @@ impl Cli {
                     agencies,
                 } => certs(out, nodes, agencies),
                 Command::Agency(args) => fedgate_examples::cli::run(args).await,
+                Command::Backup(args) => crate::backup::backup(args).await,
+                Command::Restore(args) => crate::backup::restore(args).await,
+                Command::BackupKey(args) => crate::backup::keygen(args),
             }
         });
         match result {
@@ -106,7 +115,10 @@ impl Cli {
             }
             Err(e) => {
                 eprintln!("fedgate: {e:#}");
-                ExitCode::FAILURE
+                match e.downcast_ref::<crate::backup::BackupError>() {
+                    Some(b) => ExitCode::from(b.exit_code()),
+                    None => ExitCode::FAILURE,
+                }
             }
         }
     }
@@ -232,7 +244,8 @@ fn write_key(path: &std::path::Path, pem: &str) -> Result<()> {
     Ok(())
 }
 
-fn load_config(path: &std::path::Path) -> Result<NodeConfig> {
+/// Reads a node's configuration; a file that does not parse is a [`ConfigError`] (exit status 78).
+pub(crate) fn load_config(path: &std::path::Path) -> Result<NodeConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read configuration {}", path.display()))?;
     Ok(toml::from_str(&text)

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit_cmd;
+pub mod backup;
 pub mod cli;
 pub mod demo;
 pub mod devnet;

@@ -746,6 +746,60 @@ impl ProcessFederation {
         Ok(&self.proc_node(code)?.db_path)
     }
 
+    /// The node's configuration file.
+    pub fn config_path(&self, code: DivisionCode) -> Result<&Path> {
+        Ok(&self.proc_node(code)?.config_path)
+    }
+
+    /// Changes a stopped node's configuration with `change` (for instance to move its state to another
+    /// directory) and rewrites its configuration file; the node keeps its port.
+    pub fn reconfigure(
+        &mut self,
+        code: DivisionCode,
+        change: impl FnOnce(&mut NodeConfig),
+    ) -> Result<()> {
+        let n = self.proc_node_mut(code)?;
+        if n.child.is_some() {
+            bail!("node {code} is running: stop it before changing its configuration");
+        }
+        change(&mut n.config);
+        if let StorageConfig::Sqlite { path } = &n.config.storage {
+            n.db_path = path.clone();
+        }
+        std::fs::write(
+            &n.config_path,
+            toml::to_string(&n.config).context("writing a node configuration")?,
+        )?;
+        Ok(())
+    }
+
+    /// Runs the `fedgate` binary with `args` in the federation's directory and waits for it to exit.
+    pub async fn fedgate<I, S>(&self, args: I) -> Result<CommandOutput>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = Command::new(&self.bin)
+            .args(&args)
+            .current_dir(&self.path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running fedgate {args:?}"))?;
+        Ok(CommandOutput {
+            args: args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
     /// The relay on `child`'s link to its parent.
     pub fn relay(&self, child: DivisionCode) -> Result<&Relay> {
         self.relays
@@ -869,6 +923,40 @@ impl Drop for ProcessFederation {
         }
         let _ = self.stop_providers.send(true);
         // Child processes are killed by `kill_on_drop`; relays abort their tasks when dropped.
+    }
+}
+
+/// How a `fedgate` command run by [`ProcessFederation::fedgate`] ended and what it printed.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its exit status; `None` if a signal ended it.
+    pub code: Option<i32>,
+    /// What it printed on standard output.
+    pub stdout: String,
+    /// What it printed on standard error.
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    /// Fails unless the command exited with status `code`; returns the output.
+    pub fn expect_code(&self, code: i32) -> Result<&Self> {
+        if self.code != Some(code) {
+            bail!(
+                "fedgate {} exited with {:?}, expected {code}\nstdout:\n{}\nstderr:\n{}",
+                self.args.join(" "),
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self)
+    }
+
+    /// Fails unless the command succeeded; returns the output.
+    pub fn expect_success(&self) -> Result<&Self> {
+        self.expect_code(0)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use fedgate_gateway::config::NodeConfig;
+use fedgate_gateway::config::{NodeConfig, StorageConfig};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,5 +111,270 @@ fn the_kubernetes_province_is_replicated_and_its_children_reach_both_replicas() 
     }
     let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml"))?;
     assert!(kustomization.contains("postgres-350000.yaml"));
+    Ok(())
+}
+
+/// The lines of `text` from the first one whose trimmed form starts with `start` up to the next one at the same
+/// or a smaller indentation.
+fn yaml_block<'a>(text: &'a str, start: &str) -> Option<Vec<&'a str>> {
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with(start));
+    let first = lines.next()?;
+    let indent = first.len() - first.trim_start().len();
+    let mut block = vec![first];
+    block.extend(
+        lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > indent),
+    );
+    Some(block)
+}
+
+/// The arguments of a shell command line as `sh` would split them, for lines without nested quotes.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quote = None;
+    for c in line.chars() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            (_, c) => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[test]
+fn the_backup_cronjob_backs_up_the_node_it_names_with_arguments_fedgate_accepts() -> Result<()> {
+    use clap::Parser;
+    let dir = workspace().join("deploy/kubernetes");
+    let cronjob = std::fs::read_to_string(dir.join("backup-350000.yaml"))?;
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml"))?;
+    assert!(
+        kustomization.contains("- backup-350000.yaml"),
+        "the kustomization applies the CronJob"
+    );
+    assert!(cronjob.contains("kind: CronJob") && cronjob.contains("concurrencyPolicy: Forbid"));
+
+    // The command the backup container runs is one fedgate parses, with the binary the init container copies.
+    let backup = yaml_block(&cronjob, "- name: backup").context("no backup container")?;
+    let backup_text = backup.join("\n");
+    let folded = yaml_block(&backup_text, "- >-").context("no folded command")?;
+    let command = folded[1..]
+        .iter()
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let words = shell_words(&command);
+    assert_eq!(words[..2], ["exec", "/tools/fedgate"], "{command}");
+    assert!(
+        cronjob.contains(r#"command: ["/bin/cp", "/usr/local/bin/fedgate", "/tools/fedgate"]"#)
+    );
+    fedgate_node::cli::Cli::try_parse_from(words[1..].iter())
+        .with_context(|| format!("fedgate does not accept {command}"))?;
+    let config_path = words
+        .iter()
+        .position(|w| w == "--config")
+        .and_then(|i| words.get(i + 1))
+        .context("no --config")?;
+
+    // It reads the node's own configuration and every file that configuration names, from the node's own
+    // ConfigMap and Secrets.
+    let node_yaml = std::fs::read_to_string(dir.join("node-350000.yaml"))?;
+    let config: NodeConfig = toml::from_str(&embedded_toml(&node_yaml).context("no node.toml")?)?;
+    let mounts: Vec<&str> = backup
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("mountPath: "))
+        .collect();
+    let mut needed = vec![
+        PathBuf::from(config_path),
+        config.tls.ca.clone(),
+        config.tls.cert.clone(),
+        config.tls.key.clone(),
+    ];
+    needed.extend(config.signing_key_path());
+    match &config.storage {
+        StorageConfig::Sqlite { path } => {
+            needed.push(path.clone());
+            assert!(
+                cronjob.contains("podAffinity"),
+                "a backup of an SQLite node runs beside its pod"
+            );
+        }
+        StorageConfig::Postgres { .. } => {
+            // pg_dump of the server's own version, with the password the node uses.
+            let server = std::fs::read_to_string(dir.join("postgres-350000.yaml"))?;
+            let image = server
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("image: postgres:"))
+                .context("no server image")?;
+            assert!(
+                backup_text.contains(&format!("image: postgres:{image}")),
+                "the backup runs in the server's image postgres:{image}"
+            );
+            assert!(backup_text.contains("name: PGPASSWORD"));
+            let secret = yaml_block(&node_yaml, "- name: PGPASSWORD")
+                .and_then(|b| {
+                    b.iter()
+                        .find_map(|l| l.trim().strip_prefix("name: ").map(str::to_owned))
+                })
+                .context("the node takes PGPASSWORD from a Secret")?;
+            assert!(backup_text.contains(&format!("name: {secret}")), "{secret}");
+        }
+    }
+    for path in &needed {
+        assert!(
+            mounts.iter().any(|m| path.starts_with(m)),
+            "{} is on no volume the backup mounts ({mounts:?})",
+            path.display()
+        );
+    }
+    for line in node_yaml.lines().map(str::trim) {
+        if line.starts_with("secretName: ") || line == "name: node-350000-config" {
+            assert!(cronjob.contains(line), "the CronJob lacks {line}");
+        }
+    }
+
+    // With kubectl at hand, the kustomization builds with the CronJob in it.
+    match std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(&dir)
+        .output()
+    {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "kubectl kustomize: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let built = String::from_utf8_lossy(&out.stdout);
+            assert!(built.contains("kind: CronJob") && built.contains("name: backup-node-350000"));
+        }
+        Err(e) => {
+            eprintln!("kubectl is not available ({e}): the kustomization build is not checked")
+        }
+    }
+    Ok(())
+}
+
+/// `key=value` settings of one section of a systemd unit, in order.
+fn unit_section(unit: &str, section: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .skip_while(|l| l.trim() != format!("[{section}]"))
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_backup_timer_runs_the_backup_service_daily_and_systemd_accepts_both() -> Result<()> {
+    let dir = workspace().join("deploy/systemd");
+    let service = std::fs::read_to_string(dir.join("fedgate-backup@.service"))?;
+    let timer = std::fs::read_to_string(dir.join("fedgate-backup@.timer"))?;
+    let readme = std::fs::read_to_string(dir.join("README.md"))?;
+    let env_example = std::fs::read_to_string(dir.join("backup.env.example"))?;
+    let script = std::fs::read_to_string(dir.join("fedgate-backup"))?;
+
+    let t = unit_section(&timer, "Timer");
+    for setting in [("OnCalendar", "daily"), ("Persistent", "true")] {
+        assert!(
+            t.contains(&(setting.0.to_owned(), setting.1.to_owned())),
+            "timer lacks {setting:?}"
+        );
+    }
+    let s = unit_section(&service, "Service");
+    let get = |k: &str| {
+        s.iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(get("Type"), ["oneshot"]);
+    assert_eq!(
+        get("ExecStart"),
+        ["/usr/local/lib/fedgate/fedgate-backup take %i"]
+    );
+    assert_eq!(
+        get("ExecStartPost"),
+        ["/usr/local/lib/fedgate/fedgate-backup copy %i"]
+    );
+    // The README installs the script where the unit runs it, and the settings file the unit reads.
+    assert!(readme.contains("deploy/systemd/fedgate-backup /usr/local/lib/fedgate/fedgate-backup"));
+    assert!(get("EnvironmentFile").contains(&"/etc/fedgate/backup.env".to_owned()));
+    assert!(readme.contains("/etc/fedgate/backup.env"));
+    // Every setting of the example file is one the script reads.
+    for line in env_example
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+    {
+        let key = line.split('=').next().unwrap_or_default();
+        assert!(
+            script.contains(&format!("${{{key}")),
+            "the script ignores {key}"
+        );
+    }
+
+    // systemd itself parses both units (and the node's), against a scratch root holding the script.
+    let Ok(version) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze is not available: the units are not verified by systemd");
+        return Ok(());
+    };
+    assert!(version.status.success());
+    let root = tempfile::tempdir()?;
+    let units = root.path().join("etc/systemd/system");
+    std::fs::create_dir_all(&units)?;
+    std::fs::create_dir_all(root.path().join("usr/lib/systemd"))?;
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("/usr/lib/systemd/system")
+        .arg(root.path().join("usr/lib/systemd/"))
+        .status()?;
+    assert!(copied.success(), "copying the system's units");
+    for f in [
+        "fedgate-node@.service",
+        "fedgate-backup@.service",
+        "fedgate-backup@.timer",
+    ] {
+        std::fs::copy(dir.join(f), units.join(f))?;
+    }
+    for (path, from) in [
+        (
+            "usr/local/lib/fedgate/fedgate-backup",
+            dir.join("fedgate-backup"),
+        ),
+        ("usr/local/bin/fedgate", dir.join("fedgate-backup")),
+    ] {
+        let to = root.path().join(path);
+        std::fs::create_dir_all(to.parent().context("a parent")?)?;
+        std::fs::copy(from, &to)?;
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(format!("--root={}", root.path().display()))
+        .args([
+            "fedgate-node@350102.service",
+            "fedgate-backup@350102.service",
+            "fedgate-backup@350102.timer",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
     Ok(())
 }

@@ -86,6 +86,29 @@ impl PgStore {
         Ok(Self { pool })
     }
 
+    /// Whether the database at `url` holds fedgate tables (a node's store, which a restore would replace).
+    pub async fn holds_tables(url: &str) -> Result<bool, StoreError> {
+        let pool = Self::pool(url).await?;
+        let held = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&pool)
+            .await;
+        pool.close().await;
+        Ok(held?)
+    }
+
+    /// How many other sessions are connected to the database at `url` (a node's replicas, while they run).
+    pub async fn other_sessions(url: &str) -> Result<u64, StoreError> {
+        let pool = Self::pool(url).await?;
+        let n: Result<i64, _> = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+        .fetch_one(&pool)
+        .await;
+        pool.close().await;
+        Ok(to_u64(n?))
+    }
+
     /// A pool on a UTF-8 database.
     async fn pool(url: &str) -> Result<PgPool, StoreError> {
         // A writer waiting for a stream's lock (or any row lock) gives up as SQLite's busy timeout does, rather

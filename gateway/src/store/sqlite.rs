@@ -178,6 +178,44 @@ impl SqliteStore {
         })
     }
 
+    /// Writes a transactionally consistent copy of the whole database to `dest`, which must not exist, while the
+    /// node keeps reading and writing (`VACUUM INTO` in one read transaction, which in WAL mode blocks no writer),
+    /// and syncs the copy to disk (SQLite does not).
+    pub async fn backup_to(&self, dest: &Path) -> Result<(), StoreError> {
+        let io = |error| StoreError::Io {
+            path: dest.display().to_string(),
+            error,
+        };
+        let target = dest.to_str().ok_or_else(|| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the backup path is not valid UTF-8",
+            ))
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&self.reader)
+            .await?;
+        let copy = tokio::fs::File::open(dest).await.map_err(io)?;
+        copy.sync_all().await.map_err(io)?;
+        Ok(())
+    }
+
+    /// Checks the database's structure (`PRAGMA quick_check`: pages, records, index sizes); fails naming the first
+    /// problems found.
+    pub async fn quick_check(&self) -> Result<(), StoreError> {
+        let problems: Vec<String> = sqlx::query_scalar("PRAGMA quick_check(10)")
+            .fetch_all(&self.reader)
+            .await?;
+        match problems.as_slice() {
+            [ok] if ok == "ok" => Ok(()),
+            _ => Err(StoreError::Corrupt {
+                what: "database".to_owned(),
+                error: problems.join("; "),
+            }),
+        }
+    }
+
     /// Stops the checkpointer and closes both pools, waiting for connections to finish; the last connection to
     /// close checkpoints the whole WAL.
     pub async fn close(&self) {
