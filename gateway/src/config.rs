@@ -160,7 +160,7 @@ impl NodeConfig {
     /// without `signing_key`.
     pub fn signing_key_path(&self) -> Option<PathBuf> {
         self.signing_key.clone().or_else(|| match &self.storage {
-            StorageConfig::Sqlite { path } => Some(path.with_extension("key")),
+            StorageConfig::Sqlite { path, .. } => Some(path.with_extension("key")),
             StorageConfig::Postgres { .. } => None,
         })
     }
@@ -186,21 +186,65 @@ pub enum StorageConfig {
     Sqlite {
         /// Path of the database file.
         path: PathBuf,
+        /// Longest one store operation waits for the database's write lock, retries included, before the call
+        /// is answered UNAVAILABLE, in milliseconds.
+        #[serde(default = "default_busy_timeout_ms")]
+        busy_timeout_ms: u64,
     },
     /// A PostgreSQL database (for a hub whose audit trail outgrows one file, or that runs on managed storage).
     Postgres {
         /// Connection URL, e.g. "postgres://fedgate@db.example:5432/fedgate?sslmode=verify-full"; a password
         /// may come from the URL or from `PGPASSWORD`.
         url: String,
+        /// Longest one store operation waits for locks (`lock_timeout`), retries of serialization failures and
+        /// deadlocks included, before the call is answered UNAVAILABLE, in milliseconds.
+        #[serde(default = "default_busy_timeout_ms")]
+        busy_timeout_ms: u64,
     },
 }
 
+/// Default of `[storage] busy_timeout_ms`: 10 s.
+pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 10_000;
+
+fn default_busy_timeout_ms() -> u64 {
+    DEFAULT_BUSY_TIMEOUT_MS
+}
+
 impl StorageConfig {
+    /// An SQLite file at `path` with the default busy timeout.
+    pub fn sqlite(path: impl Into<PathBuf>) -> Self {
+        Self::Sqlite {
+            path: path.into(),
+            busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
+        }
+    }
+
+    /// A PostgreSQL database at `url` with the default busy timeout.
+    pub fn postgres(url: impl Into<String>) -> Self {
+        Self::Postgres {
+            url: url.into(),
+            busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
+        }
+    }
+
+    /// How long one store operation may wait for locks before it gives up (at least 1 ms).
+    pub fn busy_timeout(&self) -> std::time::Duration {
+        let ms = match self {
+            StorageConfig::Sqlite {
+                busy_timeout_ms, ..
+            }
+            | StorageConfig::Postgres {
+                busy_timeout_ms, ..
+            } => *busy_timeout_ms,
+        };
+        std::time::Duration::from_millis(ms.max(1))
+    }
+
     /// Where the store is, for messages: the file path, or the URL without its password.
     pub fn describe(&self) -> String {
         match self {
-            StorageConfig::Sqlite { path } => path.display().to_string(),
-            StorageConfig::Postgres { url } => redact_password(url),
+            StorageConfig::Sqlite { path, .. } => path.display().to_string(),
+            StorageConfig::Postgres { url, .. } => redact_password(url),
         }
     }
 }
@@ -275,12 +319,7 @@ mod tests {
 
     #[test]
     fn database_urls_are_described_without_their_password() {
-        let describe = |url: &str| {
-            StorageConfig::Postgres {
-                url: url.to_owned(),
-            }
-            .describe()
-        };
+        let describe = |url: &str| StorageConfig::postgres(url).describe();
         assert_eq!(
             describe("postgres://hub:s3cr@t@db.example:5432/fedgate?sslmode=require"),
             "postgres://hub:***@db.example:5432/fedgate?sslmode=require"

@@ -31,7 +31,7 @@ use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
 use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
-use crate::store::{PgStore, SqliteStore, Store, StoreError};
+use crate::store::{PgStore, Retrying, SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
@@ -139,7 +139,12 @@ pub async fn start_with_clock(
                 .into(),
         ))
     })?;
-    let store = open_store(&config.storage).await?;
+    // Contention never reaches a caller as a storage failure: it is waited for and retried up to the bound.
+    let store: Arc<dyn Store> = Arc::new(Retrying::new(
+        open_store(&config.storage).await?,
+        code.to_string(),
+        config.storage.busy_timeout(),
+    ));
     let addr = listener.local_addr().map_err(|error| NodeError::Bind {
         addr: config.listen.clone(),
         error,
@@ -603,10 +608,10 @@ impl NodeHandle {
 /// Opens (creating or migrating as needed) the store the configuration names.
 pub async fn open_store(storage: &StorageConfig) -> Result<Arc<dyn Store>, NodeError> {
     let opened: Result<Arc<dyn Store>, StoreError> = match storage {
-        StorageConfig::Sqlite { path } => SqliteStore::open(path)
+        StorageConfig::Sqlite { path, .. } => SqliteStore::open_with(path, storage.busy_timeout())
             .await
             .map(|s| Arc::new(s) as Arc<dyn Store>),
-        StorageConfig::Postgres { url } => PgStore::connect(url)
+        StorageConfig::Postgres { url, .. } => PgStore::connect_with(url, storage.busy_timeout())
             .await
             .map(|s| Arc::new(s) as Arc<dyn Store>),
     };

@@ -340,8 +340,8 @@ impl Devnet {
                     cert: cert_path,
                     key: key_path,
                 },
-                storage: s.storage.clone().unwrap_or_else(|| StorageConfig::Sqlite {
-                    path: dir.path().join(format!("node-{}.db", s.code)),
+                storage: s.storage.clone().unwrap_or_else(|| {
+                    StorageConfig::sqlite(dir.path().join(format!("node-{}.db", s.code)))
                 }),
                 parent,
                 children,

@@ -326,9 +326,7 @@ impl ProcessFederation {
                     cert: cert_path,
                     key: key_path,
                 },
-                storage: StorageConfig::Sqlite {
-                    path: db_path.clone(),
-                },
+                storage: StorageConfig::sqlite(db_path.clone()),
                 parent,
                 children,
                 agencies: agency_configs.remove(&s.code).unwrap_or_default(),

@@ -23,8 +23,6 @@ mod catalog;
 
 /// Connections of the pool.
 const MAX_CONNECTIONS: u32 = 16;
-/// Longest a statement waits for a lock (PostgreSQL's `lock_timeout`), as long as SQLite's busy timeout.
-const LOCK_TIMEOUT: &str = "10s";
 /// Longest a caller waits for a free connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Audit rows per INSERT: each statement binds ten arrays whatever its size (no bind-parameter limit applies);
@@ -41,9 +39,16 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects to the database at `url` (a `postgres://` URL) and applies migrations.
+    /// Connects to the database at `url` (a `postgres://` URL) and applies migrations; a statement waits up to
+    /// SQLite's [`super::sqlite::DEFAULT_BUSY_TIMEOUT`] for a lock.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = Self::pool(url).await?;
+        Self::connect_with(url, super::sqlite::DEFAULT_BUSY_TIMEOUT).await
+    }
+
+    /// Connects to the database at `url` and applies migrations; a statement waits up to `busy` for a lock
+    /// (PostgreSQL's `lock_timeout`) before it fails as busy.
+    pub async fn connect_with(url: &str, busy: Duration) -> Result<Self, StoreError> {
+        let pool = Self::pool(url, busy).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         catalog::ensure_index(&pool).await?;
         Ok(Self { pool })
@@ -52,7 +57,7 @@ impl PgStore {
     /// Connects to a node's existing database without changing it (for the audit tools); fails if it holds no
     /// fedgate tables or tables older than this build's.
     pub async fn connect_existing(url: &str) -> Result<Self, StoreError> {
-        let pool = Self::pool(url).await?;
+        let pool = Self::pool(url, super::sqlite::DEFAULT_BUSY_TIMEOUT).await?;
         let latest = sqlx::migrate!("./migrations/postgres")
             .iter()
             .map(|m| m.version)
@@ -85,11 +90,13 @@ impl PgStore {
         Ok(Self { pool })
     }
 
-    /// A pool on a UTF-8 database.
-    async fn pool(url: &str) -> Result<PgPool, StoreError> {
+    /// A pool on a UTF-8 database whose statements wait up to `busy` for a lock.
+    async fn pool(url: &str, busy: Duration) -> Result<PgPool, StoreError> {
         // A writer waiting for a stream's lock (or any row lock) gives up as SQLite's busy timeout does, rather
         // than holding a share's answer indefinitely behind a stuck transaction.
-        let options = PgConnectOptions::from_str(url)?.options([("lock_timeout", LOCK_TIMEOUT)]);
+        let lock_timeout = format!("{}ms", busy.as_millis().max(1));
+        let options =
+            PgConnectOptions::from_str(url)?.options([("lock_timeout", lock_timeout.as_str())]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
