@@ -22,7 +22,7 @@ use crate::calendar::WorkCalendar;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{MIN_RETENTION_DAYS, NodeConfig, StorageConfig};
 use crate::downlink::Downlink;
-use crate::governance::Governance;
+use crate::governance::{Governance, SCAN_PAGE};
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::limits::GuardLayer;
@@ -479,7 +479,11 @@ async fn shrink_rate_state(admission: Admission, mut shutdown: watch::Receiver<b
     }
 }
 
-/// Logs a warning for every overdue application and objection, once a minute.
+/// Stale entries named one by one in each scan's warnings; the rest are counted.
+const STALE_WARNINGS: u64 = 100;
+
+/// Once a minute, logs a warning for every application and objection still open past its deadline and for the
+/// node's stale catalog entries, reading the store a page at a time.
 async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
@@ -487,26 +491,37 @@ async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
-        match governance.overdue().await {
+        match governance.open_overdue(SCAN_PAGE).await {
             Ok((apps, objections)) => {
-                for a in apps.iter().filter(|a| a.decided_at == 0) {
+                for a in &apps {
                     tracing::warn!(application = %a.id, resource = %a.resource_id, due_at = a.due_at,
                         "application is overdue: no decision within its deadline");
                 }
-                for o in objections.iter().filter(|o| o.resolved_at == 0) {
+                for o in &objections {
                     tracing::warn!(objection = %o.id, resource = %o.resource_id, due_at = o.due_at,
                         "objection is overdue: not resolved within its deadline");
                 }
             }
             Err(e) => tracing::error!(error = %e, "overdue scan failed"),
         }
-        match governance.stale_entries().await {
-            Ok(stale) => {
-                for s in stale {
-                    let id = s.entry.as_ref().map(|e| e.id.clone()).unwrap_or_default();
-                    tracing::warn!(resource = %id, reason = %s.reason, "catalog entry is stale");
+        let mut named = 0u64;
+        let scanned = governance
+            .scan_stale(SCAN_PAGE, |page| {
+                for s in page {
+                    if named < STALE_WARNINGS {
+                        let id = s.entry.as_ref().map(|e| e.id.as_str()).unwrap_or_default();
+                        tracing::warn!(resource = %id, reason = %s.reason, "catalog entry is stale");
+                    }
+                    named += 1;
                 }
-            }
+            })
+            .await;
+        match scanned {
+            Ok(stale) if stale > STALE_WARNINGS => tracing::warn!(
+                stale,
+                "catalog entries are stale; `fedgate report` lists them"
+            ),
+            Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "stale-entry scan failed"),
         }
     }

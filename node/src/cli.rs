@@ -323,10 +323,16 @@ async fn report(path: PathBuf) -> Result<()> {
             o.id, o.resource_id, o.consumer_uscc, o.due_at
         );
     }
-    println!("stale catalog entries: {}", r.stale_entries.len());
+    println!("stale catalog entries: {}", r.stale_count);
     for s in &r.stale_entries {
         let id = s.entry.as_ref().map(|e| e.id.as_str()).unwrap_or("");
         println!("  {id}  {}", s.reason);
+    }
+    if r.stale_count > r.stale_entries.len() as u64 {
+        println!(
+            "  … and {} more",
+            r.stale_count - r.stale_entries.len() as u64
+        );
     }
     Ok(())
 }

@@ -96,6 +96,7 @@ contract!(
     child_audit_cursor_gap_and_idempotence,
     audit_archival_and_deletion,
     governance_docs_and_id_counters,
+    governance_docs_are_read_in_keyset_pages,
     node_keys_are_pinned_on_first_sight,
     served_nodes_are_kept_until_their_answers_expire,
     concurrent_writers_commit_in_position_order,
@@ -1752,6 +1753,7 @@ async fn governance_docs_and_id_counters(store: Arc<dyn Store>) -> Result<()> {
             consumer_uscc: Some("C1".into()),
             state: Some(1),
             due_before: Some(i64::MAX),
+            ..Default::default()
         })
         .await?,
         ["a-2"]
@@ -1776,6 +1778,93 @@ async fn governance_docs_and_id_counters(store: Arc<dyn Store>) -> Result<()> {
             .await?,
         vec![docs[4].clone()]
     );
+    Ok(())
+}
+
+/// Pages of a listing (`after_id`, `limit`) are consecutive runs of the whole listing, whatever their size,
+/// never longer than asked, and combine with the other filters.
+async fn governance_docs_are_read_in_keyset_pages(store: Arc<dyn Store>) -> Result<()> {
+    // Ids whose bytewise order differs from the order they are written in, of two providers and two states.
+    let ids: Vec<String> = (0..23)
+        .map(|i| format!("350100-a-{}", (i * 7) % 23))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        store
+            .put_doc(&Doc {
+                kind: DocKind::Application,
+                id: id.clone(),
+                provider_uscc: if i % 2 == 0 { "P1" } else { "P2" }.to_owned(),
+                consumer_uscc: "C1".to_owned(),
+                state: if i % 3 == 0 { 2 } else { 1 },
+                due_at: 100,
+                body: id.clone().into_bytes(),
+            })
+            .await?;
+    }
+    store
+        .put_doc(&Doc {
+            kind: DocKind::Objection,
+            id: "350100-a-5".to_owned(),
+            provider_uscc: "P1".to_owned(),
+            consumer_uscc: "C1".to_owned(),
+            state: 1,
+            due_at: 100,
+            body: Vec::new(),
+        })
+        .await?;
+    let listing = |q: &DocQuery| {
+        let store = store.clone();
+        let q = q.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                store
+                    .docs(DocKind::Application, &q)
+                    .await?
+                    .into_iter()
+                    .map(|d| d.id)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    for filter in [
+        DocQuery::default(),
+        DocQuery {
+            provider_uscc: Some("P2".to_owned()),
+            ..Default::default()
+        },
+        DocQuery {
+            state: Some(1),
+            due_before: Some(200),
+            ..Default::default()
+        },
+    ] {
+        let whole = listing(&filter).await?;
+        let mut sorted = whole.clone();
+        sorted.sort();
+        assert_eq!(whole, sorted, "listed by id");
+        for page in [1u32, 2, 5, 22, 23, 100] {
+            let mut paged = Vec::new();
+            let mut q = DocQuery {
+                limit: Some(page),
+                ..filter.clone()
+            };
+            loop {
+                let got = listing(&q).await?;
+                ensure!(
+                    got.len() <= page as usize,
+                    "a page of {page} held {}",
+                    got.len()
+                );
+                let Some(last) = got.last().cloned() else {
+                    break;
+                };
+                paged.extend(got);
+                q.after_id = Some(last);
+            }
+            assert_eq!(paged, whole, "pages of {page} with {filter:?}");
+        }
+    }
+    assert_eq!(listing(&DocQuery::default()).await?.len(), 23);
     Ok(())
 }
 

@@ -252,6 +252,10 @@ pub struct DocQuery {
     pub state: Option<i32>,
     /// Only documents due before this instant (seconds).
     pub due_before: Option<i64>,
+    /// Only documents whose id sorts after this one (pagination: the last id of the previous page).
+    pub after_id: Option<String>,
+    /// Maximum documents; all when absent.
+    pub limit: Option<u32>,
 }
 
 /// A node's durable state.
@@ -317,7 +321,8 @@ pub trait Store: Send + Sync + 'static {
     async fn put_doc(&self, doc: &Doc) -> Result<(), StoreError>;
     /// One governance document.
     async fn doc(&self, kind: DocKind, id: &str) -> Result<Option<Doc>, StoreError>;
-    /// Governance documents of a kind matching the filters, by id.
+    /// Governance documents of a kind matching the filters, by id (bytewise order), a page at a time when the
+    /// query sets `limit`.
     async fn docs(&self, kind: DocKind, query: &DocQuery) -> Result<Vec<Doc>, StoreError>;
 
     /// Records that the parent acknowledged `stream` up to `seq`.

@@ -463,7 +463,13 @@ impl Store for PgStore {
         if let Some(t) = q.due_before {
             b.push(" AND due_at > 0 AND due_at < ").push_bind(t);
         }
+        if let Some(a) = &q.after_id {
+            b.push(" AND id > ").push_bind(a.clone());
+        }
         b.push(" ORDER BY id");
+        if let Some(n) = q.limit {
+            b.push(" LIMIT ").push_bind(i64::from(n));
+        }
         let rows = b.build().fetch_all(&self.pool).await?;
         rows.iter().map(|r| doc_from_row(kind, r)).collect()
     }
