@@ -300,6 +300,10 @@ pub struct RoutingConfig {
     pub hop_margin_ms: u64,
     /// Timeout of opening a connection to a neighbour or provider, in milliseconds.
     pub connect_timeout_ms: u64,
+    /// Deadline of each call of the uplink to the parent (`Join`, `Push`), in milliseconds; a parent that has not
+    /// answered by then is dropped and reached again on a new connection. Keep it above the parent's
+    /// `[storage] busy_timeout_ms`.
+    pub uplink_call_timeout_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -309,6 +313,7 @@ impl Default for RoutingConfig {
             default_timeout_ms: 10_000,
             hop_margin_ms: 20,
             connect_timeout_ms: 2_000,
+            uplink_call_timeout_ms: 20_000,
         }
     }
 }

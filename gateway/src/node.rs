@@ -150,7 +150,11 @@ pub async fn start_with_clock(
         error,
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let uplink = Uplink::new().with_max_push_bytes(limits.max_push_bytes);
+    let uplink = Uplink::new()
+        .with_max_push_bytes(limits.max_push_bytes)
+        .with_call_timeout(std::time::Duration::from_millis(
+            config.routing.uplink_call_timeout_ms,
+        ));
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;

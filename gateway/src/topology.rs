@@ -21,6 +21,16 @@ pub struct Neighbour {
     pub address: String,
     /// Lazily connected, reconnecting channel shared by every request to it.
     pub channel: Channel,
+    /// How `channel` was made: [`Neighbour::fresh_channel`] opens another one the same way.
+    endpoint: Endpoint,
+}
+
+impl Neighbour {
+    /// A new channel to the neighbour on connections of its own, for a caller that gave up on the shared one
+    /// (a connection that stopped answering stays open until HTTP/2 keepalive notices).
+    pub fn fresh_channel(&self) -> Channel {
+        self.endpoint.connect_lazy()
+    }
 }
 
 /// An agency registered on this node.
@@ -72,6 +82,16 @@ fn channel(
     server: &Peer,
     connect_timeout: Duration,
 ) -> Result<Channel> {
+    Ok(endpoint(address, what, tls, server, connect_timeout)?.connect_lazy())
+}
+
+fn endpoint(
+    address: &str,
+    what: &str,
+    tls: &TlsMaterial,
+    server: &Peer,
+    connect_timeout: Duration,
+) -> Result<Endpoint> {
     let endpoint = Endpoint::from_shared(address.to_owned())
         .map_err(|e| Error::InvalidArgument(format!("{what} address {address:?}: {e}")))?
         .tls_config(client_tls(tls, server))
@@ -81,7 +101,7 @@ fn channel(
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+    Ok(endpoint)
 }
 
 fn neighbour(p: &PeerNode, what: &str, tls: &TlsMaterial, timeout: Duration) -> Result<Neighbour> {
@@ -89,10 +109,12 @@ fn neighbour(p: &PeerNode, what: &str, tls: &TlsMaterial, timeout: Duration) -> 
         .code
         .parse()
         .map_err(|e| Error::InvalidArgument(format!("{what}.code: {e}")))?;
+    let endpoint = endpoint(&p.address, what, tls, &Peer::Node(code), timeout)?;
     Ok(Neighbour {
         code,
         address: p.address.clone(),
-        channel: channel(&p.address, what, tls, &Peer::Node(code), timeout)?,
+        channel: endpoint.connect_lazy(),
+        endpoint,
     })
 }
 

@@ -33,6 +33,8 @@ const PUSH_OVERHEAD: usize = 16;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Wait before the first reconnection attempt.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// Deadline of each call to the parent unless configured (`[routing] uplink_call_timeout_ms`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Progress of one upward stream, readable while it runs.
 #[derive(Debug, Default)]
@@ -69,6 +71,7 @@ pub struct Uplink {
     key: Arc<std::sync::OnceLock<([u8; 32], Option<fedgate_proto::v1::SignedStatement>)>>,
     max_push_bytes: usize,
     ship_every: Duration,
+    call_timeout: Duration,
 }
 
 impl Default for Uplink {
@@ -95,6 +98,8 @@ enum SessionError {
     Corrupt { seq: u64, error: String },
     #[error("parent applied up to {applied} of a batch ending at {sent}")]
     Behind { applied: u64, sent: u64 },
+    #[error("parent did not answer {call} within {after:?}")]
+    Stalled { call: &'static str, after: Duration },
     #[error("parent refuses item {seq} ({bytes} bytes) alone as too large: {status}")]
     TooLarge {
         seq: u64,
@@ -161,6 +166,36 @@ impl Uplink {
             key: Arc::new(std::sync::OnceLock::new()),
             max_push_bytes: 3 * 1024 * 1024,
             ship_every: SHIP_EVERY,
+            call_timeout: CALL_TIMEOUT,
+        }
+    }
+
+    /// An uplink whose calls to the parent each fail after `timeout` without an answer (the session is then
+    /// dropped and started again on a new connection).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Runs one call to the parent under the call deadline, which the parent is told too (`grpc-timeout`).
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        name: &'static str,
+        body: Req,
+        call: F,
+    ) -> Result<Resp, SessionError>
+    where
+        F: FnOnce(tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let mut req = tonic::Request::new(body);
+        req.set_timeout(self.call_timeout);
+        match tokio::time::timeout(self.call_timeout, call(req)).await {
+            Ok(answer) => Ok(answer?.into_inner()),
+            Err(_) => Err(SessionError::Stalled {
+                call: name,
+                after: self.call_timeout,
+            }),
         }
     }
 
@@ -224,15 +259,26 @@ impl Uplink {
             items: BATCH,
             bytes: self.max_push_bytes,
         };
+        let mut channel = parent.channel.clone();
         loop {
-            let session = self.session(stream, me, &parent, &store, &mut backoff, &mut size);
+            let session = self.session(
+                stream,
+                me,
+                (&parent, FederationClient::new(channel.clone())),
+                &store,
+                (&mut backoff, &mut size),
+            );
             tokio::select! {
                 _ = shutdown.changed() => return,
                 res = session => {
                     self.status(stream).connected.store(false, Ordering::Relaxed);
-                    if let Err(e) = res {
+                    if let Err(e) = &res {
                         tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
                             "uplink interrupted; retrying in {:?}", backoff.wait);
+                    }
+                    if let Err(SessionError::Stalled { .. }) = res {
+                        // The connection may be the part that stopped answering: the next session opens another.
+                        channel = parent.fresh_channel();
                     }
                 }
             }
@@ -249,21 +295,17 @@ impl Uplink {
         &self,
         stream: Stream,
         me: DivisionCode,
-        parent: &Neighbour,
+        (parent, mut client): (&Neighbour, FederationClient<tonic::transport::Channel>),
         store: &Arc<dyn Store>,
-        backoff: &mut Backoff,
-        size: &mut BatchSize,
+        (backoff, size): (&mut Backoff, &mut BatchSize),
     ) -> Result<(), SessionError> {
-        let mut client = FederationClient::new(parent.channel.clone());
-        let join = client
-            .join(JoinRequest {
-                node_code: me.to_string(),
-                software_version: env!("CARGO_PKG_VERSION").to_owned(),
-                audit_public_key: self.key.get().map(|k| k.0.to_vec()).unwrap_or_default(),
-                key_endorsement: self.key.get().and_then(|k| k.1.clone()),
-            })
-            .await?
-            .into_inner();
+        let join = JoinRequest {
+            node_code: me.to_string(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            audit_public_key: self.key.get().map(|k| k.0.to_vec()).unwrap_or_default(),
+            key_endorsement: self.key.get().and_then(|k| k.1.clone()),
+        };
+        let join = self.call("Join", join, |req| client.join(req)).await?;
         let mut acked = join
             .cursors
             .iter()
@@ -314,29 +356,30 @@ impl Uplink {
                 items.last().map_or(acked, |i| i.seq),
             );
             let count = items.len();
-            let pushed = client
-                .push(PushRequest {
-                    stream: stream as i32,
-                    items,
-                })
-                .await;
+            let push = PushRequest {
+                stream: stream as i32,
+                items,
+            };
+            let pushed = self.call("Push", push, |req| client.push(req)).await;
             let resp = match pushed {
-                Ok(resp) => resp.into_inner(),
-                Err(status) if too_large(&status) && count > 1 && size.bytes > MIN_PUSH_BYTES => {
+                Ok(resp) => resp,
+                Err(SessionError::Call(status))
+                    if too_large(&status) && count > 1 && size.bytes > MIN_PUSH_BYTES =>
+                {
                     // The parent takes less than this node sends: send less, at once.
                     size.refused(bytes);
                     tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, bytes, count,
                         next = size.bytes, error = %status, "parent refused a push as too large; sending smaller ones");
                     continue;
                 }
-                Err(status) if too_large(&status) && count == 1 => {
+                Err(SessionError::Call(status)) if too_large(&status) && count == 1 => {
                     return Err(SessionError::TooLarge {
                         seq: first,
                         bytes,
                         status,
                     });
                 }
-                Err(status) => return Err(status.into()),
+                Err(e) => return Err(e),
             };
             if resp.applied_seq < last {
                 return Err(SessionError::Behind {
