@@ -1,6 +1,6 @@
 //! No wedges, no spurious failures (issue 11), over real nodes: storage contention is waited for and answered
 //! UNAVAILABLE only past its bound, never INTERNAL; periodic scans read the store a page at a time; a parent
-//! that stops answering is dropped and reached again.
+//! that stops answering is dropped and reached again; a hop whose caller goes away still records the request.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,7 +14,10 @@ use fedgate_proto::v1::{
 };
 use fedgate_tests::db_lock::WriteLock;
 use fedgate_tests::process::{AuditDump, ProcessFederation, catalog_count};
-use fedgate_tests::{Devnet, NodeSpec, code, federation_client, init, own_audit_records, registry};
+use fedgate_tests::{
+    Devnet, NodeSpec, code, eventually, federation_client, init, key_at, own_audit_records, query,
+    registry,
+};
 use tonic::Code;
 
 /// Deadline of every wait for progress.
@@ -339,7 +342,11 @@ async fn a_parent_that_stops_answering_is_dropped_and_both_streams_resume_withou
     let resumed = Instant::now();
     wait_catalog(&root_db, 22).await?;
     let settled = fed.wait_audit_settled(WAIT).await?;
-    eprintln!("streams resumed: catalog after {:?}, audit after {:?}", resumed.elapsed(), settled.elapsed);
+    eprintln!(
+        "streams resumed: catalog after {:?}, audit after {:?}",
+        resumed.elapsed(),
+        settled.elapsed
+    );
     assert_eq!(catalog_count(&root_db).await?, 22);
     // The frozen connections are still open at the province; close them before stopping it.
     relay.cut();
@@ -372,4 +379,77 @@ async fn wait_catalog(db: &std::path::Path, n: u64) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_share_cancelled_while_its_provider_works_is_recorded_at_every_hop() -> Result<()> {
+    use ShareType::{Conditional, Unconditional};
+    init();
+    let specs = vec![
+        NodeSpec::new("350100")?,
+        NodeSpec::new("350102")?
+            .provider(2, "Gulou provider", registry(Unconditional, Conditional, 1))?
+            .provider_latency(Duration::from_secs(5)),
+        NodeSpec::new("350103")?.consumer(1, "Taijiang consumer")?,
+    ];
+    let net = Devnet::start(specs).await?;
+    let gulou = net.provider_at(code("350102"))?;
+    let provider = gulou.provider.clone().context("Gulou serves a registry")?;
+    let key = key_at(&net, "350102", 0)?;
+    let mut consumer = net.client(&net.consumer_at(code("350103"))?.uscc).await?;
+    let mut share = query("350102:household", &key, &["name"]);
+    share.request_id = "cancelled-while-served".into();
+
+    // The share travels 350103 → 350100 → 350102; the agency gives up once the provider has the request.
+    let call = tokio::spawn(async move { consumer.share(share).await });
+    let began = Instant::now();
+    while provider.received() == 0 {
+        if began.elapsed() > WAIT {
+            bail!("the share never reached the provider");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    assert!(call.await.is_err(), "the share was cancelled, not answered");
+
+    // Every hop holds a record of it with its outcome, written when the hop's caller went away.
+    let outcomes = |node: &'static str| {
+        let net = &net;
+        async move {
+            Ok::<_, anyhow::Error>(
+                own_audit_records(net, node)
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.request_id == "cancelled-while-served")
+                    .map(|r| (r.outcome, r.provider_uscc))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    eventually("every hop recorded the cancelled share", WAIT, || async {
+        Ok(!outcomes("350103").await?.is_empty()
+            && outcomes("350100").await?.len() >= 2
+            && !outcomes("350102").await?.is_empty())
+    })
+    .await?;
+    let cancelled = "CANCELLED".to_owned();
+    assert_eq!(
+        outcomes("350103").await?,
+        [(cancelled.clone(), String::new())],
+        "the consumer's node"
+    );
+    assert_eq!(
+        outcomes("350100").await?,
+        [
+            ("FORWARDED".to_owned(), String::new()),
+            (cancelled.clone(), String::new())
+        ],
+        "the relay"
+    );
+    assert_eq!(
+        outcomes("350102").await?,
+        [(cancelled, gulou.uscc.to_string())],
+        "the serving node, which had called its provider"
+    );
+    net.shutdown().await
 }
