@@ -59,6 +59,17 @@ pub struct NodeConfig {
     /// Limits on every string, list and message this node accepts (see `docs/security.md`).
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// Seconds a stopping node lets calls in flight finish after it stopped accepting; the rest are then cut off
+    /// (and recorded as cancelled) before the audit chain's head is signed.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Default of `shutdown_grace_secs`.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+
+fn default_shutdown_grace_secs() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_SECS
 }
 
 /// How this node checks what other nodes sign.

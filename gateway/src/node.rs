@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::accept::{self, SourceKey, TrackCallsLayer};
+use crate::accept::{self, SourceKey, StopCallsLayer, TrackCallsLayer};
 use crate::admission::Admission;
 use crate::assertion::Assertions;
 use crate::audit::AuditLog;
@@ -85,6 +85,9 @@ pub struct NodeHandle {
     audit_writer: JoinHandle<()>,
     governance: Governance,
     shutdown: watch::Sender<bool>,
+    grace: std::time::Duration,
+    stopping: tokio_util::sync::CancellationToken,
+    closing: tokio_util::sync::CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -150,6 +153,14 @@ pub async fn start_with_clock(
         error,
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    // Cancelled once the shutdown grace has passed: calls still in flight are answered UNAVAILABLE at once.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    // Cancelled a moment later: every listener then drops its connections.
+    let closing = tokio_util::sync::CancellationToken::new();
+    let limits_of = |mut l: accept::ListenerLimits| {
+        l.closing = closing.clone();
+        l
+    };
     let uplink = Uplink::new()
         .with_max_push_bytes(limits.max_push_bytes)
         .with_call_timeout(std::time::Duration::from_millis(
@@ -297,12 +308,15 @@ pub async fn start_with_clock(
     let metrics_addr = match &config.metrics {
         Some(m) => {
             let (listener, addr) = listen(&m.listen).await?;
-            let listener =
-                accept::HttpListener::new(listener, connections.metrics(), on_refused("metrics"))
-                    .map_err(|error| NodeError::Bind {
-                    addr: m.listen.clone(),
-                    error,
-                })?;
+            let listener = accept::HttpListener::new(
+                listener,
+                limits_of(connections.metrics()),
+                on_refused("metrics"),
+            )
+            .map_err(|error| NodeError::Bind {
+                addr: m.listen.clone(),
+                error,
+            })?;
             let app = scrape::router(scrape::ScrapeState::new(
                 metrics.clone(),
                 store.clone(),
@@ -337,12 +351,13 @@ pub async fn start_with_clock(
             let incoming = accept::incoming(
                 listener,
                 tls::ServerTls::new(tls::public_server_config(&tls)?),
-                connections.open_data(),
+                limits_of(connections.open_data()),
                 on_refused("open_data"),
             );
             let server = http2_server(connections)
                 .layer(TrackCallsLayer::<()>::new())
                 .layer(GuardLayer::new(audit_log.clone()))
+                .layer(StopCallsLayer::new(code, stopping.clone()))
                 .add_service(
                     OpenDataServer::new(svc).max_decoding_message_size(limits.max_message_bytes),
                 );
@@ -384,7 +399,7 @@ pub async fn start_with_clock(
     let incoming = accept::incoming(
         listener,
         tls::MutualTls::new(tls::server_config(&tls)?, revoked),
-        connections.backbone(),
+        limits_of(connections.backbone()),
         on_refused("backbone"),
     );
     let mut stop = shutdown_rx.clone();
@@ -393,6 +408,7 @@ pub async fn start_with_clock(
             .layer(TrackCallsLayer::<tls::PeerInfo>::new())
             .layer(admission.layer())
             .layer(GuardLayer::new(audit_log.clone()))
+            .layer(StopCallsLayer::new(code, stopping.clone()))
             .add_service(health)
             .add_service(reflection)
             .add_service(
@@ -432,6 +448,9 @@ pub async fn start_with_clock(
         audit_writer,
         governance,
         shutdown,
+        grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
+        stopping,
+        closing,
         server,
         tasks,
     })
@@ -482,6 +501,11 @@ async fn shrink_rate_state(admission: Admission, mut shutdown: watch::Receiver<b
         }
     }
 }
+
+/// How long a stopping node lets the answers of the calls it cut off go out before it closes every connection.
+const ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a stopping node waits for its server once its connections are closed, and for its audit writer.
+const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Stale entries named one by one in each scan's warnings; the rest are counted.
 const STALE_WARNINGS: u64 = 100;
@@ -583,7 +607,9 @@ impl NodeHandle {
         self.audit.as_ref()
     }
 
-    /// Stops accepting, drains in-flight requests, stops background tasks and closes storage.
+    /// Stops accepting, lets calls in flight finish for up to the configured grace (`shutdown_grace_secs`), then
+    /// closes every connection, cutting off the calls still running (each hop records them as cancelled); stops
+    /// the background tasks, lets the audit writer sign the chain's head, and closes storage.
     pub async fn shutdown(self) -> Result<(), NodeError> {
         let NodeHandle {
             code,
@@ -592,26 +618,59 @@ impl NodeHandle {
             audit_writer,
             governance,
             shutdown,
-            server,
-            tasks,
+            grace,
+            stopping,
+            closing,
+            mut server,
+            mut tasks,
             ..
         } = self;
         let _ = shutdown.send(true);
-        for t in tasks {
-            let _ = t.await;
-        }
-        let served = match server.await {
+        let mut drain = Box::pin(async {
+            for t in &mut tasks {
+                let _ = t.await;
+            }
+            (&mut server).await
+        });
+        let served = match tokio::time::timeout(grace, &mut drain).await {
+            Ok(served) => Some(served),
+            Err(_) => {
+                tracing::warn!(node = %code, ?grace, "calls still in flight after the shutdown grace; cutting them off");
+                stopping.cancel();
+                match tokio::time::timeout(ANSWER_MARGIN, &mut drain).await {
+                    Ok(served) => Some(served),
+                    Err(_) => {
+                        // What is left (streams, connections that carry nothing) goes with its connection.
+                        closing.cancel();
+                        tokio::time::timeout(STOP_MARGIN, &mut drain).await.ok()
+                    }
+                }
+            }
+        };
+        drop(drain);
+        let served = served.unwrap_or_else(|| {
+            tracing::error!(node = %code, "the server did not stop after its connections were closed");
+            server.abort();
+            for t in &tasks {
+                t.abort();
+            }
+            Ok(Ok(()))
+        });
+        let served = match served {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(node = %code, error = %e, "server task failed");
                 Ok(())
             }
         };
-        // The writer drains and stops once every handle to it is gone.
+        // The writer drains, signs the chain's head and stops once every handle to it is gone.
         drop(audit);
         drop(governance);
-        if let Err(e) = audit_writer.await {
-            tracing::error!(node = %code, error = %e, "audit writer failed");
+        match tokio::time::timeout(STOP_MARGIN, audit_writer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(node = %code, error = %e, "audit writer failed"),
+            Err(_) => tracing::error!(node = %code,
+                "the audit writer did not stop in time; an unsigned head is signed at the next start"),
         }
         store.close().await;
         tracing::info!(node = %code, "node stopped");

@@ -345,6 +345,7 @@ impl ProcessFederation {
                 connections: Default::default(),
                 rate_limits: Default::default(),
                 limits: Default::default(),
+                shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
             };
             configure(&mut config);
             let config_path = path.join(format!("node-{}.toml", s.code));
