@@ -5,3 +5,4 @@ pub mod audit_cmd;
 pub mod cli;
 pub mod demo;
 pub mod devnet;
+pub mod exit;
