@@ -129,7 +129,8 @@ impl<IO, I> Tracked<IO, I> {
             idle_timeout: limits.idle_timeout,
             idle_by: limits.idle_by,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            closing: Box::pin(limits.closing.clone().cancelled_owned()),
+            // A token of its own: polling it never contends with the listener's other connections.
+            closing: Box::pin(limits.closing.child_token().cancelled_owned()),
             _permit: permit,
         }
     }
