@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use fedgate_proto::v1::provider_server::{Provider, ProviderServer};
 use fedgate_proto::v1::{
@@ -37,6 +39,8 @@ pub const MAX_EXPORT_PAGE_SIZE: u32 = 5000;
 pub struct RegistryProvider {
     registry: Arc<Registry>,
     node_code: String,
+    latency: Duration,
+    received: Arc<AtomicU64>,
 }
 
 impl RegistryProvider {
@@ -45,6 +49,28 @@ impl RegistryProvider {
         Self {
             registry: registry.into(),
             node_code: node_code.into(),
+            latency: Duration::ZERO,
+            received: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The provider answering every call `latency` after it arrived, as a slow registry back end would.
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Calls that reached the service (authorized or not) since it started, counted as they arrive; shared by
+    /// every clone.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+
+    /// Counts a call and waits out the configured latency.
+    async fn arrive(&self) {
+        self.received.fetch_add(1, Ordering::SeqCst);
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
         }
     }
 
@@ -234,6 +260,7 @@ impl Provider for RegistryProvider {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
+        self.arrive().await;
         let peer = match self.authorize(&request) {
             Ok(peer) => peer,
             Err(status) => {
@@ -260,6 +287,7 @@ impl Provider for RegistryProvider {
         &self,
         request: Request<AggregateRequest>,
     ) -> Result<Response<AggregateResponse>, Status> {
+        self.arrive().await;
         let peer = match self.authorize(&request) {
             Ok(peer) => peer,
             Err(status) => {
@@ -293,6 +321,7 @@ impl Provider for RegistryProvider {
         &self,
         request: Request<ExportRequest>,
     ) -> Result<Response<ExportResponse>, Status> {
+        self.arrive().await;
         let peer = match self.authorize(&request) {
             Ok(peer) => peer,
             Err(status) => {

@@ -59,6 +59,17 @@ pub struct NodeConfig {
     /// Limits on every string, list and message this node accepts (see `docs/security.md`).
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// Seconds a stopping node lets calls in flight finish after it stopped accepting; the rest are then cut off
+    /// (and recorded as cancelled) before the audit chain's head is signed.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Default of `shutdown_grace_secs`.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+
+fn default_shutdown_grace_secs() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_SECS
 }
 
 /// How this node checks what other nodes sign.
@@ -160,7 +171,7 @@ impl NodeConfig {
     /// without `signing_key`.
     pub fn signing_key_path(&self) -> Option<PathBuf> {
         self.signing_key.clone().or_else(|| match &self.storage {
-            StorageConfig::Sqlite { path } => Some(path.with_extension("key")),
+            StorageConfig::Sqlite { path, .. } => Some(path.with_extension("key")),
             StorageConfig::Postgres { .. } => None,
         })
     }
@@ -186,21 +197,65 @@ pub enum StorageConfig {
     Sqlite {
         /// Path of the database file.
         path: PathBuf,
+        /// Longest one store operation waits for the database's write lock, retries included, before the call
+        /// is answered UNAVAILABLE, in milliseconds.
+        #[serde(default = "default_busy_timeout_ms")]
+        busy_timeout_ms: u64,
     },
     /// A PostgreSQL database (for a hub whose audit trail outgrows one file, or that runs on managed storage).
     Postgres {
         /// Connection URL, e.g. "postgres://fedgate@db.example:5432/fedgate?sslmode=verify-full"; a password
         /// may come from the URL or from `PGPASSWORD`.
         url: String,
+        /// Longest one store operation waits for locks (`lock_timeout`), retries of serialization failures and
+        /// deadlocks included, before the call is answered UNAVAILABLE, in milliseconds.
+        #[serde(default = "default_busy_timeout_ms")]
+        busy_timeout_ms: u64,
     },
 }
 
+/// Default of `[storage] busy_timeout_ms`: 10 s.
+pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 10_000;
+
+fn default_busy_timeout_ms() -> u64 {
+    DEFAULT_BUSY_TIMEOUT_MS
+}
+
 impl StorageConfig {
+    /// An SQLite file at `path` with the default busy timeout.
+    pub fn sqlite(path: impl Into<PathBuf>) -> Self {
+        Self::Sqlite {
+            path: path.into(),
+            busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
+        }
+    }
+
+    /// A PostgreSQL database at `url` with the default busy timeout.
+    pub fn postgres(url: impl Into<String>) -> Self {
+        Self::Postgres {
+            url: url.into(),
+            busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
+        }
+    }
+
+    /// How long one store operation may wait for locks before it gives up (at least 1 ms).
+    pub fn busy_timeout(&self) -> std::time::Duration {
+        let ms = match self {
+            StorageConfig::Sqlite {
+                busy_timeout_ms, ..
+            }
+            | StorageConfig::Postgres {
+                busy_timeout_ms, ..
+            } => *busy_timeout_ms,
+        };
+        std::time::Duration::from_millis(ms.max(1))
+    }
+
     /// Where the store is, for messages: the file path, or the URL without its password.
     pub fn describe(&self) -> String {
         match self {
-            StorageConfig::Sqlite { path } => path.display().to_string(),
-            StorageConfig::Postgres { url } => redact_password(url),
+            StorageConfig::Sqlite { path, .. } => path.display().to_string(),
+            StorageConfig::Postgres { url, .. } => redact_password(url),
         }
     }
 }
@@ -260,6 +315,10 @@ pub struct RoutingConfig {
     pub hop_margin_ms: u64,
     /// Timeout of opening a connection to a neighbour or provider, in milliseconds.
     pub connect_timeout_ms: u64,
+    /// Deadline of each call of the uplink to the parent (`Join`, `Push`), in milliseconds; a parent that has not
+    /// answered by then is dropped and reached again on a new connection. Keep it above the parent's
+    /// `[storage] busy_timeout_ms`.
+    pub uplink_call_timeout_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -269,6 +328,7 @@ impl Default for RoutingConfig {
             default_timeout_ms: 10_000,
             hop_margin_ms: 20,
             connect_timeout_ms: 2_000,
+            uplink_call_timeout_ms: 20_000,
         }
     }
 }
@@ -279,12 +339,7 @@ mod tests {
 
     #[test]
     fn database_urls_are_described_without_their_password() {
-        let describe = |url: &str| {
-            StorageConfig::Postgres {
-                url: url.to_owned(),
-            }
-            .describe()
-        };
+        let describe = |url: &str| StorageConfig::postgres(url).describe();
         assert_eq!(
             describe("postgres://hub:s3cr@t@db.example:5432/fedgate?sslmode=require"),
             "postgres://hub:***@db.example:5432/fedgate?sslmode=require"

@@ -13,7 +13,7 @@ use crate::cache::{ServedNodes, ShareCache};
 use crate::catalog::parse_resource_id;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::governance::Governance;
+use crate::governance::{Governance, SCAN_PAGE};
 use crate::ident::DivisionCode;
 use crate::route::call_error;
 use crate::statement::{self, NodeSigner, StatementVerifier, Verified};
@@ -101,29 +101,41 @@ impl Downlink {
         Ok(nodes)
     }
 
-    /// Hands every pending revocation to the next node toward its grantee; returns how many were delivered.
+    /// Hands every pending revocation to the next node toward its grantee, reading them a page at a time;
+    /// returns how many were delivered.
     pub async fn deliver_revocations(&self) -> Result<usize> {
         let mut delivered = 0;
-        for notice in self.governance.pending_revocations().await? {
-            let checked = self.governance.check_revocation(&notice)?;
-            let Some(next) = self.toward(&checked.body().consumer_node, &notice.route)? else {
-                continue;
-            };
-            match self.hand_revocation(&notice, next).await {
-                Ok(_) => {
-                    self.governance
-                        .record_revocation(&checked, &notice, false)
-                        .await?;
-                    delivered += 1;
+        let mut after = None;
+        loop {
+            let page = self
+                .governance
+                .pending_revocations(after.take(), SCAN_PAGE)
+                .await?;
+            let full = page.len() >= SCAN_PAGE as usize;
+            for (id, notice) in page {
+                after = Some(id);
+                let checked = self.governance.check_revocation(&notice)?;
+                let Some(next) = self.toward(&checked.body().consumer_node, &notice.route)? else {
+                    continue;
+                };
+                match self.hand_revocation(&notice, next).await {
+                    Ok(_) => {
+                        self.governance
+                            .record_revocation(&checked, &notice, false)
+                            .await?;
+                        delivered += 1;
+                    }
+                    Err(e) => tracing::debug!(
+                        grant = %checked.body().grant_id,
+                        error = %e,
+                        "revocation still pending"
+                    ),
                 }
-                Err(e) => tracing::debug!(
-                    grant = %checked.body().grant_id,
-                    error = %e,
-                    "revocation still pending"
-                ),
+            }
+            if !full || after.is_none() {
+                return Ok(delivered);
             }
         }
-        Ok(delivered)
     }
 
     /// At the entry's node, after a change of `resource_id` to `version`: purges the answers of it that every

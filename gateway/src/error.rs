@@ -59,6 +59,7 @@ impl Error {
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Upstream(s) => s.code(),
+            Error::Store(e) if e.is_busy() => Code::Unavailable,
             Error::Store(_) => Code::Internal,
         }
     }
@@ -74,6 +75,10 @@ impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
             Error::Upstream(s) => s,
+            Error::Store(err) if err.is_busy() => {
+                tracing::warn!(error = %err, "storage busy; call answered UNAVAILABLE");
+                Status::unavailable(busy_message(&err))
+            }
             Error::Store(err) => {
                 tracing::error!(error = %err, "storage failure");
                 Status::internal("storage failure at this node; the operator has been told")
@@ -83,6 +88,20 @@ impl From<Error> for Status {
                 crate::limits::clamp(&other.to_string(), crate::limits::MAX_STATUS_CHARS),
             ),
         }
+    }
+}
+
+/// What a caller is told when the node's database stayed locked: which node, and that the call may be retried.
+fn busy_message(err: &crate::store::StoreError) -> String {
+    match err {
+        crate::store::StoreError::Busy {
+            node, waited_ms, ..
+        } => format!(
+            "node {node} is busy: its database stayed locked by other work for {waited_ms} ms and nothing was \
+             changed; retry the call"
+        ),
+        _ => "this node is busy: its database is locked by other work and nothing was changed; retry the call"
+            .to_owned(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use fedgate_proto::v1::{
     Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
     DecideRequest, FileObjectionRequest, Grant, Objection, ObjectionState, ResolveObjectionRequest,
-    Revocation, RevocationNotice, ShareMode, ShareType, SignedGrant, SignedStatement, StaleEntry,
+    Revocation, RevocationNotice, ShareMode, ShareType, SignedGrant, SignedStatement,
 };
 use prost::Message;
 
@@ -19,6 +19,10 @@ use crate::grant::{self, GrantError, GrantKey};
 use crate::ident::{DivisionCode, Peer, Uscc};
 use crate::statement::{NodeSigner, StatementError, StatementVerifier, Verified};
 use crate::store::{Doc, DocKind, DocQuery, Store};
+
+mod scan;
+
+pub use scan::{REPORT_STALE_ENTRIES, SCAN_PAGE, update_period};
 
 /// State of a recorded revocation that the next node toward the grantee has acknowledged (or that ends here).
 const REVOCATION_DELIVERED: i32 = 1;
@@ -471,35 +475,6 @@ impl Governance {
         Ok(out)
     }
 
-    /// Every application and objection at this node that is or was late.
-    pub async fn overdue(&self) -> Result<(Vec<Application>, Vec<Objection>)> {
-        let mut apps = Vec::new();
-        for d in self
-            .store
-            .docs(DocKind::Application, &DocQuery::default())
-            .await?
-        {
-            let mut a: Application = decode("application", &d.body)?;
-            a.overdue = self.is_overdue(a.due_at, a.decided_at);
-            if a.overdue {
-                apps.push(a);
-            }
-        }
-        let mut objections = Vec::new();
-        for d in self
-            .store
-            .docs(DocKind::Objection, &DocQuery::default())
-            .await?
-        {
-            let mut o: Objection = decode("objection", &d.body)?;
-            o.overdue = self.is_overdue(o.due_at, o.resolved_at);
-            if o.overdue {
-                objections.push(o);
-            }
-        }
-        Ok((apps, objections))
-    }
-
     /// Approves or rejects an application for a resource `provider` provides here.
     pub async fn decide(&self, provider: &Uscc, req: DecideRequest) -> Result<Application> {
         let mut record = audit::event(
@@ -745,22 +720,6 @@ impl Governance {
         Ok(())
     }
 
-    /// Revocations this node recorded but has not yet handed to the next node toward their grantee.
-    pub async fn pending_revocations(&self) -> Result<Vec<RevocationNotice>> {
-        self.store
-            .docs(
-                DocKind::Revocation,
-                &DocQuery {
-                    state: Some(REVOCATION_PENDING),
-                    ..Default::default()
-                },
-            )
-            .await?
-            .iter()
-            .map(|d| decode::<RevocationNotice>("revocation", &d.body))
-            .collect()
-    }
-
     /// Notes a revocation another replica of this node recorded.
     pub async fn revoked_elsewhere(&self, grant_id: &str) -> Result<()> {
         self.revoked().await?.insert(grant_id.to_owned());
@@ -788,11 +747,20 @@ impl Governance {
     async fn revoked(&self) -> Result<&dashmap::DashSet<String>> {
         self.revoked
             .get_or_try_init(|| async {
-                let docs = self
-                    .store
-                    .docs(DocKind::Revocation, &DocQuery::default())
-                    .await?;
-                Ok::<_, Error>(docs.into_iter().map(|d| d.id).collect())
+                let ids = dashmap::DashSet::new();
+                self.each_doc_page(
+                    DocKind::Revocation,
+                    DocQuery::default(),
+                    SCAN_PAGE,
+                    |docs| {
+                        for d in docs {
+                            ids.insert(d.id);
+                        }
+                        Ok(())
+                    },
+                )
+                .await?;
+                Ok::<_, Error>(ids)
             })
             .await
     }
@@ -1042,95 +1010,6 @@ impl Governance {
         );
         self.write(record).await?;
         Ok(o)
-    }
-}
-
-/// Seconds a declared update frequency allows between updates; `None` for frequencies without a period.
-pub fn update_period(frequency: &str) -> Option<i64> {
-    let day = 24 * 3600;
-    match frequency.trim().to_ascii_lowercase().as_str() {
-        "realtime" | "real-time" | "hourly" | "daily" => Some(day),
-        "weekly" => Some(7 * day),
-        "monthly" => Some(31 * day),
-        "quarterly" => Some(92 * day),
-        "half-yearly" | "semiannual" => Some(183 * day),
-        "yearly" | "annual" | "annually" => Some(366 * day),
-        _ => None,
-    }
-}
-
-impl Governance {
-    /// Entries held here that are stale: not updated within their declared frequency, or not revised within
-    /// the configured working days after an objection led their provider to correct the data.
-    pub async fn stale_entries(&self) -> Result<Vec<StaleEntry>> {
-        let now = self.clock.unix();
-        let entries = self
-            .store
-            .search(&crate::store::CatalogQuery {
-                node_prefix: Some(self.node.to_string()),
-                limit: u32::MAX,
-                ..Default::default()
-            })
-            .await?
-            .into_iter()
-            .map(|hit| hit.entry);
-        let corrected: Vec<Objection> = self
-            .store
-            .docs(
-                DocKind::Objection,
-                &DocQuery {
-                    state: Some(ObjectionState::Corrected as i32),
-                    ..Default::default()
-                },
-            )
-            .await?
-            .iter()
-            .map(|d| decode::<Objection>("objection", &d.body))
-            .collect::<Result<_>>()?;
-        let mut stale = Vec::new();
-        for e in entries {
-            let updated = time::OffsetDateTime::parse(
-                &e.updated_at,
-                &time::format_description::well_known::Rfc3339,
-            )
-            .map(|t| t.unix_timestamp())
-            .unwrap_or(0);
-            if let Some(period) = update_period(&e.update_frequency) {
-                let due = updated + period;
-                if now >= due {
-                    stale.push(StaleEntry {
-                        reason: format!(
-                            "not updated within its declared update frequency ({})",
-                            e.update_frequency
-                        ),
-                        due_at: due,
-                        entry: Some(e.clone()),
-                    });
-                    continue;
-                }
-            }
-            for o in corrected
-                .iter()
-                .filter(|o| o.resource_id == e.id && o.resolved_at > updated)
-            {
-                let at = time::OffsetDateTime::from_unix_timestamp(o.resolved_at)
-                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-                let due = self.calendar.catalog_revision_deadline(at).unix_timestamp();
-                if now >= due {
-                    stale.push(StaleEntry {
-                        reason: format!(
-                            "data corrected after objection {} but the catalog entry was not revised within {} working days",
-                            o.id,
-                            self.calendar.catalog_revision_days()
-                        ),
-                        due_at: due,
-                        entry: Some(e.clone()),
-                    });
-                    break;
-                }
-            }
-        }
-        Ok(stale)
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::accept::{self, SourceKey, TrackCallsLayer};
+use crate::accept::{self, SourceKey, StopCallsLayer, TrackCallsLayer};
 use crate::admission::Admission;
 use crate::assertion::Assertions;
 use crate::audit::AuditLog;
@@ -22,7 +22,7 @@ use crate::calendar::WorkCalendar;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{MIN_RETENTION_DAYS, NodeConfig, StorageConfig};
 use crate::downlink::Downlink;
-use crate::governance::Governance;
+use crate::governance::{Governance, SCAN_PAGE};
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::limits::GuardLayer;
@@ -31,7 +31,7 @@ use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
 use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
-use crate::store::{PgStore, SqliteStore, Store, StoreChange, StoreError};
+use crate::store::{PgStore, Retrying, SqliteStore, Store, StoreChange, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
@@ -85,6 +85,9 @@ pub struct NodeHandle {
     audit_writer: JoinHandle<()>,
     governance: Governance,
     shutdown: watch::Sender<bool>,
+    grace: std::time::Duration,
+    stopping: tokio_util::sync::CancellationToken,
+    closing: tokio_util::sync::CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -139,13 +142,30 @@ pub async fn start_with_clock(
                 .into(),
         ))
     })?;
-    let store = open_store(&config.storage).await?;
+    // Contention never reaches a caller as a storage failure: it is waited for and retried up to the bound.
+    let store: Arc<dyn Store> = Arc::new(Retrying::new(
+        open_store(&config.storage).await?,
+        code.to_string(),
+        config.storage.busy_timeout(),
+    ));
     let addr = listener.local_addr().map_err(|error| NodeError::Bind {
         addr: config.listen.clone(),
         error,
     })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let uplink = Uplink::new().with_max_push_bytes(limits.max_push_bytes);
+    // Cancelled once the shutdown grace has passed: calls still in flight are answered UNAVAILABLE at once.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    // Cancelled a moment later: every listener then drops its connections.
+    let closing = tokio_util::sync::CancellationToken::new();
+    let limits_of = |mut l: accept::ListenerLimits| {
+        l.closing = closing.clone();
+        l
+    };
+    let uplink = Uplink::new()
+        .with_max_push_bytes(limits.max_push_bytes)
+        .with_call_timeout(std::time::Duration::from_millis(
+            config.routing.uplink_call_timeout_ms,
+        ));
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;
@@ -296,12 +316,15 @@ pub async fn start_with_clock(
     let metrics_addr = match &config.metrics {
         Some(m) => {
             let (listener, addr) = listen(&m.listen).await?;
-            let listener =
-                accept::HttpListener::new(listener, connections.metrics(), on_refused("metrics"))
-                    .map_err(|error| NodeError::Bind {
-                    addr: m.listen.clone(),
-                    error,
-                })?;
+            let listener = accept::HttpListener::new(
+                listener,
+                limits_of(connections.metrics()),
+                on_refused("metrics"),
+            )
+            .map_err(|error| NodeError::Bind {
+                addr: m.listen.clone(),
+                error,
+            })?;
             let app = scrape::router(scrape::ScrapeState::new(
                 metrics.clone(),
                 store.clone(),
@@ -336,12 +359,13 @@ pub async fn start_with_clock(
             let incoming = accept::incoming(
                 listener,
                 tls::ServerTls::new(tls::public_server_config(&tls)?),
-                connections.open_data(),
+                limits_of(connections.open_data()),
                 on_refused("open_data"),
             );
             let server = http2_server(connections)
                 .layer(TrackCallsLayer::<()>::new())
                 .layer(GuardLayer::new(audit_log.clone()))
+                .layer(StopCallsLayer::new(code, stopping.clone()))
                 .add_service(
                     OpenDataServer::new(svc).max_decoding_message_size(limits.max_message_bytes),
                 );
@@ -383,7 +407,7 @@ pub async fn start_with_clock(
     let incoming = accept::incoming(
         listener,
         tls::MutualTls::new(tls::server_config(&tls)?, revoked),
-        connections.backbone(),
+        limits_of(connections.backbone()),
         on_refused("backbone"),
     );
     let mut stop = shutdown_rx.clone();
@@ -392,6 +416,7 @@ pub async fn start_with_clock(
             .layer(TrackCallsLayer::<tls::PeerInfo>::new())
             .layer(admission.layer())
             .layer(GuardLayer::new(audit_log.clone()))
+            .layer(StopCallsLayer::new(code, stopping.clone()))
             .add_service(health)
             .add_service(reflection)
             .add_service(
@@ -431,6 +456,9 @@ pub async fn start_with_clock(
         audit_writer,
         governance,
         shutdown,
+        grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
+        stopping,
+        closing,
         server,
         tasks,
     })
@@ -521,7 +549,16 @@ async fn shrink_rate_state(admission: Admission, mut shutdown: watch::Receiver<b
     }
 }
 
-/// Logs a warning for every overdue application and objection, once a minute.
+/// How long a stopping node lets the answers of the calls it cut off go out before it closes every connection.
+const ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a stopping node waits for its server once its connections are closed, and for its audit writer.
+const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Stale entries named one by one in each scan's warnings; the rest are counted.
+const STALE_WARNINGS: u64 = 100;
+
+/// Once a minute, logs a warning for every application and objection still open past its deadline and for the
+/// node's stale catalog entries, reading the store a page at a time.
 async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
@@ -529,26 +566,37 @@ async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
-        match governance.overdue().await {
+        match governance.open_overdue(SCAN_PAGE).await {
             Ok((apps, objections)) => {
-                for a in apps.iter().filter(|a| a.decided_at == 0) {
+                for a in &apps {
                     tracing::warn!(application = %a.id, resource = %a.resource_id, due_at = a.due_at,
                         "application is overdue: no decision within its deadline");
                 }
-                for o in objections.iter().filter(|o| o.resolved_at == 0) {
+                for o in &objections {
                     tracing::warn!(objection = %o.id, resource = %o.resource_id, due_at = o.due_at,
                         "objection is overdue: not resolved within its deadline");
                 }
             }
             Err(e) => tracing::error!(error = %e, "overdue scan failed"),
         }
-        match governance.stale_entries().await {
-            Ok(stale) => {
-                for s in stale {
-                    let id = s.entry.as_ref().map(|e| e.id.clone()).unwrap_or_default();
-                    tracing::warn!(resource = %id, reason = %s.reason, "catalog entry is stale");
+        let mut named = 0u64;
+        let scanned = governance
+            .scan_stale(SCAN_PAGE, |page| {
+                for s in page {
+                    if named < STALE_WARNINGS {
+                        let id = s.entry.as_ref().map(|e| e.id.as_str()).unwrap_or_default();
+                        tracing::warn!(resource = %id, reason = %s.reason, "catalog entry is stale");
+                    }
+                    named += 1;
                 }
-            }
+            })
+            .await;
+        match scanned {
+            Ok(stale) if stale > STALE_WARNINGS => tracing::warn!(
+                stale,
+                "catalog entries are stale; `fedgate report` lists them"
+            ),
+            Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "stale-entry scan failed"),
         }
     }
@@ -606,7 +654,9 @@ impl NodeHandle {
         self.audit.as_ref()
     }
 
-    /// Stops accepting, drains in-flight requests, stops background tasks and closes storage.
+    /// Stops accepting, lets calls in flight finish for up to the configured grace (`shutdown_grace_secs`), then
+    /// closes every connection, cutting off the calls still running (each hop records them as cancelled); stops
+    /// the background tasks, lets the audit writer sign the chain's head, and closes storage.
     pub async fn shutdown(self) -> Result<(), NodeError> {
         let NodeHandle {
             code,
@@ -615,26 +665,59 @@ impl NodeHandle {
             audit_writer,
             governance,
             shutdown,
-            server,
-            tasks,
+            grace,
+            stopping,
+            closing,
+            mut server,
+            mut tasks,
             ..
         } = self;
         let _ = shutdown.send(true);
-        for t in tasks {
-            let _ = t.await;
-        }
-        let served = match server.await {
+        let mut drain = Box::pin(async {
+            for t in &mut tasks {
+                let _ = t.await;
+            }
+            (&mut server).await
+        });
+        let served = match tokio::time::timeout(grace, &mut drain).await {
+            Ok(served) => Some(served),
+            Err(_) => {
+                tracing::warn!(node = %code, ?grace, "calls still in flight after the shutdown grace; cutting them off");
+                stopping.cancel();
+                match tokio::time::timeout(ANSWER_MARGIN, &mut drain).await {
+                    Ok(served) => Some(served),
+                    Err(_) => {
+                        // What is left (streams, connections that carry nothing) goes with its connection.
+                        closing.cancel();
+                        tokio::time::timeout(STOP_MARGIN, &mut drain).await.ok()
+                    }
+                }
+            }
+        };
+        drop(drain);
+        let served = served.unwrap_or_else(|| {
+            tracing::error!(node = %code, "the server did not stop after its connections were closed");
+            server.abort();
+            for t in &tasks {
+                t.abort();
+            }
+            Ok(Ok(()))
+        });
+        let served = match served {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(node = %code, error = %e, "server task failed");
                 Ok(())
             }
         };
-        // The writer drains and stops once every handle to it is gone.
+        // The writer drains, signs the chain's head and stops once every handle to it is gone.
         drop(audit);
         drop(governance);
-        if let Err(e) = audit_writer.await {
-            tracing::error!(node = %code, error = %e, "audit writer failed");
+        match tokio::time::timeout(STOP_MARGIN, audit_writer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(node = %code, error = %e, "audit writer failed"),
+            Err(_) => tracing::error!(node = %code,
+                "the audit writer did not stop in time; an unsigned head is signed at the next start"),
         }
         store.close().await;
         tracing::info!(node = %code, "node stopped");
@@ -650,10 +733,10 @@ impl NodeHandle {
 /// Opens (creating or migrating as needed) the store the configuration names.
 pub async fn open_store(storage: &StorageConfig) -> Result<Arc<dyn Store>, NodeError> {
     let opened: Result<Arc<dyn Store>, StoreError> = match storage {
-        StorageConfig::Sqlite { path } => SqliteStore::open(path)
+        StorageConfig::Sqlite { path, .. } => SqliteStore::open_with(path, storage.busy_timeout())
             .await
             .map(|s| Arc::new(s) as Arc<dyn Store>),
-        StorageConfig::Postgres { url } => PgStore::connect(url)
+        StorageConfig::Postgres { url, .. } => PgStore::connect_with(url, storage.busy_timeout())
             .await
             .map(|s| Arc::new(s) as Arc<dyn Store>),
     };

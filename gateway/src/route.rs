@@ -32,6 +32,10 @@ use crate::policy;
 use crate::store::Store;
 use crate::topology::{Direction, Topology};
 
+mod hop_record;
+
+use hop_record::HopRecord;
+
 /// What a hop returns: the provider node's encoded answer and the route with elapsed times.
 #[derive(Debug, Clone)]
 pub struct Forwarded {
@@ -200,7 +204,8 @@ impl Router {
     /// Serves `env` here if this node holds the resource, else forwards it one hop. The envelope's last
     /// route entry must be this node's own hop. `local` is the consumer when this node itself vouched for it
     /// (its own agency, or its open-data endpoint); a forwarded request is served only under the assertion it
-    /// carries.
+    /// carries. The hop's audit record is written before it is answered, and also when its caller goes away
+    /// first (see `route::hop_record`).
     pub async fn dispatch(
         &self,
         env: Envelope,
@@ -213,14 +218,12 @@ impl Router {
         if local.is_none() && env.target_node != me.as_str() {
             return self.relay(env, request, deadline, started).await;
         }
-        let (result, record) = self
-            .dispatch_unrecorded(env, request, deadline, local)
-            .await?;
-        self.audit.record(record).await.map_err(|e| {
-            Error::Unavailable(format!(
-                "node {me} could not record the request in its audit trail, so it is not answered: {e}"
-            ))
-        })?;
+        let target: DivisionCode = env.target_node.parse()?;
+        let mut hop = HopRecord::new(&self.audit, share_record(&env, target == me));
+        let result = self
+            .hop(env, request, (target, deadline), local, hop.record())
+            .await;
+        hop.write().await.map_err(|e| unrecorded(me, e))?;
         let mut out = result?;
         self.stamp_elapsed(&mut out, started);
         Ok(out)
@@ -231,18 +234,35 @@ impl Router {
     /// records an operation of many dispatches once (an open-data download of many pages).
     pub async fn dispatch_unrecorded(
         &self,
-        mut env: Envelope,
+        env: Envelope,
         request: Vec<u8>,
         deadline: Instant,
         local: Option<Vouched>,
     ) -> Result<(Result<Forwarded>, AuditRecord)> {
-        let started = Instant::now();
         let me = self.topology.code;
         let target: DivisionCode = env.target_node.parse()?;
         let mut record = share_record(&env, target == me);
-        let result = if target == me {
+        let result = self
+            .hop(env, request, (target, deadline), local, &mut record)
+            .await;
+        Ok((result, record))
+    }
+
+    /// Serves `env` here (`target` is this node) or forwards it, filling in `record` as it goes, its outcome
+    /// included.
+    async fn hop(
+        &self,
+        mut env: Envelope,
+        request: Vec<u8>,
+        (target, deadline): (DivisionCode, Instant),
+        local: Option<Vouched>,
+        record: &mut AuditRecord,
+    ) -> Result<Forwarded> {
+        let started = Instant::now();
+        let here = target == self.topology.code;
+        let result = if here {
             set_action(&mut env, action::SERVED);
-            self.serve_local(&env, &request, deadline, local, &mut record)
+            self.serve_local(&env, &request, deadline, local, record)
                 .await
                 .map(|(response, cacheable_ms)| Forwarded {
                     response,
@@ -252,7 +272,7 @@ impl Router {
         } else {
             self.forward(env, request, target, deadline).await
         };
-        let counter = match (&result, target == me) {
+        let counter = match (&result, here) {
             (Err(_), _) => &self.metrics.shares_failed,
             (Ok(_), true) => &self.metrics.shares_served,
             (Ok(_), false) => &self.metrics.shares_forwarded,
@@ -265,17 +285,16 @@ impl Router {
                 record.detail = e.to_string();
             }
         }
-        let result = result.map(|mut out| {
+        result.map(|mut out| {
             self.stamp_elapsed(&mut out, started);
             out
-        });
-        Ok((result, record))
+        })
     }
 
     /// Passes on a request that another node vouched for and another node serves. This hop's record states what
     /// is known before the call (who sent which request where, outcome [`audit::FORWARDED`]) and is made durable
-    /// while the next node works on the request, so the record costs this hop no time of its own; a failure is
-    /// recorded again with its outcome before it is answered.
+    /// while the next node works on the request, so the record costs this hop no time of its own; a failure, or
+    /// the caller going away first, is recorded again with its outcome.
     async fn relay(
         &self,
         env: Envelope,
@@ -287,30 +306,29 @@ impl Router {
         let target: DivisionCode = env.target_node.parse()?;
         let mut record = share_record(&env, false);
         record.outcome = audit::FORWARDED.to_owned();
-        let failure = record.clone();
+        let mut failure = HopRecord::new(&self.audit, record.clone());
         let (written, result) = tokio::join!(
-            self.audit.record(record),
+            hop_record::durably(&self.audit, record),
             self.forward(env, request, target, deadline)
         );
-        let unrecorded = |e: audit::AuditError| {
-            Error::Unavailable(format!(
-                "node {me} could not record the request in its audit trail, so it is not answered: {e}"
-            ))
-        };
-        written.map_err(unrecorded)?;
+        if let Err(e) = written {
+            failure.discard();
+            return Err(unrecorded(me, e));
+        }
         match result {
             Ok(mut out) => {
+                failure.discard();
                 NodeMetrics::add(&self.metrics.shares_forwarded, 1);
                 self.stamp_elapsed(&mut out, started);
                 Ok(out)
             }
             Err(e) => {
                 NodeMetrics::add(&self.metrics.shares_failed, 1);
-                let mut r = failure;
+                let r = failure.record();
                 r.time_unix_nanos = audit::now_nanos();
                 r.outcome = audit::outcome(e.code());
                 r.detail = e.to_string();
-                self.audit.record(r).await.map_err(unrecorded)?;
+                failure.write().await.map_err(|e| unrecorded(me, e))?;
                 Err(e)
             }
         }
@@ -640,6 +658,13 @@ impl Router {
             .await?;
         Ok(u64::try_from(served.allowance().as_millis()).unwrap_or(u64::MAX))
     }
+}
+
+/// The answer of a hop whose record could not be made durable: it is not answered otherwise.
+fn unrecorded(me: DivisionCode, e: audit::AuditError) -> Error {
+    Error::Unavailable(format!(
+        "node {me} could not record the request in its audit trail, so it is not answered: {e}"
+    ))
 }
 
 /// One call to a provider agency with the request's remaining time.

@@ -25,6 +25,17 @@ pub struct Neighbour {
     pub address: String,
     /// Lazily connected, reconnecting channel shared by every request to it.
     pub channel: Channel,
+    /// How `channel` was made (one endpoint per replica): [`Neighbour::fresh_channel`] opens another one the
+    /// same way.
+    endpoints: Vec<Endpoint>,
+}
+
+impl Neighbour {
+    /// A new channel to the neighbour on connections of its own, for a caller that gave up on the shared one
+    /// (a connection that stopped answering stays open until HTTP/2 keepalive notices).
+    pub fn fresh_channel(&self) -> Channel {
+        balanced(&self.endpoints)
+    }
 }
 
 /// An agency registered on this node.
@@ -84,25 +95,15 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// How long a replica may take to answer a check before it counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// One channel over `addresses`, the replicas of one node: calls are spread over those that answer a health
+/// One channel over `endpoints`, the replicas of one node: calls are spread over those that answer a health
 /// check (see [`watch_replicas`]).
-fn balanced(
-    addresses: &[&str],
-    what: &str,
-    tls: &TlsMaterial,
-    server: &Peer,
-    connect_timeout: Duration,
-) -> Result<Channel> {
-    match addresses {
-        [one] => channel(one, what, tls, server, connect_timeout),
+fn balanced(endpoints: &[Endpoint]) -> Channel {
+    match endpoints {
+        [one] => one.connect_lazy(),
         many => {
-            let endpoints = many
-                .iter()
-                .map(|a| endpoint(a, what, tls, server, connect_timeout))
-                .collect::<Result<Vec<_>>>()?;
-            let (channel, changes) = Channel::balance_channel(endpoints.len());
-            tokio::spawn(watch_replicas(endpoints, changes));
-            Ok(channel)
+            let (channel, changes) = Channel::balance_channel(many.len());
+            tokio::spawn(watch_replicas(many.to_vec(), changes));
+            channel
         }
     }
 }
@@ -176,13 +177,15 @@ fn neighbour(p: &PeerNode, what: &str, tls: &TlsMaterial, timeout: Duration) -> 
         .code
         .parse()
         .map_err(|e| Error::InvalidArgument(format!("{what}.code: {e}")))?;
-    let addresses: Vec<&str> = std::iter::once(p.address.as_str())
-        .chain(p.replicas.iter().map(String::as_str))
-        .collect();
+    let endpoints = std::iter::once(&p.address)
+        .chain(&p.replicas)
+        .map(|a| endpoint(a, what, tls, &Peer::Node(code), timeout))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Neighbour {
         code,
         address: p.address.clone(),
-        channel: balanced(&addresses, what, tls, &Peer::Node(code), timeout)?,
+        channel: balanced(&endpoints),
+        endpoints,
     })
 }
 

@@ -36,6 +36,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// How long a replica's hold on shipping a stream lasts unless renewed: another replica of the node takes the
 /// stream over within about this long after the holder dies.
 const LEASE_TTL: Duration = Duration::from_secs(3);
+/// Deadline of each call to the parent unless configured (`[routing] uplink_call_timeout_ms`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Progress of one upward stream, readable while it runs.
 #[derive(Debug, Default)]
@@ -78,6 +80,7 @@ pub struct Uplink {
     ship_every: Duration,
     /// Who this process is among the replicas sharing the store, as named in the leases it takes.
     replica: Arc<str>,
+    call_timeout: Duration,
 }
 
 impl Default for Uplink {
@@ -106,6 +109,8 @@ enum SessionError {
     Behind { applied: u64, sent: u64 },
     #[error("this replica lost the stream's lease: {0}")]
     LeaseLost(String),
+    #[error("parent did not answer {call} within {after:?}")]
+    Stalled { call: &'static str, after: Duration },
     #[error("parent refuses item {seq} ({bytes} bytes) alone as too large: {status}")]
     TooLarge {
         seq: u64,
@@ -173,6 +178,36 @@ impl Uplink {
             max_push_bytes: 3 * 1024 * 1024,
             ship_every: SHIP_EVERY,
             replica: Arc::from(replica_id()),
+            call_timeout: CALL_TIMEOUT,
+        }
+    }
+
+    /// An uplink whose calls to the parent each fail after `timeout` without an answer (the session is then
+    /// dropped and started again on a new connection).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Runs one call to the parent under the call deadline, which the parent is told too (`grpc-timeout`).
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        name: &'static str,
+        body: Req,
+        call: F,
+    ) -> Result<Resp, SessionError>
+    where
+        F: FnOnce(tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let mut req = tonic::Request::new(body);
+        req.set_timeout(self.call_timeout);
+        match tokio::time::timeout(self.call_timeout, call(req)).await {
+            Ok(answer) => Ok(answer?.into_inner()),
+            Err(_) => Err(SessionError::Stalled {
+                call: name,
+                after: self.call_timeout,
+            }),
         }
     }
 
@@ -251,6 +286,7 @@ impl Uplink {
         };
         let lease = format!("uplink:{}", stream.as_str_name());
         let status = self.status(stream);
+        let mut channel = parent.channel.clone();
         loop {
             match store.take_lease(&lease, &self.replica, LEASE_TTL).await {
                 Ok(true) => {
@@ -275,7 +311,13 @@ impl Uplink {
                     }
                 }
             }
-            let session = self.session(stream, me, &parent, &store, &mut backoff, &mut size);
+            let session = self.session(
+                stream,
+                me,
+                (&parent, FederationClient::new(channel.clone())),
+                &store,
+                (&mut backoff, &mut size),
+            );
             let outcome = tokio::select! {
                 _ = shutdown.changed() => {
                     status.leased.store(false, Ordering::Relaxed);
@@ -286,12 +328,16 @@ impl Uplink {
                 lost = hold_lease(store.as_ref(), &lease, &self.replica) => Err(lost),
             };
             status.connected.store(false, Ordering::Relaxed);
-            if let Err(e) = outcome {
+            if let Err(e) = &outcome {
                 tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
                     "uplink interrupted; retrying in {:?}", backoff.wait);
                 // Another replica whose link works may take the stream meanwhile.
                 status.leased.store(false, Ordering::Relaxed);
                 let _ = store.release_lease(&lease, &self.replica).await;
+            }
+            if let Err(SessionError::Stalled { .. }) = outcome {
+                // The connection may be the part that stopped answering: the next session opens another.
+                channel = parent.fresh_channel();
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -306,21 +352,17 @@ impl Uplink {
         &self,
         stream: Stream,
         me: DivisionCode,
-        parent: &Neighbour,
+        (parent, mut client): (&Neighbour, FederationClient<tonic::transport::Channel>),
         store: &Arc<dyn Store>,
-        backoff: &mut Backoff,
-        size: &mut BatchSize,
+        (backoff, size): (&mut Backoff, &mut BatchSize),
     ) -> Result<(), SessionError> {
-        let mut client = FederationClient::new(parent.channel.clone());
-        let join = client
-            .join(JoinRequest {
-                node_code: me.to_string(),
-                software_version: env!("CARGO_PKG_VERSION").to_owned(),
-                audit_public_key: self.key.get().map(|k| k.0.to_vec()).unwrap_or_default(),
-                key_endorsement: self.key.get().and_then(|k| k.1.clone()),
-            })
-            .await?
-            .into_inner();
+        let join = JoinRequest {
+            node_code: me.to_string(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            audit_public_key: self.key.get().map(|k| k.0.to_vec()).unwrap_or_default(),
+            key_endorsement: self.key.get().and_then(|k| k.1.clone()),
+        };
+        let join = self.call("Join", join, |req| client.join(req)).await?;
         let mut acked = join
             .cursors
             .iter()
@@ -371,29 +413,30 @@ impl Uplink {
                 items.last().map_or(acked, |i| i.seq),
             );
             let count = items.len();
-            let pushed = client
-                .push(PushRequest {
-                    stream: stream as i32,
-                    items,
-                })
-                .await;
+            let push = PushRequest {
+                stream: stream as i32,
+                items,
+            };
+            let pushed = self.call("Push", push, |req| client.push(req)).await;
             let resp = match pushed {
-                Ok(resp) => resp.into_inner(),
-                Err(status) if too_large(&status) && count > 1 && size.bytes > MIN_PUSH_BYTES => {
+                Ok(resp) => resp,
+                Err(SessionError::Call(status))
+                    if too_large(&status) && count > 1 && size.bytes > MIN_PUSH_BYTES =>
+                {
                     // The parent takes less than this node sends: send less, at once.
                     size.refused(bytes);
                     tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, bytes, count,
                         next = size.bytes, error = %status, "parent refused a push as too large; sending smaller ones");
                     continue;
                 }
-                Err(status) if too_large(&status) && count == 1 => {
+                Err(SessionError::Call(status)) if too_large(&status) && count == 1 => {
                     return Err(SessionError::TooLarge {
                         seq: first,
                         bytes,
                         status,
                     });
                 }
-                Err(status) => return Err(status.into()),
+                Err(e) => return Err(e),
             };
             if resp.applied_seq < last {
                 return Err(SessionError::Behind {

@@ -110,7 +110,7 @@ impl Database {
                 PgStore::connect_existing(url)
                     .await
                     .map(|s| Arc::new(s) as Arc<dyn Store>),
-                StorageConfig::Postgres { url: url.clone() }.describe(),
+                StorageConfig::postgres(url.clone()).describe(),
             ),
         };
         store.with_context(|| format!("opening {at}"))

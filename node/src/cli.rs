@@ -9,8 +9,7 @@ use fedgate_gateway::config::NodeConfig;
 use fedgate_gateway::ident::{Peer, Uscc};
 use fedgate_gateway::pki::{DevCa, write_pem_files};
 
-/// Exit code for a configuration that cannot be used (EX_CONFIG).
-const EXIT_CONFIG: u8 = 78;
+use crate::exit::{ConfigError, Software, start_failure};
 
 /// fedgate: the data-exchange backbone of a province, its cities and their counties.
 #[derive(Debug, Parser)]
@@ -86,7 +85,7 @@ impl Cli {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("fedgate: cannot start the async runtime: {e}");
-                return ExitCode::FAILURE;
+                return ExitCode::from(crate::exit::EXIT_SOFTWARE);
             }
         };
         let result = runtime.block_on(async {
@@ -109,25 +108,16 @@ impl Cli {
         });
         match result {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
-                eprintln!("fedgate: {e:#}");
-                ExitCode::from(EXIT_CONFIG)
-            }
             Err(e) => {
                 eprintln!("fedgate: {e:#}");
                 match e.downcast_ref::<crate::backup::BackupError>() {
                     Some(b) => ExitCode::from(b.exit_code()),
-                    None => ExitCode::FAILURE,
+                    None => crate::exit::status_of(&e),
                 }
             }
         }
     }
 }
-
-/// A configuration problem, reported with exit code 78.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct ConfigError(String);
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -144,12 +134,32 @@ async fn run_node(path: PathBuf) -> Result<()> {
     let config = load_config(&path)?;
     let node = fedgate_gateway::node::start(config)
         .await
-        .map_err(|e| ConfigError(format!("cannot start node from {}: {e}", path.display())))?;
+        .map_err(|e| start_failure(format!("cannot start node from {}", path.display()), e))?;
     println!("fedgate node {} listening on {}", node.code(), node.addr());
-    shutdown_signal().await;
+    let stopped_by_itself = tokio::select! {
+        () = shutdown_signal() => false,
+        () = server_stopped(&node) => true,
+    };
+    if stopped_by_itself {
+        let cause = match node.shutdown().await {
+            Ok(()) => "it stopped serving".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        return Err(Software(format!("node stopped by itself: {cause}")).into());
+    }
     tracing::info!("shutdown requested; draining");
-    node.shutdown().await?;
+    node.shutdown()
+        .await
+        .map_err(|e| Software(format!("stopping the node: {e}")))?;
     Ok(())
+}
+
+/// Resolves once the node's server has stopped without being asked to.
+async fn server_stopped(node: &fedgate_gateway::node::NodeHandle) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    while !node.is_finished() {
+        tick.tick().await;
+    }
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -247,7 +257,7 @@ fn write_key(path: &std::path::Path, pem: &str) -> Result<()> {
 /// Reads a node's configuration; a file that does not parse is a [`ConfigError`] (exit status 78).
 pub(crate) fn load_config(path: &std::path::Path) -> Result<NodeConfig> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read configuration {}", path.display()))?;
+        .map_err(|e| ConfigError(format!("cannot read configuration {}: {e}", path.display())))?;
     Ok(toml::from_str(&text)
         .map_err(|e| ConfigError(format!("configuration {}: {e}", path.display())))?)
 }
@@ -336,10 +346,16 @@ async fn report(path: PathBuf) -> Result<()> {
             o.id, o.resource_id, o.consumer_uscc, o.due_at
         );
     }
-    println!("stale catalog entries: {}", r.stale_entries.len());
+    println!("stale catalog entries: {}", r.stale_count);
     for s in &r.stale_entries {
         let id = s.entry.as_ref().map(|e| e.id.as_str()).unwrap_or("");
         println!("  {id}  {}", s.reason);
+    }
+    if r.stale_count > r.stale_entries.len() as u64 {
+        println!(
+            "  … and {} more",
+            r.stale_count - r.stale_entries.len() as u64
+        );
     }
     Ok(())
 }

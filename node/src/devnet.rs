@@ -53,6 +53,8 @@ pub struct AgencySpec {
     pub name: String,
     /// The civil-affairs registry it provides, if any.
     pub provider: Option<ProviderSpec>,
+    /// How long its Provider service takes to answer each call.
+    pub latency: Duration,
 }
 
 /// A civil-affairs registry served by a provider agency, and the share types of its two resources.
@@ -97,6 +99,7 @@ impl NodeSpec {
             uscc: agency_code(self.code, n)?,
             name: name.to_owned(),
             provider: None,
+            latency: Duration::ZERO,
         });
         Ok(self)
     }
@@ -107,8 +110,17 @@ impl NodeSpec {
             uscc: agency_code(self.code, n)?,
             name: name.to_owned(),
             provider: Some(spec),
+            latency: Duration::ZERO,
         });
         Ok(self)
+    }
+
+    /// The provider agencies of this node answer each call `latency` after it arrived.
+    pub fn provider_latency(mut self, latency: Duration) -> Self {
+        for a in &mut self.agencies {
+            a.latency = latency;
+        }
+        self
     }
 }
 
@@ -130,6 +142,8 @@ pub struct DevAgency {
     pub cert: IssuedCert,
     /// The registry it serves, if it is a provider.
     pub registry: Option<Arc<Registry>>,
+    /// Its Provider service, if it is a provider (a clone sharing the service's counters).
+    pub provider: Option<RegistryProvider>,
     /// Catalog entries it published, as stored by its node.
     pub published: Vec<CatalogEntry>,
 }
@@ -209,6 +223,7 @@ pub async fn start_agency(
     write_pem_files(pki, &format!("agency-{}", a.uscc), &cert)?;
     let mut provider_addr = None;
     let mut registry = None;
+    let mut service = None;
     if let Some(p) = a.provider {
         let reg = Arc::new(Registry::generate(node.as_str(), p.seed, p.persons)?);
         let listener = loopback_listener().await?;
@@ -218,7 +233,8 @@ pub async fn start_agency(
             cert_pem: cert.cert_pem.clone().into_bytes(),
             key_pem: cert.key_pem.clone().into_bytes(),
         };
-        let provider = RegistryProvider::new(reg.clone(), node.to_string());
+        let provider = RegistryProvider::new(reg.clone(), node.to_string()).with_latency(a.latency);
+        service = Some(provider.clone());
         let mut stop = stop;
         let uscc = a.uscc.clone();
         tokio::spawn(async move {
@@ -245,6 +261,7 @@ pub async fn start_agency(
             node,
             cert,
             registry,
+            provider: service,
             published: Vec::new(),
         },
     ))
@@ -342,8 +359,8 @@ impl Devnet {
                     cert: cert_path,
                     key: key_path,
                 },
-                storage: s.storage.clone().unwrap_or_else(|| StorageConfig::Sqlite {
-                    path: dir.path().join(format!("node-{}.db", s.code)),
+                storage: s.storage.clone().unwrap_or_else(|| {
+                    StorageConfig::sqlite(dir.path().join(format!("node-{}.db", s.code)))
                 }),
                 parent,
                 children,
@@ -365,6 +382,7 @@ impl Devnet {
                 connections: Default::default(),
                 rate_limits: Default::default(),
                 limits: s.limits.unwrap_or_default(),
+                shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
             };
             let config = tweak(config);
             std::fs::write(

@@ -6,3 +6,4 @@ pub mod backup;
 pub mod cli;
 pub mod demo;
 pub mod devnet;
+pub mod exit;

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod catalog_bench;
+pub mod db_lock;
 pub mod postgres;
 pub mod process;
 pub mod raw;

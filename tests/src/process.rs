@@ -401,9 +401,7 @@ impl ProcessFederation {
                     cert: cert_path,
                     key: key_path,
                 },
-                storage: StorageConfig::Sqlite {
-                    path: db_path.clone(),
-                },
+                storage: StorageConfig::sqlite(db_path.clone()),
                 parent,
                 children,
                 agencies: agency_configs.remove(&s.code).unwrap_or_default(),
@@ -422,6 +420,7 @@ impl ProcessFederation {
                 connections: Default::default(),
                 rate_limits: Default::default(),
                 limits: Default::default(),
+                shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
             };
             configure(&mut config);
             let config_path = path.join(format!("node-{}.toml", s.code));
@@ -763,7 +762,7 @@ impl ProcessFederation {
             bail!("node {code} is running: stop it before changing its configuration");
         }
         change(&mut n.config);
-        if let StorageConfig::Sqlite { path } = &n.config.storage {
+        if let StorageConfig::Sqlite { path, .. } = &n.config.storage {
             n.db_path = path.clone();
         }
         std::fs::write(
@@ -983,6 +982,22 @@ impl AuditCounts {
     }
 }
 
+/// Live catalog entries in a node's database, read through a read-only connection (also while the node runs).
+pub async fn catalog_count(db: &Path) -> Result<u64> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("opening {} read-only", db.display()))?;
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM catalog WHERE withdrawn = 0")
+        .fetch_one(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// Reads a node's audit counts through a read-only connection, also while the node runs (WAL allows it).
 pub async fn audit_counts(db: &Path) -> Result<AuditCounts> {
     let mut conn = SqliteConnectOptions::new()
@@ -1056,7 +1071,7 @@ impl ProcessFederation {
     /// A node's audit counts, read from its database (SQLite or PostgreSQL), also while it runs.
     pub async fn audit_counts(&self, code: DivisionCode) -> Result<AuditCounts> {
         match &self.proc_node(code)?.config.storage {
-            StorageConfig::Postgres { url } => audit_counts_pg(url).await,
+            StorageConfig::Postgres { url, .. } => audit_counts_pg(url).await,
             _ => audit_counts(self.db_path(code)?).await,
         }
     }
@@ -1064,7 +1079,7 @@ impl ProcessFederation {
     /// Every audit record a node's database holds; the node (every replica of it) must be stopped.
     pub async fn audit_dump(&self, code: DivisionCode) -> Result<AuditDump> {
         match &self.proc_node(code)?.config.storage {
-            StorageConfig::Postgres { url } => {
+            StorageConfig::Postgres { url, .. } => {
                 let store = fedgate_gateway::store::PgStore::connect_existing(url).await?;
                 let dump = AuditDump::of_store(&store).await;
                 store.close().await;
@@ -1237,6 +1252,8 @@ pub struct RelayStats {
     pub relayed: AtomicU64,
     /// Connections refused while blocked or because the upstream was unreachable.
     pub refused: AtomicU64,
+    /// Connections accepted while stalled, and never answered.
+    pub stalled: AtomicU64,
     /// Connections cut.
     pub cut: AtomicU64,
     /// Traps sprung.
@@ -1251,6 +1268,10 @@ pub struct RelayStats {
 struct RelayState {
     conns: Mutex<Vec<AbortHandle>>,
     blocked: AtomicBool,
+    /// New connections are accepted and then never served.
+    stalled: AtomicBool,
+    /// One flag per relayed connection: once set, it carries nothing more, either way, and stays open.
+    frozen: Mutex<Vec<Arc<AtomicBool>>>,
     trap: Mutex<Option<Trap>>,
     sprung: Notify,
     sprung_how: Mutex<Option<String>>,
@@ -1366,6 +1387,19 @@ impl Relay {
                     drop(down);
                     continue;
                 }
+                if s.stalled.load(Ordering::SeqCst) {
+                    // Accepted, then never read from nor written to: the client's handshake waits forever.
+                    s.stats.stalled.fetch_add(1, Ordering::Relaxed);
+                    let held = tokio::spawn(async move {
+                        let _down = down;
+                        std::future::pending::<()>().await;
+                    });
+                    s.conns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(held.abort_handle());
+                    continue;
+                }
                 let up = match TcpStream::connect(upstream).await {
                     Ok(up) => up,
                     Err(_) => {
@@ -1377,8 +1411,14 @@ impl Relay {
                 let _ = up.set_nodelay(true);
                 let (down_r, down_w) = down.into_split();
                 let (up_r, up_w) = up.into_split();
-                let t1 = tokio::spawn(pump(down_r, up_w, s.clone(), true));
-                let t2 = tokio::spawn(pump(up_r, down_w, s.clone(), false));
+                let frozen = Arc::new(AtomicBool::new(false));
+                {
+                    let mut all = s.frozen.lock().unwrap_or_else(|p| p.into_inner());
+                    all.retain(|f| Arc::strong_count(f) > 1);
+                    all.push(frozen.clone());
+                }
+                let t1 = tokio::spawn(pump(down_r, up_w, s.clone(), true, frozen.clone()));
+                let t2 = tokio::spawn(pump(up_r, down_w, s.clone(), false, frozen));
                 s.stats.relayed.fetch_add(1, Ordering::Relaxed);
                 let mut conns = s.conns.lock().unwrap_or_else(|p| p.into_inner());
                 conns.retain(|h| !h.is_finished());
@@ -1412,6 +1452,23 @@ impl Relay {
     /// Relays new connections again.
     pub fn unblock(&self) {
         self.state.blocked.store(false, Ordering::SeqCst);
+    }
+
+    /// The parent stops answering without closing anything: every current connection stays open but carries
+    /// nothing more in either direction, ever (until [`Relay::cut`] or the relay's end), and new connections are
+    /// accepted and never served. Returns how many connections froze.
+    pub fn stall(&self) -> usize {
+        self.state.stalled.store(true, Ordering::SeqCst);
+        let all = std::mem::take(&mut *self.state.frozen.lock().unwrap_or_else(|p| p.into_inner()));
+        for f in &all {
+            f.store(true, Ordering::SeqCst);
+        }
+        all.iter().filter(|f| Arc::strong_count(f) > 1).count()
+    }
+
+    /// New connections are relayed again; the connections frozen by [`Relay::stall`] stay frozen.
+    pub fn resume(&self) {
+        self.state.stalled.store(false, Ordering::SeqCst);
     }
 
     /// Sets a trap at `point` and waits until it springs (the link is then cut), failing after `timeout`;
@@ -1453,17 +1510,32 @@ impl Drop for Relay {
     }
 }
 
-/// Copies one direction of a relayed connection until EOF, an error, or a trap.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, state: Arc<RelayState>, up: bool) {
+/// Copies one direction of a relayed connection until EOF, an error, or a trap; once `frozen`, swallows what
+/// comes and holds both halves open.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    state: Arc<RelayState>,
+    up: bool,
+    frozen: Arc<AtomicBool>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) if frozen.load(Ordering::SeqCst) => {
+                let _halves = (from, to);
+                std::future::pending::<()>().await;
+                return;
+            }
             Ok(0) | Err(_) => {
                 let _ = to.shutdown().await;
                 return;
             }
             Ok(n) => n,
         };
+        if frozen.load(Ordering::SeqCst) {
+            continue;
+        }
         let sprung = if up {
             state.upward(n)
         } else {

@@ -369,7 +369,7 @@ impl Published {
         if self.ok == 0 {
             bail!("no publication succeeded during the faults");
         }
-        let StorageConfig::Postgres { url } = &fed.node_config(code(PROVINCE))?.storage else {
+        let StorageConfig::Postgres { url, .. } = &fed.node_config(code(PROVINCE))?.storage else {
             bail!("the province is not on PostgreSQL");
         };
         let store = PgStore::connect_existing(url).await?;
@@ -472,7 +472,10 @@ async fn fault_test(fault: Fault, tag: &'static str) -> Result<()> {
         // Replicas of a node share its database and its signing key.
         let configure = move |c: &mut fedgate_gateway::config::NodeConfig| {
             if let Some((node, url)) = urls.iter().find(|(n, _)| *n == c.code) {
-                c.storage = StorageConfig::Postgres { url: url.clone() };
+                c.storage = StorageConfig::Postgres {
+                    url: url.clone(),
+                    busy_timeout_ms: fedgate_gateway::config::DEFAULT_BUSY_TIMEOUT_MS,
+                };
                 c.signing_key = Some(format!("node-{node}-signing.key").into());
             }
         };
@@ -528,7 +531,7 @@ async fn drop_all(databases: Vec<ScratchDb>) -> Result<()> {
 
 /// The replica of `node` that holds the lease of its upward audit stream.
 async fn stream_holder(fed: &ProcessFederation, node: DivisionCode) -> Result<Member> {
-    let StorageConfig::Postgres { url } = &fed.node_config(node)?.storage else {
+    let StorageConfig::Postgres { url, .. } = &fed.node_config(node)?.storage else {
         bail!("node {node} is not on PostgreSQL");
     };
     let began = Instant::now();

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use fedgate_gateway::config::DEFAULT_BUSY_TIMEOUT_MS;
 use fedgate_gateway::config::{StorageConfig, TlsFiles};
 use fedgate_gateway::store::{PgStore, SqliteStore, Store};
 use fedgate_proto::v1::agency_client::AgencyClient;
@@ -358,6 +359,7 @@ async fn back_up_under_traffic_and_restore(
     fed.reconfigure(county, |c| {
         c.storage = StorageConfig::Sqlite {
             path: fresh.join("state/node-350102.db"),
+            busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
         };
         c.signing_key = None;
         c.tls = TlsFiles {
@@ -675,6 +677,7 @@ async fn postgres_round_trip(first: &str, second: &str) -> Result<()> {
     let mut fed = ProcessFederation::start_configured(vec![county()?], &[], &move |c| {
         c.storage = StorageConfig::Postgres {
             url: first_url.clone(),
+            busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
         };
         c.signing_key = Some(PathBuf::from("node-350102.key"));
     })
@@ -731,7 +734,10 @@ async fn postgres_round_trip(first: &str, second: &str) -> Result<()> {
 
     let second_url = second.to_owned();
     fed.reconfigure(county, |c| {
-        c.storage = StorageConfig::Postgres { url: second_url };
+        c.storage = StorageConfig::Postgres {
+            url: second_url,
+            busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
+        };
         c.signing_key = Some(PathBuf::from("restored/node-350102.key"));
     })?;
     let out = fed

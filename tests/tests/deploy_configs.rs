@@ -202,7 +202,7 @@ fn the_backup_cronjob_backs_up_the_node_it_names_with_arguments_fedgate_accepts(
     ];
     needed.extend(config.signing_key_path());
     match &config.storage {
-        StorageConfig::Sqlite { path } => {
+        StorageConfig::Sqlite { path, .. } => {
             needed.push(path.clone());
             assert!(
                 cronjob.contains("podAffinity"),

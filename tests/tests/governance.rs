@@ -548,6 +548,12 @@ async fn an_application_decided_after_its_deadline_works_but_is_reported_overdue
     assert!(overdue.applications[0].overdue);
     let (late_apps, _) = net.node(code("350102"))?.governance().overdue().await?;
     assert_eq!(late_apps.len(), 1);
+    let (open_late, _) = net
+        .node(code("350102"))?
+        .governance()
+        .open_overdue(1)
+        .await?;
+    assert_eq!(open_late.len(), 1, "still waiting for a decision");
 
     let approved = p
         .provider
@@ -824,6 +830,7 @@ async fn operators_see_overdue_items_and_stale_entries_with_the_nodes_certificat
     assert_eq!(late.overdue_applications[0].id, a.id);
     // The registry's entries declare a daily update frequency.
     assert_eq!(late.stale_entries.len(), 2);
+    assert_eq!(late.stale_count, 2);
     assert!(late.stale_entries[0].reason.contains("update frequency"));
 
     // Another node's certificate, or an agency's, is not an operator of 350102.
@@ -902,7 +909,7 @@ async fn a_revocation_reaches_a_node_that_was_down_when_it_was_issued() -> Resul
         || async {
             Ok(province
                 .governance()
-                .pending_revocations()
+                .pending_revocations(None, 1)
                 .await?
                 .is_empty())
         },

@@ -27,9 +27,7 @@ async fn a_province_on_postgresql_serves_routes_and_collects_the_whole_audit_tra
     let Some(root) = specs.iter_mut().find(|s| s.code == province) else {
         bail!("the standard topology has no province");
     };
-    root.storage = Some(StorageConfig::Postgres {
-        url: db.url.clone(),
-    });
+    root.storage = Some(StorageConfig::postgres(db.url.clone()));
     let mut net = Devnet::start(specs).await?;
     net.wait_for_catalog(province, 6, Duration::from_secs(20))
         .await?;

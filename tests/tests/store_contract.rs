@@ -97,6 +97,7 @@ contract!(
     child_audit_cursor_gap_and_idempotence,
     audit_archival_and_deletion,
     governance_docs_and_id_counters,
+    governance_docs_are_read_in_keyset_pages,
     node_keys_are_pinned_on_first_sight,
     served_nodes_are_kept_until_their_answers_expire,
     concurrent_writers_commit_in_position_order,
@@ -1809,6 +1810,7 @@ async fn governance_docs_and_id_counters(store: Arc<dyn Store>) -> Result<()> {
             consumer_uscc: Some("C1".into()),
             state: Some(1),
             due_before: Some(i64::MAX),
+            ..Default::default()
         })
         .await?,
         ["a-2"]
@@ -1833,6 +1835,93 @@ async fn governance_docs_and_id_counters(store: Arc<dyn Store>) -> Result<()> {
             .await?,
         vec![docs[4].clone()]
     );
+    Ok(())
+}
+
+/// Pages of a listing (`after_id`, `limit`) are consecutive runs of the whole listing, whatever their size,
+/// never longer than asked, and combine with the other filters.
+async fn governance_docs_are_read_in_keyset_pages(store: Arc<dyn Store>) -> Result<()> {
+    // Ids whose bytewise order differs from the order they are written in, of two providers and two states.
+    let ids: Vec<String> = (0..23)
+        .map(|i| format!("350100-a-{}", (i * 7) % 23))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        store
+            .put_doc(&Doc {
+                kind: DocKind::Application,
+                id: id.clone(),
+                provider_uscc: if i % 2 == 0 { "P1" } else { "P2" }.to_owned(),
+                consumer_uscc: "C1".to_owned(),
+                state: if i % 3 == 0 { 2 } else { 1 },
+                due_at: 100,
+                body: id.clone().into_bytes(),
+            })
+            .await?;
+    }
+    store
+        .put_doc(&Doc {
+            kind: DocKind::Objection,
+            id: "350100-a-5".to_owned(),
+            provider_uscc: "P1".to_owned(),
+            consumer_uscc: "C1".to_owned(),
+            state: 1,
+            due_at: 100,
+            body: Vec::new(),
+        })
+        .await?;
+    let listing = |q: &DocQuery| {
+        let store = store.clone();
+        let q = q.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                store
+                    .docs(DocKind::Application, &q)
+                    .await?
+                    .into_iter()
+                    .map(|d| d.id)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    for filter in [
+        DocQuery::default(),
+        DocQuery {
+            provider_uscc: Some("P2".to_owned()),
+            ..Default::default()
+        },
+        DocQuery {
+            state: Some(1),
+            due_before: Some(200),
+            ..Default::default()
+        },
+    ] {
+        let whole = listing(&filter).await?;
+        let mut sorted = whole.clone();
+        sorted.sort();
+        assert_eq!(whole, sorted, "listed by id");
+        for page in [1u32, 2, 5, 22, 23, 100] {
+            let mut paged = Vec::new();
+            let mut q = DocQuery {
+                limit: Some(page),
+                ..filter.clone()
+            };
+            loop {
+                let got = listing(&q).await?;
+                ensure!(
+                    got.len() <= page as usize,
+                    "a page of {page} held {}",
+                    got.len()
+                );
+                let Some(last) = got.last().cloned() else {
+                    break;
+                };
+                paged.extend(got);
+                q.after_id = Some(last);
+            }
+            assert_eq!(paged, whole, "pages of {page} with {filter:?}");
+        }
+    }
+    assert_eq!(listing(&DocQuery::default()).await?.len(), 23);
     Ok(())
 }
 
@@ -2043,4 +2132,178 @@ async fn concurrent_writers_commit_in_position_order(store: Arc<dyn Store>) -> R
     }
     assert_eq!(versions.len(), usize::try_from(IDS)?);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Contention: another session holds a lock the store needs. Both backends wait for it up to the node's bound,
+// then answer Busy naming the node (which the node answers UNAVAILABLE); a failed attempt changes nothing.
+
+/// The bound of the contention tests.
+const BUSY: std::time::Duration = std::time::Duration::from_millis(600);
+
+/// A lock another session holds until the sender fires (or is dropped).
+type Held = tokio::sync::oneshot::Sender<()>;
+
+/// Holds the write lock of the SQLite database at `path` from a connection of its own.
+async fn hold_sqlite(path: std::path::PathBuf) -> Result<Held> {
+    let lock = fedgate_tests::db_lock::WriteLock::take(&path).await?;
+    let (held, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = released.await;
+        let _ = lock.release().await;
+    });
+    Ok(held)
+}
+
+/// Holds an exclusive lock on the counters' table of the PostgreSQL database at `url` from a session of its own.
+async fn hold_postgres(url: String) -> Result<Held> {
+    use sqlx::Connection;
+    let mut conn = sqlx::postgres::PgConnection::connect(&url).await?;
+    sqlx::query("BEGIN").execute(&mut conn).await?;
+    sqlx::query("LOCK TABLE id_counter IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut conn)
+        .await?;
+    let (held, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = released.await;
+        let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
+        let _ = conn.close().await;
+    });
+    Ok(held)
+}
+
+/// A lock held for less than the bound is waited out; one held for longer fails the operation as busy after
+/// about the bound, changing nothing; once it is released the operation succeeds.
+async fn contention_is_waited_for_then_busy<F, Fut>(store: Arc<dyn Store>, hold: F) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Held>>,
+{
+    use std::time::{Duration, Instant};
+    let store = fedgate_gateway::store::Retrying::new(store, "350100", BUSY);
+    assert_eq!(store.next_id("c").await?, 1);
+
+    let held = hold().await?;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(BUSY / 4).await;
+        let _ = held.send(());
+    });
+    let began = Instant::now();
+    assert_eq!(store.next_id("c").await?, 2, "a short lock is waited out");
+    ensure!(began.elapsed() >= BUSY / 4, "the call waited for the lock");
+    release.await?;
+
+    let held = hold().await?;
+    let began = Instant::now();
+    let err = store
+        .next_id("c")
+        .await
+        .expect_err("the lock outlasts the bound");
+    let waited = began.elapsed();
+    ensure!(err.is_busy(), "not busy: {err}");
+    match &err {
+        StoreError::Busy { node, .. } => assert_eq!(node, "350100"),
+        other => bail!("not StoreError::Busy: {other}"),
+    }
+    ensure!(
+        waited >= BUSY && waited < BUSY * 4 + Duration::from_secs(1),
+        "gave up after {waited:?} (bound {BUSY:?})"
+    );
+    let _ = held.send(());
+    assert_eq!(
+        store.next_id("c").await?,
+        3,
+        "the refused call changed nothing"
+    );
+    store.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_contention_is_waited_for_then_busy() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("contract.db");
+    let store = Arc::new(SqliteStore::open_with(&path, BUSY).await?);
+    contention_is_waited_for_then_busy(store, || hold_sqlite(path.clone())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_contention_is_waited_for_then_busy() -> Result<()> {
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let result = async {
+        let store = Arc::new(PgStore::connect_with(&db.url, BUSY).await?);
+        contention_is_waited_for_then_busy(store, || hold_postgres(db.url.clone())).await
+    }
+    .await;
+    db.drop_database().await?;
+    result
+}
+
+/// A deadlock between the store and another session, which PostgreSQL breaks by aborting the store's
+/// transaction, is retried: the operation succeeds once the other session is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_deadlocks_are_retried() -> Result<()> {
+    use sqlx::Connection;
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let result = async {
+        // Longer than PostgreSQL's deadlock_timeout (1 s), so the deadlock is detected before any lock wait ends.
+        let bound = std::time::Duration::from_secs(8);
+        let inner: Arc<dyn Store> = Arc::new(PgStore::connect_with(&db.url, bound).await?);
+        let store = Arc::new(fedgate_gateway::store::Retrying::new(
+            inner, "350000", bound,
+        ));
+        // The other session holds the audit positions' row; the store's append takes the audit stream's lock,
+        // then waits for that row; the other session then asks for the stream's lock: each waits for the other.
+        let mut other = sqlx::postgres::PgConnection::connect(&db.url).await?;
+        sqlx::query("BEGIN").execute(&mut other).await?;
+        sqlx::query("UPDATE audit_position SET last = last")
+            .execute(&mut other)
+            .await?;
+        let append = tokio::spawn({
+            let store = store.clone();
+            async move { store.audit_append(&[rec("350000", 1, 1)]).await }
+        });
+        let mut watch = sqlx::postgres::PgConnection::connect(&db.url).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND a.query LIKE 'UPDATE audit_position%'",
+            )
+            .fetch_one(&mut watch)
+            .await?;
+            if waiting > 0 {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the append never waited for the row"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let stream_lock = 0x6665_6467_6174_0000_i64 + i64::from(Stream::Audit as i32);
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(stream_lock)
+            .execute(&mut other)
+            .await
+            .context(
+                "the other session got the stream lock once the store's transaction was aborted",
+            )?;
+        sqlx::query("ROLLBACK").execute(&mut other).await?;
+        append.await?.context("the append succeeds on its retry")?;
+        let head = store.audit_head("350000").await?.context("head")?;
+        assert_eq!(head.seq, 1);
+        assert_eq!(store.audit_count().await?, 1, "stored once");
+        other.close().await?;
+        watch.close().await?;
+        store.close().await;
+        Ok(())
+    }
+    .await;
+    db.drop_database().await?;
+    result
 }

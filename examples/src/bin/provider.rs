@@ -50,6 +50,10 @@ struct Args {
     /// Publish the catalog entries to the node before serving.
     #[arg(long)]
     publish: bool,
+    /// Answer every call this many milliseconds after it arrived (a slow registry, to try deadlines and
+    /// cancellation).
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
     /// Share type of the household resource.
     #[arg(long, value_enum, default_value_t = Share::Unconditional)]
     household_share: Share,
@@ -162,7 +166,8 @@ async fn run() -> Result<()> {
         }
     }
 
-    let provider = RegistryProvider::new(registry, args.node_code.clone());
+    let provider = RegistryProvider::new(registry, args.node_code.clone())
+        .with_latency(std::time::Duration::from_millis(args.latency_ms));
     println!(
         "serving fedgate.v1.Provider on {} for node {} (Ctrl-C to stop)",
         args.listen, args.node_code

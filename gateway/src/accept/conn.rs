@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::debug;
 
 use super::{GatePermit, IdleBy, ListenerLimits};
@@ -103,6 +104,8 @@ pub struct Tracked<IO, I> {
     idle_timeout: Option<Duration>,
     idle_by: IdleBy,
     timer: Pin<Box<Sleep>>,
+    /// Resolves when the listener closes all its connections.
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
     _permit: GatePermit,
 }
 
@@ -126,6 +129,8 @@ impl<IO, I> Tracked<IO, I> {
             idle_timeout: limits.idle_timeout,
             idle_by: limits.idle_by,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            // A token of its own: polling it never contends with the listener's other connections.
+            closing: Box::pin(limits.closing.child_token().cancelled_owned()),
             _permit: permit,
         }
     }
@@ -138,6 +143,17 @@ impl<IO, I> Tracked<IO, I> {
     /// The underlying connection.
     pub fn get_ref(&self) -> &IO {
         &self.io
+    }
+
+    /// The error every read and write fails with once the listener closes its connections (registering the
+    /// task to be woken then).
+    fn closed(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.closing.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the node closed the connection: it is shutting down",
+            )
+        })
     }
 
     /// Whether the connection has been idle past its timeout; otherwise arms the timer to wake the reader.
@@ -179,6 +195,9 @@ impl<IO: AsyncRead + Unpin, I: Unpin> AsyncRead for Tracked<IO, I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -206,6 +225,9 @@ impl<IO: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Tracked<IO, I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         let r = Pin::new(&mut this.io).poll_write(cx, buf);
         if this.idle_by == IdleBy::Bytes && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.info.activity.touch();
@@ -214,7 +236,11 @@ impl<IO: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Tracked<IO, I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        if let Some(e) = this.closed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -227,6 +253,9 @@ impl<IO: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Tracked<IO, I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if this.idle_by == IdleBy::Bytes && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.info.activity.touch();

@@ -8,11 +8,13 @@
 
 mod conn;
 mod gate;
+mod stop;
 
 pub use conn::{
     Activity, CallGuard, ConnInfo, Guarded, ResponseFuture, TrackCalls, TrackCallsLayer, Tracked,
 };
 pub use gate::{Gate, GatePermit, GateRefusal, SourceKey};
+pub use stop::{StopCalls, StopCallsLayer};
 
 use std::future::Future;
 use std::io;
@@ -123,6 +125,7 @@ impl ConnectionsConfig {
             idle_timeout: nonzero_secs(self.idle_timeout_secs),
             idle_by: IdleBy::Calls,
             tcp_keepalive: nonzero_secs(self.tcp_keepalive_secs),
+            closing: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -185,6 +188,9 @@ pub struct ListenerLimits {
     pub idle_by: IdleBy,
     /// TCP keepalive time; `None` leaves keepalive off.
     pub tcp_keepalive: Option<Duration>,
+    /// Cancelled to close every connection of the listener at once, calls in flight and all (the node's stop
+    /// once its shutdown grace has passed).
+    pub closing: tokio_util::sync::CancellationToken,
 }
 
 /// The handshake a listener runs on each accepted TCP connection.

@@ -143,7 +143,7 @@ impl AgencyService {
     async fn write(&self, record: AuditRecord) -> Result<(), Status> {
         self.audit.record(record).await.map(|_| ()).map_err(|e| {
             Status::unavailable(format!(
-                "node {} could not write its audit trail: {e}",
+                "node {} could not write its audit trail, so the call is not answered; retry it: {e}",
                 self.topology.code
             ))
         })

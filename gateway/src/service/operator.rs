@@ -85,12 +85,13 @@ impl Operator for OperatorService {
     ) -> Result<Response<GovernanceReport>, Status> {
         self.operator(&req, "Report").await?;
         let (overdue_applications, overdue_objections) = self.governance.overdue().await?;
-        let stale_entries = self.governance.stale_entries().await?;
+        let (stale_entries, stale_count) = self.governance.stale_entries().await?;
         Ok(Response::new(GovernanceReport {
             overdue_applications,
             overdue_objections,
             stale_entries,
             generated_at: self.governance.clock().unix(),
+            stale_count,
         }))
     }
 

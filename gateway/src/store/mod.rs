@@ -3,6 +3,7 @@
 //! SQL lives only in the implementations ([`sqlite`] and [`postgres`]); everything else talks to `Arc<dyn Store>`.
 
 pub mod postgres;
+pub mod retry;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -14,6 +15,7 @@ use prost::Message;
 use crate::catalog::Term;
 
 pub use postgres::PgStore;
+pub use retry::Retrying;
 pub use sqlite::SqliteStore;
 
 /// Why storage failed.
@@ -44,6 +46,17 @@ pub enum StoreError {
     /// The database does not hold the tables this build expects.
     #[error("database schema: {0}")]
     Schema(String),
+    /// The database stayed locked by other work (another transaction, another process) for longer than this
+    /// node waits, retries included; nothing was changed and the call may be retried.
+    #[error("the database of node {node} stayed locked for {waited_ms} ms: {cause}")]
+    Busy {
+        /// The node whose database it is.
+        node: String,
+        /// How long the operation waited and retried.
+        waited_ms: u64,
+        /// What the database answered last.
+        cause: String,
+    },
     /// A child's stream skipped sequence numbers.
     #[error("stream of node {child} has a gap: expected sequence {expected}, got {got}")]
     Gap {
@@ -55,6 +68,47 @@ pub enum StoreError {
         got: u64,
     },
 }
+
+impl StoreError {
+    /// Whether the operation failed only because other work held the database's locks: SQLite's "database is
+    /// locked" or "database table is locked" (SQLITE_BUSY, SQLITE_LOCKED and their extended codes), PostgreSQL's
+    /// lock timeout (55P03), serialization failure (40001) or deadlock (40P01), no free connection within the
+    /// pool's wait, or [`StoreError::Busy`]. Such an operation changed nothing and may be run again.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            StoreError::Busy { .. } => true,
+            StoreError::Database(e) => contended(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether `e` is lock contention (see [`StoreError::is_busy`]).
+fn contended(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => {
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // The primary result code is the low byte of the extended one.
+                let primary = db
+                    .code()
+                    .and_then(|c| c.parse::<i64>().ok())
+                    .map(|c| c & 0xff);
+                return matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED));
+            }
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                return matches!(pg.code(), "55P03" | "40001" | "40P01");
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+/// SQLite's primary result code for a lock held by another connection.
+const SQLITE_BUSY: i64 = 5;
+/// SQLite's primary result code for a table locked within the same connection's shared cache.
+const SQLITE_LOCKED: i64 = 6;
 
 /// Filters of a catalog search; every set filter must match (as [`crate::catalog::matches`] decides).
 #[derive(Debug, Clone, Default)]
@@ -200,6 +254,10 @@ pub struct DocQuery {
     pub state: Option<i32>,
     /// Only documents due before this instant (seconds).
     pub due_before: Option<i64>,
+    /// Only documents whose id sorts after this one (pagination: the last id of the previous page).
+    pub after_id: Option<String>,
+    /// Maximum documents; all when absent.
+    pub limit: Option<u32>,
 }
 
 /// A change another process sharing the store committed, which this process may hold a copy of.
@@ -283,7 +341,8 @@ pub trait Store: Send + Sync + 'static {
     async fn put_doc(&self, doc: &Doc) -> Result<(), StoreError>;
     /// One governance document.
     async fn doc(&self, kind: DocKind, id: &str) -> Result<Option<Doc>, StoreError>;
-    /// Governance documents of a kind matching the filters, by id.
+    /// Governance documents of a kind matching the filters, by id (bytewise order), a page at a time when the
+    /// query sets `limit`.
     async fn docs(&self, kind: DocKind, query: &DocQuery) -> Result<Vec<Doc>, StoreError>;
 
     /// Records that the parent acknowledged `stream` up to `seq`.

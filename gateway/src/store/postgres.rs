@@ -24,8 +24,6 @@ mod catalog;
 
 /// Connections of the pool.
 const MAX_CONNECTIONS: u32 = 16;
-/// Longest a statement waits for a lock (PostgreSQL's `lock_timeout`), as long as SQLite's busy timeout.
-const LOCK_TIMEOUT: &str = "10s";
 /// Longest a caller waits for a free connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Audit rows per INSERT: each statement binds ten arrays whatever its size (no bind-parameter limit applies);
@@ -42,9 +40,16 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects to the database at `url` (a `postgres://` URL) and applies migrations.
+    /// Connects to the database at `url` (a `postgres://` URL) and applies migrations; a statement waits up to
+    /// SQLite's [`super::sqlite::DEFAULT_BUSY_TIMEOUT`] for a lock.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = Self::pool(url).await?;
+        Self::connect_with(url, super::sqlite::DEFAULT_BUSY_TIMEOUT).await
+    }
+
+    /// Connects to the database at `url` and applies migrations; a statement waits up to `busy` for a lock
+    /// (PostgreSQL's `lock_timeout`) before it fails as busy.
+    pub async fn connect_with(url: &str, busy: Duration) -> Result<Self, StoreError> {
+        let pool = Self::pool(url, busy).await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         catalog::ensure_index(&pool).await?;
         Ok(Self { pool })
@@ -53,7 +58,7 @@ impl PgStore {
     /// Connects to a node's existing database without changing it (for the audit tools); fails if it holds no
     /// fedgate tables or tables older than this build's.
     pub async fn connect_existing(url: &str) -> Result<Self, StoreError> {
-        let pool = Self::pool(url).await?;
+        let pool = Self::pool(url, super::sqlite::DEFAULT_BUSY_TIMEOUT).await?;
         let latest = sqlx::migrate!("./migrations/postgres")
             .iter()
             .map(|m| m.version)
@@ -88,7 +93,7 @@ impl PgStore {
 
     /// Whether the database at `url` holds fedgate tables (a node's store, which a restore would replace).
     pub async fn holds_tables(url: &str) -> Result<bool, StoreError> {
-        let pool = Self::pool(url).await?;
+        let pool = Self::pool(url, super::sqlite::DEFAULT_BUSY_TIMEOUT).await?;
         let held = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
             .fetch_one(&pool)
             .await;
@@ -98,7 +103,7 @@ impl PgStore {
 
     /// How many other sessions are connected to the database at `url` (a node's replicas, while they run).
     pub async fn other_sessions(url: &str) -> Result<u64, StoreError> {
-        let pool = Self::pool(url).await?;
+        let pool = Self::pool(url, super::sqlite::DEFAULT_BUSY_TIMEOUT).await?;
         let n: Result<i64, _> = sqlx::query_scalar(
             "SELECT COUNT(*) FROM pg_stat_activity \
              WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
@@ -109,11 +114,13 @@ impl PgStore {
         Ok(to_u64(n?))
     }
 
-    /// A pool on a UTF-8 database.
-    async fn pool(url: &str) -> Result<PgPool, StoreError> {
+    /// A pool on a UTF-8 database whose statements wait up to `busy` for a lock.
+    async fn pool(url: &str, busy: Duration) -> Result<PgPool, StoreError> {
         // A writer waiting for a stream's lock (or any row lock) gives up as SQLite's busy timeout does, rather
         // than holding a share's answer indefinitely behind a stuck transaction.
-        let options = PgConnectOptions::from_str(url)?.options([("lock_timeout", LOCK_TIMEOUT)]);
+        let lock_timeout = format!("{}ms", busy.as_millis().max(1));
+        let options =
+            PgConnectOptions::from_str(url)?.options([("lock_timeout", lock_timeout.as_str())]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -534,7 +541,13 @@ impl Store for PgStore {
         if let Some(t) = q.due_before {
             b.push(" AND due_at > 0 AND due_at < ").push_bind(t);
         }
+        if let Some(a) = &q.after_id {
+            b.push(" AND id > ").push_bind(a.clone());
+        }
         b.push(" ORDER BY id");
+        if let Some(n) = q.limit {
+            b.push(" LIMIT ").push_bind(i64::from(n));
+        }
         let rows = b.build().fetch_all(&self.pool).await?;
         rows.iter().map(|r| doc_from_row(kind, r)).collect()
     }

@@ -35,6 +35,17 @@ const WAL_RESTART_FRAMES: i64 = 16_000;
 /// plus the other writes.
 const WRITER_STATEMENT_CACHE: usize = AUDIT_ROWS_PER_INSERT + 64;
 
+/// How long a statement waits for a lock another connection holds, unless the store is opened with another bound.
+pub const DEFAULT_BUSY_TIMEOUT: Duration =
+    Duration::from_millis(crate::config::DEFAULT_BUSY_TIMEOUT_MS);
+
+/// Begins a write transaction holding the write lock from its start (waiting for it up to the busy timeout). A
+/// deferred one would read first and then ask for the lock, which SQLite refuses at once, without waiting,
+/// whenever another connection (the checkpointer restarting the WAL, another process) holds it meanwhile.
+async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
+    Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
+}
+
 /// A [`Store`] in one SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -106,8 +117,15 @@ async fn checkpoint(pool: &SqlitePool, pragma: &'static str) -> Result<i64, sqlx
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and applies migrations.
+    /// Opens (creating if needed) the database at `path` and applies migrations; a statement waits up to
+    /// [`DEFAULT_BUSY_TIMEOUT`] for the database's lock.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, DEFAULT_BUSY_TIMEOUT).await
+    }
+
+    /// Opens (creating if needed) the database at `path` and applies migrations; a statement waits up to `busy`
+    /// for a lock another connection holds (SQLite's busy timeout) before it fails as busy.
+    pub async fn open_with(path: &Path, busy: Duration) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|error| StoreError::Io {
                 path: format!("database directory {}", dir.display()),
@@ -119,7 +137,7 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(busy)
             .foreign_keys(true);
         // The single writer connection: a larger page cache keeps the audit indexes' hot pages in memory, the
         // checkpointer rather than its commits checkpoints the WAL, more statement shapes stay prepared, and no
@@ -449,7 +467,13 @@ impl Store for SqliteStore {
         if let Some(t) = q.due_before {
             b.push(" AND due_at > 0 AND due_at < ").push_bind(t);
         }
+        if let Some(a) = &q.after_id {
+            b.push(" AND id > ").push_bind(a.clone());
+        }
         b.push(" ORDER BY id");
+        if let Some(n) = q.limit {
+            b.push(" LIMIT ").push_bind(i64::from(n));
+        }
         let rows = b.build().fetch_all(&self.reader).await?;
         Ok(rows.iter().map(|r| doc_from_row(kind, r)).collect())
     }
@@ -484,7 +508,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let records: Vec<&AuditRecord> = records.iter().collect();
-        let mut tx = self.writer.begin().await?;
+        let mut tx = begin(&self.writer).await?;
         insert_audit(&mut tx, &records).await?;
         tx.commit().await?;
         Ok(())
@@ -518,7 +542,7 @@ impl Store for SqliteStore {
         child: &str,
         items: &[(u64, AuditRecord)],
     ) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = begin(&self.writer).await?;
         let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
         let (fresh, applied) = fresh_items(child, applied, items)?;
         insert_audit(&mut tx, &fresh).await?;
@@ -633,7 +657,7 @@ impl Store for SqliteStore {
     }
 
     async fn audit_delete(&self, fwd_seqs: &[u64]) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = begin(&self.writer).await?;
         let mut n = 0;
         for chunk in fwd_seqs.chunks(500) {
             let mut b: QueryBuilder<Sqlite> =
@@ -768,7 +792,7 @@ impl Store for SqliteStore {
     }
 
     async fn pin_node_key(&self, node: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = begin(&self.writer).await?;
         sqlx::query(
             "INSERT INTO node_key (node_code, public_key) VALUES (?, ?) ON CONFLICT DO NOTHING",
         )

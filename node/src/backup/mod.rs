@@ -218,7 +218,7 @@ pub async fn backup(args: BackupArgs) -> Result<()> {
     let started_at = now();
     let store_copy = staging.path().join("store");
     let (method, store_mode, store_source) = match &config.storage {
-        StorageConfig::Sqlite { path } => {
+        StorageConfig::Sqlite { path, .. } => {
             let meta = std::fs::metadata(path)
                 .with_context(|| format!("no SQLite database at {}", path.display()))?;
             let store = SqliteStore::open_read_only(path)
@@ -229,7 +229,7 @@ pub async fn backup(args: BackupArgs) -> Result<()> {
             copied.with_context(|| format!("copying {}", path.display()))?;
             (SQLITE_METHOD, mode_of(&meta), path.display().to_string())
         }
-        StorageConfig::Postgres { url } => {
+        StorageConfig::Postgres { url, .. } => {
             pg::dump(url, &store_copy).await?;
             (pg::METHOD, 0o600, config.storage.describe())
         }

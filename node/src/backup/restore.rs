@@ -88,13 +88,13 @@ pub(super) async fn run(args: RestoreArgs) -> Result<()> {
     }
     place(staging, &targets).await?;
     let summary = match &config.storage {
-        StorageConfig::Sqlite { path } => {
+        StorageConfig::Sqlite { path, .. } => {
             let store = SqliteStore::open_read_only(path).await?;
             let s = summarize(&store, &manifest.node_code).await;
             store.close().await;
             s?
         }
-        StorageConfig::Postgres { url } => {
+        StorageConfig::Postgres { url, .. } => {
             let store = PgStore::connect_existing(url).await?;
             let s = summarize(&store, &manifest.node_code).await;
             store.close().await;
@@ -119,7 +119,7 @@ fn scratch_dir(config: &NodeConfig, check: bool) -> Result<tempfile::TempDir> {
         b
     };
     match &config.storage {
-        StorageConfig::Sqlite { path } if !check => {
+        StorageConfig::Sqlite { path, .. } if !check => {
             let state = dir_of(path);
             std::fs::create_dir_all(&state)
                 .with_context(|| format!("creating directory {}", state.display()))?;
@@ -150,7 +150,7 @@ async fn refuse_if_running(config: &NodeConfig) -> Result<()> {
         // Free, or not an address of this machine (restoring elsewhere): nothing runs here.
         _ => {}
     }
-    if let StorageConfig::Postgres { url } = &config.storage {
+    if let StorageConfig::Postgres { url, .. } = &config.storage {
         // The sessions of a node that has just stopped end moments after it: look again for a few seconds.
         let deadline = tokio::time::Instant::now() + SESSIONS_END_WITHIN;
         let mut sessions;
@@ -182,8 +182,8 @@ async fn refuse_existing_store(storage: &StorageConfig, force: bool) -> Result<(
         return Ok(());
     }
     let exists = match storage {
-        StorageConfig::Sqlite { path } => sqlite_files(path).iter().any(|p| p.exists()),
-        StorageConfig::Postgres { url } => PgStore::holds_tables(url)
+        StorageConfig::Sqlite { path, .. } => sqlite_files(path).iter().any(|p| p.exists()),
+        StorageConfig::Postgres { url, .. } => PgStore::holds_tables(url)
             .await
             .with_context(|| format!("connecting to {}", storage.describe()))?,
     };
@@ -236,8 +236,8 @@ fn plan(
     for m in &manifest.members {
         let target = match m.role {
             Role::Store => match storage {
-                StorageConfig::Sqlite { path } => Target::SqliteFile(path.clone()),
-                StorageConfig::Postgres { url } => Target::Database(url.clone()),
+                StorageConfig::Sqlite { path, .. } => Target::SqliteFile(path.clone()),
+                StorageConfig::Postgres { url, .. } => Target::Database(url.clone()),
             },
             role => {
                 let path = keys
@@ -335,7 +335,11 @@ async fn place(mut staging: Staging, targets: &[(Member, Target)]) -> Result<()>
                     format!(
                         "restoring {} into {}",
                         member.name,
-                        StorageConfig::Postgres { url: url.clone() }.describe()
+                        StorageConfig::Postgres {
+                            url: url.clone(),
+                            busy_timeout_ms: 0,
+                        }
+                        .describe()
                     )
                 })?;
                 println!("  store: pg_restore into the configured database");

@@ -8,7 +8,7 @@ use futures::TryStreamExt;
 use prost::Message;
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
 
-use super::{read_cursor, write_cursor};
+use super::{begin, read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
     ApplyStep, CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, apply_steps,
@@ -21,12 +21,6 @@ const UPSERT_ROWS: usize = 500;
 const ROWS: usize = 1000;
 /// Most indexed words a long prefix is looked up as; a prefix that more words start with is left to FTS5.
 const PREFIX_WORDS: usize = 64;
-
-/// Begins a write transaction holding the write lock from its start. A deferred one would read first and then
-/// ask for the lock, which SQLite refuses at once (without waiting) while the checkpointer restarts the WAL.
-async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
-    Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
-}
 
 /// Rebuilds the search index unless it was built by this tokenizer version (after the migration that created
 /// it, or a tokenizer change).
