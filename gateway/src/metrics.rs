@@ -50,6 +50,9 @@ pub struct NodeMetrics {
     pub audit_batch_records: Histogram,
     /// Time from handing an audit batch to the store to its commit, in seconds (what every share waits for).
     pub audit_commit_seconds: Histogram,
+    /// Audit batches and signatures that found the chain moved on under this writer (another writer of the node,
+    /// a commit reported failed that had committed, a recovery) and were chained after the stored head.
+    pub audit_head_conflicts: Counter,
     registry: Registry,
 }
 
@@ -82,6 +85,7 @@ impl NodeMetrics {
             audit_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             // 100 µs to about 3 s.
             audit_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            audit_head_conflicts: Counter::default(),
             registry: Registry::with_prefix("fedgate"),
         };
         let r = &mut m.registry;
@@ -169,6 +173,11 @@ impl NodeMetrics {
             "audit_commit_seconds",
             "Time from handing an audit batch to the store to its commit",
             m.audit_commit_seconds.clone(),
+        );
+        r.register(
+            "audit_head_conflicts",
+            "Audit batches and signatures that found the chain moved on under this writer and were chained after the stored head",
+            m.audit_head_conflicts.clone(),
         );
         m
     }

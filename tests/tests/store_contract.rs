@@ -92,6 +92,7 @@ contract!(
     uplink_ack_only_grows,
     audit_append_head_chain_and_positions,
     a_late_signature_replaces_only_its_record,
+    appending_at_the_head_serializes_writers_of_a_chain,
     audit_query_filters_and_pagination,
     child_audit_cursor_gap_and_idempotence,
     audit_archival_and_deletion,
@@ -1136,7 +1137,88 @@ async fn a_late_signature_replaces_only_its_record(store: Arc<dyn Store>) -> Res
     let mut missing = rec("350102", 9, 2_000);
     missing.signature = vec![5; 64];
     assert!(store.audit_seal(&missing).await.is_err());
+    // Nor can a record the store holds otherwise under that sequence number (re-chained since): its signature
+    // would land on another record.
+    let mut replaced = rec("350102", 1, 1_000);
+    replaced.hash = vec![1; 32];
+    replaced.signature = vec![5; 64];
+    match store.audit_seal(&replaced).await {
+        Err(StoreError::HeadConflict { node, seq }) if node == "350102" && seq == 1 => {}
+        other => bail!("expected a head conflict, got {other:?}"),
+    }
+    assert_eq!(
+        records(&store.outbox_after(Stream::Audit, 0, 10).await?)?[0],
+        written[0]
+    );
     assert_eq!(store.audit_count().await?, 3);
+    Ok(())
+}
+
+/// Records chained after `head` (a chain start if there is none), as a writer that takes the head under the
+/// chain's lock makes them.
+fn chained_after(node: &str, head: Option<&AuditRecord>, n: u64) -> Vec<AuditRecord> {
+    let (mut seq, mut prev) = head.map_or((0, vec![0; 32]), |h| (h.seq, h.hash.clone()));
+    (0..n)
+        .map(|_| {
+            seq += 1;
+            let mut r = rec(node, seq, i64::try_from(seq).unwrap_or_default());
+            r.operation = if seq == 1 { 1 } else { 3 };
+            r.prev_hash = std::mem::take(&mut prev);
+            r.hash.clear();
+            r.hash = fedgate_gateway::audit::record_hash(&r).to_vec();
+            prev.clone_from(&r.hash);
+            r
+        })
+        .collect()
+}
+
+async fn appending_at_the_head_serializes_writers_of_a_chain(store: Arc<dyn Store>) -> Result<()> {
+    const WRITERS: u64 = 4;
+    const BATCHES: u64 = 20;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for b in 0..BATCHES {
+                    let n = 1 + (w + b) % 2;
+                    let chain = move |head: Option<&AuditRecord>| chained_after("350102", head, n);
+                    let written = store.audit_append_at_head("350102", &chain).await?;
+                    ensure!(written.len() as u64 == n, "wrote {} of {n}", written.len());
+                    seqs.extend(written.iter().map(|r| r.seq));
+                }
+                Ok::<_, anyhow::Error>(seqs)
+            })
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for seq in t.await?? {
+            ensure!(all.insert(seq), "record {seq} written twice");
+        }
+    }
+    let chain = store.audit_chain("350102", 0, 1000).await?;
+    let total = chain.len() as u64;
+    assert_eq!(all, (1..=total).collect::<BTreeSet<u64>>());
+    assert_eq!(
+        chain.iter().filter(|r| r.operation == 1).count(),
+        1,
+        "one writer found the chain empty"
+    );
+    for pair in chain.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "record {} links",
+            pair[1].seq
+        );
+    }
+    // The optimistic append after a stale head is refused as a conflict, and nothing of it is stored.
+    let stale = chained_after("350102", chain.get(chain.len() - 2), 2);
+    assert!(matches!(
+        store.audit_append(&stale).await,
+        Err(StoreError::HeadConflict { .. })
+    ));
+    assert_eq!(store.audit_count().await?, total);
     Ok(())
 }
 
@@ -1210,12 +1292,13 @@ async fn audit_append_head_chain_and_positions(store: Arc<dyn Store>) -> Result<
     assert!(store.audit_chain("350102", 0, 0).await?.is_empty());
     assert!(store.audit_chain("350103", 0, 10).await?.is_empty());
 
-    // A batch is all or nothing: a duplicate (node, seq) at its end rejects all of it.
+    // A batch is all or nothing: a duplicate (node, seq) at its end rejects all of it, as a head conflict (the
+    // chain moved on under its writer).
     let bad = vec![rec("350102", 6, 1_600), rec("350102", 5, 1_700)];
-    assert!(matches!(
-        store.audit_append(&bad).await,
-        Err(StoreError::Database(_))
-    ));
+    match store.audit_append(&bad).await {
+        Err(StoreError::HeadConflict { node, seq }) if node == "350102" && seq == 6 => {}
+        other => bail!("expected a head conflict of 350102, got {other:?}"),
+    }
     assert_eq!(store.audit_count().await?, 8);
     assert_eq!(store.audit_head("350102").await?, Some(written[7].clone()));
     assert_eq!(store.outbox_head(Stream::Audit).await?, 8);
@@ -1985,5 +2068,118 @@ async fn concurrent_writers_commit_in_position_order(store: Arc<dyn Store>) -> R
         );
     }
     assert_eq!(versions.len(), usize::try_from(IDS)?);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Two writers of one node on one database
+
+/// Two stores on one new SQLite file, as two processes of one node open it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_writers_of_one_node_share_its_chain() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("shared.db");
+    let a = Arc::new(SqliteStore::open(&path).await?);
+    let b = Arc::new(SqliteStore::open(&path).await?);
+    let result = two_writers_of_one_node_share_its_chain(a.clone(), b.clone()).await;
+    a.close().await;
+    b.close().await;
+    result
+}
+
+/// Two stores (two pools) on one new PostgreSQL database, as two replicas of one node connect to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_writers_of_one_node_share_its_chain() -> Result<()> {
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let result = async {
+        let a = Arc::new(PgStore::connect(&db.url).await?);
+        let b = Arc::new(PgStore::connect(&db.url).await?);
+        let result = tokio::spawn(two_writers_of_one_node_share_its_chain(
+            a.clone(),
+            b.clone(),
+        ))
+        .await;
+        a.close().await;
+        b.close().await;
+        result?
+    }
+    .await;
+    db.drop_database().await?;
+    result
+}
+
+/// Two audit writers of node 350100 with the same key, each on its own store of one database, start on an empty
+/// chain at once and write concurrently: every record is answered, the chain has each exactly once, starts once,
+/// and verifies.
+async fn two_writers_of_one_node_share_its_chain(
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+) -> Result<()> {
+    use fedgate_gateway::audit::{AuditLog, ChainVerifier, SignPolicy, event};
+    use fedgate_gateway::grant::GrantKey;
+    use fedgate_gateway::metrics::NodeMetrics;
+    use fedgate_gateway::uplink::Uplink;
+    use fedgate_proto::v1::AuditOperation;
+
+    const PER_WRITER: usize = 120;
+    let node = "350100".parse()?;
+    let key = Arc::new(GrantKey::generate());
+    let policy = SignPolicy {
+        every: std::time::Duration::from_millis(20),
+        records: 16,
+        bytes: usize::MAX,
+    };
+    let start = |store: Arc<dyn Store>| {
+        AuditLog::start_with(
+            policy,
+            node,
+            store,
+            (key.clone(), None),
+            Uplink::new(),
+            Arc::new(NodeMetrics::new()),
+        )
+    };
+    let (wa, wb) = tokio::join!(start(a.clone()), start(b.clone()));
+    let ((la, ta), (lb, tb)) = (wa?, wb?);
+    let write = |log: AuditLog| {
+        tokio::spawn(async move {
+            let mut seqs = Vec::with_capacity(PER_WRITER);
+            for i in 0..PER_WRITER {
+                seqs.push(
+                    log.record(event(AuditOperation::CatalogPublish, format!("w{i}")))
+                        .await?,
+                );
+            }
+            Ok::<_, anyhow::Error>(seqs)
+        })
+    };
+    let (sa, sb) = tokio::join!(write(la), write(lb));
+    let mut answered = BTreeSet::new();
+    for seq in sa??.into_iter().chain(sb??) {
+        ensure!(
+            answered.insert(seq),
+            "record {seq} answered to both writers"
+        );
+    }
+    ta.await?;
+    tb.await?;
+    let chain = a.audit_chain("350100", 0, 10_000).await?;
+    assert_eq!(chain.len(), 2 * PER_WRITER + 1);
+    assert_eq!(
+        chain
+            .iter()
+            .filter(|r| r.operation == AuditOperation::ChainStart as i32)
+            .count(),
+        1,
+        "the chain starts once"
+    );
+    let mut v = ChainVerifier::new("350100", None);
+    for r in &chain {
+        v.push(r)?;
+    }
+    v.finish()?;
+    assert_eq!(v.key(), Some(key.public_key().as_slice()));
     Ok(())
 }

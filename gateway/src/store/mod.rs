@@ -52,6 +52,18 @@ pub enum StoreError {
         /// What arrived instead.
         got: u64,
     },
+    /// A record of a chain was to be stored under a sequence number the chain already holds: another writer of
+    /// the same node extended the chain, a commit reported failed had committed, or a recovery re-chained it. The
+    /// writer re-reads the head and chains its records after it.
+    #[error(
+        "the chain of node {node} already holds a record at or after #{seq}: it moved on under its writer"
+    )]
+    HeadConflict {
+        /// The chain.
+        node: String,
+        /// The sequence number taken.
+        seq: u64,
+    },
 }
 
 /// Filters of a catalog search; every set filter must match (as [`crate::catalog::matches`] decides).
@@ -119,6 +131,9 @@ pub struct OutboxItem {
     /// The encoded item body (for the catalog stream, an encoded `CatalogChange`).
     pub payload: Vec<u8>,
 }
+
+/// Chains records after a chain head: given the head (`None` for an empty chain), returns the records to append.
+pub type ChainAt<'a> = dyn Fn(Option<&AuditRecord>) -> Vec<AuditRecord> + Send + Sync + 'a;
 
 /// Filters of an audit query; every set filter must match.
 #[derive(Debug, Clone, Default)]
@@ -271,10 +286,19 @@ pub trait Store: Send + Sync + 'static {
     /// How far the parent acknowledged `stream`, as last recorded.
     async fn uplink_acked(&self, stream: Stream) -> Result<u64, StoreError>;
 
-    /// Appends records this node wrote (already chained), atomically, in order.
+    /// Appends records this node wrote (already chained), atomically, in order; [`StoreError::HeadConflict`] when
+    /// the chain already holds one of their sequence numbers.
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// Appends records to `node`'s chain after its head read under the chain's write lock: `chain` is given the
+    /// head and returns the records, so no other writer can come between. Returns what was appended.
+    async fn audit_append_at_head(
+        &self,
+        node: &str,
+        chain: &ChainAt<'_>,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Stores the signature of a record already appended (the chain head the writer signs late); the record must
-    /// differ from the stored one only in its signature, which no hash covers.
+    /// differ from the stored one only in its signature, which no hash covers. [`StoreError::HeadConflict`] when
+    /// the store holds another record (another hash) under its sequence number.
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError>;
     /// The last record of `node`'s chain held here.
     async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError>;
@@ -415,6 +439,20 @@ fn unsealed(record: &AuditRecord) -> StoreError {
     StoreError::Corrupt {
         what: format!("audit record {}#{}", record.node_code, record.seq),
         error: "the record to sign is not stored".into(),
+    }
+}
+
+/// A failed insert of a node's own records as what it means: a unique violation is a sequence number its chain
+/// already holds (positions are assigned by the store and never collide).
+fn chain_conflict(e: StoreError, first: &AuditRecord) -> StoreError {
+    match e {
+        StoreError::Database(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+            StoreError::HeadConflict {
+                node: first.node_code.clone(),
+                seq: first.seq,
+            }
+        }
+        other => other,
     }
 }
 

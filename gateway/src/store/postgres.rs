@@ -15,8 +15,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
-    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
+    AuditQuery, CatalogHit, CatalogQuery, ChainAt, Doc, DocKind, DocQuery, OutboxItem, Store,
+    StoreError, StoredEntry, Upstream, chain_conflict, decode_audit, decode_entry, fresh_items,
+    to_i64, to_u64, unsealed,
 };
 
 mod catalog;
@@ -482,28 +483,71 @@ impl Store for PgStore {
     }
 
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        if records.is_empty() {
+        let Some(first) = records.first() else {
             return Ok(());
-        }
+        };
         let records: Vec<&AuditRecord> = records.iter().collect();
+        async {
+            let mut tx = self.pool.begin().await?;
+            lock_stream(&mut tx, Stream::Audit).await?;
+            insert_audit(&mut tx, &records).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await
+        .map_err(|e| chain_conflict(e, first))
+    }
+
+    async fn audit_append_at_head(
+        &self,
+        node: &str,
+        chain: &ChainAt<'_>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Every writer of the audit stream takes this lock first, so the head read here stays the head until
+        // the commit.
         lock_stream(&mut tx, Stream::Audit).await?;
-        insert_audit(&mut tx, &records).await?;
+        let head = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get::<Vec<u8>, _>(0))
+        .transpose()?
+        .map(|b| decode_audit(&b))
+        .transpose()?;
+        let records = chain(head.as_ref());
+        let refs: Vec<&AuditRecord> = records.iter().collect();
+        insert_audit(&mut tx, &refs).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(records)
     }
 
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        let done =
-            sqlx::query("UPDATE audit_log SET record = $1 WHERE node_code = $2 AND seq = $3")
-                .bind(record.encode_to_vec())
-                .bind(&record.node_code)
-                .bind(to_i64(record.seq))
-                .execute(&self.pool)
-                .await?;
-        if done.rows_affected() != 1 {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT fwd_seq, record FROM audit_log WHERE node_code = $1 AND seq = $2 FOR UPDATE",
+        )
+        .bind(&record.node_code)
+        .bind(to_i64(record.seq))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
             return Err(unsealed(record));
+        };
+        if decode_audit(row.try_get::<&[u8], _>(1)?)?.hash != record.hash {
+            return Err(StoreError::HeadConflict {
+                node: record.node_code.clone(),
+                seq: record.seq,
+            });
         }
+        sqlx::query("UPDATE audit_log SET record = $1 WHERE fwd_seq = $2")
+            .bind(record.encode_to_vec())
+            .bind(row.try_get::<i64, _>(0)?)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 

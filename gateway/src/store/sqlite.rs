@@ -16,8 +16,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
-    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
+    AuditQuery, CatalogHit, CatalogQuery, ChainAt, Doc, DocKind, DocQuery, OutboxItem, Store,
+    StoreError, StoredEntry, Upstream, chain_conflict, decode_audit, decode_entry, fresh_items,
+    to_i64, to_u64, unsealed,
 };
 
 mod catalog;
@@ -437,31 +438,71 @@ impl Store for SqliteStore {
     }
 
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        if records.len() <= AUDIT_ROWS_PER_INSERT {
-            // One statement is atomic on its own: a single round trip to the connection instead of four.
-            if !records.is_empty() {
-                let records: Vec<&AuditRecord> = records.iter().collect();
-                audit_insert(&self.writer, &records).await?;
-            }
+        let Some(first) = records.first() else {
             return Ok(());
-        }
+        };
         let records: Vec<&AuditRecord> = records.iter().collect();
-        let mut tx = self.writer.begin().await?;
-        insert_audit(&mut tx, &records).await?;
+        let written = if records.len() <= AUDIT_ROWS_PER_INSERT {
+            // One statement is atomic on its own: a single round trip to the connection instead of four.
+            audit_insert(&self.writer, &records).await
+        } else {
+            async {
+                let mut tx = self.writer.begin().await?;
+                insert_audit(&mut tx, &records).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await
+        };
+        written.map_err(|e| chain_conflict(e, first))
+    }
+
+    async fn audit_append_at_head(
+        &self,
+        node: &str,
+        chain: &ChainAt<'_>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        // The write lock from the start: no other connection (of this process or another) writes between the
+        // head read here and the commit.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let head = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = ? ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| decode_audit(r.get::<&[u8], _>(0)))
+        .transpose()?;
+        let records = chain(head.as_ref());
+        let refs: Vec<&AuditRecord> = records.iter().collect();
+        insert_audit(&mut tx, &refs).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(records)
     }
 
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE audit_log SET record = ? WHERE node_code = ? AND seq = ?")
-            .bind(record.encode_to_vec())
-            .bind(&record.node_code)
-            .bind(to_i64(record.seq))
-            .execute(&self.writer)
-            .await?;
-        if done.rows_affected() != 1 {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row =
+            sqlx::query("SELECT fwd_seq, record FROM audit_log WHERE node_code = ? AND seq = ?")
+                .bind(&record.node_code)
+                .bind(to_i64(record.seq))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(row) = row else {
             return Err(unsealed(record));
+        };
+        if decode_audit(row.get::<&[u8], _>(1))?.hash != record.hash {
+            return Err(StoreError::HeadConflict {
+                node: record.node_code.clone(),
+                seq: record.seq,
+            });
         }
+        sqlx::query("UPDATE audit_log SET record = ? WHERE fwd_seq = ?")
+            .bind(record.encode_to_vec())
+            .bind(row.get::<i64, _>(0))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -746,6 +787,7 @@ where
     Ok(())
 }
 
+/// Appends `records` under the next stream positions, in order, inside a transaction.
 async fn insert_audit(
     tx: &mut Transaction<'_, Sqlite>,
     records: &[&AuditRecord],
