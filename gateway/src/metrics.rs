@@ -53,6 +53,9 @@ pub struct NodeMetrics {
     /// Audit batches and signatures that found the chain moved on under this writer (another writer of the node,
     /// a commit reported failed that had committed, a recovery) and were chained after the stored head.
     pub audit_head_conflicts: Counter,
+    /// Audit records children sent again that this node already held (skipped; a child that recovered, or whose
+    /// own parent did, sends again what it had sent).
+    pub audit_items_duplicate: Counter,
     registry: Registry,
 }
 
@@ -86,6 +89,7 @@ impl NodeMetrics {
             // 100 µs to about 3 s.
             audit_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             audit_head_conflicts: Counter::default(),
+            audit_items_duplicate: Counter::default(),
             registry: Registry::with_prefix("fedgate"),
         };
         let r = &mut m.registry;
@@ -178,6 +182,11 @@ impl NodeMetrics {
             "audit_head_conflicts",
             "Audit batches and signatures that found the chain moved on under this writer and were chained after the stored head",
             m.audit_head_conflicts.clone(),
+        );
+        r.register(
+            "audit_items_duplicate",
+            "Audit records children sent again that this node already held",
+            m.audit_items_duplicate.clone(),
         );
         m
     }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use fedgate_gateway::catalog::terms;
 use fedgate_gateway::store::{
     AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, PgStore, SqliteStore,
-    Store, StoreError, Upstream,
+    Store, StoreError, StoredEntry, Upstream,
 };
 use fedgate_proto::v1::{
     AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
@@ -100,6 +100,7 @@ contract!(
     node_keys_are_pinned_on_first_sight,
     served_nodes_are_kept_until_their_answers_expire,
     concurrent_writers_commit_in_position_order,
+    own_entries_are_listed_by_id_withdrawn_ones_too,
 );
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1534,12 +1535,12 @@ async fn audit_query_filters_and_pagination(store: Arc<dyn Store>) -> Result<()>
 async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result<()> {
     let child = "350100";
     // A child forwards records of its whole subtree.
-    let items: Vec<(u64, AuditRecord)> = vec![
-        (1, rec("350100", 1, 10)),
-        (2, rec("350102", 1, 11)),
-        (3, rec("350100", 2, 12)),
-        (4, rec("350102", 2, 13)),
-        (5, rec("350100", 3, 14)),
+    let items: Vec<(u64, Option<AuditRecord>)> = vec![
+        (1, Some(rec("350100", 1, 10))),
+        (2, Some(rec("350102", 1, 11))),
+        (3, Some(rec("350100", 2, 12))),
+        (4, Some(rec("350102", 2, 13))),
+        (5, Some(rec("350100", 3, 14))),
     ];
     assert_eq!(store.cursor(child, Stream::Audit).await?, 0);
     assert_eq!(store.apply_child_audit(child, &items[..2]).await?, 2);
@@ -1562,7 +1563,7 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
     )?;
     expect_gap(
         store
-            .apply_child_audit(child, &[items[3].clone(), (6, rec("350100", 4, 15))])
+            .apply_child_audit(child, &[items[3].clone(), (6, Some(rec("350100", 4, 15)))])
             .await,
         child,
         5,
@@ -1572,11 +1573,8 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
     assert_eq!(store.audit_count().await?, 3);
 
     // A record the store already holds under its (node, seq) fails the batch, which leaves nothing behind.
-    let duplicate = vec![items[3].clone(), (5, rec("350102", 1, 99))];
-    assert!(matches!(
-        store.apply_child_audit(child, &duplicate).await,
-        Err(StoreError::Database(_))
-    ));
+    let duplicate = vec![items[3].clone(), (5, Some(rec("350102", 1, 99)))];
+    assert!(store.apply_child_audit(child, &duplicate).await.is_err());
     assert_eq!(store.cursor(child, Stream::Audit).await?, 3);
     assert_eq!(store.audit_count().await?, 3);
 
@@ -1587,16 +1585,19 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
     assert_eq!(seqs(&out), vec![1, 2, 3, 4, 5]);
     assert_eq!(
         records(&out)?,
-        items.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()
+        items
+            .iter()
+            .filter_map(|(_, r)| r.clone())
+            .collect::<Vec<_>>()
     );
-    assert_eq!(store.audit_head("350102").await?, Some(items[3].1.clone()));
+    assert_eq!(store.audit_head("350102").await?, items[3].1.clone());
     assert_eq!(store.audit_nodes().await?, ["350100", "350102"]);
 
     // Own records and a second child's interleave in the same stream.
     store.audit_append(&[rec("350000", 1, 20)]).await?;
     assert_eq!(
         store
-            .apply_child_audit("350200", &[(1, rec("350200", 1, 21))])
+            .apply_child_audit("350200", &[(1, Some(rec("350200", 1, 21)))])
             .await?,
         1
     );
@@ -1608,6 +1609,22 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
         records(&out)?,
         vec![rec("350000", 1, 20), rec("350200", 1, 21)]
     );
+
+    // Items the caller found already held here (a recovered child sending again what it had sent) advance the
+    // cursor without being stored again; new ones among them are stored in order.
+    let again: Vec<(u64, Option<AuditRecord>)> =
+        vec![(6, None), (7, Some(rec("350100", 4, 30))), (8, None)];
+    assert_eq!(store.apply_child_audit(child, &again).await?, 8);
+    assert_eq!(store.audit_count().await?, 8);
+    let out = store.outbox_after(Stream::Audit, 7, 100).await?;
+    assert_eq!(seqs(&out), vec![8]);
+    assert_eq!(records(&out)?, vec![rec("350100", 4, 30)]);
+    expect_gap(
+        store.apply_child_audit(child, &[(10, None)]).await,
+        child,
+        9,
+        10,
+    )?;
     Ok(())
 }
 
@@ -1972,8 +1989,9 @@ async fn concurrent_writers_commit_in_position_order(store: Arc<dyn Store>) -> R
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 for from in (1..=20).step_by(5) {
-                    let items: Vec<(u64, AuditRecord)> =
-                        (from..from + 5).map(|s| (s, rec(child, s, 0))).collect();
+                    let items: Vec<(u64, Option<AuditRecord>)> = (from..from + 5)
+                        .map(|s| (s, Some(rec(child, s, 0))))
+                        .collect();
                     store.apply_child_audit(child, &items).await?;
                 }
                 Ok(())
@@ -2181,5 +2199,48 @@ async fn two_writers_of_one_node_share_its_chain(
     }
     v.finish()?;
     assert_eq!(v.key(), Some(key.public_key().as_slice()));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// What a parent holds of a child's own
+
+async fn own_entries_are_listed_by_id_withdrawn_ones_too(store: Arc<dyn Store>) -> Result<()> {
+    let e = |id: &str| entry(id, "t", "s", &["x"], ShareType::Unconditional);
+    for id in ["350102:c", "350102:a", "350102:b", "350103:a", "350100:z"] {
+        store.publish_local(e(id), Upstream::Parent).await?;
+    }
+    store
+        .apply_child_catalog(
+            "350121",
+            &[(1, upsert(&with_version(&e("350121:a"), 1)))],
+            Upstream::Parent,
+        )
+        .await?;
+    store.withdraw_local("350102:b", Upstream::Parent).await?;
+    let ids = |rows: Vec<StoredEntry>| -> Vec<(String, bool)> {
+        rows.into_iter()
+            .map(|r| (r.entry.id, r.withdrawn))
+            .collect()
+    };
+    assert_eq!(
+        ids(store.own_entries("350102", "", 10).await?),
+        [
+            ("350102:a".to_owned(), false),
+            ("350102:b".to_owned(), true),
+            ("350102:c".to_owned(), false)
+        ]
+    );
+    assert_eq!(
+        ids(store.own_entries("350102", "350102:a", 1).await?),
+        [("350102:b".to_owned(), true)]
+    );
+    assert!(
+        store
+            .own_entries("350102", "350102:c", 10)
+            .await?
+            .is_empty()
+    );
+    assert!(store.own_entries("350101", "", 10).await?.is_empty());
     Ok(())
 }

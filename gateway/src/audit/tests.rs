@@ -251,7 +251,7 @@ async fn a_childs_records_follow_a_signed_head() {
     r.hash = record_hash(&r).to_vec();
     r.signature = child.sign_bytes(Domain::AuditBatch, &r.hash).to_vec();
     let applied = log
-        .apply_child("350121", vec![(1, r)])
+        .apply_child("350121", vec![(1, Some(r))])
         .await
         .expect("applied");
     assert_eq!(applied, 1);

@@ -78,10 +78,11 @@ struct Pending {
     done: Option<oneshot::Sender<Result<u64, AuditError>>>,
 }
 
-/// A child's checked records, to be stored after this node's own head is signed.
+/// A child's checked records (`None`: one this node already holds), to be stored after this node's own head is
+/// signed.
 struct ChildBatch {
     child: String,
-    items: Vec<(u64, AuditRecord)>,
+    items: Vec<(u64, Option<AuditRecord>)>,
     done: oneshot::Sender<Result<u64, ChildApplyError>>,
 }
 
@@ -231,12 +232,13 @@ impl AuditLog {
         }
     }
 
-    /// Stores a child's checked records above its cursor (see [`Store::apply_child_audit`]) after signing this
-    /// node's own unsigned head, if any; returns the child's new cursor.
+    /// Stores a child's checked records above its cursor (see [`Store::apply_child_audit`]; `None` for a record
+    /// this node already holds) after signing this node's own unsigned head, if any; returns the child's new
+    /// cursor.
     pub async fn apply_child(
         &self,
         child: &str,
-        items: Vec<(u64, AuditRecord)>,
+        items: Vec<(u64, Option<AuditRecord>)>,
     ) -> Result<u64, ChildApplyError> {
         let (done, wait) = oneshot::channel();
         self.tx

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
-    AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop,
+    AuditOperation, AuditRecord, CatalogChange, ChainHead, ForwardRequest, ForwardResponse, Hop,
     InvalidationAck, InvalidationNotice, JoinRequest, JoinResponse, PushRequest, PushResponse,
-    Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor, catalog_change, stream_item,
+    Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor, TakeBackRequest,
+    TakeBackResponse, catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
@@ -23,6 +24,8 @@ use crate::statement::Verified;
 use crate::store::{Store, StoreError, Upstream};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
+
+mod take_back;
 
 /// Largest batch a child may push at once.
 const MAX_PUSH: usize = 4096;
@@ -175,11 +178,17 @@ impl FederationService {
     /// Checks and stores a child's audit batch: each record must continue its node's chain (hash, link and
     /// signature), come from the child's subtree, and each chain the batch carries must end with a signed record
     /// (a child ships only signed prefixes, so one signature per chain covers the whole batch).
+    ///
+    /// A record this node already holds (same node, sequence number and hash) is skipped but its position still
+    /// advances the child's cursor: a child that recovered, or whose own parent did, sends again what it had sent.
+    /// Another record under a sequence number held here is a fork, refused with DATA_LOSS.
     async fn push_audit(&self, child: DivisionCode, req: PushRequest) -> Result<u64> {
         let applied = self.store.cursor(child.as_str(), Stream::Audit).await?;
         let mut verifiers: std::collections::HashMap<String, (ChainVerifier, Option<Vec<u8>>)> =
             Default::default();
+        let mut held = take_back::Held::default();
         let mut items = Vec::with_capacity(req.items.len());
+        let mut duplicates = 0;
         for item in req.items {
             let Some(stream_item::Body::Audit(record)) = item.body else {
                 return Err(Error::InvalidArgument(format!(
@@ -190,8 +199,14 @@ impl FederationService {
             if item.seq <= applied {
                 continue;
             }
+            check_origin(child, &record)?;
+            if held.holds(self.store.as_ref(), child, &record).await? {
+                duplicates += 1;
+                items.push((item.seq, None));
+                continue;
+            }
             self.check_audit(child, &record, &mut verifiers).await?;
-            items.push((item.seq, record));
+            items.push((item.seq, Some(record)));
         }
         for (v, _) in verifiers.values() {
             if v.unsigned_tail() > 0 {
@@ -203,7 +218,7 @@ impl FederationService {
                 )));
             }
         }
-        let count = items.len() as u64;
+        let count = items.len() as u64 - duplicates;
         let applied = self
             .audit
             .apply_child(child.as_str(), items)
@@ -228,6 +243,10 @@ impl FederationService {
             }
         }
         NodeMetrics::add(&self.metrics.audit_items_applied, count);
+        NodeMetrics::add(&self.metrics.audit_items_duplicate, duplicates);
+        if duplicates > 0 {
+            tracing::info!(%child, duplicates, "audit records sent again by a child were already held here");
+        }
         self.uplink.wake(Stream::Audit);
         Ok(applied)
     }
@@ -238,15 +257,7 @@ impl FederationService {
         record: &AuditRecord,
         verifiers: &mut std::collections::HashMap<String, (ChainVerifier, Option<Vec<u8>>)>,
     ) -> Result<()> {
-        let origin: DivisionCode = record
-            .node_code
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("audit record node_code: {e}")))?;
-        if !child.contains(&origin) {
-            return Err(Error::PermissionDenied(format!(
-                "node {child} forwarded an audit record of node {origin}, outside its subtree"
-            )));
-        }
+        let origin = check_origin(child, record)?;
         if !verifiers.contains_key(&record.node_code) {
             let key = self.store.node_key(&record.node_code).await?;
             let v = match self.store.audit_head(&record.node_code).await? {
@@ -390,6 +401,20 @@ impl FederationService {
     }
 }
 
+/// The node that wrote a forwarded record, which must be in the forwarding child's subtree.
+fn check_origin(child: DivisionCode, record: &AuditRecord) -> Result<DivisionCode> {
+    let origin: DivisionCode = record
+        .node_code
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("audit record node_code: {e}")))?;
+    if !child.contains(&origin) {
+        return Err(Error::PermissionDenied(format!(
+            "node {child} forwarded an audit record of node {origin}, outside its subtree"
+        )));
+    }
+    Ok(origin)
+}
+
 /// A child may only register entries held in its own subtree.
 fn check_catalog_change(child: DivisionCode, change: &CatalogChange) -> Result<()> {
     let (id, node) = match &change.change {
@@ -462,11 +487,40 @@ impl Federation for FederationService {
                     .map_err(Error::from)?,
             });
         }
+        let own_chain_head = self
+            .store
+            .audit_head(child.as_str())
+            .await
+            .map_err(Error::from)?
+            .map(|h| ChainHead {
+                seq: h.seq,
+                hash: h.hash,
+            });
         tracing::info!(%child, "child joined");
         Ok(Response::new(JoinResponse {
             parent_code: self.topology.code.to_string(),
             cursors,
+            own_chain_head,
         }))
+    }
+
+    async fn take_back(
+        &self,
+        req: Request<TakeBackRequest>,
+    ) -> Result<Response<TakeBackResponse>, Status> {
+        let child = self.checked_child(&req, "TakeBack").await?;
+        self.bounded(&req, "TakeBack").await?;
+        match take_back::answer(self.store.as_ref(), child, req.get_ref()).await {
+            Ok(resp) => {
+                tracing::info!(%child, stream = req.get_ref().stream, records = resp.records.len(),
+                    entries = resp.entries.len(), "a child took back what this node holds of its own");
+                Ok(Response::new(resp))
+            }
+            Err(e @ (Error::InvalidArgument(_) | Error::PermissionDenied(_))) => {
+                Err(self.refuse(Peer::Node(child).to_uri(), "TakeBack", e).await)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {

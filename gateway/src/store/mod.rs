@@ -303,11 +303,13 @@ pub trait Store: Send + Sync + 'static {
     /// The last record of `node`'s chain held here.
     async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError>;
     /// Applies a child's audit items above its cursor in order and advances the cursor, atomically; each record
-    /// must already have been checked by the caller. Returns the new cursor.
+    /// must already have been checked by the caller. An item without a record is one this node already holds (a
+    /// child that recovered sends again what it had sent before): it only advances the cursor. Returns the new
+    /// cursor.
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError>;
     /// Records matching a query with their stream positions, oldest first.
     async fn audit_query(&self, query: &AuditQuery) -> Result<Vec<(u64, AuditRecord)>, StoreError>;
@@ -355,6 +357,15 @@ pub trait Store: Send + Sync + 'static {
         resource_id: &str,
         now_unix: i64,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// The catalog rows of `node`'s own entries with ids after `after_id`, by id; withdrawn ones too, each at the
+    /// version of its withdrawal.
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError>;
 
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}
@@ -488,6 +499,18 @@ fn fresh_items<'a, T>(
         applied = *seq;
     }
     Ok((fresh, applied))
+}
+
+/// The bounds of a query for `node`'s own entries after `after_id`: ids are `<node>:<local code>`, so they sort
+/// above `"<node>:"` (which is no id) and below `"<node>;"` (`;` follows `:`). Returns (ids above, ids below).
+pub(crate) fn own_id_range(node: &str, after_id: &str) -> (String, String) {
+    let start = format!("{node}:");
+    let above = if after_id > start.as_str() {
+        after_id.to_owned()
+    } else {
+        start
+    };
+    (above, format!("{node};"))
 }
 
 /// One step of applying catalog changes in their order: a run of upserts of distinct ids (one multi-row

@@ -565,13 +565,14 @@ impl Store for PgStore {
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Also makes reading and advancing the child's cursor atomic against a concurrent push of the same child.
         lock_stream(&mut tx, Stream::Audit).await?;
         let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
         let (fresh, applied) = fresh_items(child, applied, items)?;
+        let fresh: Vec<&AuditRecord> = fresh.into_iter().flatten().collect();
         insert_audit(&mut tx, &fresh).await?;
         write_cursor(&mut tx, child, Stream::Audit, applied).await?;
         tx.commit().await?;
@@ -772,6 +773,15 @@ impl Store for PgStore {
             .await?;
         tx.commit().await?;
         Ok(pinned)
+    }
+
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        catalog::own_entries(&self.pool, node, after_id, limit).await
     }
 
     async fn close(&self) {

@@ -519,11 +519,12 @@ impl Store for SqliteStore {
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin().await?;
         let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
         let (fresh, applied) = fresh_items(child, applied, items)?;
+        let fresh: Vec<&AuditRecord> = fresh.into_iter().flatten().collect();
         insert_audit(&mut tx, &fresh).await?;
         write_cursor(&mut tx, child, Stream::Audit, applied).await?;
         tx.commit().await?;
@@ -741,6 +742,15 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(row.get::<Vec<u8>, _>(0))
+    }
+
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        catalog::own_entries(&self.reader, node, after_id, limit).await
     }
 
     async fn close(&self) {

@@ -185,7 +185,7 @@ impl Store for Faulty {
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError> {
         self.inner.apply_child_audit(child, items).await
     }
@@ -257,5 +257,14 @@ impl Store for Faulty {
         now_unix: i64,
     ) -> Result<Vec<String>, StoreError> {
         self.inner.served_nodes(resource_id, now_unix).await
+    }
+
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.inner.own_entries(node, after_id, limit).await
     }
 }

@@ -12,7 +12,7 @@ use super::{lock_stream, read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
     ApplyStep, CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, apply_steps,
-    decode_entry, fresh_items, to_i64, to_u64,
+    decode_entry, fresh_items, own_id_range, to_i64, to_u64,
 };
 
 /// Rows of one multi-row statement, and ids of one `= ANY` list.
@@ -261,6 +261,40 @@ async fn forward(
         .await?;
     }
     Ok(())
+}
+
+/// The entry of a row of (id, entry, withdrawn, version) at the row's version (a withdrawal keeps the entry it
+/// withdrew under its own, later, version).
+fn versioned(r: &sqlx::postgres::PgRow) -> Result<CatalogEntry, StoreError> {
+    let mut entry = decode_entry(r.try_get::<&str, _>(0)?, r.try_get::<&[u8], _>(1)?)?;
+    entry.version = to_u64(r.try_get::<i64, _>(3)?);
+    Ok(entry)
+}
+
+/// The rows of `node`'s own entries with ids after `after_id`, by id, each at its row's version.
+pub(super) async fn own_entries(
+    pool: &PgPool,
+    node: &str,
+    after_id: &str,
+    limit: u32,
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let (above, below) = own_id_range(node, after_id);
+    let rows = sqlx::query(
+        "SELECT id, entry, withdrawn, version FROM catalog WHERE id > $1 AND id < $2 ORDER BY id LIMIT $3",
+    )
+    .bind(above)
+    .bind(below)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredEntry {
+                entry: versioned(r)?,
+                withdrawn: r.try_get::<bool, _>(2)?,
+            })
+        })
+        .collect()
 }
 
 /// Stores local entries under their next versions in one transaction.

@@ -12,7 +12,7 @@ use super::{read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
     ApplyStep, CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, apply_steps,
-    decode_entry, fresh_items, to_i64, to_u64,
+    decode_entry, fresh_items, own_id_range, to_i64, to_u64,
 };
 
 /// Rows of one multi-row catalog upsert (7 binds each).
@@ -406,6 +406,40 @@ pub(super) async fn withdraw_local(
     forward(&mut tx, &[&change], upstream).await?;
     tx.commit().await?;
     Ok(Some(version))
+}
+
+/// The entry of a row of (id, entry, withdrawn, version) at the row's version (a withdrawal keeps the entry it
+/// withdrew under its own, later, version).
+fn versioned(r: &sqlx::sqlite::SqliteRow) -> Result<CatalogEntry, StoreError> {
+    let mut entry = decode_entry(r.get::<&str, _>(0), r.get::<&[u8], _>(1))?;
+    entry.version = to_u64(r.get::<i64, _>(3));
+    Ok(entry)
+}
+
+/// The rows of `node`'s own entries with ids after `after_id`, by id, each at its row's version.
+pub(super) async fn own_entries(
+    reader: &SqlitePool,
+    node: &str,
+    after_id: &str,
+    limit: u32,
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let (above, below) = own_id_range(node, after_id);
+    let rows = sqlx::query(
+        "SELECT id, entry, withdrawn, version FROM catalog WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+    )
+    .bind(above)
+    .bind(below)
+    .bind(i64::from(limit))
+    .fetch_all(reader)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredEntry {
+                entry: versioned(r)?,
+                withdrawn: r.get::<i64, _>(2) != 0,
+            })
+        })
+        .collect()
 }
 
 /// Applies a child's items above its cursor and advances the cursor.
