@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail, ensure};
 use fedgate_gateway::catalog::terms;
 use fedgate_gateway::store::{
-    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, PgStore, SqliteStore,
-    Store, StoreError, StoredEntry, Upstream,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, Doc, DocKind, DocQuery,
+    OutboxItem, PgStore, Recovered, SqliteStore, Store, StoreError, StoredEntry, UplinkMark,
+    Upstream,
 };
 use fedgate_proto::v1::{
     AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
@@ -100,6 +101,11 @@ contract!(
     node_keys_are_pinned_on_first_sight,
     served_nodes_are_kept_until_their_answers_expire,
     concurrent_writers_commit_in_position_order,
+    marks_of_unconfirmed_runs_are_kept_until_removed,
+    a_recovered_audit_stream_takes_back_rechains_and_moves,
+    a_recovered_stream_continues_after_the_parents_cursor,
+    a_recovered_catalog_takes_back_and_publishes_again_above_the_parent,
+    positions_close_up_after_a_parent_lost_what_it_acknowledged,
     own_entries_are_listed_by_id_withdrawn_ones_too,
 );
 
@@ -2203,7 +2209,434 @@ async fn two_writers_of_one_node_share_its_chain(
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// What a parent holds of a child's own
+// Recovery of what a node lost after forwarding it
+
+async fn marks_of_unconfirmed_runs_are_kept_until_removed(store: Arc<dyn Store>) -> Result<()> {
+    assert_eq!(store.uplink_mark(Stream::Audit).await?, None);
+    store
+        .audit_append(&chained_after("350102", None, 3))
+        .await?;
+    store.audit_append(&[rec("350121", 1, 5)]).await?;
+    store
+        .publish_local(
+            entry("350102:a", "a", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    store.set_uplink_acked(Stream::Catalog, 1).await?;
+    store.mark_unconfirmed("350102").await?;
+    assert_eq!(
+        store.uplink_mark(Stream::Audit).await?,
+        Some(UplinkMark {
+            head: 4,
+            own_seq: 3
+        })
+    );
+    assert_eq!(
+        store.uplink_mark(Stream::Catalog).await?,
+        Some(UplinkMark {
+            head: 1,
+            own_seq: 0
+        })
+    );
+    // A later start keeps the first mark: what was written since has still not been compared.
+    store.audit_append(&[rec("350121", 2, 6)]).await?;
+    store.mark_unconfirmed("350102").await?;
+    assert_eq!(
+        store.uplink_mark(Stream::Audit).await?.map(|m| m.head),
+        Some(4)
+    );
+    store.confirm_uplink(Stream::Audit).await?;
+    assert_eq!(store.uplink_mark(Stream::Audit).await?, None);
+    assert!(store.uplink_mark(Stream::Catalog).await?.is_some());
+    // The mark is where the stream ends: past the parent's acknowledgement when that is higher.
+    store.set_uplink_acked(Stream::Audit, 9).await?;
+    store.mark_unconfirmed("350102").await?;
+    assert_eq!(
+        store.uplink_mark(Stream::Audit).await?,
+        Some(UplinkMark {
+            head: 9,
+            own_seq: 3
+        })
+    );
+    Ok(())
+}
+
+/// A re-chaining that links and hashes records after `(seq, hash)` as a writer does, and marks each record it
+/// signs with a recognisable signature.
+fn relink(old: &[AuditRecord], after: (u64, &[u8]), last: bool) -> Vec<AuditRecord> {
+    let (mut seq, mut prev) = (after.0, after.1.to_vec());
+    let n = old.len();
+    old.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            seq += 1;
+            r.seq = seq;
+            r.prev_hash = std::mem::take(&mut prev);
+            r.hash.clear();
+            let signed = !r.signature.is_empty() || (last && i + 1 == n);
+            r.signature.clear();
+            r.hash = fedgate_gateway::audit::record_hash(&r).to_vec();
+            if signed {
+                r.signature = vec![7; 64];
+            }
+            prev.clone_from(&r.hash);
+            r
+        })
+        .collect()
+}
+
+async fn a_recovered_audit_stream_takes_back_rechains_and_moves(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    // Before the loss, and forwarded: own records 1-3, a child's 1-2 (positions 1-5).
+    let before = chained_after("350102", None, 3);
+    store.audit_append(&before).await?;
+    let child: Vec<(u64, Option<AuditRecord>)> =
+        (1..=2).map(|s| (s, Some(rec("350121", s, 0)))).collect();
+    store.apply_child_audit("350121", &child).await?;
+    // The store comes back from a backup here; the run that starts marks it.
+    store.mark_unconfirmed("350102").await?;
+    // Written after the loss, before the parent was reached: own 4'-5' on the stale head, a child's record.
+    let stale = chained_after("350102", before.last(), 2);
+    store.audit_append(&stale[..1]).await?;
+    store
+        .apply_child_audit("350121", &[(3, Some(rec("350121", 3, 0)))])
+        .await?;
+    store.audit_append(&stale[1..]).await?;
+    // The parent holds the lost records 4-6 of this chain, and counts positions up to 10 as applied.
+    let lost = chained_after("350102", before.last(), 3);
+    store.stage_audit(&lost[..2]).await?;
+    store.stage_audit(&lost[2..]).await?;
+    let staged = store.staged(Stream::Audit).await?;
+    assert_eq!(staged.count, 3);
+    assert_eq!(staged.last_record.as_ref(), lost.last());
+
+    let plan = AuditRecovery {
+        node: "350102".into(),
+        cursor: 10,
+        mark: 5,
+        common: 3,
+    };
+    let done = store.recover_audit(&plan, &relink).await?;
+    assert_eq!(
+        done,
+        Recovered {
+            taken_back: 3,
+            redone: 2,
+            moved: 3
+        }
+    );
+    let chain = store.audit_chain("350102", 0, 100).await?;
+    assert_eq!(
+        chain.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        &chain[..6],
+        [before.clone(), lost.clone()].concat().as_slice()
+    );
+    for pair in chain.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "record {} links",
+            pair[1].seq
+        );
+    }
+    assert_eq!(
+        chain[6].request_id, stale[0].request_id,
+        "re-chained in order"
+    );
+    assert_eq!(
+        chain[7].signature,
+        vec![7; 64],
+        "the re-chained end is signed"
+    );
+    // Positions: those taken back where the parent counts them applied; what was written since the mark after
+    // the parent's cursor, in its order; the stream goes on after them.
+    let all = store.outbox_after(Stream::Audit, 0, 100).await?;
+    assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13]);
+    let ids: Vec<(String, u64)> = records(&all)?
+        .into_iter()
+        .map(|r| (r.node_code, r.seq))
+        .collect();
+    let id = |n: &str, s| (n.to_owned(), s);
+    assert_eq!(
+        &ids[5..],
+        [
+            id("350102", 4),
+            id("350102", 5),
+            id("350102", 6),
+            id("350102", 7),
+            id("350121", 3),
+            id("350102", 8)
+        ]
+    );
+    assert_eq!(store.uplink_acked(Stream::Audit).await?, 10);
+    assert_eq!(store.uplink_mark(Stream::Audit).await?, None);
+    assert_eq!(store.staged(Stream::Audit).await?.count, 0);
+    store
+        .audit_append(&chained_after("350102", chain.last(), 1))
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 13, 10).await?),
+        vec![14]
+    );
+    assert_eq!(store.audit_count().await?, 12);
+    Ok(())
+}
+
+async fn a_recovered_stream_continues_after_the_parents_cursor(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    // The parent counts positions up to 9 applied; this node holds 3 and wrote nothing since its start.
+    let before = chained_after("350102", None, 3);
+    store.audit_append(&before).await?;
+    for id in ["350102:a", "350102:b"] {
+        store
+            .publish_local(
+                entry(id, "t", "s", &["x"], ShareType::Unconditional),
+                Upstream::Parent,
+            )
+            .await?;
+    }
+    store.mark_unconfirmed("350102").await?;
+    let plan = AuditRecovery {
+        node: "350102".into(),
+        cursor: 9,
+        mark: 3,
+        common: 3,
+    };
+    let done = store.recover_audit(&plan, &relink).await?;
+    assert_eq!(done, Recovered::default());
+    store
+        .audit_append(&chained_after("350102", before.last(), 1))
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 3, 10).await?),
+        vec![10]
+    );
+    let done = store
+        .recover_catalog(&CatalogRecovery {
+            node: "350102".into(),
+            cursor: 6,
+            mark: 2,
+        })
+        .await?;
+    assert_eq!(done, Recovered::default());
+    store
+        .publish_local(
+            entry("350102:c", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 2, 7]
+    );
+    Ok(())
+}
+
+fn held(e: &CatalogEntry, withdrawn: bool) -> StoredEntry {
+    StoredEntry {
+        entry: e.clone(),
+        withdrawn,
+    }
+}
+
+async fn a_recovered_catalog_takes_back_and_publishes_again_above_the_parent(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    let e = |id: &str, title: &str| entry(id, title, "s", &["x"], ShareType::Unconditional);
+    // Before the loss, forwarded: a, b, e at version 1, and a child's entry (positions 1-4).
+    for id in ["350102:a", "350102:b", "350102:e"] {
+        store.publish_local(e(id, "old"), Upstream::Parent).await?;
+    }
+    store
+        .apply_child_catalog(
+            "350121",
+            &[(1, upsert(&with_version(&e("350121:k", "kid"), 1)))],
+            Upstream::Parent,
+        )
+        .await?;
+    store.mark_unconfirmed("350102").await?;
+    // After the loss: e changed again here (its version 2 here), f published new (positions 5-6).
+    store
+        .publish_local(e("350102:e", "changed here"), Upstream::Parent)
+        .await?;
+    store
+        .publish_local(e("350102:f", "new here"), Upstream::Parent)
+        .await?;
+    // The parent holds this node's lost changes (it applied positions up to 9): a at 2, b withdrawn at 2, c new,
+    // d withdrawn (never seen here), e at 3.
+    let parent = [
+        held(&with_version(&e("350102:a", "lost update"), 2), false),
+        held(&with_version(&e("350102:b", "old"), 2), true),
+        held(&with_version(&e("350102:c", "lost new"), 1), false),
+        held(&with_version(&e("350102:d", "gone"), 2), true),
+        held(&with_version(&e("350102:e", "lost change"), 3), false),
+        held(&with_version(&e("350102:f", "new here"), 1), false),
+    ];
+    store.stage_catalog(&parent[..3]).await?;
+    store.stage_catalog(&parent[3..]).await?;
+    assert_eq!(
+        store.staged(Stream::Catalog).await?.last_id.as_deref(),
+        Some("350102:f")
+    );
+    let done = store
+        .recover_catalog(&CatalogRecovery {
+            node: "350102".into(),
+            cursor: 9,
+            mark: 4,
+        })
+        .await?;
+    assert_eq!(
+        done,
+        Recovered {
+            taken_back: 4,
+            redone: 1,
+            moved: 2
+        }
+    );
+    let get = |id: &'static str| {
+        let store = store.clone();
+        async move { store.entry(id).await?.context(id) }
+    };
+    let a = get("350102:a").await?;
+    assert_eq!(
+        (a.entry.version, a.entry.title.as_str(), a.withdrawn),
+        (2, "lost update", false)
+    );
+    assert!(get("350102:b").await?.withdrawn);
+    assert_eq!(get("350102:c").await?.entry.title, "lost new");
+    assert!(get("350102:d").await?.withdrawn);
+    let ee = get("350102:e").await?;
+    assert_eq!(
+        (ee.entry.version, ee.entry.title.as_str()),
+        (4, "changed here"),
+        "the change made here after the loss wins, above the parent's version"
+    );
+    assert_eq!(get("350102:f").await?.entry.version, 1);
+    assert_eq!(search_ids(&store, "lost").await?, ["350102:a", "350102:c"]);
+    // The stream: what was written since the mark after the cursor, then the publication above the parent's.
+    let out = store.outbox_after(Stream::Catalog, 4, 100).await?;
+    assert_eq!(seqs(&out), vec![10, 11, 12]);
+    let versions: Vec<(String, u64)> = changes(&out)?
+        .into_iter()
+        .filter_map(|c| match c.change {
+            Some(catalog_change::Change::Upsert(e)) => Some((e.id, e.version)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("350102:e".to_owned(), 2),
+            ("350102:f".to_owned(), 1),
+            ("350102:e".to_owned(), 4)
+        ]
+    );
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 9);
+    assert_eq!(store.uplink_mark(Stream::Catalog).await?, None);
+    assert_eq!(store.staged(Stream::Catalog).await?.count, 0);
+    // Versions go on from the parent's: withdrawn entries taken back (one never seen here) come back at 3.
+    for id in ["350102:b", "350102:d"] {
+        let again = store.publish_local(e(id, "back"), Upstream::Parent).await?;
+        assert_eq!(again.version, 3, "{id}");
+    }
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 12, 10).await?),
+        vec![13, 14]
+    );
+    let own = store.own_entries("350102", "", 10).await?;
+    assert!(own.iter().all(|r| !r.withdrawn));
+    Ok(())
+}
+
+async fn positions_close_up_after_a_parent_lost_what_it_acknowledged(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    // A recovery left positions 4-9 empty (the parent counted them applied).
+    let before = chained_after("350102", None, 3);
+    store.audit_append(&before).await?;
+    store.mark_unconfirmed("350102").await?;
+    store
+        .recover_audit(
+            &AuditRecovery {
+                node: "350102".into(),
+                cursor: 9,
+                mark: 3,
+                common: 3,
+            },
+            &relink,
+        )
+        .await?;
+    let after = chained_after("350102", before.last(), 2);
+    store.audit_append(&after).await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 0, 10).await?),
+        vec![1, 2, 3, 10, 11]
+    );
+    assert_eq!(store.count_after(Stream::Audit, 2).await?, 3);
+    // The parent now holds only up to position 2 (it was restored itself): what follows closes up after it.
+    assert_eq!(store.close_up(Stream::Audit, 2).await?, 3);
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 0, 10).await?),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(store.uplink_acked(Stream::Audit).await?, 2);
+    store
+        .audit_append(&chained_after("350102", after.last(), 1))
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 5, 10).await?),
+        vec![6]
+    );
+    let chain = store.audit_chain("350102", 0, 10).await?;
+    assert_eq!(chain.len(), 6);
+
+    // The catalog stream the same way.
+    store
+        .publish_local(
+            entry("350102:a", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    store
+        .recover_catalog(&CatalogRecovery {
+            node: "350102".into(),
+            cursor: 8,
+            mark: 1,
+        })
+        .await?;
+    store
+        .publish_local(
+            entry("350102:b", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 9]
+    );
+    assert_eq!(store.close_up(Stream::Catalog, 0).await?, 2);
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 2]
+    );
+    store
+        .publish_local(
+            entry("350102:c", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 2, 3]
+    );
+    Ok(())
+}
 
 async fn own_entries_are_listed_by_id_withdrawn_ones_too(store: Arc<dyn Store>) -> Result<()> {
     let e = |id: &str| entry(id, "t", "s", &["x"], ShareType::Unconditional);

@@ -15,12 +15,13 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, ChainAt, Doc, DocKind, DocQuery, OutboxItem, Store,
-    StoreError, StoredEntry, Upstream, chain_conflict, decode_audit, decode_entry, fresh_items,
-    to_i64, to_u64, unsealed,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, Doc, DocKind,
+    DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry, UplinkMark,
+    Upstream, chain_conflict, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
 };
 
 mod catalog;
+mod recover;
 
 /// Connections of the pool.
 const MAX_CONNECTIONS: u32 = 16;
@@ -773,6 +774,58 @@ impl Store for PgStore {
             .await?;
         tx.commit().await?;
         Ok(pinned)
+    }
+
+    async fn mark_unconfirmed(&self, node: &str) -> Result<(), StoreError> {
+        recover::mark_unconfirmed(&self.pool, node).await
+    }
+
+    async fn uplink_mark(&self, stream: Stream) -> Result<Option<UplinkMark>, StoreError> {
+        recover::uplink_mark(&self.pool, stream).await
+    }
+
+    async fn confirm_uplink(&self, stream: Stream) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM uplink_mark WHERE stream = $1")
+            .bind(stream as i32)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn stage_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        recover::stage_audit(&self.pool, records).await
+    }
+
+    async fn stage_catalog(&self, entries: &[StoredEntry]) -> Result<(), StoreError> {
+        recover::stage_catalog(&self.pool, entries).await
+    }
+
+    async fn staged(&self, stream: Stream) -> Result<Staged, StoreError> {
+        recover::staged(&self.pool, stream).await
+    }
+
+    async fn clear_staged(&self, stream: Stream) -> Result<(), StoreError> {
+        recover::clear_staged(&self.pool, stream).await
+    }
+
+    async fn recover_audit(
+        &self,
+        plan: &AuditRecovery,
+        rechain: &Rechain<'_>,
+    ) -> Result<Recovered, StoreError> {
+        recover::recover_audit(&self.pool, plan, rechain).await
+    }
+
+    async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError> {
+        recover::recover_catalog(&self.pool, plan).await
+    }
+
+    async fn close_up(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::close_up(&self.pool, stream, after).await
+    }
+
+    async fn count_after(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::count_after(&self.pool, stream, after).await
     }
 
     async fn own_entries(

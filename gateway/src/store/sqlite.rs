@@ -16,12 +16,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, ChainAt, Doc, DocKind, DocQuery, OutboxItem, Store,
-    StoreError, StoredEntry, Upstream, chain_conflict, decode_audit, decode_entry, fresh_items,
-    to_i64, to_u64, unsealed,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, Doc, DocKind,
+    DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry, UplinkMark,
+    Upstream, chain_conflict, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
 };
 
 mod catalog;
+mod recover;
 
 /// Page cache of the writer connection (negative: KiB), 32 MiB.
 const WRITER_CACHE_KIB: &str = "-32768";
@@ -742,6 +743,58 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(row.get::<Vec<u8>, _>(0))
+    }
+
+    async fn mark_unconfirmed(&self, node: &str) -> Result<(), StoreError> {
+        recover::mark_unconfirmed(&self.writer, node).await
+    }
+
+    async fn uplink_mark(&self, stream: Stream) -> Result<Option<UplinkMark>, StoreError> {
+        recover::uplink_mark(&self.reader, stream).await
+    }
+
+    async fn confirm_uplink(&self, stream: Stream) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM uplink_mark WHERE stream = ?")
+            .bind(stream as i32)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn stage_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        recover::stage_audit(&self.writer, records).await
+    }
+
+    async fn stage_catalog(&self, entries: &[StoredEntry]) -> Result<(), StoreError> {
+        recover::stage_catalog(&self.writer, entries).await
+    }
+
+    async fn staged(&self, stream: Stream) -> Result<Staged, StoreError> {
+        recover::staged(&self.reader, stream).await
+    }
+
+    async fn clear_staged(&self, stream: Stream) -> Result<(), StoreError> {
+        recover::clear_staged(&self.writer, stream).await
+    }
+
+    async fn recover_audit(
+        &self,
+        plan: &AuditRecovery,
+        rechain: &Rechain<'_>,
+    ) -> Result<Recovered, StoreError> {
+        recover::recover_audit(&self.writer, plan, rechain).await
+    }
+
+    async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError> {
+        recover::recover_catalog(&self.writer, plan).await
+    }
+
+    async fn close_up(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::close_up(&self.writer, stream, after).await
+    }
+
+    async fn count_after(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::count_after(&self.reader, stream, after).await
     }
 
     async fn own_entries(

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 
 use crate::store::{
-    AuditQuery, CatalogHit, CatalogQuery, ChainAt, Doc, DocKind, DocQuery, OutboxItem, Store,
-    StoreError, StoredEntry, Upstream,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, Doc, DocKind,
+    DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry, UplinkMark,
+    Upstream,
 };
 
 /// How the next audit commit or signature fails.
@@ -257,6 +258,54 @@ impl Store for Faulty {
         now_unix: i64,
     ) -> Result<Vec<String>, StoreError> {
         self.inner.served_nodes(resource_id, now_unix).await
+    }
+
+    async fn mark_unconfirmed(&self, node: &str) -> Result<(), StoreError> {
+        self.inner.mark_unconfirmed(node).await
+    }
+
+    async fn uplink_mark(&self, stream: Stream) -> Result<Option<UplinkMark>, StoreError> {
+        self.inner.uplink_mark(stream).await
+    }
+
+    async fn confirm_uplink(&self, stream: Stream) -> Result<(), StoreError> {
+        self.inner.confirm_uplink(stream).await
+    }
+
+    async fn stage_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.inner.stage_audit(records).await
+    }
+
+    async fn stage_catalog(&self, entries: &[StoredEntry]) -> Result<(), StoreError> {
+        self.inner.stage_catalog(entries).await
+    }
+
+    async fn staged(&self, stream: Stream) -> Result<Staged, StoreError> {
+        self.inner.staged(stream).await
+    }
+
+    async fn clear_staged(&self, stream: Stream) -> Result<(), StoreError> {
+        self.inner.clear_staged(stream).await
+    }
+
+    async fn recover_audit(
+        &self,
+        plan: &AuditRecovery,
+        rechain: &Rechain<'_>,
+    ) -> Result<Recovered, StoreError> {
+        self.inner.recover_audit(plan, rechain).await
+    }
+
+    async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError> {
+        self.inner.recover_catalog(plan).await
+    }
+
+    async fn close_up(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        self.inner.close_up(stream, after).await
+    }
+
+    async fn count_after(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        self.inner.count_after(stream, after).await
     }
 
     async fn own_entries(

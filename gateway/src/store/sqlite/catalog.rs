@@ -24,7 +24,7 @@ const PREFIX_WORDS: usize = 64;
 
 /// Begins a write transaction holding the write lock from its start. A deferred one would read first and then
 /// ask for the lock, which SQLite refuses at once (without waiting) while the checkpointer restarts the WAL.
-async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
+pub(super) async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
     Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
 }
 
@@ -246,7 +246,7 @@ async fn versions(
 }
 
 /// Writes upserts of distinct ids, each only if newer than what is stored, and indexes those written.
-async fn upsert_rows(
+pub(super) async fn upsert_rows(
     tx: &mut Transaction<'_, Sqlite>,
     entries: &[&CatalogEntry],
 ) -> Result<(), StoreError> {
@@ -285,7 +285,7 @@ async fn upsert_rows(
 }
 
 /// Marks an entry withdrawn if the withdrawal is newer than what is stored, and drops it from the index.
-async fn withdraw(
+pub(super) async fn withdraw(
     tx: &mut Transaction<'_, Sqlite>,
     id: &str,
     version: u64,
@@ -321,15 +321,20 @@ async fn apply_changes(
     Ok(())
 }
 
-/// Appends payloads to the catalog outbox under the next positions, in order.
-async fn append_outbox(
+/// Appends payloads to the catalog outbox under the next positions, in order: after the outbox's head, or after
+/// the parent's acknowledgement when that is higher (after a recovery, positions continue after the parent's
+/// cursor even when nothing is queued above it).
+pub(super) async fn append_outbox(
     tx: &mut Transaction<'_, Sqlite>,
     payloads: &[Vec<u8>],
 ) -> Result<(), StoreError> {
-    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?")
-        .bind(Stream::Catalog as i32)
-        .fetch_one(&mut **tx)
-        .await?;
+    let head: i64 = sqlx::query_scalar(
+        "SELECT MAX(COALESCE((SELECT MAX(seq) FROM outbox WHERE stream = ?1), 0), \
+         COALESCE((SELECT seq FROM uplink_ack WHERE stream = ?1), 0))",
+    )
+    .bind(Stream::Catalog as i32)
+    .fetch_one(&mut **tx)
+    .await?;
     let mut seq = head;
     for chunk in payloads.chunks(ROWS) {
         let mut b: QueryBuilder<Sqlite> =
@@ -406,6 +411,56 @@ pub(super) async fn withdraw_local(
     forward(&mut tx, &[&change], upstream).await?;
     tx.commit().await?;
     Ok(Some(version))
+}
+
+/// Stores a withdrawn entry this node has no row of, as its parent holds it (a recovery taking it back), so that
+/// versions keep growing from there.
+pub(super) async fn insert_withdrawn(
+    tx: &mut Transaction<'_, Sqlite>,
+    entry: &CatalogEntry,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO catalog (id, node_code, provider_uscc, share_type, version, withdrawn, entry) \
+         VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(id) DO NOTHING",
+    )
+    .bind(entry.id.as_str())
+    .bind(entry.node_code.as_str())
+    .bind(entry.provider_uscc.as_str())
+    .bind(entry.share_type)
+    .bind(to_i64(entry.version))
+    .bind(entry.encode_to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The rows with these ids, inside a transaction, each at its row's version.
+pub(super) async fn rows_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    ids: &[&str],
+) -> Result<HashMap<String, StoredEntry>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, entry, withdrawn, version FROM catalog WHERE id IN (");
+        let mut list = b.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        b.push(")");
+        for r in b.build().fetch_all(&mut **tx).await? {
+            let id: String = r.get(0);
+            let entry = versioned(&r)?;
+            out.insert(
+                id,
+                StoredEntry {
+                    entry,
+                    withdrawn: r.get::<i64, _>(2) != 0,
+                },
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// The entry of a row of (id, entry, withdrawn, version) at the row's version (a withdrawal keeps the entry it
