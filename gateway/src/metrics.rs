@@ -56,6 +56,14 @@ pub struct NodeMetrics {
     /// Audit records children sent again that this node already held (skipped; a child that recovered, or whose
     /// own parent did, sends again what it had sent).
     pub audit_items_duplicate: Counter,
+    /// Recoveries of each upward stream at Join, after this node lost items it had forwarded.
+    pub uplink_recoveries: Family<StreamLabels, Counter>,
+    /// Audit records and catalog entries taken back from the parent by recoveries.
+    pub uplink_taken_back: Family<StreamLabels, Counter>,
+    /// Own audit records re-chained, and local catalog changes published again, by recoveries.
+    pub uplink_redone: Family<StreamLabels, Counter>,
+    /// Stream items moved to positions after the parent's cursor by recoveries.
+    pub uplink_moved: Family<StreamLabels, Counter>,
     registry: Registry,
 }
 
@@ -90,6 +98,10 @@ impl NodeMetrics {
             audit_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             audit_head_conflicts: Counter::default(),
             audit_items_duplicate: Counter::default(),
+            uplink_recoveries: Family::default(),
+            uplink_taken_back: Family::default(),
+            uplink_redone: Family::default(),
+            uplink_moved: Family::default(),
             registry: Registry::with_prefix("fedgate"),
         };
         let r = &mut m.registry;
@@ -187,6 +199,26 @@ impl NodeMetrics {
             "audit_items_duplicate",
             "Audit records children sent again that this node already held",
             m.audit_items_duplicate.clone(),
+        );
+        r.register(
+            "uplink_recoveries",
+            "Recoveries of the upward stream at Join after this node lost items it had forwarded",
+            m.uplink_recoveries.clone(),
+        );
+        r.register(
+            "uplink_taken_back",
+            "Audit records and catalog entries taken back from the parent by recoveries",
+            m.uplink_taken_back.clone(),
+        );
+        r.register(
+            "uplink_redone",
+            "Own audit records re-chained and local catalog changes published again by recoveries",
+            m.uplink_redone.clone(),
+        );
+        r.register(
+            "uplink_moved",
+            "Stream items moved to positions after the parent's cursor by recoveries",
+            m.uplink_moved.clone(),
         );
         m
     }

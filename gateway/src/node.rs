@@ -34,7 +34,7 @@ use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
-use crate::uplink::Uplink;
+use crate::uplink::{Recovery, Uplink};
 
 /// Why a node could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +140,10 @@ pub async fn start_with_clock(
         ))
     })?;
     let store = open_store(&config.storage).await?;
+    if topology.parent.is_some() {
+        // Before anything is written: what this run writes is compared with what the parent holds at its Join.
+        store.mark_unconfirmed(code.as_str()).await?;
+    }
     let addr = listener.local_addr().map_err(|error| NodeError::Bind {
         addr: config.listen.clone(),
         error,
@@ -229,6 +233,10 @@ pub async fn start_with_clock(
                 code,
                 parent.clone(),
                 store.clone(),
+                Recovery {
+                    audit: audit_log.clone(),
+                    metrics: metrics.clone(),
+                },
                 shutdown_rx.clone(),
             )));
         }

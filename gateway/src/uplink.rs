@@ -16,6 +16,10 @@ use crate::ident::DivisionCode;
 use crate::store::{OutboxItem, Store, StoreError};
 use crate::topology::Neighbour;
 
+mod recover;
+
+pub use recover::Recovery;
+
 /// Items shipped in one push.
 const BATCH: u32 = 512;
 /// Items of one audit push at most, when a chain runs longer than [`BATCH`] without a signature (the parent's
@@ -210,13 +214,15 @@ impl Uplink {
         })
     }
 
-    /// Ships `stream` to `parent` until `shutdown` turns true.
+    /// Ships `stream` to `parent` until `shutdown` turns true, recovering at each Join what this node lost of
+    /// what it had forwarded (see [`Recovery`]).
     pub async fn run(
         self,
         stream: Stream,
         me: DivisionCode,
         parent: Neighbour,
         store: Arc<dyn Store>,
+        recovery: Recovery,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = Backoff::default();
@@ -225,7 +231,14 @@ impl Uplink {
             bytes: self.max_push_bytes,
         };
         loop {
-            let session = self.session(stream, me, &parent, &store, &mut backoff, &mut size);
+            let session = self.session(
+                stream,
+                me,
+                &parent,
+                (&store, &recovery),
+                &mut backoff,
+                &mut size,
+            );
             tokio::select! {
                 _ = shutdown.changed() => return,
                 res = session => {
@@ -250,7 +263,7 @@ impl Uplink {
         stream: Stream,
         me: DivisionCode,
         parent: &Neighbour,
-        store: &Arc<dyn Store>,
+        (store, recovery): (&Arc<dyn Store>, &Recovery),
         backoff: &mut Backoff,
         size: &mut BatchSize,
     ) -> Result<(), SessionError> {
@@ -264,12 +277,17 @@ impl Uplink {
             })
             .await?
             .into_inner();
-        let mut acked = join
-            .cursors
-            .iter()
-            .find(|c| c.stream == stream as i32)
-            .map(|c| c.applied_seq)
-            .unwrap_or(0);
+        // The parent's cursor, once this node's stream agrees with what the parent holds of it.
+        let mut acked = recover::reconcile(
+            stream,
+            me,
+            parent,
+            &mut client,
+            &join,
+            store.as_ref(),
+            recovery,
+        )
+        .await?;
         let status = self.status(stream);
         status.acked.store(acked, Ordering::Relaxed);
         status.connected.store(true, Ordering::Relaxed);

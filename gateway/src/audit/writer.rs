@@ -28,7 +28,7 @@ use super::{AuditError, GENESIS_HASH, event, record_hash};
 use crate::grant::{Domain, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
-use crate::store::{Store, StoreError};
+use crate::store::{AuditRecovery, Recovered, Store, StoreError};
 use crate::uplink::Uplink;
 
 /// Records written in one transaction at most.
@@ -73,6 +73,17 @@ pub enum ChildApplyError {
     Stopped,
 }
 
+/// Why a recovery of this node's chain could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    /// The store refused it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The writer has stopped (the node is shutting down).
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
 struct Pending {
     record: AuditRecord,
     done: Option<oneshot::Sender<Result<u64, AuditError>>>,
@@ -86,11 +97,18 @@ struct ChildBatch {
     done: oneshot::Sender<Result<u64, ChildApplyError>>,
 }
 
+/// A recovery of this node's chain, applied between two batches.
+struct RecoverJob {
+    plan: AuditRecovery,
+    done: oneshot::Sender<Result<Recovered, RecoverError>>,
+}
+
 // Records are nearly every job: boxing them would add an allocation per record to save nothing.
 #[allow(clippy::large_enum_variant)]
 enum Job {
     Record(Pending),
     Child(ChildBatch),
+    Recover(RecoverJob),
 }
 
 /// Handle to a node's audit writer; cheap to clone.
@@ -251,6 +269,18 @@ impl AuditLog {
             .map_err(|_| ChildApplyError::Stopped)?;
         wait.await.map_err(|_| ChildApplyError::Stopped)?
     }
+
+    /// Applies a recovery of this node's chain and stream (see [`Store::recover_audit`]) between two batches,
+    /// re-chaining and re-signing this node's records after the ones taken back with this node's key; the writer
+    /// continues after the recovered head.
+    pub async fn recover(&self, plan: AuditRecovery) -> Result<Recovered, RecoverError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Recover(RecoverJob { plan, done }))
+            .await
+            .map_err(|_| RecoverError::Stopped)?;
+        wait.await.map_err(|_| RecoverError::Stopped)?
+    }
 }
 
 /// The unsigned run at the head of the chain.
@@ -347,6 +377,14 @@ impl Writer {
                     };
                     let _ = c.done.send(result);
                 }
+                Job::Recover(r) => {
+                    if !batch.is_empty() {
+                        self.write(&mut batch, true).await;
+                        batch.clear();
+                    }
+                    let result = self.recover(&r.plan).await;
+                    let _ = r.done.send(result);
+                }
             }
         }
         if !batch.is_empty() {
@@ -393,7 +431,7 @@ impl Writer {
                     return Ok(());
                 }
                 Err(StoreError::HeadConflict { .. }) => {
-                    // Another record holds its place now: sign what the store holds.
+                    // Another record holds its place now (a recovery re-chained it): sign what the store holds.
                     NodeMetrics::add(&self.metrics.audit_head_conflicts, 1);
                     tracing::warn!(node = %self.node, seq = head.seq, "audit chain head moved on under this writer");
                     self.reload().await?;
@@ -409,6 +447,25 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Applies a recovery: this node's records after those taken back are re-chained and re-signed with this
+    /// writer's key; the writer then continues from the store's head.
+    async fn recover(&mut self, plan: &AuditRecovery) -> Result<Recovered, RecoverError> {
+        if let Err(e) = self.seal().await {
+            tracing::warn!(node = %self.node, error = %e, "audit head not signed before a recovery; it is re-chained");
+        }
+        let key = self.key.clone();
+        let node = self.node_code.clone();
+        let rechain = move |old: &[AuditRecord], after: (u64, &[u8]), last: bool| {
+            rechained(&node, old, after, &key, last)
+        };
+        let result = self.store.recover_audit(plan, &rechain).await;
+        if let Err(e) = self.reload().await {
+            tracing::error!(node = %self.node, error = %e, "audit head not read after a recovery");
+            self.stale = true;
+        }
+        Ok(result?)
     }
 
     /// Chains, commits and answers one batch; signs its last record when `sign` or when the policy says so.
@@ -602,6 +659,33 @@ fn chain(
         r.hash = hash;
     }
     bytes
+}
+
+/// `old` (this node's records, in chain order) chained again after `(seq, hash)`: signed where they were signed,
+/// and at the end of the chain when `last`. A CHAIN_START becomes a KEY_ROTATION announcing the same key (with the
+/// same endorsement): the chain it lands in has started before.
+fn rechained(
+    node: &str,
+    old: &[AuditRecord],
+    after: (u64, &[u8]),
+    key: &GrantKey,
+    last: bool,
+) -> Vec<AuditRecord> {
+    let signed: Vec<bool> = old.iter().map(|r| !r.signature.is_empty()).collect();
+    let mut records = old.to_vec();
+    for r in &mut records {
+        if r.operation == AuditOperation::ChainStart as i32 {
+            r.operation = AuditOperation::KeyRotation as i32;
+        }
+    }
+    chain(node, &mut records, after, &mut Vec::new());
+    let n = records.len();
+    for (i, r) in records.iter_mut().enumerate() {
+        if signed[i] || (last && i + 1 == n) {
+            r.signature = key.sign_bytes(Domain::AuditBatch, &r.hash).to_vec();
+        }
+    }
+    records
 }
 
 /// Sleeps until `due` (never called without one).
