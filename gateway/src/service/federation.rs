@@ -199,6 +199,15 @@ impl FederationService {
             if item.seq <= applied {
                 continue;
             }
+            // A gap in positions (a child that does not know this node restarted from an older state) is a
+            // request to resend, before any record is checked against a chain it does not continue.
+            let next = applied + 1 + items.len() as u64;
+            if item.seq != next {
+                return Err(Error::FailedPrecondition(format!(
+                    "audit stream of node {child} skipped from {next} to {}; resend from {next}",
+                    item.seq
+                )));
+            }
             check_origin(child, &record)?;
             if held.holds(self.store.as_ref(), child, &record).await? {
                 duplicates += 1;
