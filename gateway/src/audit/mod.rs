@@ -3,6 +3,7 @@
 //! the tree by the uplink in signed prefixes.
 
 pub mod archive;
+mod chaining;
 pub mod export;
 #[cfg(test)]
 mod tests;

@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use fedgate_proto::v1::{AuditOperation, AuditRecord, Stream};
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{AuditError, GENESIS_HASH, event, record_hash};
+use super::chaining::{chain, rechained, starts_kept, starts_once};
+use super::{AuditError, GENESIS_HASH, event};
 use crate::grant::{Domain, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
@@ -608,84 +608,6 @@ fn answer_failed(batch: &mut [Pending], e: &StoreError) {
             let _ = done.send(Err(AuditError::Store(e.to_string())));
         }
     }
-}
-
-/// Which of `records`, chained after record `after`, are written: a chain starts once, so a CHAIN_START is kept
-/// only as the first record of an empty chain.
-fn starts_kept(records: &[AuditRecord], after: u64) -> Vec<bool> {
-    records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| r.operation != AuditOperation::ChainStart as i32 || (after == 0 && i == 0))
-        .collect()
-}
-
-/// Drops from `records` what [`starts_kept`] does not keep; returns which were kept.
-fn starts_once(records: &mut Vec<AuditRecord>, after: u64) -> Vec<bool> {
-    let kept = starts_kept(records, after);
-    let mut i = 0;
-    records.retain(|_| {
-        i += 1;
-        kept[i - 1]
-    });
-    kept
-}
-
-/// Numbers, links and hashes `records` as the records after `(seq, hash)` of `node`'s chain, without signatures;
-/// returns their encoded size.
-fn chain(
-    node: &str,
-    records: &mut [AuditRecord],
-    after: (u64, &[u8]),
-    scratch: &mut Vec<u8>,
-) -> usize {
-    let (mut seq, mut prev) = (after.0, after.1.to_vec());
-    let mut bytes = 0;
-    for r in records.iter_mut() {
-        seq += 1;
-        r.node_code = node.to_owned();
-        r.seq = seq;
-        r.prev_hash = std::mem::take(&mut prev);
-        r.hash.clear();
-        r.signature.clear();
-        scratch.clear();
-        // Encoding into a Vec cannot run out of room; the fallback only keeps this free of panics.
-        let hash = match r.encode(scratch) {
-            Ok(()) => Sha256::digest(&*scratch).to_vec(),
-            Err(_) => record_hash(r).to_vec(),
-        };
-        bytes += scratch.len();
-        prev.clone_from(&hash);
-        r.hash = hash;
-    }
-    bytes
-}
-
-/// `old` (this node's records, in chain order) chained again after `(seq, hash)`: signed where they were signed,
-/// and at the end of the chain when `last`. A CHAIN_START becomes a KEY_ROTATION announcing the same key (with the
-/// same endorsement): the chain it lands in has started before.
-fn rechained(
-    node: &str,
-    old: &[AuditRecord],
-    after: (u64, &[u8]),
-    key: &GrantKey,
-    last: bool,
-) -> Vec<AuditRecord> {
-    let signed: Vec<bool> = old.iter().map(|r| !r.signature.is_empty()).collect();
-    let mut records = old.to_vec();
-    for r in &mut records {
-        if r.operation == AuditOperation::ChainStart as i32 {
-            r.operation = AuditOperation::KeyRotation as i32;
-        }
-    }
-    chain(node, &mut records, after, &mut Vec::new());
-    let n = records.len();
-    for (i, r) in records.iter_mut().enumerate() {
-        if signed[i] || (last && i + 1 == n) {
-            r.signature = key.sign_bytes(Domain::AuditBatch, &r.hash).to_vec();
-        }
-    }
-    records
 }
 
 /// Sleeps until `due` (never called without one).
