@@ -37,6 +37,10 @@ const PUSH_OVERHEAD: usize = 16;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Wait before the first reconnection attempt.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a stream with nothing to ship waits before it joins again: a parent that restarted from an older
+/// state (restored, or its last commits lost) is then noticed, and given again what it lost, even when nothing
+/// new comes to ship.
+const IDLE_REJOIN: Duration = Duration::from_secs(30);
 
 /// Progress of one upward stream, readable while it runs.
 #[derive(Debug, Default)]
@@ -243,9 +247,11 @@ impl Uplink {
                 _ = shutdown.changed() => return,
                 res = session => {
                     self.status(stream).connected.store(false, Ordering::Relaxed);
-                    if let Err(e) = res {
-                        tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
-                            "uplink interrupted; retrying in {:?}", backoff.wait);
+                    match res {
+                        // Idle for a while: join again at once.
+                        Ok(()) => continue,
+                        Err(e) => tracing::warn!(stream = stream.as_str_name(), parent = %parent.code,
+                            error = %e, "uplink interrupted; retrying in {:?}", backoff.wait),
                     }
                 }
             }
@@ -318,7 +324,11 @@ impl Uplink {
                 // Caught up (or only an unsigned head is left, which the writer signs and wakes for): the link
                 // works, so the next interruption is retried quickly again.
                 backoff.progressed();
-                self.wake[slot(stream)].notified().await;
+                let woken =
+                    tokio::time::timeout(IDLE_REJOIN, self.wake[slot(stream)].notified()).await;
+                if woken.is_err() {
+                    return Ok(());
+                }
                 continue;
             }
             last_push = (items.len() < size.items as usize).then(tokio::time::Instant::now);
