@@ -64,6 +64,15 @@ enum Loss {
     Backup,
     /// (b) Put back to an image of its files frozen while it ran, after a SIGKILL; joins at once.
     LastCommits,
+    /// (a), and then the province too is put back to an older image of its files, taken before the city's copy:
+    /// the city sends again everything after the province's old cursor, positions its recovery left empty
+    /// closed up.
+    BackupThenParent,
+}
+
+#[tokio::test]
+async fn a_province_restored_after_its_city_recovered_gets_everything_again() -> Result<()> {
+    run(Loss::BackupThenParent).await
 }
 
 #[tokio::test]
@@ -245,8 +254,13 @@ async fn exercise(fed: &mut ProcessFederation, w: &mut World, loss: Loss) -> Res
         .await?;
     w.settle(fed, "before the copy").await?;
 
+    let province_copy = if loss == Loss::BackupThenParent {
+        Some(fed.copy_store_frozen(code(PROVINCE), "province").await?)
+    } else {
+        None
+    };
     let copy = match loss {
-        Loss::Backup => {
+        Loss::Backup | Loss::BackupThenParent => {
             fed.terminate(city).await?;
             let copy = fed.copy_store(city, "backup")?;
             fed.start_node(city).await?;
@@ -280,14 +294,14 @@ async fn exercise(fed: &mut ProcessFederation, w: &mut World, loss: Loss) -> Res
     let lost_chain = AuditCountsAt::read(fed, city).await?;
 
     match loss {
-        Loss::Backup => {
+        Loss::Backup | Loss::BackupThenParent => {
             fed.terminate(city).await?;
         }
         Loss::LastCommits => fed.kill9(city).await?,
     }
     fed.restore_store(&copy)?;
     match loss {
-        Loss::Backup => {
+        Loss::Backup | Loss::BackupThenParent => {
             // Restored, and cut off from the province: it serves, and writes over what it lost.
             fed.relay(city)?.block();
             fed.start_node(city).await?;
@@ -334,6 +348,29 @@ async fn exercise(fed: &mut ProcessFederation, w: &mut World, loss: Loss) -> Res
     )
     .await?;
     w.settle(fed, "after the recovery, more traffic").await?;
+
+    if let Some(copy) = province_copy {
+        // The province loses what it got since its image: its own records (nobody above holds them), and what the
+        // city and the county had forwarded, which they send again.
+        let province = code(PROVINCE);
+        fed.kill9(province).await?;
+        fed.restore_store(&copy)?;
+        fed.start_node(province).await?;
+        w.settle(fed, "after the province's loss").await?;
+        let closed = fed.log_files(city).iter().any(|f| {
+            std::fs::read_to_string(f)
+                .is_ok_and(|t| t.contains("positions after its cursor closed up"))
+        });
+        ensure!(
+            closed,
+            "the city did not close up the positions its recovery left empty"
+        );
+        w.shares(fed, true).await?;
+        w.publish(fed, CITY, "last", "published after the province's loss")
+            .await?;
+        w.settle(fed, "after the province's loss, more traffic")
+            .await?;
+    }
 
     fed.stop_all().await?;
     for c in fed.node_codes() {

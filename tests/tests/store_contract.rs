@@ -2519,8 +2519,29 @@ async fn a_recovered_catalog_takes_back_and_publishes_again_above_the_parent(
     );
     assert_eq!(get("350102:f").await?.entry.version, 1);
     assert_eq!(search_ids(&store, "lost").await?, ["350102:a", "350102:c"]);
-    // The stream: what was written since the mark after the cursor, then the publication above the parent's.
-    let out = store.outbox_after(Stream::Catalog, 4, 100).await?;
+    // The stream: the changes taken back where the parent counts them applied (there to ship if the parent loses
+    // them in turn), what was written since the mark after the cursor, then the publication above the parent's.
+    let back = store.outbox_after(Stream::Catalog, 4, 100).await?;
+    assert_eq!(seqs(&back), vec![5, 6, 7, 8, 10, 11, 12]);
+    let taken: Vec<(String, u64)> = changes(&back[..4])?
+        .into_iter()
+        .map(|c| match c.change {
+            Some(catalog_change::Change::Upsert(e)) => (e.id, e.version),
+            Some(catalog_change::Change::Withdraw(w)) => (w.id, w.version),
+            None => (String::new(), 0),
+        })
+        .collect();
+    let id_v = |id: &str, v| (id.to_owned(), v);
+    assert_eq!(
+        taken,
+        [
+            id_v("350102:a", 2),
+            id_v("350102:b", 2),
+            id_v("350102:c", 1),
+            id_v("350102:d", 2)
+        ]
+    );
+    let out = store.outbox_after(Stream::Catalog, 9, 100).await?;
     assert_eq!(seqs(&out), vec![10, 11, 12]);
     let versions: Vec<(String, u64)> = changes(&out)?
         .into_iter()

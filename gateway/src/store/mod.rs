@@ -458,11 +458,12 @@ pub trait Store: Send + Sync + 'static {
         plan: &AuditRecovery,
         rechain: &Rechain<'_>,
     ) -> Result<Recovered, StoreError>;
-    /// Recovers the catalog stream in one transaction: moves the items written since the mark to consecutive
-    /// positions after the parent's cursor, takes back each staged entry that is newer than this node's copy and
-    /// was not changed here since the mark, publishes again above the parent's version each entry changed here
-    /// since the mark that the parent's version would hide, continues the stream after the parent's cursor, and
-    /// removes the mark.
+    /// Recovers the catalog stream in one transaction: takes back each staged entry that is newer than this
+    /// node's copy and was not changed here since the mark (its change stored at the positions after the mark,
+    /// which the parent already counts as applied), moves the items written since the mark to consecutive
+    /// positions after the parent's cursor (and after those), publishes again above the parent's version each
+    /// entry changed here since the mark that the parent's version would hide, continues the stream after the
+    /// parent's cursor, and removes the mark.
     async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError>;
     /// Moves the items of `stream` after position `after` to consecutive positions from `after + 1` and makes
     /// `after` the acknowledged position, for a parent that lost what it had acknowledged (its cursor is `after`)

@@ -394,11 +394,9 @@ pub(super) async fn recover_catalog(
 ) -> Result<Recovered, StoreError> {
     let mut tx = pool.begin().await?;
     lock_stream(&mut tx, Stream::Catalog).await?;
-    let moved = renumber(&mut tx, Stream::Catalog, plan.mark, plan.cursor).await?;
-    // Positions continue after the parent's cursor from here (the outbox appends after the acknowledgement).
-    set_acked(&mut tx, Stream::Catalog, plan.cursor).await?;
+    // The entries of this node changed here since the mark: the items after it.
     let mut changed = std::collections::HashSet::new();
-    let mut after = to_i64(plan.cursor);
+    let mut after = to_i64(plan.mark);
     loop {
         let rows = sqlx::query(
             "SELECT seq, payload FROM outbox WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -416,11 +414,19 @@ pub(super) async fn recover_catalog(
             .collect::<Result<Vec<_>, _>>()?;
         changed.extend(own_ids_changed(&plan.node, payloads)?);
     }
+    // Out of the way of the entries taken back, which take the positions after the mark.
+    let moved = sqlx::query("UPDATE outbox SET seq = -seq WHERE stream = $1 AND seq > $2")
+        .bind(Stream::Catalog as i32)
+        .bind(to_i64(plan.mark))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     let mut done = Recovered {
         moved,
         ..Recovered::default()
     };
     let mut republished: Vec<CatalogChange> = Vec::new();
+    let mut next = plan.mark;
     let mut after_id = String::new();
     loop {
         let rows = sqlx::query(
@@ -442,12 +448,14 @@ pub(super) async fn recover_catalog(
         let ids: Vec<String> = held.iter().map(|e| e.entry.id.clone()).collect();
         let local: HashMap<String, StoredEntry> = rows_in(&mut tx, &ids).await?;
         let mut upserts: Vec<CatalogEntry> = Vec::new();
+        let mut taken: Vec<Vec<u8>> = Vec::new();
         for parent in &held {
             let mine = local.get(&parent.entry.id);
             match entry_fix(parent, mine, changed.contains(&parent.entry.id)) {
                 EntryFix::Keep => {}
                 EntryFix::TakeBack => {
                     done.taken_back += 1;
+                    taken.push(change_of(parent).encode_to_vec());
                     match (parent.withdrawn, mine) {
                         (false, _) => upserts.push(parent.entry.clone()),
                         (true, Some(_)) => {
@@ -472,7 +480,33 @@ pub(super) async fn recover_catalog(
         }
         let refs: Vec<&CatalogEntry> = upserts.iter().collect();
         upsert_rows(&mut tx, &refs).await?;
+        // In the stream too, where the parent already counts them applied: not shipped again, but there to
+        // ship if the parent loses them in turn.
+        if !taken.is_empty() {
+            sqlx::query(
+                "INSERT INTO outbox (stream, seq, payload) \
+                 SELECT $1, $2 + t.n, t.payload FROM UNNEST($3::bytea[]) WITH ORDINALITY AS t(payload, n)",
+            )
+            .bind(Stream::Catalog as i32)
+            .bind(to_i64(next))
+            .bind(&taken)
+            .execute(&mut *tx)
+            .await?;
+            next += taken.len() as u64;
+        }
     }
+    // What was written since the mark, after the parent's cursor (and after what was taken back).
+    let base = plan.cursor.max(next);
+    sqlx::query(
+        "UPDATE outbox SET seq = $1 + r.rn FROM (SELECT seq AS s, ROW_NUMBER() OVER (ORDER BY seq DESC) AS rn \
+         FROM outbox WHERE stream = $2 AND seq < 0) AS r WHERE outbox.stream = $2 AND outbox.seq = r.s",
+    )
+    .bind(to_i64(base))
+    .bind(Stream::Catalog as i32)
+    .execute(&mut *tx)
+    .await?;
+    // Positions continue after the parent's cursor from here (the outbox appends after the acknowledgement).
+    set_acked(&mut tx, Stream::Catalog, plan.cursor).await?;
     let refs: Vec<&CatalogChange> = republished.iter().collect();
     forward(&mut tx, &refs, Upstream::Parent).await?;
     finish(&mut tx, Stream::Catalog, plan.cursor).await?;

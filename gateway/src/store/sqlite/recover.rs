@@ -387,12 +387,9 @@ pub(super) async fn recover_catalog(
     plan: &CatalogRecovery,
 ) -> Result<Recovered, StoreError> {
     let mut tx = begin(writer).await?;
-    let moved = renumber(&mut tx, Stream::Catalog, plan.mark, plan.cursor).await?;
-    // Positions continue after the parent's cursor from here (the outbox appends after the acknowledgement).
-    set_acked(&mut tx, Stream::Catalog, plan.cursor).await?;
-    // The entries of this node changed here since the mark: the items now after the cursor.
+    // The entries of this node changed here since the mark: the items after it.
     let mut changed = std::collections::HashSet::new();
-    let mut after = to_i64(plan.cursor);
+    let mut after = to_i64(plan.mark);
     loop {
         let rows = sqlx::query(
             "SELECT seq, payload FROM outbox WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -409,11 +406,19 @@ pub(super) async fn recover_catalog(
             rows.iter().map(|r| r.get::<&[u8], _>(1)),
         )?);
     }
+    // Out of the way of the entries taken back, which take the positions after the mark.
+    let moved = sqlx::query("UPDATE outbox SET seq = -seq WHERE stream = ? AND seq > ?")
+        .bind(Stream::Catalog as i32)
+        .bind(to_i64(plan.mark))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     let mut done = Recovered {
         moved,
         ..Recovered::default()
     };
     let mut republished: Vec<CatalogChange> = Vec::new();
+    let mut next = plan.mark;
     let mut after_id = String::new();
     loop {
         let rows = sqlx::query(
@@ -435,12 +440,14 @@ pub(super) async fn recover_catalog(
         let ids: Vec<&str> = held.iter().map(|e| e.entry.id.as_str()).collect();
         let local: HashMap<String, StoredEntry> = rows_in(&mut tx, &ids).await?;
         let mut upserts: Vec<CatalogEntry> = Vec::new();
+        let mut taken: Vec<Vec<u8>> = Vec::new();
         for parent in &held {
             let mine = local.get(&parent.entry.id);
             match entry_fix(parent, mine, changed.contains(&parent.entry.id)) {
                 EntryFix::Keep => {}
                 EntryFix::TakeBack => {
                     done.taken_back += 1;
+                    taken.push(change_of(parent).encode_to_vec());
                     match (parent.withdrawn, mine) {
                         (false, _) => upserts.push(parent.entry.clone()),
                         (true, Some(_)) => {
@@ -465,7 +472,23 @@ pub(super) async fn recover_catalog(
         }
         let refs: Vec<&CatalogEntry> = upserts.iter().collect();
         upsert_rows(&mut tx, &refs).await?;
+        // In the stream too, where the parent already counts them applied: not shipped again, but there to
+        // ship if the parent loses them in turn.
+        insert_outbox_at(&mut tx, next, &taken).await?;
+        next += taken.len() as u64;
     }
+    // What was written since the mark, after the parent's cursor (and after what was taken back).
+    let base = plan.cursor.max(next);
+    sqlx::query(
+        "UPDATE outbox SET seq = ?1 + r.rn FROM (SELECT seq AS s, ROW_NUMBER() OVER (ORDER BY seq DESC) AS rn \
+         FROM outbox WHERE stream = ?2 AND seq < 0) AS r WHERE outbox.stream = ?2 AND outbox.seq = r.s",
+    )
+    .bind(to_i64(base))
+    .bind(Stream::Catalog as i32)
+    .execute(&mut *tx)
+    .await?;
+    // Positions continue after the parent's cursor from here (the outbox appends after the acknowledgement).
+    set_acked(&mut tx, Stream::Catalog, plan.cursor).await?;
     let payloads: Vec<Vec<u8>> = republished.iter().map(|c| c.encode_to_vec()).collect();
     if !payloads.is_empty() {
         append_outbox(&mut tx, &payloads).await?;
@@ -473,6 +496,27 @@ pub(super) async fn recover_catalog(
     finish(&mut tx, Stream::Catalog, plan.cursor).await?;
     tx.commit().await?;
     Ok(done)
+}
+
+/// Stores catalog changes at positions `after + 1`, `after + 2`, ... of the catalog outbox.
+async fn insert_outbox_at(
+    tx: &mut Transaction<'_, Sqlite>,
+    after: u64,
+    payloads: &[Vec<u8>],
+) -> Result<(), StoreError> {
+    let mut seq = to_i64(after);
+    for chunk in payloads.chunks(PAGE) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO outbox (stream, seq, payload) ");
+        b.push_values(chunk, |mut row, payload| {
+            seq += 1;
+            row.push_bind(Stream::Catalog as i32)
+                .push_bind(seq)
+                .push_bind(payload.as_slice());
+        });
+        b.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 pub(super) async fn close_up(
