@@ -217,6 +217,21 @@ async fn records_sent_again_are_skipped_a_fork_is_refused_and_a_child_takes_back
     assert_audited(&net, "350100", "DATA_LOSS", "forks").await?;
     assert_eq!(city.cursor("350103", Stream::Audit).await?, cursor + 2);
 
+    // Records past a gap, as a county that does not know the city restarted from an older state sends them: a
+    // request to resend from the cursor.
+    let ahead = chained("350103", head.seq + 5, &head.hash, "ahead", &key);
+    let err = client
+        .push(push(vec![(cursor + 7, ahead)]))
+        .await
+        .expect_err("a gap");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&format!("resend from {}", cursor + 3)),
+        "{}",
+        err.message()
+    );
+
     // A record continuing the chain, which the county itself never stored (as if it lost it afterwards).
     let lost = chained(
         "350103",

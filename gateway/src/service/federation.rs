@@ -13,7 +13,7 @@ use fedgate_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{caller, deadline};
-use crate::audit::{self, AuditLog, ChainVerifier, ChildApplyError};
+use crate::audit::{self, AuditLog, ChainVerifier, ChildApplyError, VerifyError};
 use crate::catalog::parse_resource_id;
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer};
@@ -199,22 +199,16 @@ impl FederationService {
             if item.seq <= applied {
                 continue;
             }
-            // A gap in positions (a child that does not know this node restarted from an older state) is a
-            // request to resend, before any record is checked against a chain it does not continue.
             let next = applied + 1 + items.len() as u64;
-            if item.seq != next {
-                return Err(Error::FailedPrecondition(format!(
-                    "audit stream of node {child} skipped from {next} to {}; resend from {next}",
-                    item.seq
-                )));
-            }
             check_origin(child, &record)?;
             if held.holds(self.store.as_ref(), child, &record).await? {
                 duplicates += 1;
                 items.push((item.seq, None));
                 continue;
             }
-            self.check_audit(child, &record, &mut verifiers).await?;
+            let gap = (item.seq != next).then_some(next);
+            self.check_audit(child, &record, &mut verifiers, gap)
+                .await?;
             items.push((item.seq, Some(record)));
         }
         for (v, _) in verifiers.values() {
@@ -265,6 +259,7 @@ impl FederationService {
         child: DivisionCode,
         record: &AuditRecord,
         verifiers: &mut std::collections::HashMap<String, (ChainVerifier, Option<Vec<u8>>)>,
+        gap: Option<u64>,
     ) -> Result<()> {
         let origin = check_origin(child, record)?;
         if !verifiers.contains_key(&record.node_code) {
@@ -285,9 +280,16 @@ impl FederationService {
         let Some((v, _)) = verifiers.get_mut(&record.node_code) else {
             return Err(Error::InvalidArgument("audit verifier missing".into()));
         };
-        v.push(record).map_err(|e| {
-            tracing::error!(%child, error = %e, "audit record from child fails verification");
-            Error::DataLoss(format!("audit record from node {child} refused: {e}"))
+        v.push(record).map_err(|e| match (e, gap) {
+            // Not the chain's next record, at a gap in positions: a child that does not know this node restarted
+            // from an older state and is ahead of it. A request to resend from the cursor, not a broken chain.
+            (VerifyError::Sequence { .. }, Some(next)) => Error::FailedPrecondition(format!(
+                "audit stream of node {child} skipped from {next}; resend from {next}"
+            )),
+            (e, _) => {
+                tracing::error!(%child, error = %e, "audit record from child fails verification");
+                Error::DataLoss(format!("audit record from node {child} refused: {e}"))
+            }
         })
     }
 
