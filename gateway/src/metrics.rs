@@ -52,6 +52,20 @@ pub struct NodeMetrics {
     pub audit_batch_records: Histogram,
     /// Time from handing an audit batch to the store to its commit, in seconds (what every share waits for).
     pub audit_commit_seconds: Histogram,
+    /// Audit batches and signatures that found the chain moved on under this writer (another writer of the node,
+    /// a commit reported failed that had committed, a recovery) and were chained after the stored head.
+    pub audit_head_conflicts: Counter,
+    /// Audit records children sent again that this node already held (skipped; a child that recovered, or whose
+    /// own parent did, sends again what it had sent).
+    pub audit_items_duplicate: Counter,
+    /// Recoveries of each upward stream at Join, after this node lost items it had forwarded.
+    pub uplink_recoveries: Family<StreamLabels, Counter>,
+    /// Audit records and catalog entries taken back from the parent by recoveries.
+    pub uplink_taken_back: Family<StreamLabels, Counter>,
+    /// Own audit records re-chained, and local catalog changes published again, by recoveries.
+    pub uplink_redone: Family<StreamLabels, Counter>,
+    /// Stream items moved to positions after the parent's cursor by recoveries.
+    pub uplink_moved: Family<StreamLabels, Counter>,
     registry: Registry,
 }
 
@@ -85,6 +99,12 @@ impl NodeMetrics {
             audit_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             // 100 µs to about 3 s.
             audit_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            audit_head_conflicts: Counter::default(),
+            audit_items_duplicate: Counter::default(),
+            uplink_recoveries: Family::default(),
+            uplink_taken_back: Family::default(),
+            uplink_redone: Family::default(),
+            uplink_moved: Family::default(),
             registry: Registry::with_prefix("fedgate"),
         };
         let r = &mut m.registry;
@@ -177,6 +197,36 @@ impl NodeMetrics {
             "audit_commit_seconds",
             "Time from handing an audit batch to the store to its commit",
             m.audit_commit_seconds.clone(),
+        );
+        r.register(
+            "audit_head_conflicts",
+            "Audit batches and signatures that found the chain moved on under this writer and were chained after the stored head",
+            m.audit_head_conflicts.clone(),
+        );
+        r.register(
+            "audit_items_duplicate",
+            "Audit records children sent again that this node already held",
+            m.audit_items_duplicate.clone(),
+        );
+        r.register(
+            "uplink_recoveries",
+            "Recoveries of the upward stream at Join after this node lost items it had forwarded",
+            m.uplink_recoveries.clone(),
+        );
+        r.register(
+            "uplink_taken_back",
+            "Audit records and catalog entries taken back from the parent by recoveries",
+            m.uplink_taken_back.clone(),
+        );
+        r.register(
+            "uplink_redone",
+            "Own audit records re-chained and local catalog changes published again by recoveries",
+            m.uplink_redone.clone(),
+        );
+        r.register(
+            "uplink_moved",
+            "Stream items moved to positions after the parent's cursor by recoveries",
+            m.uplink_moved.clone(),
         );
         m
     }

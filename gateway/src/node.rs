@@ -34,7 +34,7 @@ use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
 use crate::store::{PgStore, Retrying, SqliteStore, Store, StoreChange, StoreError};
 use crate::tls::{self, HandshakeFailure, TlsMaterial};
 use crate::topology::Topology;
-use crate::uplink::Uplink;
+use crate::uplink::{Recovery, Uplink};
 
 /// Why a node could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,10 @@ pub async fn start_with_clock(
         code.to_string(),
         config.storage.busy_timeout(),
     ));
+    if topology.parent.is_some() {
+        // Before anything is written: what this run writes is compared with what the parent holds at its Join.
+        store.mark_unconfirmed(code.as_str()).await?;
+    }
     let addr = listener.local_addr().map_err(|error| NodeError::Bind {
         addr: config.listen.clone(),
         error,
@@ -257,6 +261,10 @@ pub async fn start_with_clock(
                 code,
                 parent.clone(),
                 store.clone(),
+                Recovery {
+                    audit: audit_log.clone(),
+                    metrics: metrics.clone(),
+                },
                 shutdown_rx.clone(),
             )));
         }

@@ -16,6 +16,10 @@ use crate::ident::DivisionCode;
 use crate::store::{OutboxItem, Store, StoreError};
 use crate::topology::Neighbour;
 
+mod recover;
+
+pub use recover::Recovery;
+
 /// Items shipped in one push.
 const BATCH: u32 = 512;
 /// Items of one audit push at most, when a chain runs longer than [`BATCH`] without a signature (the parent's
@@ -38,6 +42,10 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const LEASE_TTL: Duration = Duration::from_secs(3);
 /// Deadline of each call to the parent unless configured (`[routing] uplink_call_timeout_ms`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stream with nothing to ship waits before it joins again: a parent that restarted from an older
+/// state (restored, or its last commits lost) is then noticed, and given again what it lost, even when nothing
+/// new comes to ship.
+const IDLE_REJOIN: Duration = Duration::from_secs(30);
 
 /// Progress of one upward stream, readable while it runs.
 #[derive(Debug, Default)]
@@ -270,13 +278,15 @@ impl Uplink {
     }
 
     /// Ships `stream` to `parent` until `shutdown` turns true, while this process holds the stream's lease (so that
-    /// of several replicas sharing the store one ships it at a time, and another takes over when it dies).
+    /// of several replicas sharing the store one ships it at a time, and another takes over when it dies),
+    /// recovering at each Join what this node lost of what it had forwarded (see [`Recovery`]).
     pub async fn run(
         self,
         stream: Stream,
         me: DivisionCode,
         parent: Neighbour,
         store: Arc<dyn Store>,
+        recovery: Recovery,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = Backoff::default();
@@ -315,7 +325,7 @@ impl Uplink {
                 stream,
                 me,
                 (&parent, FederationClient::new(channel.clone())),
-                &store,
+                (&store, &recovery),
                 (&mut backoff, &mut size),
             );
             let outcome = tokio::select! {
@@ -328,6 +338,10 @@ impl Uplink {
                 lost = hold_lease(store.as_ref(), &lease, &self.replica) => Err(lost),
             };
             status.connected.store(false, Ordering::Relaxed);
+            if outcome.is_ok() {
+                // Idle for a while: join again at once.
+                continue;
+            }
             if let Err(e) = &outcome {
                 tracing::warn!(stream = stream.as_str_name(), parent = %parent.code, error = %e,
                     "uplink interrupted; retrying in {:?}", backoff.wait);
@@ -353,7 +367,7 @@ impl Uplink {
         stream: Stream,
         me: DivisionCode,
         (parent, mut client): (&Neighbour, FederationClient<tonic::transport::Channel>),
-        store: &Arc<dyn Store>,
+        (store, recovery): (&Arc<dyn Store>, &Recovery),
         (backoff, size): (&mut Backoff, &mut BatchSize),
     ) -> Result<(), SessionError> {
         let join = JoinRequest {
@@ -363,12 +377,17 @@ impl Uplink {
             key_endorsement: self.key.get().and_then(|k| k.1.clone()),
         };
         let join = self.call("Join", join, |req| client.join(req)).await?;
-        let mut acked = join
-            .cursors
-            .iter()
-            .find(|c| c.stream == stream as i32)
-            .map(|c| c.applied_seq)
-            .unwrap_or(0);
+        // The parent's cursor, once this node's stream agrees with what the parent holds of it.
+        let mut acked = recover::reconcile(
+            stream,
+            me,
+            parent,
+            &mut client,
+            &join,
+            store.as_ref(),
+            recovery,
+        )
+        .await?;
         let status = self.status(stream);
         status.acked.store(acked, Ordering::Relaxed);
         status.connected.store(true, Ordering::Relaxed);
@@ -399,7 +418,11 @@ impl Uplink {
                 // Caught up (or only an unsigned head is left, which the writer signs and wakes for): the link
                 // works, so the next interruption is retried quickly again.
                 backoff.progressed();
-                self.wake[slot(stream)].notified().await;
+                let woken =
+                    tokio::time::timeout(IDLE_REJOIN, self.wake[slot(stream)].notified()).await;
+                if woken.is_err() {
+                    return Ok(());
+                }
                 continue;
             }
             last_push = (items.len() < size.items as usize).then(tokio::time::Instant::now);

@@ -799,6 +799,66 @@ impl ProcessFederation {
         })
     }
 
+    /// Copies a stopped node's SQLite files (the database and its WAL, if any) under `name` in the federation's
+    /// directory: a backup as a copy of the files makes it.
+    pub fn copy_store(&self, code: DivisionCode, name: &str) -> Result<StoreCopy> {
+        if self.is_running(code) {
+            bail!("node {code} is running; stop it (or use copy_store_frozen) first");
+        }
+        self.copy_files(code, name)
+    }
+
+    /// Copies a running node's SQLite files while its process is frozen (SIGSTOP, then SIGCONT): what the disk
+    /// holds at that instant, as a crash there would leave it — commits still in the WAL, the chain's head perhaps
+    /// unsigned, a write in progress torn. Putting it back later loses every commit made after it, as a power cut
+    /// loses the last commits of a node in `synchronous=NORMAL`.
+    pub async fn copy_store_frozen(&self, code: DivisionCode, name: &str) -> Result<StoreCopy> {
+        let pid = self.pid(code)?.to_string();
+        signal(&pid, "-STOP").await?;
+        let copied = self.copy_files(code, name);
+        signal(&pid, "-CONT").await?;
+        copied
+    }
+
+    fn copy_files(&self, code: DivisionCode, name: &str) -> Result<StoreCopy> {
+        let db = self.db_path(code)?;
+        let dir = self.path.join("copies").join(name);
+        std::fs::create_dir_all(&dir)?;
+        let mut files = Vec::new();
+        for suffix in STORE_FILES {
+            let from = sidecar(db, suffix);
+            if from.exists() {
+                std::fs::copy(&from, dir.join(format!("store{suffix}")))
+                    .with_context(|| format!("copying {}", from.display()))?;
+                files.push(suffix);
+            }
+        }
+        if !files.contains(&"") {
+            bail!("node {code} has no database at {}", db.display());
+        }
+        Ok(StoreCopy { code, dir, files })
+    }
+
+    /// Puts `copy` back in place of a stopped node's SQLite files (its shared-memory index is removed, as after a
+    /// reboot: SQLite rebuilds it from the WAL).
+    pub fn restore_store(&self, copy: &StoreCopy) -> Result<()> {
+        let code = copy.code;
+        if self.is_running(code) {
+            bail!("node {code} is running; stop it first");
+        }
+        let db = self.db_path(code)?;
+        for suffix in STORE_FILES.iter().chain(&["-shm"]) {
+            let to = sidecar(db, suffix);
+            if to.exists() {
+                std::fs::remove_file(&to).with_context(|| format!("removing {}", to.display()))?;
+            }
+        }
+        for suffix in &copy.files {
+            std::fs::copy(copy.dir.join(format!("store{suffix}")), sidecar(db, suffix))?;
+        }
+        Ok(())
+    }
+
     /// The relay on `child`'s link to its parent.
     pub fn relay(&self, child: DivisionCode) -> Result<&Relay> {
         self.relays
@@ -957,6 +1017,37 @@ impl CommandOutput {
     pub fn expect_success(&self) -> Result<&Self> {
         self.expect_code(0)
     }
+}
+
+/// Sends `sig` (as `kill` names it) to process `pid`.
+async fn signal(pid: &str, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .await
+        .with_context(|| format!("running kill {sig}"))?;
+    if !status.success() {
+        bail!("kill {sig} {pid} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The files of a node's SQLite store that a copy takes: the database and its write-ahead log.
+const STORE_FILES: [&str; 2] = ["", "-wal"];
+
+/// `db` with `suffix` appended to its file name (`node.db-wal`).
+fn sidecar(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A copy of a node's SQLite files, to put back with [`ProcessFederation::restore_store`].
+#[derive(Debug, Clone)]
+pub struct StoreCopy {
+    code: DivisionCode,
+    dir: PathBuf,
+    files: Vec<&'static str>,
 }
 
 /// Audit records per writing node in one database, and how far its uplink is acknowledged.

@@ -15,7 +15,8 @@ use fedgate_proto::v1::{
     ListDatasetsRequest, ListObjectionsRequest, OperatorAuditRequest, PublishEntryRequest,
     PushRequest, QueryAuditRequest, ReportRequest, RequestKind, ResolveObjectionRequest,
     Revocation, RevocationNotice, RevokeRequest, SearchCatalogRequest, ShareMode, SignedStatement,
-    Stream, StreamItem, UplinkStatusRequest, WithdrawEntryRequest, catalog_change, stream_item,
+    Stream, StreamItem, TakeBackRequest, UplinkStatusRequest, WithdrawEntryRequest, catalog_change,
+    stream_item,
 };
 use fedgate_tests::raw::{RawChannel, frame};
 use fedgate_tests::{code, key_at, query, standard};
@@ -300,6 +301,26 @@ async fn random_and_mutated_bodies_never_crash_hang_or_answer_internal() -> Resu
                             ..Default::default()
                         })),
                     }],
+                }
+                .encode_to_vec(),
+            ],
+        },
+        Target {
+            channel: federation.clone(),
+            path: "/fedgate.v1.Federation/TakeBack",
+            seeds: vec![
+                TakeBackRequest {
+                    stream: Stream::Audit as i32,
+                    after_seq: 1,
+                    after_id: String::new(),
+                    limit: 10,
+                }
+                .encode_to_vec(),
+                TakeBackRequest {
+                    stream: Stream::Catalog as i32,
+                    after_seq: 0,
+                    after_id: "350102:household".into(),
+                    limit: 0,
                 }
                 .encode_to_vec(),
             ],

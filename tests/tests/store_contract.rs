@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail, ensure};
 use fedgate_gateway::catalog::terms;
 use fedgate_gateway::store::{
-    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, PgStore, SqliteStore,
-    Store, StoreError, Upstream,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, Doc, DocKind, DocQuery,
+    OutboxItem, PgStore, Recovered, SqliteStore, Store, StoreError, StoredEntry, UplinkMark,
+    Upstream,
 };
 use fedgate_proto::v1::{
     AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
@@ -93,6 +94,7 @@ contract!(
     leases_go_to_one_holder_at_a_time,
     audit_append_head_chain_and_positions,
     a_late_signature_replaces_only_its_record,
+    appending_at_the_head_serializes_writers_of_a_chain,
     audit_query_filters_and_pagination,
     child_audit_cursor_gap_and_idempotence,
     audit_archival_and_deletion,
@@ -101,6 +103,12 @@ contract!(
     node_keys_are_pinned_on_first_sight,
     served_nodes_are_kept_until_their_answers_expire,
     concurrent_writers_commit_in_position_order,
+    marks_of_unconfirmed_runs_are_kept_until_removed,
+    a_recovered_audit_stream_takes_back_rechains_and_moves,
+    a_recovered_stream_continues_after_the_parents_cursor,
+    a_recovered_catalog_takes_back_and_publishes_again_above_the_parent,
+    positions_close_up_after_a_parent_lost_what_it_acknowledged,
+    own_entries_are_listed_by_id_withdrawn_ones_too,
 );
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1194,7 +1202,88 @@ async fn a_late_signature_replaces_only_its_record(store: Arc<dyn Store>) -> Res
     let mut missing = rec("350102", 9, 2_000);
     missing.signature = vec![5; 64];
     assert!(store.audit_seal(&missing).await.is_err());
+    // Nor can a record the store holds otherwise under that sequence number (re-chained since): its signature
+    // would land on another record.
+    let mut replaced = rec("350102", 1, 1_000);
+    replaced.hash = vec![1; 32];
+    replaced.signature = vec![5; 64];
+    match store.audit_seal(&replaced).await {
+        Err(StoreError::HeadConflict { node, seq }) if node == "350102" && seq == 1 => {}
+        other => bail!("expected a head conflict, got {other:?}"),
+    }
+    assert_eq!(
+        records(&store.outbox_after(Stream::Audit, 0, 10).await?)?[0],
+        written[0]
+    );
     assert_eq!(store.audit_count().await?, 3);
+    Ok(())
+}
+
+/// Records chained after `head` (a chain start if there is none), as a writer that takes the head under the
+/// chain's lock makes them.
+fn chained_after(node: &str, head: Option<&AuditRecord>, n: u64) -> Vec<AuditRecord> {
+    let (mut seq, mut prev) = head.map_or((0, vec![0; 32]), |h| (h.seq, h.hash.clone()));
+    (0..n)
+        .map(|_| {
+            seq += 1;
+            let mut r = rec(node, seq, i64::try_from(seq).unwrap_or_default());
+            r.operation = if seq == 1 { 1 } else { 3 };
+            r.prev_hash = std::mem::take(&mut prev);
+            r.hash.clear();
+            r.hash = fedgate_gateway::audit::record_hash(&r).to_vec();
+            prev.clone_from(&r.hash);
+            r
+        })
+        .collect()
+}
+
+async fn appending_at_the_head_serializes_writers_of_a_chain(store: Arc<dyn Store>) -> Result<()> {
+    const WRITERS: u64 = 4;
+    const BATCHES: u64 = 20;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for b in 0..BATCHES {
+                    let n = 1 + (w + b) % 2;
+                    let chain = move |head: Option<&AuditRecord>| chained_after("350102", head, n);
+                    let written = store.audit_append_at_head("350102", &chain).await?;
+                    ensure!(written.len() as u64 == n, "wrote {} of {n}", written.len());
+                    seqs.extend(written.iter().map(|r| r.seq));
+                }
+                Ok::<_, anyhow::Error>(seqs)
+            })
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for seq in t.await?? {
+            ensure!(all.insert(seq), "record {seq} written twice");
+        }
+    }
+    let chain = store.audit_chain("350102", 0, 1000).await?;
+    let total = chain.len() as u64;
+    assert_eq!(all, (1..=total).collect::<BTreeSet<u64>>());
+    assert_eq!(
+        chain.iter().filter(|r| r.operation == 1).count(),
+        1,
+        "one writer found the chain empty"
+    );
+    for pair in chain.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "record {} links",
+            pair[1].seq
+        );
+    }
+    // The optimistic append after a stale head is refused as a conflict, and nothing of it is stored.
+    let stale = chained_after("350102", chain.get(chain.len() - 2), 2);
+    assert!(matches!(
+        store.audit_append(&stale).await,
+        Err(StoreError::HeadConflict { .. })
+    ));
+    assert_eq!(store.audit_count().await?, total);
     Ok(())
 }
 
@@ -1268,12 +1357,13 @@ async fn audit_append_head_chain_and_positions(store: Arc<dyn Store>) -> Result<
     assert!(store.audit_chain("350102", 0, 0).await?.is_empty());
     assert!(store.audit_chain("350103", 0, 10).await?.is_empty());
 
-    // A batch is all or nothing: a duplicate (node, seq) at its end rejects all of it.
+    // A batch is all or nothing: a duplicate (node, seq) at its end rejects all of it, as a head conflict (the
+    // chain moved on under its writer).
     let bad = vec![rec("350102", 6, 1_600), rec("350102", 5, 1_700)];
-    assert!(matches!(
-        store.audit_append(&bad).await,
-        Err(StoreError::Database(_))
-    ));
+    match store.audit_append(&bad).await {
+        Err(StoreError::HeadConflict { node, seq }) if node == "350102" && seq == 6 => {}
+        other => bail!("expected a head conflict of 350102, got {other:?}"),
+    }
     assert_eq!(store.audit_count().await?, 8);
     assert_eq!(store.audit_head("350102").await?, Some(written[7].clone()));
     assert_eq!(store.outbox_head(Stream::Audit).await?, 8);
@@ -1509,12 +1599,12 @@ async fn audit_query_filters_and_pagination(store: Arc<dyn Store>) -> Result<()>
 async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result<()> {
     let child = "350100";
     // A child forwards records of its whole subtree.
-    let items: Vec<(u64, AuditRecord)> = vec![
-        (1, rec("350100", 1, 10)),
-        (2, rec("350102", 1, 11)),
-        (3, rec("350100", 2, 12)),
-        (4, rec("350102", 2, 13)),
-        (5, rec("350100", 3, 14)),
+    let items: Vec<(u64, Option<AuditRecord>)> = vec![
+        (1, Some(rec("350100", 1, 10))),
+        (2, Some(rec("350102", 1, 11))),
+        (3, Some(rec("350100", 2, 12))),
+        (4, Some(rec("350102", 2, 13))),
+        (5, Some(rec("350100", 3, 14))),
     ];
     assert_eq!(store.cursor(child, Stream::Audit).await?, 0);
     assert_eq!(store.apply_child_audit(child, &items[..2]).await?, 2);
@@ -1537,7 +1627,7 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
     )?;
     expect_gap(
         store
-            .apply_child_audit(child, &[items[3].clone(), (6, rec("350100", 4, 15))])
+            .apply_child_audit(child, &[items[3].clone(), (6, Some(rec("350100", 4, 15)))])
             .await,
         child,
         5,
@@ -1547,11 +1637,8 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
     assert_eq!(store.audit_count().await?, 3);
 
     // A record the store already holds under its (node, seq) fails the batch, which leaves nothing behind.
-    let duplicate = vec![items[3].clone(), (5, rec("350102", 1, 99))];
-    assert!(matches!(
-        store.apply_child_audit(child, &duplicate).await,
-        Err(StoreError::Database(_))
-    ));
+    let duplicate = vec![items[3].clone(), (5, Some(rec("350102", 1, 99)))];
+    assert!(store.apply_child_audit(child, &duplicate).await.is_err());
     assert_eq!(store.cursor(child, Stream::Audit).await?, 3);
     assert_eq!(store.audit_count().await?, 3);
 
@@ -1562,16 +1649,19 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
     assert_eq!(seqs(&out), vec![1, 2, 3, 4, 5]);
     assert_eq!(
         records(&out)?,
-        items.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()
+        items
+            .iter()
+            .filter_map(|(_, r)| r.clone())
+            .collect::<Vec<_>>()
     );
-    assert_eq!(store.audit_head("350102").await?, Some(items[3].1.clone()));
+    assert_eq!(store.audit_head("350102").await?, items[3].1.clone());
     assert_eq!(store.audit_nodes().await?, ["350100", "350102"]);
 
     // Own records and a second child's interleave in the same stream.
     store.audit_append(&[rec("350000", 1, 20)]).await?;
     assert_eq!(
         store
-            .apply_child_audit("350200", &[(1, rec("350200", 1, 21))])
+            .apply_child_audit("350200", &[(1, Some(rec("350200", 1, 21)))])
             .await?,
         1
     );
@@ -1583,6 +1673,22 @@ async fn child_audit_cursor_gap_and_idempotence(store: Arc<dyn Store>) -> Result
         records(&out)?,
         vec![rec("350000", 1, 20), rec("350200", 1, 21)]
     );
+
+    // Items the caller found already held here (a recovered child sending again what it had sent) advance the
+    // cursor without being stored again; new ones among them are stored in order.
+    let again: Vec<(u64, Option<AuditRecord>)> =
+        vec![(6, None), (7, Some(rec("350100", 4, 30))), (8, None)];
+    assert_eq!(store.apply_child_audit(child, &again).await?, 8);
+    assert_eq!(store.audit_count().await?, 8);
+    let out = store.outbox_after(Stream::Audit, 7, 100).await?;
+    assert_eq!(seqs(&out), vec![8]);
+    assert_eq!(records(&out)?, vec![rec("350100", 4, 30)]);
+    expect_gap(
+        store.apply_child_audit(child, &[(10, None)]).await,
+        child,
+        9,
+        10,
+    )?;
     Ok(())
 }
 
@@ -2035,8 +2141,9 @@ async fn concurrent_writers_commit_in_position_order(store: Arc<dyn Store>) -> R
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 for from in (1..=20).step_by(5) {
-                    let items: Vec<(u64, AuditRecord)> =
-                        (from..from + 5).map(|s| (s, rec(child, s, 0))).collect();
+                    let items: Vec<(u64, Option<AuditRecord>)> = (from..from + 5)
+                        .map(|s| (s, Some(rec(child, s, 0))))
+                        .collect();
                     store.apply_child_audit(child, &items).await?;
                 }
                 Ok(())
@@ -2306,4 +2413,608 @@ async fn postgres_deadlocks_are_retried() -> Result<()> {
     .await;
     db.drop_database().await?;
     result
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Two writers of one node on one database
+
+/// Two stores on one new SQLite file, as two processes of one node open it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_writers_of_one_node_share_its_chain() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("shared.db");
+    let a = Arc::new(SqliteStore::open(&path).await?);
+    let b = Arc::new(SqliteStore::open(&path).await?);
+    let result = two_writers_of_one_node_share_its_chain(a.clone(), b.clone()).await;
+    a.close().await;
+    b.close().await;
+    result
+}
+
+/// Two stores (two pools) on one new PostgreSQL database, as two replicas of one node connect to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_writers_of_one_node_share_its_chain() -> Result<()> {
+    let Some(db) = scratch_database().await? else {
+        return Ok(());
+    };
+    let result = async {
+        let a = Arc::new(PgStore::connect(&db.url).await?);
+        let b = Arc::new(PgStore::connect(&db.url).await?);
+        let result = tokio::spawn(two_writers_of_one_node_share_its_chain(
+            a.clone(),
+            b.clone(),
+        ))
+        .await;
+        a.close().await;
+        b.close().await;
+        result?
+    }
+    .await;
+    db.drop_database().await?;
+    result
+}
+
+/// Two audit writers of node 350100 with the same key, each on its own store of one database, start on an empty
+/// chain at once and write concurrently: every record is answered, the chain has each exactly once, starts once,
+/// and verifies.
+async fn two_writers_of_one_node_share_its_chain(
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+) -> Result<()> {
+    use fedgate_gateway::audit::{AuditLog, ChainVerifier, SignPolicy, event};
+    use fedgate_gateway::grant::GrantKey;
+    use fedgate_gateway::metrics::NodeMetrics;
+    use fedgate_gateway::uplink::Uplink;
+    use fedgate_proto::v1::AuditOperation;
+
+    const PER_WRITER: usize = 120;
+    let node = "350100".parse()?;
+    let key = Arc::new(GrantKey::generate());
+    let policy = SignPolicy {
+        every: std::time::Duration::from_millis(20),
+        records: 16,
+        bytes: usize::MAX,
+    };
+    let start = |store: Arc<dyn Store>| {
+        AuditLog::start_with(
+            policy,
+            node,
+            store,
+            (key.clone(), None),
+            Uplink::new(),
+            Arc::new(NodeMetrics::new()),
+        )
+    };
+    let (wa, wb) = tokio::join!(start(a.clone()), start(b.clone()));
+    let ((la, ta), (lb, tb)) = (wa?, wb?);
+    let write = |log: AuditLog| {
+        tokio::spawn(async move {
+            let mut seqs = Vec::with_capacity(PER_WRITER);
+            for i in 0..PER_WRITER {
+                seqs.push(
+                    log.record(event(AuditOperation::CatalogPublish, format!("w{i}")))
+                        .await?,
+                );
+            }
+            Ok::<_, anyhow::Error>(seqs)
+        })
+    };
+    let (sa, sb) = tokio::join!(write(la), write(lb));
+    let mut answered = BTreeSet::new();
+    for seq in sa??.into_iter().chain(sb??) {
+        ensure!(
+            answered.insert(seq),
+            "record {seq} answered to both writers"
+        );
+    }
+    ta.await?;
+    tb.await?;
+    let chain = a.audit_chain("350100", 0, 10_000).await?;
+    assert_eq!(chain.len(), 2 * PER_WRITER + 1);
+    assert_eq!(
+        chain
+            .iter()
+            .filter(|r| r.operation == AuditOperation::ChainStart as i32)
+            .count(),
+        1,
+        "the chain starts once"
+    );
+    let mut v = ChainVerifier::new("350100", None);
+    for r in &chain {
+        v.push(r)?;
+    }
+    v.finish()?;
+    assert_eq!(v.key(), Some(key.public_key().as_slice()));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Recovery of what a node lost after forwarding it
+
+async fn marks_of_unconfirmed_runs_are_kept_until_removed(store: Arc<dyn Store>) -> Result<()> {
+    assert_eq!(store.uplink_mark(Stream::Audit).await?, None);
+    store
+        .audit_append(&chained_after("350102", None, 3))
+        .await?;
+    store.audit_append(&[rec("350121", 1, 5)]).await?;
+    store
+        .publish_local(
+            entry("350102:a", "a", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    store.set_uplink_acked(Stream::Catalog, 1).await?;
+    store.mark_unconfirmed("350102").await?;
+    assert_eq!(
+        store.uplink_mark(Stream::Audit).await?,
+        Some(UplinkMark {
+            head: 4,
+            own_seq: 3
+        })
+    );
+    assert_eq!(
+        store.uplink_mark(Stream::Catalog).await?,
+        Some(UplinkMark {
+            head: 1,
+            own_seq: 0
+        })
+    );
+    // A later start keeps the first mark: what was written since has still not been compared.
+    store.audit_append(&[rec("350121", 2, 6)]).await?;
+    store.mark_unconfirmed("350102").await?;
+    assert_eq!(
+        store.uplink_mark(Stream::Audit).await?.map(|m| m.head),
+        Some(4)
+    );
+    store.confirm_uplink(Stream::Audit).await?;
+    assert_eq!(store.uplink_mark(Stream::Audit).await?, None);
+    assert!(store.uplink_mark(Stream::Catalog).await?.is_some());
+    // The mark is where the stream ends: past the parent's acknowledgement when that is higher.
+    store.set_uplink_acked(Stream::Audit, 9).await?;
+    store.mark_unconfirmed("350102").await?;
+    assert_eq!(
+        store.uplink_mark(Stream::Audit).await?,
+        Some(UplinkMark {
+            head: 9,
+            own_seq: 3
+        })
+    );
+    Ok(())
+}
+
+/// A re-chaining that links and hashes records after `(seq, hash)` as a writer does, and marks each record it
+/// signs with a recognisable signature.
+fn relink(old: &[AuditRecord], after: (u64, &[u8]), last: bool) -> Vec<AuditRecord> {
+    let (mut seq, mut prev) = (after.0, after.1.to_vec());
+    let n = old.len();
+    old.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            seq += 1;
+            r.seq = seq;
+            r.prev_hash = std::mem::take(&mut prev);
+            r.hash.clear();
+            let signed = !r.signature.is_empty() || (last && i + 1 == n);
+            r.signature.clear();
+            r.hash = fedgate_gateway::audit::record_hash(&r).to_vec();
+            if signed {
+                r.signature = vec![7; 64];
+            }
+            prev.clone_from(&r.hash);
+            r
+        })
+        .collect()
+}
+
+async fn a_recovered_audit_stream_takes_back_rechains_and_moves(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    // Before the loss, and forwarded: own records 1-3, a child's 1-2 (positions 1-5).
+    let before = chained_after("350102", None, 3);
+    store.audit_append(&before).await?;
+    let child: Vec<(u64, Option<AuditRecord>)> =
+        (1..=2).map(|s| (s, Some(rec("350121", s, 0)))).collect();
+    store.apply_child_audit("350121", &child).await?;
+    // The store comes back from a backup here; the run that starts marks it.
+    store.mark_unconfirmed("350102").await?;
+    // Written after the loss, before the parent was reached: own 4'-5' on the stale head, a child's record.
+    let stale = chained_after("350102", before.last(), 2);
+    store.audit_append(&stale[..1]).await?;
+    store
+        .apply_child_audit("350121", &[(3, Some(rec("350121", 3, 0)))])
+        .await?;
+    store.audit_append(&stale[1..]).await?;
+    // The parent holds the lost records 4-6 of this chain, and counts positions up to 10 as applied.
+    let lost = chained_after("350102", before.last(), 3);
+    store.stage_audit(&lost[..2]).await?;
+    store.stage_audit(&lost[2..]).await?;
+    let staged = store.staged(Stream::Audit).await?;
+    assert_eq!(staged.count, 3);
+    assert_eq!(staged.last_record.as_ref(), lost.last());
+
+    let plan = AuditRecovery {
+        node: "350102".into(),
+        cursor: 10,
+        mark: 5,
+        common: 3,
+    };
+    let done = store.recover_audit(&plan, &relink).await?;
+    assert_eq!(
+        done,
+        Recovered {
+            taken_back: 3,
+            redone: 2,
+            moved: 3
+        }
+    );
+    let chain = store.audit_chain("350102", 0, 100).await?;
+    assert_eq!(
+        chain.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        &chain[..6],
+        [before.clone(), lost.clone()].concat().as_slice()
+    );
+    for pair in chain.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "record {} links",
+            pair[1].seq
+        );
+    }
+    assert_eq!(
+        chain[6].request_id, stale[0].request_id,
+        "re-chained in order"
+    );
+    assert_eq!(
+        chain[7].signature,
+        vec![7; 64],
+        "the re-chained end is signed"
+    );
+    // Positions: those taken back where the parent counts them applied; what was written since the mark after
+    // the parent's cursor, in its order; the stream goes on after them.
+    let all = store.outbox_after(Stream::Audit, 0, 100).await?;
+    assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13]);
+    let ids: Vec<(String, u64)> = records(&all)?
+        .into_iter()
+        .map(|r| (r.node_code, r.seq))
+        .collect();
+    let id = |n: &str, s| (n.to_owned(), s);
+    assert_eq!(
+        &ids[5..],
+        [
+            id("350102", 4),
+            id("350102", 5),
+            id("350102", 6),
+            id("350102", 7),
+            id("350121", 3),
+            id("350102", 8)
+        ]
+    );
+    assert_eq!(store.uplink_acked(Stream::Audit).await?, 10);
+    assert_eq!(store.uplink_mark(Stream::Audit).await?, None);
+    assert_eq!(store.staged(Stream::Audit).await?.count, 0);
+    store
+        .audit_append(&chained_after("350102", chain.last(), 1))
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 13, 10).await?),
+        vec![14]
+    );
+    assert_eq!(store.audit_count().await?, 12);
+    Ok(())
+}
+
+async fn a_recovered_stream_continues_after_the_parents_cursor(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    // The parent counts positions up to 9 applied; this node holds 3 and wrote nothing since its start.
+    let before = chained_after("350102", None, 3);
+    store.audit_append(&before).await?;
+    for id in ["350102:a", "350102:b"] {
+        store
+            .publish_local(
+                entry(id, "t", "s", &["x"], ShareType::Unconditional),
+                Upstream::Parent,
+            )
+            .await?;
+    }
+    store.mark_unconfirmed("350102").await?;
+    let plan = AuditRecovery {
+        node: "350102".into(),
+        cursor: 9,
+        mark: 3,
+        common: 3,
+    };
+    let done = store.recover_audit(&plan, &relink).await?;
+    assert_eq!(done, Recovered::default());
+    store
+        .audit_append(&chained_after("350102", before.last(), 1))
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 3, 10).await?),
+        vec![10]
+    );
+    let done = store
+        .recover_catalog(&CatalogRecovery {
+            node: "350102".into(),
+            cursor: 6,
+            mark: 2,
+        })
+        .await?;
+    assert_eq!(done, Recovered::default());
+    store
+        .publish_local(
+            entry("350102:c", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 2, 7]
+    );
+    Ok(())
+}
+
+fn held(e: &CatalogEntry, withdrawn: bool) -> StoredEntry {
+    StoredEntry {
+        entry: e.clone(),
+        withdrawn,
+    }
+}
+
+async fn a_recovered_catalog_takes_back_and_publishes_again_above_the_parent(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    let e = |id: &str, title: &str| entry(id, title, "s", &["x"], ShareType::Unconditional);
+    // Before the loss, forwarded: a, b, e at version 1, and a child's entry (positions 1-4).
+    for id in ["350102:a", "350102:b", "350102:e"] {
+        store.publish_local(e(id, "old"), Upstream::Parent).await?;
+    }
+    store
+        .apply_child_catalog(
+            "350121",
+            &[(1, upsert(&with_version(&e("350121:k", "kid"), 1)))],
+            Upstream::Parent,
+        )
+        .await?;
+    store.mark_unconfirmed("350102").await?;
+    // After the loss: e changed again here (its version 2 here), f published new (positions 5-6).
+    store
+        .publish_local(e("350102:e", "changed here"), Upstream::Parent)
+        .await?;
+    store
+        .publish_local(e("350102:f", "new here"), Upstream::Parent)
+        .await?;
+    // The parent holds this node's lost changes (it applied positions up to 9): a at 2, b withdrawn at 2, c new,
+    // d withdrawn (never seen here), e at 3.
+    let parent = [
+        held(&with_version(&e("350102:a", "lost update"), 2), false),
+        held(&with_version(&e("350102:b", "old"), 2), true),
+        held(&with_version(&e("350102:c", "lost new"), 1), false),
+        held(&with_version(&e("350102:d", "gone"), 2), true),
+        held(&with_version(&e("350102:e", "lost change"), 3), false),
+        held(&with_version(&e("350102:f", "new here"), 1), false),
+    ];
+    store.stage_catalog(&parent[..3]).await?;
+    store.stage_catalog(&parent[3..]).await?;
+    assert_eq!(
+        store.staged(Stream::Catalog).await?.last_id.as_deref(),
+        Some("350102:f")
+    );
+    let done = store
+        .recover_catalog(&CatalogRecovery {
+            node: "350102".into(),
+            cursor: 9,
+            mark: 4,
+        })
+        .await?;
+    assert_eq!(
+        done,
+        Recovered {
+            taken_back: 4,
+            redone: 1,
+            moved: 2
+        }
+    );
+    let get = |id: &'static str| {
+        let store = store.clone();
+        async move { store.entry(id).await?.context(id) }
+    };
+    let a = get("350102:a").await?;
+    assert_eq!(
+        (a.entry.version, a.entry.title.as_str(), a.withdrawn),
+        (2, "lost update", false)
+    );
+    assert!(get("350102:b").await?.withdrawn);
+    assert_eq!(get("350102:c").await?.entry.title, "lost new");
+    assert!(get("350102:d").await?.withdrawn);
+    let ee = get("350102:e").await?;
+    assert_eq!(
+        (ee.entry.version, ee.entry.title.as_str()),
+        (4, "changed here"),
+        "the change made here after the loss wins, above the parent's version"
+    );
+    assert_eq!(get("350102:f").await?.entry.version, 1);
+    assert_eq!(search_ids(&store, "lost").await?, ["350102:a", "350102:c"]);
+    // The stream: the changes taken back where the parent counts them applied (there to ship if the parent loses
+    // them in turn), what was written since the mark after the cursor, then the publication above the parent's.
+    let back = store.outbox_after(Stream::Catalog, 4, 100).await?;
+    assert_eq!(seqs(&back), vec![5, 6, 7, 8, 10, 11, 12]);
+    let taken: Vec<(String, u64)> = changes(&back[..4])?
+        .into_iter()
+        .map(|c| match c.change {
+            Some(catalog_change::Change::Upsert(e)) => (e.id, e.version),
+            Some(catalog_change::Change::Withdraw(w)) => (w.id, w.version),
+            None => (String::new(), 0),
+        })
+        .collect();
+    let id_v = |id: &str, v| (id.to_owned(), v);
+    assert_eq!(
+        taken,
+        [
+            id_v("350102:a", 2),
+            id_v("350102:b", 2),
+            id_v("350102:c", 1),
+            id_v("350102:d", 2)
+        ]
+    );
+    let out = store.outbox_after(Stream::Catalog, 9, 100).await?;
+    assert_eq!(seqs(&out), vec![10, 11, 12]);
+    let versions: Vec<(String, u64)> = changes(&out)?
+        .into_iter()
+        .filter_map(|c| match c.change {
+            Some(catalog_change::Change::Upsert(e)) => Some((e.id, e.version)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("350102:e".to_owned(), 2),
+            ("350102:f".to_owned(), 1),
+            ("350102:e".to_owned(), 4)
+        ]
+    );
+    assert_eq!(store.uplink_acked(Stream::Catalog).await?, 9);
+    assert_eq!(store.uplink_mark(Stream::Catalog).await?, None);
+    assert_eq!(store.staged(Stream::Catalog).await?.count, 0);
+    // Versions go on from the parent's: withdrawn entries taken back (one never seen here) come back at 3.
+    for id in ["350102:b", "350102:d"] {
+        let again = store.publish_local(e(id, "back"), Upstream::Parent).await?;
+        assert_eq!(again.version, 3, "{id}");
+    }
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 12, 10).await?),
+        vec![13, 14]
+    );
+    let own = store.own_entries("350102", "", 10).await?;
+    assert!(own.iter().all(|r| !r.withdrawn));
+    Ok(())
+}
+
+async fn positions_close_up_after_a_parent_lost_what_it_acknowledged(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    // A recovery left positions 4-9 empty (the parent counted them applied).
+    let before = chained_after("350102", None, 3);
+    store.audit_append(&before).await?;
+    store.mark_unconfirmed("350102").await?;
+    store
+        .recover_audit(
+            &AuditRecovery {
+                node: "350102".into(),
+                cursor: 9,
+                mark: 3,
+                common: 3,
+            },
+            &relink,
+        )
+        .await?;
+    let after = chained_after("350102", before.last(), 2);
+    store.audit_append(&after).await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 0, 10).await?),
+        vec![1, 2, 3, 10, 11]
+    );
+    assert_eq!(store.count_after(Stream::Audit, 2).await?, 3);
+    // The parent now holds only up to position 2 (it was restored itself): what follows closes up after it.
+    assert_eq!(store.close_up(Stream::Audit, 2).await?, 3);
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 0, 10).await?),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(store.uplink_acked(Stream::Audit).await?, 2);
+    store
+        .audit_append(&chained_after("350102", after.last(), 1))
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Audit, 5, 10).await?),
+        vec![6]
+    );
+    let chain = store.audit_chain("350102", 0, 10).await?;
+    assert_eq!(chain.len(), 6);
+
+    // The catalog stream the same way.
+    store
+        .publish_local(
+            entry("350102:a", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    store
+        .recover_catalog(&CatalogRecovery {
+            node: "350102".into(),
+            cursor: 8,
+            mark: 1,
+        })
+        .await?;
+    store
+        .publish_local(
+            entry("350102:b", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 9]
+    );
+    assert_eq!(store.close_up(Stream::Catalog, 0).await?, 2);
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 2]
+    );
+    store
+        .publish_local(
+            entry("350102:c", "t", "s", &["x"], ShareType::Unconditional),
+            Upstream::Parent,
+        )
+        .await?;
+    assert_eq!(
+        seqs(&store.outbox_after(Stream::Catalog, 0, 10).await?),
+        vec![1, 2, 3]
+    );
+    Ok(())
+}
+
+async fn own_entries_are_listed_by_id_withdrawn_ones_too(store: Arc<dyn Store>) -> Result<()> {
+    let e = |id: &str| entry(id, "t", "s", &["x"], ShareType::Unconditional);
+    for id in ["350102:c", "350102:a", "350102:b", "350103:a", "350100:z"] {
+        store.publish_local(e(id), Upstream::Parent).await?;
+    }
+    store
+        .apply_child_catalog(
+            "350121",
+            &[(1, upsert(&with_version(&e("350121:a"), 1)))],
+            Upstream::Parent,
+        )
+        .await?;
+    store.withdraw_local("350102:b", Upstream::Parent).await?;
+    let ids = |rows: Vec<StoredEntry>| -> Vec<(String, bool)> {
+        rows.into_iter()
+            .map(|r| (r.entry.id, r.withdrawn))
+            .collect()
+    };
+    assert_eq!(
+        ids(store.own_entries("350102", "", 10).await?),
+        [
+            ("350102:a".to_owned(), false),
+            ("350102:b".to_owned(), true),
+            ("350102:c".to_owned(), false)
+        ]
+    );
+    assert_eq!(
+        ids(store.own_entries("350102", "350102:a", 1).await?),
+        [("350102:b".to_owned(), true)]
+    );
+    assert!(
+        store
+            .own_entries("350102", "350102:c", 10)
+            .await?
+            .is_empty()
+    );
+    assert!(store.own_entries("350101", "", 10).await?.is_empty());
+    Ok(())
 }

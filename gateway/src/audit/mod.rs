@@ -3,6 +3,7 @@
 //! the tree by the uplink in signed prefixes.
 
 pub mod archive;
+mod chaining;
 pub mod export;
 #[cfg(test)]
 mod tests;
@@ -18,7 +19,7 @@ pub use verify::{
     verify_store,
 };
 
-pub use writer::{AuditLog, ChildApplyError, SignPolicy};
+pub use writer::{AuditLog, ChildApplyError, RecoverError, SignPolicy};
 
 /// Hash that precedes the first record of every chain.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];

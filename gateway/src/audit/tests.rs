@@ -14,6 +14,9 @@ use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
 use crate::store::{SqliteStore, Store};
 use crate::uplink::Uplink;
+use faulty::{Fault, Faulty};
+
+mod faulty;
 
 const NODE: &str = "350102";
 
@@ -248,7 +251,7 @@ async fn a_childs_records_follow_a_signed_head() {
     r.hash = record_hash(&r).to_vec();
     r.signature = child.sign_bytes(Domain::AuditBatch, &r.hash).to_vec();
     let applied = log
-        .apply_child("350121", vec![(1, r)])
+        .apply_child("350121", vec![(1, Some(r))])
         .await
         .expect("applied");
     assert_eq!(applied, 1);
@@ -307,4 +310,129 @@ async fn only_the_running_nodes_own_chain_may_end_unsigned() {
         .await
         .expect("signed at shutdown");
     assert_eq!(closed[0].unsigned, 0);
+}
+
+/// Records `n` records, each answered; returns their sequence numbers.
+async fn record_n(log: &AuditLog, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::with_capacity(n);
+    for _ in 0..n {
+        seqs.push(
+            log.record(event(AuditOperation::CatalogPublish, "a"))
+                .await
+                .expect("record"),
+        );
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn a_commit_reported_failed_that_took_effect_does_not_wedge_the_writer() {
+    let dir = tempfile::tempdir().expect("dir");
+    let faulty = Arc::new(Faulty::new(store(&dir).await));
+    let store: Arc<dyn Store> = faulty.clone();
+    let key = Arc::new(GrantKey::generate());
+    let (log, writer) = start(by_count(4), &store, &key).await;
+    assert_eq!(record_n(&log, 2).await, [2, 3]);
+    faulty.fail_next(Fault::CommittedButFailed);
+    assert!(
+        log.record(event(AuditOperation::CatalogPublish, "lost answer"))
+            .await
+            .is_err(),
+        "the caller is told the commit failed"
+    );
+    // The record is in the chain all the same: the writer continues after it.
+    assert_eq!(record_n(&log, 5).await, [5, 6, 7, 8, 9]);
+    drop(log);
+    writer.await.expect("writer");
+    let records = chain(&store).await;
+    assert_eq!(records.len(), 9);
+    assert_eq!(records[3].actor, "lost answer");
+    verified(&records, false);
+}
+
+#[tokio::test]
+async fn a_commit_that_failed_leaves_no_gap_in_the_chain() {
+    let dir = tempfile::tempdir().expect("dir");
+    let faulty = Arc::new(Faulty::new(store(&dir).await));
+    let store: Arc<dyn Store> = faulty.clone();
+    let key = Arc::new(GrantKey::generate());
+    let (log, writer) = start(by_count(4), &store, &key).await;
+    assert_eq!(record_n(&log, 2).await, [2, 3]);
+    faulty.fail_next(Fault::Lost);
+    assert!(
+        log.record(event(AuditOperation::CatalogPublish, "lost"))
+            .await
+            .is_err()
+    );
+    assert_eq!(record_n(&log, 3).await, [4, 5, 6]);
+    drop(log);
+    writer.await.expect("writer");
+    let records = chain(&store).await;
+    assert!(records.iter().all(|r| r.actor != "lost"));
+    verified(&records, false);
+}
+
+#[tokio::test]
+async fn a_signature_that_failed_is_made_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let faulty = Arc::new(Faulty::new(store(&dir).await));
+    let store: Arc<dyn Store> = faulty.clone();
+    let key = Arc::new(GrantKey::generate());
+    let policy = SignPolicy {
+        every: Duration::from_millis(30),
+        records: u64::MAX,
+        bytes: usize::MAX,
+    };
+    let (log, writer) = start(policy, &store, &key).await;
+    wait_signed(&store, 1).await;
+    faulty.fail_next(Fault::SealLost);
+    let seq = record_n(&log, 1).await[0];
+    wait_signed(&store, seq).await;
+    assert_eq!(record_n(&log, 1).await, [seq + 1]);
+    drop(log);
+    writer.await.expect("writer");
+    verified(&chain(&store).await, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_of_one_chain_interleave_and_start_it_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = store(&dir).await;
+    let key = Arc::new(GrantKey::generate());
+    // Both find the chain empty.
+    let ((a, wa), (b, wb)) = tokio::join!(
+        start(by_count(16), &store, &key),
+        start(by_count(16), &store, &key)
+    );
+    let per_writer = 150;
+    let (sa, sb) = tokio::join!(
+        tokio::spawn({
+            let a = a.clone();
+            async move { record_n(&a, per_writer).await }
+        }),
+        tokio::spawn({
+            let b = b.clone();
+            async move { record_n(&b, per_writer).await }
+        })
+    );
+    let (sa, sb) = (sa.expect("writer a"), sb.expect("writer b"));
+    let mut all: Vec<u64> = sa.iter().chain(&sb).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        2 * per_writer,
+        "no sequence number answered twice"
+    );
+    drop((a, b));
+    wa.await.expect("writer a");
+    wb.await.expect("writer b");
+    let records = chain(&store).await;
+    assert_eq!(records.len(), 2 * per_writer + 1);
+    let starts = records
+        .iter()
+        .filter(|r| r.operation == AuditOperation::ChainStart as i32)
+        .count();
+    assert_eq!(starts, 1, "the chain is started once");
+    verified(&records, false);
 }

@@ -6,22 +6,29 @@
 //! chain's head can be unsigned, and the uplink ships only signed prefixes, so no record leaves the node before a
 //! signature covers it. Before a child's batch is stored, the node's own head is signed, so a run of unsigned own
 //! records never has another chain's records inside it: the outbox can be cut wherever every chain is signed.
+//!
+//! The store's head is the truth. The writer keeps the head in memory to chain each batch without a read, and
+//! re-reads it after any failed commit or signature (a commit reported failed may have committed). When a batch
+//! finds its sequence numbers taken ([`StoreError::HeadConflict`]: another writer of the same node on the same
+//! database, or a recovery that re-chained this node's records), it is chained again after the head read under
+//! the chain's write lock and stored in the same transaction, so writers that share a chain interleave without
+//! error; a chain is started (CHAIN_START) only by the writer that finds it empty.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedgate_proto::v1::{AuditOperation, AuditRecord, Stream};
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{AuditError, GENESIS_HASH, event, record_hash};
+use super::chaining::{chain, rechained, starts_kept, starts_once};
+use super::{AuditError, GENESIS_HASH, event};
 use crate::grant::{Domain, GrantKey};
 use crate::ident::DivisionCode;
 use crate::metrics::NodeMetrics;
-use crate::store::{Store, StoreError};
+use crate::store::{AuditRecovery, Recovered, Store, StoreError};
 use crate::uplink::Uplink;
 
 /// Records written in one transaction at most.
@@ -30,6 +37,9 @@ const MAX_BATCH: usize = 8192;
 const JOIN_ROUNDS: usize = 3;
 /// Records waiting for the writer at most; callers wait beyond that.
 const QUEUE: usize = 65_536;
+/// How long after a head conflict the writer chains every batch after the head read under the chain's lock (another
+/// writer is likely still active) instead of after the head it remembers.
+const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
 /// When the writer signs its chain head: whichever limit is reached first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,16 +73,34 @@ pub enum ChildApplyError {
     Stopped,
 }
 
+/// Why a recovery of this node's chain could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    /// The store refused it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The writer has stopped (the node is shutting down).
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
 struct Pending {
     record: AuditRecord,
     done: Option<oneshot::Sender<Result<u64, AuditError>>>,
 }
 
-/// A child's checked records, to be stored after this node's own head is signed.
+/// A child's checked records (`None`: one this node already holds), to be stored after this node's own head is
+/// signed.
 struct ChildBatch {
     child: String,
-    items: Vec<(u64, AuditRecord)>,
+    items: Vec<(u64, Option<AuditRecord>)>,
     done: oneshot::Sender<Result<u64, ChildApplyError>>,
+}
+
+/// A recovery of this node's chain, applied between two batches.
+struct RecoverJob {
+    plan: AuditRecovery,
+    done: oneshot::Sender<Result<Recovered, RecoverError>>,
 }
 
 // Records are nearly every job: boxing them would add an allocation per record to save nothing.
@@ -80,6 +108,7 @@ struct ChildBatch {
 enum Job {
     Record(Pending),
     Child(ChildBatch),
+    Recover(RecoverJob),
 }
 
 /// Handle to a node's audit writer; cheap to clone.
@@ -144,6 +173,8 @@ impl AuditLog {
             seq,
             prev,
             open: Open::default(),
+            stale: false,
+            contended: None,
         };
         if let Some(h) = head.filter(|h| h.signature.is_empty()) {
             // Stopped (or killed) between a commit and the signature that would have covered it.
@@ -219,12 +250,13 @@ impl AuditLog {
         }
     }
 
-    /// Stores a child's checked records above its cursor (see [`Store::apply_child_audit`]) after signing this
-    /// node's own unsigned head, if any; returns the child's new cursor.
+    /// Stores a child's checked records above its cursor (see [`Store::apply_child_audit`]; `None` for a record
+    /// this node already holds) after signing this node's own unsigned head, if any; returns the child's new
+    /// cursor.
     pub async fn apply_child(
         &self,
         child: &str,
-        items: Vec<(u64, AuditRecord)>,
+        items: Vec<(u64, Option<AuditRecord>)>,
     ) -> Result<u64, ChildApplyError> {
         let (done, wait) = oneshot::channel();
         self.tx
@@ -236,6 +268,18 @@ impl AuditLog {
             .await
             .map_err(|_| ChildApplyError::Stopped)?;
         wait.await.map_err(|_| ChildApplyError::Stopped)?
+    }
+
+    /// Applies a recovery of this node's chain and stream (see [`Store::recover_audit`]) between two batches,
+    /// re-chaining and re-signing this node's records after the ones taken back with this node's key; the writer
+    /// continues after the recovered head.
+    pub async fn recover(&self, plan: AuditRecovery) -> Result<Recovered, RecoverError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Recover(RecoverJob { plan, done }))
+            .await
+            .map_err(|_| RecoverError::Stopped)?;
+        wait.await.map_err(|_| RecoverError::Stopped)?
     }
 }
 
@@ -266,6 +310,10 @@ struct Writer {
     seq: u64,
     prev: Vec<u8>,
     open: Open,
+    /// A commit or signature failed: `seq`, `prev` and `open` may not be the store's, which is read again first.
+    stale: bool,
+    /// When a batch last found its sequence numbers taken.
+    contended: Option<Instant>,
 }
 
 impl Writer {
@@ -329,6 +377,14 @@ impl Writer {
                     };
                     let _ = c.done.send(result);
                 }
+                Job::Recover(r) => {
+                    if !batch.is_empty() {
+                        self.write(&mut batch, true).await;
+                        batch.clear();
+                    }
+                    let result = self.recover(&r.plan).await;
+                    let _ = r.done.send(result);
+                }
             }
         }
         if !batch.is_empty() {
@@ -336,101 +392,220 @@ impl Writer {
         }
     }
 
+    /// Reads the chain head from the store (after a failure, or once the chain moved on under this writer) and
+    /// continues from it: an unsigned head is signed within the interval, whoever wrote it.
+    async fn reload(&mut self) -> Result<(), StoreError> {
+        let head = self.store.audit_head(&self.node_code).await?;
+        (self.seq, self.prev) = head
+            .as_ref()
+            .map_or((0, GENESIS_HASH.to_vec()), |h| (h.seq, h.hash.clone()));
+        self.open = match head {
+            Some(h) if h.signature.is_empty() => Open {
+                head: Some(h),
+                records: 1,
+                bytes: 0,
+                due: Some(Instant::now() + self.policy.every),
+            },
+            _ => Open::default(),
+        };
+        self.stale = false;
+        Ok(())
+    }
+
     /// Signs the unsigned head, if there is one, and stores the signature.
     async fn seal(&mut self) -> Result<(), StoreError> {
-        let Some(mut head) = self.open.head.take() else {
-            self.open = Open::default();
-            return Ok(());
-        };
-        head.signature = self.key.sign_bytes(Domain::AuditBatch, &head.hash).to_vec();
-        match self.store.audit_seal(&head).await {
-            Ok(()) => {
+        if self.stale {
+            self.reload().await?;
+        }
+        // A second attempt signs the head read again, when the first found its record replaced.
+        for _ in 0..2 {
+            let Some(mut head) = self.open.head.take() else {
                 self.open = Open::default();
-                self.uplink.wake(Stream::Audit);
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(node = %self.node, seq = head.seq, error = %e, "audit chain head not signed; retrying");
-                head.signature.clear();
-                self.open.head = Some(head);
-                self.open.due = Some(Instant::now() + self.policy.every);
-                Err(e)
+                return Ok(());
+            };
+            head.signature = self.key.sign_bytes(Domain::AuditBatch, &head.hash).to_vec();
+            match self.store.audit_seal(&head).await {
+                Ok(()) => {
+                    self.open = Open::default();
+                    self.uplink.wake(Stream::Audit);
+                    return Ok(());
+                }
+                Err(StoreError::HeadConflict { .. }) => {
+                    // Another record holds its place now (a recovery re-chained it): sign what the store holds.
+                    NodeMetrics::add(&self.metrics.audit_head_conflicts, 1);
+                    tracing::warn!(node = %self.node, seq = head.seq, "audit chain head moved on under this writer");
+                    self.reload().await?;
+                }
+                Err(e) => {
+                    tracing::error!(node = %self.node, seq = head.seq, error = %e, "audit chain head not signed; retrying");
+                    head.signature.clear();
+                    self.open.head = Some(head);
+                    self.open.due = Some(Instant::now() + self.policy.every);
+                    self.stale = true;
+                    return Err(e);
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Applies a recovery: this node's records after those taken back are re-chained and re-signed with this
+    /// writer's key; the writer then continues from the store's head.
+    async fn recover(&mut self, plan: &AuditRecovery) -> Result<Recovered, RecoverError> {
+        if let Err(e) = self.seal().await {
+            tracing::warn!(node = %self.node, error = %e, "audit head not signed before a recovery; it is re-chained");
+        }
+        let key = self.key.clone();
+        let node = self.node_code.clone();
+        let rechain = move |old: &[AuditRecord], after: (u64, &[u8]), last: bool| {
+            rechained(&node, old, after, &key, last)
+        };
+        let result = self.store.recover_audit(plan, &rechain).await;
+        if let Err(e) = self.reload().await {
+            tracing::error!(node = %self.node, error = %e, "audit head not read after a recovery");
+            self.stale = true;
+        }
+        Ok(result?)
     }
 
     /// Chains, commits and answers one batch; signs its last record when `sign` or when the policy says so.
     async fn write(&mut self, batch: &mut [Pending], sign: bool) {
-        let (seq, prev) = (self.seq, self.prev.clone());
+        if self.stale
+            && let Err(e) = self.reload().await
+        {
+            tracing::error!(node = %self.node, error = %e, "audit head not read; batch refused");
+            NodeMetrics::add(&self.metrics.audit_batches_failed, 1);
+            answer_failed(batch, &e);
+            return;
+        }
         let mut records: Vec<AuditRecord> = Vec::with_capacity(batch.len());
-        let mut bytes = 0;
         for p in batch.iter_mut() {
             let mut r = std::mem::take(&mut p.record);
             // No record may outgrow an upward batch, whatever its caller put in it.
             crate::limits::bound_record(&mut r);
-            self.seq += 1;
-            r.node_code.clone_from(&self.node_code);
-            r.seq = self.seq;
-            r.prev_hash = std::mem::take(&mut self.prev);
-            r.hash.clear();
-            r.signature.clear();
-            self.scratch.clear();
-            // Encoding into a Vec cannot run out of room; the fallback only keeps this free of panics.
-            let hash = match r.encode(&mut self.scratch) {
-                Ok(()) => Sha256::digest(&self.scratch).to_vec(),
-                Err(_) => record_hash(&r).to_vec(),
-            };
-            bytes += self.scratch.len();
-            self.prev.clone_from(&hash);
-            r.hash = hash;
             records.push(r);
         }
-        let sign = sign
-            || self.open.records + records.len() as u64 >= self.policy.records
-            || self.open.bytes + bytes >= self.policy.bytes
-            || self.open.due.is_some_and(|d| d <= Instant::now());
-        if sign && let Some(last) = records.last_mut() {
-            last.signature = self.key.sign_bytes(Domain::AuditBatch, &last.hash).to_vec();
-        }
+        let policy = self.policy;
+        let (open_records, open_bytes, open_due) =
+            (self.open.records, self.open.bytes, self.open.due);
+        let signs = move |n: usize, bytes: usize| {
+            sign || open_records + n as u64 >= policy.records
+                || open_bytes + bytes >= policy.bytes
+                || open_due.is_some_and(|d| d <= Instant::now())
+        };
         let started = std::time::Instant::now();
-        let result = self.store.audit_append(&records).await;
-        match result {
-            Ok(()) => {
-                self.metrics
-                    .audit_commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.metrics
-                    .audit_batch_records
-                    .observe(records.len() as f64);
-                NodeMetrics::add(&self.metrics.audit_records_written, records.len() as u64);
-                for (p, r) in batch.iter_mut().zip(&records) {
-                    if let Some(done) = p.done.take() {
-                        let _ = done.send(Ok(r.seq));
-                    }
-                }
-                if sign {
-                    self.open = Open::default();
-                    self.uplink.wake(Stream::Audit);
-                } else {
-                    self.open.records += records.len() as u64;
-                    self.open.bytes += bytes;
-                    self.open.head = records.pop();
-                    self.open
-                        .due
-                        .get_or_insert_with(|| Instant::now() + self.policy.every);
-                }
+        let contended = self
+            .contended
+            .is_some_and(|at| at.elapsed() < CONTENDED_FOR);
+        // Which records of the batch are written (a CHAIN_START that finds the chain started is not).
+        let mut kept = starts_once(&mut records, self.seq);
+        let mut written = false;
+        let mut bytes = 0;
+        if !contended {
+            bytes = chain(
+                &self.node_code,
+                &mut records,
+                (self.seq, &self.prev),
+                &mut self.scratch,
+            );
+            if signs(records.len(), bytes)
+                && let Some(last) = records.last_mut()
+            {
+                last.signature = self.key.sign_bytes(Domain::AuditBatch, &last.hash).to_vec();
             }
-            Err(e) => {
-                tracing::error!(node = %self.node, error = %e, "audit batch not written");
-                NodeMetrics::add(&self.metrics.audit_batches_failed, 1);
-                self.seq = seq;
-                self.prev = prev;
-                for p in batch.iter_mut() {
-                    if let Some(done) = p.done.take() {
-                        let _ = done.send(Err(AuditError::Store(e.to_string())));
-                    }
+            match self.store.audit_append(&records).await {
+                Ok(()) => written = true,
+                Err(StoreError::HeadConflict { .. }) => {
+                    NodeMetrics::add(&self.metrics.audit_head_conflicts, 1);
+                    tracing::info!(node = %self.node, seq = self.seq + 1,
+                        "audit chain moved on under this writer; chaining after the stored head");
+                    self.contended = Some(Instant::now());
                 }
+                Err(e) => return self.failed(batch, &e),
             }
+        }
+        if !written {
+            // After the head read under the chain's write lock: no other writer comes between.
+            let (key, node) = (self.key.clone(), self.node_code.clone());
+            let originals = &records;
+            let at_head = move |head: Option<&AuditRecord>| {
+                let after = head.map_or((0, GENESIS_HASH.to_vec()), |h| (h.seq, h.hash.clone()));
+                let mut chained = originals.clone();
+                starts_once(&mut chained, after.0);
+                let bytes = chain(&node, &mut chained, (after.0, &after.1), &mut Vec::new());
+                if signs(chained.len(), bytes)
+                    && let Some(last) = chained.last_mut()
+                {
+                    last.signature = key.sign_bytes(Domain::AuditBatch, &last.hash).to_vec();
+                }
+                chained
+            };
+            match self
+                .store
+                .audit_append_at_head(&self.node_code, &at_head)
+                .await
+            {
+                Ok(chained) => {
+                    let after = chained.first().map_or(1, |r| r.seq - 1);
+                    let mut again = starts_kept(&records, after).into_iter();
+                    for k in kept.iter_mut().filter(|k| **k) {
+                        *k = again.next().unwrap_or(false);
+                    }
+                    bytes = chained.iter().map(Message::encoded_len).sum();
+                    records = chained;
+                }
+                Err(e) => return self.failed(batch, &e),
+            }
+        }
+        self.metrics
+            .audit_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .audit_batch_records
+            .observe(records.len() as f64);
+        NodeMetrics::add(&self.metrics.audit_records_written, records.len() as u64);
+        let mut stored = records.iter();
+        for (p, keep) in batch.iter_mut().zip(&kept) {
+            // A CHAIN_START that found the chain started is answered with the chain's first record.
+            let seq = if *keep {
+                stored.next().map_or(1, |r| r.seq)
+            } else {
+                1
+            };
+            if let Some(done) = p.done.take() {
+                let _ = done.send(Ok(seq));
+            }
+        }
+        let Some(last) = records.pop() else { return };
+        self.seq = last.seq;
+        self.prev.clone_from(&last.hash);
+        if !last.signature.is_empty() {
+            self.open = Open::default();
+            self.uplink.wake(Stream::Audit);
+        } else {
+            self.open.records += records.len() as u64 + 1;
+            self.open.bytes += bytes;
+            self.open.head = Some(last);
+            self.open
+                .due
+                .get_or_insert_with(|| Instant::now() + self.policy.every);
+        }
+    }
+
+    /// A batch the store refused: its callers get the error, and the head is read again before the next one.
+    fn failed(&mut self, batch: &mut [Pending], e: &StoreError) {
+        tracing::error!(node = %self.node, error = %e, "audit batch not written");
+        NodeMetrics::add(&self.metrics.audit_batches_failed, 1);
+        self.stale = true;
+        answer_failed(batch, e);
+    }
+}
+
+/// Answers every caller of `batch` with the store's error.
+fn answer_failed(batch: &mut [Pending], e: &StoreError) {
+    for p in batch.iter_mut() {
+        if let Some(done) = p.done.take() {
+            let _ = done.send(Err(AuditError::Store(e.to_string())));
         }
     }
 }

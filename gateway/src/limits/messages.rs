@@ -6,7 +6,7 @@ use fedgate_proto::v1::{
     GetObjectionRequest, InvalidationNotice, JoinRequest, ListDatasetsRequest,
     OperatorAuditRequest, PublishBatchRequest, PublishEntryRequest, PushRequest, QueryAuditRequest,
     RequestKind, ResolveObjectionRequest, RevocationNotice, RevokeRequest, SearchCatalogRequest,
-    ShareRequest, WithdrawEntryRequest, stream_item,
+    ShareRequest, TakeBackRequest, WithdrawEntryRequest, stream_item,
 };
 use prost::Message;
 
@@ -345,6 +345,12 @@ impl Bounded for JoinRequest {
             self.audit_public_key.len(),
             Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
         )
+    }
+}
+
+impl Bounded for TakeBackRequest {
+    fn check_limits(&self, l: &LimitsConfig) -> Result<()> {
+        ident("after_id", &self.after_id, limit!(l, max_id_chars))
     }
 }
 

@@ -5,14 +5,15 @@ use std::time::Duration;
 
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
-    AuditOperation, AuditRecord, CatalogChange, ForwardRequest, ForwardResponse, Hop,
+    AuditOperation, AuditRecord, CatalogChange, ChainHead, ForwardRequest, ForwardResponse, Hop,
     InvalidationAck, InvalidationNotice, JoinRequest, JoinResponse, PushRequest, PushResponse,
-    Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor, catalog_change, stream_item,
+    Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor, TakeBackRequest,
+    TakeBackResponse, catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
 use super::{caller, deadline};
-use crate::audit::{self, AuditLog, ChainVerifier, ChildApplyError};
+use crate::audit::{self, AuditLog, ChainVerifier, ChildApplyError, VerifyError};
 use crate::catalog::parse_resource_id;
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer};
@@ -23,6 +24,8 @@ use crate::statement::Verified;
 use crate::store::{Store, StoreError, Upstream};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
+
+mod take_back;
 
 /// Largest batch a child may push at once.
 const MAX_PUSH: usize = 4096;
@@ -175,11 +178,17 @@ impl FederationService {
     /// Checks and stores a child's audit batch: each record must continue its node's chain (hash, link and
     /// signature), come from the child's subtree, and each chain the batch carries must end with a signed record
     /// (a child ships only signed prefixes, so one signature per chain covers the whole batch).
+    ///
+    /// A record this node already holds (same node, sequence number and hash) is skipped but its position still
+    /// advances the child's cursor: a child that recovered, or whose own parent did, sends again what it had sent.
+    /// Another record under a sequence number held here is a fork, refused with DATA_LOSS.
     async fn push_audit(&self, child: DivisionCode, req: PushRequest) -> Result<u64> {
         let applied = self.store.cursor(child.as_str(), Stream::Audit).await?;
         let mut verifiers: std::collections::HashMap<String, (ChainVerifier, Option<Vec<u8>>)> =
             Default::default();
+        let mut held = take_back::Held::default();
         let mut items = Vec::with_capacity(req.items.len());
+        let mut duplicates = 0;
         for item in req.items {
             let Some(stream_item::Body::Audit(record)) = item.body else {
                 return Err(Error::InvalidArgument(format!(
@@ -190,8 +199,17 @@ impl FederationService {
             if item.seq <= applied {
                 continue;
             }
-            self.check_audit(child, &record, &mut verifiers).await?;
-            items.push((item.seq, record));
+            let next = applied + 1 + items.len() as u64;
+            check_origin(child, &record)?;
+            if held.holds(self.store.as_ref(), child, &record).await? {
+                duplicates += 1;
+                items.push((item.seq, None));
+                continue;
+            }
+            let gap = (item.seq != next).then_some(next);
+            self.check_audit(child, &record, &mut verifiers, gap)
+                .await?;
+            items.push((item.seq, Some(record)));
         }
         for (v, _) in verifiers.values() {
             if v.unsigned_tail() > 0 {
@@ -203,7 +221,7 @@ impl FederationService {
                 )));
             }
         }
-        let count = items.len() as u64;
+        let count = items.len() as u64 - duplicates;
         let applied = self
             .audit
             .apply_child(child.as_str(), items)
@@ -228,6 +246,10 @@ impl FederationService {
             }
         }
         NodeMetrics::add(&self.metrics.audit_items_applied, count);
+        NodeMetrics::add(&self.metrics.audit_items_duplicate, duplicates);
+        if duplicates > 0 {
+            tracing::info!(%child, duplicates, "audit records sent again by a child were already held here");
+        }
         self.uplink.wake(Stream::Audit);
         Ok(applied)
     }
@@ -237,16 +259,9 @@ impl FederationService {
         child: DivisionCode,
         record: &AuditRecord,
         verifiers: &mut std::collections::HashMap<String, (ChainVerifier, Option<Vec<u8>>)>,
+        gap: Option<u64>,
     ) -> Result<()> {
-        let origin: DivisionCode = record
-            .node_code
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("audit record node_code: {e}")))?;
-        if !child.contains(&origin) {
-            return Err(Error::PermissionDenied(format!(
-                "node {child} forwarded an audit record of node {origin}, outside its subtree"
-            )));
-        }
+        let origin = check_origin(child, record)?;
         if !verifiers.contains_key(&record.node_code) {
             let key = self.store.node_key(&record.node_code).await?;
             let v = match self.store.audit_head(&record.node_code).await? {
@@ -265,9 +280,16 @@ impl FederationService {
         let Some((v, _)) = verifiers.get_mut(&record.node_code) else {
             return Err(Error::InvalidArgument("audit verifier missing".into()));
         };
-        v.push(record).map_err(|e| {
-            tracing::error!(%child, error = %e, "audit record from child fails verification");
-            Error::DataLoss(format!("audit record from node {child} refused: {e}"))
+        v.push(record).map_err(|e| match (e, gap) {
+            // Not the chain's next record, at a gap in positions: a child that does not know this node restarted
+            // from an older state and is ahead of it. A request to resend from the cursor, not a broken chain.
+            (VerifyError::Sequence { .. }, Some(next)) => Error::FailedPrecondition(format!(
+                "audit stream of node {child} skipped from {next}; resend from {next}"
+            )),
+            (e, _) => {
+                tracing::error!(%child, error = %e, "audit record from child fails verification");
+                Error::DataLoss(format!("audit record from node {child} refused: {e}"))
+            }
         })
     }
 
@@ -390,6 +412,20 @@ impl FederationService {
     }
 }
 
+/// The node that wrote a forwarded record, which must be in the forwarding child's subtree.
+fn check_origin(child: DivisionCode, record: &AuditRecord) -> Result<DivisionCode> {
+    let origin: DivisionCode = record
+        .node_code
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("audit record node_code: {e}")))?;
+    if !child.contains(&origin) {
+        return Err(Error::PermissionDenied(format!(
+            "node {child} forwarded an audit record of node {origin}, outside its subtree"
+        )));
+    }
+    Ok(origin)
+}
+
 /// A child may only register entries held in its own subtree.
 fn check_catalog_change(child: DivisionCode, change: &CatalogChange) -> Result<()> {
     let (id, node) = match &change.change {
@@ -462,11 +498,40 @@ impl Federation for FederationService {
                     .map_err(Error::from)?,
             });
         }
+        let own_chain_head = self
+            .store
+            .audit_head(child.as_str())
+            .await
+            .map_err(Error::from)?
+            .map(|h| ChainHead {
+                seq: h.seq,
+                hash: h.hash,
+            });
         tracing::info!(%child, "child joined");
         Ok(Response::new(JoinResponse {
             parent_code: self.topology.code.to_string(),
             cursors,
+            own_chain_head,
         }))
+    }
+
+    async fn take_back(
+        &self,
+        req: Request<TakeBackRequest>,
+    ) -> Result<Response<TakeBackResponse>, Status> {
+        let child = self.checked_child(&req, "TakeBack").await?;
+        self.bounded(&req, "TakeBack").await?;
+        match take_back::answer(self.store.as_ref(), child, req.get_ref()).await {
+            Ok(resp) => {
+                tracing::info!(%child, stream = req.get_ref().stream, records = resp.records.len(),
+                    entries = resp.entries.len(), "a child took back what this node holds of its own");
+                Ok(Response::new(resp))
+            }
+            Err(e @ (Error::InvalidArgument(_) | Error::PermissionDenied(_))) => {
+                Err(self.refuse(Peer::Node(child).to_uri(), "TakeBack", e).await)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {

@@ -67,6 +67,21 @@ pub enum StoreError {
         /// What arrived instead.
         got: u64,
     },
+    /// A record of a chain was to be stored under a sequence number the chain already holds: another writer of
+    /// the same node extended the chain, a commit reported failed had committed, or a recovery re-chained it. The
+    /// writer re-reads the head and chains its records after it.
+    #[error(
+        "the chain of node {node} already holds a record at or after #{seq}: it moved on under its writer"
+    )]
+    HeadConflict {
+        /// The chain.
+        node: String,
+        /// The sequence number taken.
+        seq: u64,
+    },
+    /// A recovery found this node's history inconsistent with what its parent holds in a way it cannot repair.
+    #[error("cannot recover: {0}")]
+    Unrecoverable(String),
 }
 
 impl StoreError {
@@ -175,6 +190,76 @@ pub struct OutboxItem {
     /// The encoded item body (for the catalog stream, an encoded `CatalogChange`).
     pub payload: Vec<u8>,
 }
+
+/// Where an upward stream stood when the first run that has not compared its history with the parent's started
+/// (see [`Store::mark_unconfirmed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UplinkMark {
+    /// The stream's end then: the higher of its head and the parent's acknowledgement. Positions above it were
+    /// written by runs that have not compared what they wrote with what the parent holds.
+    pub head: u64,
+    /// For the audit stream, the head of the node's own chain then (0 for the catalog stream).
+    pub own_seq: u64,
+}
+
+/// What a node does with what its parent holds of its own audit chain and stream, as it recovers at Join (see
+/// [`Store::recover_audit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecovery {
+    /// This node.
+    pub node: String,
+    /// The parent's cursor of this node's audit stream.
+    pub cursor: u64,
+    /// [`UplinkMark::head`] of the audit stream.
+    pub mark: u64,
+    /// The last sequence number of this node's chain on which this node and its parent agree; the records taken
+    /// back (staged) follow it, and this node's own records after it are re-chained after them.
+    pub common: u64,
+}
+
+/// What a node does with what its parent holds of its own catalog entries and stream (see
+/// [`Store::recover_catalog`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogRecovery {
+    /// This node.
+    pub node: String,
+    /// The parent's cursor of this node's catalog stream.
+    pub cursor: u64,
+    /// [`UplinkMark::head`] of the catalog stream.
+    pub mark: u64,
+}
+
+/// What a recovery changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Records or entries taken back from the parent.
+    pub taken_back: u64,
+    /// Own records re-chained after the ones taken back (audit), or local changes published again above the
+    /// parent's version (catalog).
+    pub redone: u64,
+    /// Stream items moved to positions after the parent's cursor.
+    pub moved: u64,
+}
+
+/// What is staged of what the parent holds of this node's own, waiting for a recovery to apply it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Staged {
+    /// Records (audit) or entries (catalog) staged.
+    pub count: u64,
+    /// The last staged audit record, in chain order.
+    pub last_record: Option<AuditRecord>,
+    /// The last staged catalog entry id, in id order.
+    pub last_id: Option<String>,
+}
+
+/// Chains records after a chain head: given the head (`None` for an empty chain), returns the records to append.
+pub type ChainAt<'a> = dyn Fn(Option<&AuditRecord>) -> Vec<AuditRecord> + Send + Sync + 'a;
+
+/// Re-chains a run of a node's own records after `(seq, hash)`; `last` when the run ends the chain (its last
+/// record must then be signed). Returns the records in the same order with new sequence numbers, links, hashes
+/// and signatures.
+pub type Rechain<'a> =
+    dyn Fn(&[AuditRecord], (u64, &[u8]), bool) -> Vec<AuditRecord> + Send + Sync + 'a;
 
 /// Filters of an audit query; every set filter must match.
 #[derive(Debug, Clone, Default)]
@@ -350,19 +435,30 @@ pub trait Store: Send + Sync + 'static {
     /// How far the parent acknowledged `stream`, as last recorded.
     async fn uplink_acked(&self, stream: Stream) -> Result<u64, StoreError>;
 
-    /// Appends records this node wrote (already chained), atomically, in order.
+    /// Appends records this node wrote (already chained), atomically, in order; [`StoreError::HeadConflict`] when
+    /// the chain already holds one of their sequence numbers.
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// Appends records to `node`'s chain after its head read under the chain's write lock: `chain` is given the
+    /// head and returns the records, so no other writer can come between. Returns what was appended.
+    async fn audit_append_at_head(
+        &self,
+        node: &str,
+        chain: &ChainAt<'_>,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Stores the signature of a record already appended (the chain head the writer signs late); the record must
-    /// differ from the stored one only in its signature, which no hash covers.
+    /// differ from the stored one only in its signature, which no hash covers. [`StoreError::HeadConflict`] when
+    /// the store holds another record (another hash) under its sequence number.
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError>;
     /// The last record of `node`'s chain held here.
     async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError>;
     /// Applies a child's audit items above its cursor in order and advances the cursor, atomically; each record
-    /// must already have been checked by the caller. Returns the new cursor.
+    /// must already have been checked by the caller. An item without a record is one this node already holds (a
+    /// child that recovered sends again what it had sent before): it only advances the cursor. Returns the new
+    /// cursor.
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError>;
     /// Records matching a query with their stream positions, oldest first.
     async fn audit_query(&self, query: &AuditQuery) -> Result<Vec<(u64, AuditRecord)>, StoreError>;
@@ -423,6 +519,58 @@ pub trait Store: Send + Sync + 'static {
     /// A feed of the changes every process sharing this store commits; `None` for a store only one process opens
     /// (SQLite), whose changes this process makes itself.
     async fn change_feed(&self) -> Result<Option<Box<dyn ChangeFeed>>, StoreError>;
+
+    // Recovery of what a node lost after it had forwarded it (see `crate::uplink`).
+
+    /// For each upward stream without such a note, notes where it stands now (the higher of its head and the
+    /// parent's acknowledgement) and, for the audit stream, the head of `node`'s own chain: what is written from
+    /// here on has not been compared with what the parent holds, until [`Store::confirm_uplink`] or a recovery
+    /// removes the note. A node with a parent calls it when it starts, before it writes anything.
+    async fn mark_unconfirmed(&self, node: &str) -> Result<(), StoreError>;
+    /// The note [`Store::mark_unconfirmed`] left for `stream`, while it is there.
+    async fn uplink_mark(&self, stream: Stream) -> Result<Option<UplinkMark>, StoreError>;
+    /// Removes the note of `stream`: its parent holds nothing this node lost.
+    async fn confirm_uplink(&self, stream: Stream) -> Result<(), StoreError>;
+    /// Stages records of this node's own chain taken back from its parent (checked by the caller, in chain order,
+    /// continuing what is staged), for [`Store::recover_audit`].
+    async fn stage_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// Stages this node's own catalog entries as its parent holds them (in id order, after what is staged), for
+    /// [`Store::recover_catalog`].
+    async fn stage_catalog(&self, entries: &[StoredEntry]) -> Result<(), StoreError>;
+    /// What is staged for `stream`.
+    async fn staged(&self, stream: Stream) -> Result<Staged, StoreError>;
+    /// Drops what is staged for `stream`.
+    async fn clear_staged(&self, stream: Stream) -> Result<(), StoreError>;
+    /// Recovers the audit stream in one transaction: moves the items written since the mark to consecutive
+    /// positions after the parent's cursor (and after the staged records), re-chains this node's own records after
+    /// `plan.common` with `rechain` to follow the staged ones, stores the staged records at the positions the
+    /// parent already counts as applied, continues the stream after the parent's cursor, and removes the mark.
+    async fn recover_audit(
+        &self,
+        plan: &AuditRecovery,
+        rechain: &Rechain<'_>,
+    ) -> Result<Recovered, StoreError>;
+    /// Recovers the catalog stream in one transaction: takes back each staged entry that is newer than this
+    /// node's copy and was not changed here since the mark (its change stored at the positions after the mark,
+    /// which the parent already counts as applied), moves the items written since the mark to consecutive
+    /// positions after the parent's cursor (and after those), publishes again above the parent's version each
+    /// entry changed here since the mark that the parent's version would hide, continues the stream after the
+    /// parent's cursor, and removes the mark.
+    async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError>;
+    /// Moves the items of `stream` after position `after` to consecutive positions from `after + 1` and makes
+    /// `after` the acknowledged position, for a parent that lost what it had acknowledged (its cursor is `after`)
+    /// when positions between are missing here; returns how many items moved.
+    async fn close_up(&self, stream: Stream, after: u64) -> Result<u64, StoreError>;
+    /// Items of `stream` at positions above `after`.
+    async fn count_after(&self, stream: Stream, after: u64) -> Result<u64, StoreError>;
+    /// The catalog rows of `node`'s own entries with ids after `after_id`, by id; withdrawn ones too, each at the
+    /// version of its withdrawal.
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError>;
 
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}
@@ -510,6 +658,20 @@ fn unsealed(record: &AuditRecord) -> StoreError {
     }
 }
 
+/// A failed insert of a node's own records as what it means: a unique violation is a sequence number its chain
+/// already holds (positions are assigned by the store and never collide).
+fn chain_conflict(e: StoreError, first: &AuditRecord) -> StoreError {
+    match e {
+        StoreError::Database(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+            StoreError::HeadConflict {
+                node: first.node_code.clone(),
+                seq: first.seq,
+            }
+        }
+        other => other,
+    }
+}
+
 /// A sequence number as the signed integer both databases store (saturating).
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -542,6 +704,95 @@ fn fresh_items<'a, T>(
         applied = *seq;
     }
     Ok((fresh, applied))
+}
+
+/// The bounds of a query for `node`'s own entries after `after_id`: ids are `<node>:<local code>`, so they sort
+/// above `"<node>:"` (which is no id) and below `"<node>;"` (`;` follows `:`). Returns (ids above, ids below).
+pub(crate) fn own_id_range(node: &str, after_id: &str) -> (String, String) {
+    let start = format!("{node}:");
+    let above = if after_id > start.as_str() {
+        after_id.to_owned()
+    } else {
+        start
+    };
+    (above, format!("{node};"))
+}
+
+/// What a recovery does with one of this node's own entries that its parent holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryFix {
+    /// Nothing: this node's copy is as new as the parent's, or newer.
+    Keep,
+    /// Store the parent's copy here (it holds a change this node lost), without queuing it again.
+    TakeBack,
+    /// Publish this node's copy again under this version (above the parent's), since it was changed here after
+    /// the loss and the parent's version would hide it.
+    Republish(u64),
+}
+
+/// Decides what a recovery does with an entry the parent holds (`parent`) given this node's copy (`local`) and
+/// whether this node changed it since the mark.
+pub(crate) fn entry_fix(
+    parent: &StoredEntry,
+    local: Option<&StoredEntry>,
+    changed_here: bool,
+) -> EntryFix {
+    let vp = parent.entry.version;
+    let Some(local) = local else {
+        return EntryFix::TakeBack;
+    };
+    let vl = local.entry.version;
+    let same = vp == vl && parent.withdrawn == local.withdrawn && parent.entry == local.entry;
+    if same || vp < vl {
+        return EntryFix::Keep;
+    }
+    // The parent's copy is newer, or as new with other content (both came from this node's history, the
+    // parent's from the part this node lost).
+    if changed_here {
+        EntryFix::Republish(vp.saturating_add(1))
+    } else {
+        EntryFix::TakeBack
+    }
+}
+
+/// The change that publishes `entry` (withdrawn or not) as it is.
+pub(crate) fn change_of(entry: &StoredEntry) -> CatalogChange {
+    use fedgate_proto::v1::{Withdrawal, catalog_change::Change};
+    CatalogChange {
+        change: Some(if entry.withdrawn {
+            Change::Withdraw(Withdrawal {
+                id: entry.entry.id.clone(),
+                version: entry.entry.version,
+            })
+        } else {
+            Change::Upsert(entry.entry.clone())
+        }),
+    }
+}
+
+/// The ids of `node`'s own entries that encoded catalog changes touch.
+pub(crate) fn own_ids_changed<'a>(
+    node: &str,
+    payloads: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    use fedgate_proto::v1::catalog_change::Change;
+    let prefix = format!("{node}:");
+    let mut ids = std::collections::HashSet::new();
+    for p in payloads {
+        let change = CatalogChange::decode(p).map_err(|e| StoreError::Corrupt {
+            what: "catalog outbox item".into(),
+            error: e.to_string(),
+        })?;
+        let id = match change.change {
+            Some(Change::Upsert(e)) => e.id,
+            Some(Change::Withdraw(w)) => w.id,
+            None => continue,
+        };
+        if id.starts_with(&prefix) {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
 }
 
 /// One step of applying catalog changes in their order: a run of upserts of distinct ids (one multi-row

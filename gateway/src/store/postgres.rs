@@ -15,12 +15,14 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, ChangeFeed, Doc, DocKind, DocQuery, OutboxItem, Store,
-    StoreChange, StoreError, StoredEntry, Upstream, decode_audit, decode_entry, fresh_items,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, ChangeFeed, Doc,
+    DocKind, DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreChange, StoreError,
+    StoredEntry, UplinkMark, Upstream, chain_conflict, decode_audit, decode_entry, fresh_items,
     to_i64, to_u64, unsealed,
 };
 
 mod catalog;
+mod recover;
 
 /// Connections of the pool.
 const MAX_CONNECTIONS: u32 = 16;
@@ -573,28 +575,71 @@ impl Store for PgStore {
     }
 
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        if records.is_empty() {
+        let Some(first) = records.first() else {
             return Ok(());
-        }
+        };
         let records: Vec<&AuditRecord> = records.iter().collect();
+        async {
+            let mut tx = self.pool.begin().await?;
+            lock_stream(&mut tx, Stream::Audit).await?;
+            insert_audit(&mut tx, &records).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await
+        .map_err(|e| chain_conflict(e, first))
+    }
+
+    async fn audit_append_at_head(
+        &self,
+        node: &str,
+        chain: &ChainAt<'_>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Every writer of the audit stream takes this lock first, so the head read here stays the head until
+        // the commit.
         lock_stream(&mut tx, Stream::Audit).await?;
-        insert_audit(&mut tx, &records).await?;
+        let head = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get::<Vec<u8>, _>(0))
+        .transpose()?
+        .map(|b| decode_audit(&b))
+        .transpose()?;
+        let records = chain(head.as_ref());
+        let refs: Vec<&AuditRecord> = records.iter().collect();
+        insert_audit(&mut tx, &refs).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(records)
     }
 
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        let done =
-            sqlx::query("UPDATE audit_log SET record = $1 WHERE node_code = $2 AND seq = $3")
-                .bind(record.encode_to_vec())
-                .bind(&record.node_code)
-                .bind(to_i64(record.seq))
-                .execute(&self.pool)
-                .await?;
-        if done.rows_affected() != 1 {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT fwd_seq, record FROM audit_log WHERE node_code = $1 AND seq = $2 FOR UPDATE",
+        )
+        .bind(&record.node_code)
+        .bind(to_i64(record.seq))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
             return Err(unsealed(record));
+        };
+        if decode_audit(row.try_get::<&[u8], _>(1)?)?.hash != record.hash {
+            return Err(StoreError::HeadConflict {
+                node: record.node_code.clone(),
+                seq: record.seq,
+            });
         }
+        sqlx::query("UPDATE audit_log SET record = $1 WHERE fwd_seq = $2")
+            .bind(record.encode_to_vec())
+            .bind(row.try_get::<i64, _>(0)?)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -612,13 +657,14 @@ impl Store for PgStore {
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Also makes reading and advancing the child's cursor atomic against a concurrent push of the same child.
         lock_stream(&mut tx, Stream::Audit).await?;
         let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
         let (fresh, applied) = fresh_items(child, applied, items)?;
+        let fresh: Vec<&AuditRecord> = fresh.into_iter().flatten().collect();
         insert_audit(&mut tx, &fresh).await?;
         write_cursor(&mut tx, child, Stream::Audit, applied).await?;
         tx.commit().await?;
@@ -868,6 +914,67 @@ impl Store for PgStore {
             .await?;
         tx.commit().await?;
         Ok(pinned)
+    }
+
+    async fn mark_unconfirmed(&self, node: &str) -> Result<(), StoreError> {
+        recover::mark_unconfirmed(&self.pool, node).await
+    }
+
+    async fn uplink_mark(&self, stream: Stream) -> Result<Option<UplinkMark>, StoreError> {
+        recover::uplink_mark(&self.pool, stream).await
+    }
+
+    async fn confirm_uplink(&self, stream: Stream) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM uplink_mark WHERE stream = $1")
+            .bind(stream as i32)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn stage_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        recover::stage_audit(&self.pool, records).await
+    }
+
+    async fn stage_catalog(&self, entries: &[StoredEntry]) -> Result<(), StoreError> {
+        recover::stage_catalog(&self.pool, entries).await
+    }
+
+    async fn staged(&self, stream: Stream) -> Result<Staged, StoreError> {
+        recover::staged(&self.pool, stream).await
+    }
+
+    async fn clear_staged(&self, stream: Stream) -> Result<(), StoreError> {
+        recover::clear_staged(&self.pool, stream).await
+    }
+
+    async fn recover_audit(
+        &self,
+        plan: &AuditRecovery,
+        rechain: &Rechain<'_>,
+    ) -> Result<Recovered, StoreError> {
+        recover::recover_audit(&self.pool, plan, rechain).await
+    }
+
+    async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError> {
+        recover::recover_catalog(&self.pool, plan).await
+    }
+
+    async fn close_up(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::close_up(&self.pool, stream, after).await
+    }
+
+    async fn count_after(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::count_after(&self.pool, stream, after).await
+    }
+
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        catalog::own_entries(&self.pool, node, after_id, limit).await
     }
 
     async fn close(&self) {

@@ -15,8 +15,9 @@ use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 use rand::Rng;
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, ChangeFeed, Doc, DocKind, DocQuery, OutboxItem, Store,
-    StoreError, StoredEntry, Upstream,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, ChangeFeed, Doc,
+    DocKind, DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry,
+    UplinkMark, Upstream,
 };
 
 /// Wait before the first retry.
@@ -193,7 +194,7 @@ impl Store for Retrying {
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError> {
         self.run(|| self.inner.apply_child_audit(child, items))
             .await
@@ -268,6 +269,73 @@ impl Store for Retrying {
         now_unix: i64,
     ) -> Result<Vec<String>, StoreError> {
         self.run(|| self.inner.served_nodes(resource_id, now_unix))
+            .await
+    }
+
+    async fn audit_append_at_head(
+        &self,
+        node: &str,
+        chain: &ChainAt<'_>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.run(|| self.inner.audit_append_at_head(node, chain))
+            .await
+    }
+
+    async fn mark_unconfirmed(&self, node: &str) -> Result<(), StoreError> {
+        self.run(|| self.inner.mark_unconfirmed(node)).await
+    }
+
+    async fn uplink_mark(&self, stream: Stream) -> Result<Option<UplinkMark>, StoreError> {
+        self.run(|| self.inner.uplink_mark(stream)).await
+    }
+
+    async fn confirm_uplink(&self, stream: Stream) -> Result<(), StoreError> {
+        self.run(|| self.inner.confirm_uplink(stream)).await
+    }
+
+    async fn stage_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.run(|| self.inner.stage_audit(records)).await
+    }
+
+    async fn stage_catalog(&self, entries: &[StoredEntry]) -> Result<(), StoreError> {
+        self.run(|| self.inner.stage_catalog(entries)).await
+    }
+
+    async fn staged(&self, stream: Stream) -> Result<Staged, StoreError> {
+        self.run(|| self.inner.staged(stream)).await
+    }
+
+    async fn clear_staged(&self, stream: Stream) -> Result<(), StoreError> {
+        self.run(|| self.inner.clear_staged(stream)).await
+    }
+
+    async fn recover_audit(
+        &self,
+        plan: &AuditRecovery,
+        rechain: &Rechain<'_>,
+    ) -> Result<Recovered, StoreError> {
+        self.run(|| self.inner.recover_audit(plan, rechain)).await
+    }
+
+    async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError> {
+        self.run(|| self.inner.recover_catalog(plan)).await
+    }
+
+    async fn close_up(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        self.run(|| self.inner.close_up(stream, after)).await
+    }
+
+    async fn count_after(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        self.run(|| self.inner.count_after(stream, after)).await
+    }
+
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.run(|| self.inner.own_entries(node, after_id, limit))
             .await
     }
 
@@ -349,7 +417,7 @@ mod tests {
             let store = store.clone();
             async move {
                 store
-                    .apply_child_audit("350102", &[(1, record("350102", 1))])
+                    .apply_child_audit("350102", &[(1, Some(record("350102", 1)))])
                     .await
             }
         });

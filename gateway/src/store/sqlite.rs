@@ -16,11 +16,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AuditQuery, CatalogHit, CatalogQuery, Doc, DocKind, DocQuery, OutboxItem, Store, StoreError,
-    StoredEntry, Upstream, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
+    AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, Doc, DocKind,
+    DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry, UplinkMark,
+    Upstream, chain_conflict, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
 };
 
 mod catalog;
+mod recover;
 
 /// Page cache of the writer connection (negative: KiB), 32 MiB.
 const WRITER_CACHE_KIB: &str = "-32768";
@@ -499,31 +501,71 @@ impl Store for SqliteStore {
     }
 
     async fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        if records.len() <= AUDIT_ROWS_PER_INSERT {
-            // One statement is atomic on its own: a single round trip to the connection instead of four.
-            if !records.is_empty() {
-                let records: Vec<&AuditRecord> = records.iter().collect();
-                audit_insert(&self.writer, &records).await?;
-            }
+        let Some(first) = records.first() else {
             return Ok(());
-        }
+        };
         let records: Vec<&AuditRecord> = records.iter().collect();
+        let written = if records.len() <= AUDIT_ROWS_PER_INSERT {
+            // One statement is atomic on its own: a single round trip to the connection instead of four.
+            audit_insert(&self.writer, &records).await
+        } else {
+            async {
+                let mut tx = begin(&self.writer).await?;
+                insert_audit(&mut tx, &records).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await
+        };
+        written.map_err(|e| chain_conflict(e, first))
+    }
+
+    async fn audit_append_at_head(
+        &self,
+        node: &str,
+        chain: &ChainAt<'_>,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        // The write lock from the start: no other connection (of this process or another) writes between the
+        // head read here and the commit.
         let mut tx = begin(&self.writer).await?;
-        insert_audit(&mut tx, &records).await?;
+        let head = sqlx::query(
+            "SELECT record FROM audit_log WHERE node_code = ? ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(node)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| decode_audit(r.get::<&[u8], _>(0)))
+        .transpose()?;
+        let records = chain(head.as_ref());
+        let refs: Vec<&AuditRecord> = records.iter().collect();
+        insert_audit(&mut tx, &refs).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(records)
     }
 
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE audit_log SET record = ? WHERE node_code = ? AND seq = ?")
-            .bind(record.encode_to_vec())
-            .bind(&record.node_code)
-            .bind(to_i64(record.seq))
-            .execute(&self.writer)
-            .await?;
-        if done.rows_affected() != 1 {
+        let mut tx = begin(&self.writer).await?;
+        let row =
+            sqlx::query("SELECT fwd_seq, record FROM audit_log WHERE node_code = ? AND seq = ?")
+                .bind(&record.node_code)
+                .bind(to_i64(record.seq))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(row) = row else {
             return Err(unsealed(record));
+        };
+        if decode_audit(row.get::<&[u8], _>(1))?.hash != record.hash {
+            return Err(StoreError::HeadConflict {
+                node: record.node_code.clone(),
+                seq: record.seq,
+            });
         }
+        sqlx::query("UPDATE audit_log SET record = ? WHERE fwd_seq = ?")
+            .bind(record.encode_to_vec())
+            .bind(row.get::<i64, _>(0))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -540,11 +582,12 @@ impl Store for SqliteStore {
     async fn apply_child_audit(
         &self,
         child: &str,
-        items: &[(u64, AuditRecord)],
+        items: &[(u64, Option<AuditRecord>)],
     ) -> Result<u64, StoreError> {
         let mut tx = begin(&self.writer).await?;
         let applied = read_cursor(&mut tx, child, Stream::Audit).await?;
         let (fresh, applied) = fresh_items(child, applied, items)?;
+        let fresh: Vec<&AuditRecord> = fresh.into_iter().flatten().collect();
         insert_audit(&mut tx, &fresh).await?;
         write_cursor(&mut tx, child, Stream::Audit, applied).await?;
         tx.commit().await?;
@@ -808,6 +851,67 @@ impl Store for SqliteStore {
         Ok(row.get::<Vec<u8>, _>(0))
     }
 
+    async fn mark_unconfirmed(&self, node: &str) -> Result<(), StoreError> {
+        recover::mark_unconfirmed(&self.writer, node).await
+    }
+
+    async fn uplink_mark(&self, stream: Stream) -> Result<Option<UplinkMark>, StoreError> {
+        recover::uplink_mark(&self.reader, stream).await
+    }
+
+    async fn confirm_uplink(&self, stream: Stream) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM uplink_mark WHERE stream = ?")
+            .bind(stream as i32)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn stage_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        recover::stage_audit(&self.writer, records).await
+    }
+
+    async fn stage_catalog(&self, entries: &[StoredEntry]) -> Result<(), StoreError> {
+        recover::stage_catalog(&self.writer, entries).await
+    }
+
+    async fn staged(&self, stream: Stream) -> Result<Staged, StoreError> {
+        recover::staged(&self.reader, stream).await
+    }
+
+    async fn clear_staged(&self, stream: Stream) -> Result<(), StoreError> {
+        recover::clear_staged(&self.writer, stream).await
+    }
+
+    async fn recover_audit(
+        &self,
+        plan: &AuditRecovery,
+        rechain: &Rechain<'_>,
+    ) -> Result<Recovered, StoreError> {
+        recover::recover_audit(&self.writer, plan, rechain).await
+    }
+
+    async fn recover_catalog(&self, plan: &CatalogRecovery) -> Result<Recovered, StoreError> {
+        recover::recover_catalog(&self.writer, plan).await
+    }
+
+    async fn close_up(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::close_up(&self.writer, stream, after).await
+    }
+
+    async fn count_after(&self, stream: Stream, after: u64) -> Result<u64, StoreError> {
+        recover::count_after(&self.reader, stream, after).await
+    }
+
+    async fn own_entries(
+        &self,
+        node: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        catalog::own_entries(&self.reader, node, after_id, limit).await
+    }
+
     async fn close(&self) {
         SqliteStore::close(self).await;
     }
@@ -852,6 +956,7 @@ where
     Ok(())
 }
 
+/// Appends `records` under the next stream positions, in order, inside a transaction.
 async fn insert_audit(
     tx: &mut Transaction<'_, Sqlite>,
     records: &[&AuditRecord],

@@ -12,7 +12,7 @@ use super::{lock_stream, read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
     ApplyStep, CatalogHit, CatalogQuery, Page, StoreChange, StoreError, StoredEntry, Upstream,
-    apply_steps, decode_entry, fresh_items, to_i64, to_u64,
+    apply_steps, decode_entry, fresh_items, own_id_range, to_i64, to_u64,
 };
 
 /// Rows of one multi-row statement, and ids of one `= ANY` list.
@@ -166,7 +166,7 @@ async fn versions(
 }
 
 /// Writes upserts of distinct ids with their tokens, each only if newer than what is stored.
-async fn upsert_rows(
+pub(super) async fn upsert_rows(
     tx: &mut Transaction<'_, Postgres>,
     entries: &[&CatalogEntry],
 ) -> Result<(), StoreError> {
@@ -203,7 +203,7 @@ async fn upsert_rows(
 }
 
 /// Marks an entry withdrawn if the withdrawal is newer than what is stored, and drops its tokens.
-async fn withdraw(
+pub(super) async fn withdraw(
     tx: &mut Transaction<'_, Postgres>,
     id: &str,
     version: u64,
@@ -232,9 +232,10 @@ async fn apply_changes(
     Ok(())
 }
 
-/// Under a parent, appends the changes to the catalog outbox under the next positions; the caller holds the
-/// catalog stream's lock.
-async fn forward(
+/// Under a parent, appends the changes to the catalog outbox under the next positions (after the outbox's head,
+/// or after the parent's acknowledgement when that is higher, as after a recovery); the caller holds the catalog
+/// stream's lock.
+pub(super) async fn forward(
     tx: &mut Transaction<'_, Postgres>,
     changes: &[&CatalogChange],
     upstream: Upstream,
@@ -242,11 +243,13 @@ async fn forward(
     if upstream != Upstream::Parent || changes.is_empty() {
         return Ok(());
     }
-    let head: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = $1")
-            .bind(Stream::Catalog as i32)
-            .fetch_one(&mut **tx)
-            .await?;
+    let head: i64 = sqlx::query_scalar(
+        "SELECT GREATEST(COALESCE((SELECT MAX(seq) FROM outbox WHERE stream = $1), 0), \
+         COALESCE((SELECT seq FROM uplink_ack WHERE stream = $1), 0))",
+    )
+    .bind(Stream::Catalog as i32)
+    .fetch_one(&mut **tx)
+    .await?;
     for (n, chunk) in changes.chunks(ROWS).enumerate() {
         let first = head + (n * ROWS) as i64 + 1;
         let payloads: Vec<Vec<u8>> = chunk.iter().map(|c| c.encode_to_vec()).collect();
@@ -261,6 +264,88 @@ async fn forward(
         .await?;
     }
     Ok(())
+}
+
+/// Stores a withdrawn entry this node has no row of, as its parent holds it (a recovery taking it back), so that
+/// versions keep growing from there.
+pub(super) async fn insert_withdrawn(
+    tx: &mut Transaction<'_, Postgres>,
+    entry: &CatalogEntry,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO catalog (id, node_code, provider_uscc, share_type, version, withdrawn, entry) \
+         VALUES ($1, $2, $3, $4, $5, TRUE, $6) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(entry.id.as_str())
+    .bind(entry.node_code.as_str())
+    .bind(entry.provider_uscc.as_str())
+    .bind(entry.share_type)
+    .bind(to_i64(entry.version))
+    .bind(entry.encode_to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The rows with these ids, inside a transaction, each at its row's version.
+pub(super) async fn rows_in(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[String],
+) -> Result<HashMap<String, StoredEntry>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS) {
+        let rows =
+            sqlx::query("SELECT id, entry, withdrawn, version FROM catalog WHERE id = ANY($1)")
+                .bind(chunk)
+                .fetch_all(&mut **tx)
+                .await?;
+        for r in rows {
+            let id: String = r.try_get(0)?;
+            let entry = versioned(&r)?;
+            out.insert(
+                id,
+                StoredEntry {
+                    entry,
+                    withdrawn: r.try_get::<bool, _>(2)?,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The entry of a row of (id, entry, withdrawn, version) at the row's version (a withdrawal keeps the entry it
+/// withdrew under its own, later, version).
+fn versioned(r: &sqlx::postgres::PgRow) -> Result<CatalogEntry, StoreError> {
+    let mut entry = decode_entry(r.try_get::<&str, _>(0)?, r.try_get::<&[u8], _>(1)?)?;
+    entry.version = to_u64(r.try_get::<i64, _>(3)?);
+    Ok(entry)
+}
+
+/// The rows of `node`'s own entries with ids after `after_id`, by id, each at its row's version.
+pub(super) async fn own_entries(
+    pool: &PgPool,
+    node: &str,
+    after_id: &str,
+    limit: u32,
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let (above, below) = own_id_range(node, after_id);
+    let rows = sqlx::query(
+        "SELECT id, entry, withdrawn, version FROM catalog WHERE id > $1 AND id < $2 ORDER BY id LIMIT $3",
+    )
+    .bind(above)
+    .bind(below)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredEntry {
+                entry: versioned(r)?,
+                withdrawn: r.try_get::<bool, _>(2)?,
+            })
+        })
+        .collect()
 }
 
 /// Stores local entries under their next versions in one transaction.

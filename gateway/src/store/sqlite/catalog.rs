@@ -12,7 +12,7 @@ use super::{begin, read_cursor, write_cursor};
 use crate::catalog::{self, TOKENIZER_VERSION};
 use crate::store::{
     ApplyStep, CatalogHit, CatalogQuery, Page, StoreError, StoredEntry, Upstream, apply_steps,
-    decode_entry, fresh_items, to_i64, to_u64,
+    decode_entry, fresh_items, own_id_range, to_i64, to_u64,
 };
 
 /// Rows of one multi-row catalog upsert (7 binds each).
@@ -240,7 +240,7 @@ async fn versions(
 }
 
 /// Writes upserts of distinct ids, each only if newer than what is stored, and indexes those written.
-async fn upsert_rows(
+pub(super) async fn upsert_rows(
     tx: &mut Transaction<'_, Sqlite>,
     entries: &[&CatalogEntry],
 ) -> Result<(), StoreError> {
@@ -279,7 +279,7 @@ async fn upsert_rows(
 }
 
 /// Marks an entry withdrawn if the withdrawal is newer than what is stored, and drops it from the index.
-async fn withdraw(
+pub(super) async fn withdraw(
     tx: &mut Transaction<'_, Sqlite>,
     id: &str,
     version: u64,
@@ -315,15 +315,20 @@ async fn apply_changes(
     Ok(())
 }
 
-/// Appends payloads to the catalog outbox under the next positions, in order.
-async fn append_outbox(
+/// Appends payloads to the catalog outbox under the next positions, in order: after the outbox's head, or after
+/// the parent's acknowledgement when that is higher (after a recovery, positions continue after the parent's
+/// cursor even when nothing is queued above it).
+pub(super) async fn append_outbox(
     tx: &mut Transaction<'_, Sqlite>,
     payloads: &[Vec<u8>],
 ) -> Result<(), StoreError> {
-    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?")
-        .bind(Stream::Catalog as i32)
-        .fetch_one(&mut **tx)
-        .await?;
+    let head: i64 = sqlx::query_scalar(
+        "SELECT MAX(COALESCE((SELECT MAX(seq) FROM outbox WHERE stream = ?1), 0), \
+         COALESCE((SELECT seq FROM uplink_ack WHERE stream = ?1), 0))",
+    )
+    .bind(Stream::Catalog as i32)
+    .fetch_one(&mut **tx)
+    .await?;
     let mut seq = head;
     for chunk in payloads.chunks(ROWS) {
         let mut b: QueryBuilder<Sqlite> =
@@ -400,6 +405,90 @@ pub(super) async fn withdraw_local(
     forward(&mut tx, &[&change], upstream).await?;
     tx.commit().await?;
     Ok(Some(version))
+}
+
+/// Stores a withdrawn entry this node has no row of, as its parent holds it (a recovery taking it back), so that
+/// versions keep growing from there.
+pub(super) async fn insert_withdrawn(
+    tx: &mut Transaction<'_, Sqlite>,
+    entry: &CatalogEntry,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO catalog (id, node_code, provider_uscc, share_type, version, withdrawn, entry) \
+         VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(id) DO NOTHING",
+    )
+    .bind(entry.id.as_str())
+    .bind(entry.node_code.as_str())
+    .bind(entry.provider_uscc.as_str())
+    .bind(entry.share_type)
+    .bind(to_i64(entry.version))
+    .bind(entry.encode_to_vec())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The rows with these ids, inside a transaction, each at its row's version.
+pub(super) async fn rows_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    ids: &[&str],
+) -> Result<HashMap<String, StoredEntry>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS) {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, entry, withdrawn, version FROM catalog WHERE id IN (");
+        let mut list = b.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        b.push(")");
+        for r in b.build().fetch_all(&mut **tx).await? {
+            let id: String = r.get(0);
+            let entry = versioned(&r)?;
+            out.insert(
+                id,
+                StoredEntry {
+                    entry,
+                    withdrawn: r.get::<i64, _>(2) != 0,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The entry of a row of (id, entry, withdrawn, version) at the row's version (a withdrawal keeps the entry it
+/// withdrew under its own, later, version).
+fn versioned(r: &sqlx::sqlite::SqliteRow) -> Result<CatalogEntry, StoreError> {
+    let mut entry = decode_entry(r.get::<&str, _>(0), r.get::<&[u8], _>(1))?;
+    entry.version = to_u64(r.get::<i64, _>(3));
+    Ok(entry)
+}
+
+/// The rows of `node`'s own entries with ids after `after_id`, by id, each at its row's version.
+pub(super) async fn own_entries(
+    reader: &SqlitePool,
+    node: &str,
+    after_id: &str,
+    limit: u32,
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let (above, below) = own_id_range(node, after_id);
+    let rows = sqlx::query(
+        "SELECT id, entry, withdrawn, version FROM catalog WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+    )
+    .bind(above)
+    .bind(below)
+    .bind(i64::from(limit))
+    .fetch_all(reader)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredEntry {
+                entry: versioned(r)?,
+                withdrawn: r.get::<i64, _>(2) != 0,
+            })
+        })
+        .collect()
 }
 
 /// Applies a child's items above its cursor and advances the cursor.
