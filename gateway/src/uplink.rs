@@ -294,11 +294,14 @@ impl Uplink {
             items: BATCH,
             bytes: self.max_push_bytes,
         };
-        let lease = format!("uplink:{}", stream.as_str_name());
+        let lease = match stream {
+            Stream::Audit => "uplink:audit",
+            _ => "uplink:catalog",
+        };
         let status = self.status(stream);
         let mut channel = parent.channel.clone();
         loop {
-            match store.take_lease(&lease, &self.replica, LEASE_TTL).await {
+            match store.take_lease(lease, &self.replica, LEASE_TTL).await {
                 Ok(true) => {
                     if !status.leased.swap(true, Ordering::Relaxed) {
                         tracing::info!(stream = stream.as_str_name(), replica = %self.replica, "shipping this stream");
@@ -331,11 +334,11 @@ impl Uplink {
             let outcome = tokio::select! {
                 _ = shutdown.changed() => {
                     status.leased.store(false, Ordering::Relaxed);
-                    let _ = store.release_lease(&lease, &self.replica).await;
+                    let _ = store.release_lease(lease, &self.replica).await;
                     return;
                 }
                 res = session => res,
-                lost = hold_lease(store.as_ref(), &lease, &self.replica) => Err(lost),
+                lost = hold_lease(store.as_ref(), lease, &self.replica) => Err(lost),
             };
             status.connected.store(false, Ordering::Relaxed);
             if outcome.is_ok() {
@@ -347,7 +350,7 @@ impl Uplink {
                     "uplink interrupted; retrying in {:?}", backoff.wait);
                 // Another replica whose link works may take the stream meanwhile.
                 status.leased.store(false, Ordering::Relaxed);
-                let _ = store.release_lease(&lease, &self.replica).await;
+                let _ = store.release_lease(lease, &self.replica).await;
             }
             if let Err(SessionError::Stalled { .. }) = outcome {
                 // The connection may be the part that stopped answering: the next session opens another.
@@ -470,6 +473,15 @@ impl Uplink {
             acked = resp.applied_seq;
             status.acked.store(acked, Ordering::Relaxed);
             store.set_uplink_acked(stream, acked).await?;
+            // Another replica of this node that started meanwhile marked where the stream stood then: the parent
+            // now holds everything up to there from this node, so nothing was lost before it.
+            if store
+                .uplink_mark(stream)
+                .await?
+                .is_some_and(|m| acked >= m.head)
+            {
+                store.confirm_uplink(stream).await?;
+            }
             backoff.progressed();
             size.items = (size.items * 2).min(BATCH);
         }

@@ -537,7 +537,7 @@ async fn stream_holder(fed: &ProcessFederation, node: DivisionCode) -> Result<Me
     let began = Instant::now();
     loop {
         let store = PgStore::connect_existing(url).await?;
-        let holder = store.lease_holder("uplink:AUDIT").await?;
+        let holder = store.lease_holder("uplink:audit").await?;
         store.close().await;
         // A holder is named host/pid/nonce.
         let pid = holder.as_deref().and_then(|h| h.split('/').nth(1));
@@ -694,7 +694,7 @@ async fn exercise(
                     .await?;
                 let up = fed.start_node(holder).await?;
                 timings.notes.push(format!(
-                    "round {round}: city replica {holder} killed while shipping; {successor} took the streams                      over {took_over:.1?} later; {holder} listened {up:.1?} after restart"
+                    "round {round}: city replica {holder} killed while shipping; {successor} took the streams over {took_over:.1?} later; {holder} listened {up:.1?} after restart"
                 ));
                 load.wait_ok(load.ok() + 8).await?;
             }

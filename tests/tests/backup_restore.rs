@@ -305,11 +305,9 @@ async fn a_node_backed_up_under_traffic_comes_back_from_its_backup_in_a_fresh_di
     back_up_under_traffic_and_restore("fresh", false).await
 }
 
-// Needs the Join recovery built alongside (issue 11): after the restore the county's head is behind what the
-// city already holds of its streams; at Join it must take the city's records and items back and continue its
-// chain after them. Without it, the audit stream is refused for ever and forwarding never settles.
+// After the restore the county's head is behind what the city already holds of its streams; at Join it takes
+// the city's records and items back and continues its chain after them (the uplink's recovery).
 #[tokio::test]
-#[ignore = "needs the Join head comparison recovery"]
 async fn after_restoring_an_older_backup_the_province_holds_each_record_once() -> Result<()> {
     let _serial = SERIAL.lock().await;
     back_up_under_traffic_and_restore("older", true).await
@@ -483,9 +481,22 @@ async fn back_up_under_traffic_and_restore(
     if federation_checks {
         let own = AuditDump::read(&db).await?;
         let at_province = AuditDump::read(fed.db_path(code(PROVINCE))?).await?;
-        // Nothing written before the restore was given a second meaning: the chain continues the original.
-        assert_eq!(&own.chain(COUNTY)[..full.len()], full);
-        assert_eq!(at_province.chain(COUNTY), own.chain(COUNTY));
+        // Nothing written before the restore was given a second meaning: the chain continues the original. A
+        // record may be signed in one copy and not in another (a node signs its head late, and a restored node
+        // signs the head its backup left unsigned); its hash, which the chain links, is the same.
+        let unsigned = |rs: &[AuditRecord]| -> Vec<AuditRecord> {
+            rs.iter()
+                .map(|r| AuditRecord {
+                    signature: Vec::new(),
+                    ..r.clone()
+                })
+                .collect()
+        };
+        assert_eq!(unsigned(&own.chain(COUNTY)[..full.len()]), unsigned(&full));
+        assert_eq!(
+            unsigned(at_province.chain(COUNTY)),
+            unsigned(own.chain(COUNTY))
+        );
         at_province.verify(COUNTY, None)?;
         // Every entry published, also after the backup, is at the county and at the province, at its version.
         let county_store = SqliteStore::open_read_only(&db).await?;
