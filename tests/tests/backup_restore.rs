@@ -492,7 +492,7 @@ async fn back_up_under_traffic_and_restore(
                 })
                 .collect()
         };
-        assert_eq!(unsigned(&own.chain(COUNTY)[..full.len()]), unsigned(&full));
+        assert_eq!(unsigned(&own.chain(COUNTY)[..full.len()]), unsigned(full));
         assert_eq!(
             unsigned(at_province.chain(COUNTY)),
             unsigned(own.chain(COUNTY))
