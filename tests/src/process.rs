@@ -1290,6 +1290,39 @@ impl AuditDump {
     }
 }
 
+/// What is wrong with the records `node`'s store holds, against what every node of its subtree wrote
+/// (`dumps` holds every node's store): a count other than the sum of the subtree's chains, or records of a node
+/// outside the subtree.
+pub fn subtree_problems(
+    fed: &ProcessFederation,
+    dumps: &BTreeMap<DivisionCode, AuditDump>,
+    node: DivisionCode,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(dump) = dumps.get(&node) else {
+        return vec![format!("no dump of node {node}")];
+    };
+    let subtree = fed.subtree(node);
+    let expected: u64 = subtree
+        .iter()
+        .map(|n| dumps.get(n).map_or(0, |d| d.chain(n.as_str()).len() as u64))
+        .sum();
+    if dump.count != expected {
+        problems.push(format!(
+            "node {node} holds {} records; its subtree {subtree:?} wrote {expected}",
+            dump.count
+        ));
+    }
+    for held in dump.chains.keys() {
+        if !subtree.iter().any(|n| n.as_str() == held) {
+            problems.push(format!(
+                "node {node} holds records of node {held}, outside its subtree"
+            ));
+        }
+    }
+    problems
+}
+
 /// Verifies `records` as `node`'s whole chain from its first record to its end with [`ChainVerifier`] (with the
 /// pinned `key` if one is given) and returns the node's public key.
 pub fn verify_chain(node: &str, records: &[AuditRecord], key: Option<Vec<u8>>) -> Result<Vec<u8>> {
