@@ -133,8 +133,9 @@ fn scratch_dir(config: &NodeConfig, check: bool) -> Result<tempfile::TempDir> {
     }
 }
 
-/// How long the sessions of a node that has just stopped may take to leave its PostgreSQL database.
-const SESSIONS_END_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the sessions of a node that has just stopped (and of the checks just before) may take to leave its
+/// PostgreSQL database: a server under load ends a backend some time after its client closed the connection.
+const SESSIONS_END_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Refuses to restore under a running node: its listen address must be free, and no other session may be
 /// connected to its PostgreSQL database (replicas elsewhere).
