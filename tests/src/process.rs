@@ -945,6 +945,40 @@ impl ProcessFederation {
         self.path.clone()
     }
 
+    /// Ends a fault test: on success shuts the federation down and prints `passed` with the test's notes and the
+    /// outcome's summary; on failure prints the notes and the nodes' logs, keeps the files for inspection, and
+    /// returns the error.
+    pub async fn conclude(
+        mut self,
+        label: &str,
+        outcome: Result<String>,
+        notes: &[String],
+        passed: impl std::fmt::Display,
+    ) -> Result<()> {
+        match outcome {
+            Ok(summary) => {
+                self.shutdown().await?;
+                println!("{label}: passed {passed}");
+                for n in notes {
+                    println!("  {n}");
+                }
+                println!("  {summary}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{label}: failed ({passed})");
+                for n in notes {
+                    eprintln!("  {n}");
+                }
+                self.print_logs();
+                let path = self.keep_dir();
+                eprintln!("kept the federation's files in {}", path.display());
+                let _ = self.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Stops every running node with SIGTERM, leaves first, then the providers and relays.
     pub async fn shutdown(mut self) -> Result<()> {
         self.stop_all().await?;

@@ -488,38 +488,19 @@ async fn fault_test(fault: Fault, tag: &'static str) -> Result<()> {
     let outcome = tokio::time::timeout(TEST_BOUND, exercise(&mut fed, fault, tag, &mut timings))
         .await
         .unwrap_or_else(|_| Err(anyhow!("the test did not finish within {TEST_BOUND:?}")));
-    match outcome {
-        Ok(summary) => {
-            fed.shutdown().await?;
-            println!(
-                "{fault:?}: passed in {:.1?} (binary {:.1?}, federation up {:.1?}, load and faults {:.1?}, \
-                 settled {:.1?}, verified {:.1?})",
-                began.elapsed(),
-                timings.binary,
-                timings.federation_up,
-                timings.faults,
-                timings.settled,
-                timings.verified
-            );
-            for n in &timings.notes {
-                println!("  {n}");
-            }
-            println!("  {summary}");
-            Ok(())
-        }
-        Err(e) => {
-            eprintln!("{fault:?}: failed after {:.1?}", began.elapsed());
-            for n in &timings.notes {
-                eprintln!("  {n}");
-            }
-            fed.print_logs();
-            let path = fed.keep_dir();
-            eprintln!("kept the federation's files in {}", path.display());
-            let _ = fed.shutdown().await;
-            Err(e)
-        }
-    }
-    .and(drop_all(databases).await)
+    let passed = format!(
+        "after {:.1?} (binary {:.1?}, federation up {:.1?}, load and faults {:.1?}, settled {:.1?}, \
+         verified {:.1?})",
+        began.elapsed(),
+        timings.binary,
+        timings.federation_up,
+        timings.faults,
+        timings.settled,
+        timings.verified
+    );
+    fed.conclude(&format!("{fault:?}"), outcome, &timings.notes, passed)
+        .await
+        .and(drop_all(databases).await)
 }
 
 async fn drop_all(databases: Vec<ScratchDb>) -> Result<()> {

@@ -96,28 +96,13 @@ async fn run(loss: Loss) -> Result<()> {
     let outcome = tokio::time::timeout(TEST_BOUND, exercise(&mut fed, &mut world, loss))
         .await
         .unwrap_or_else(|_| Err(anyhow!("the test did not finish within {TEST_BOUND:?}")));
-    match outcome {
-        Ok(summary) => {
-            fed.shutdown().await?;
-            println!("{loss:?}: passed in {:.1?}", began.elapsed());
-            for n in &world.notes {
-                println!("  {n}");
-            }
-            println!("  {summary}");
-            Ok(())
-        }
-        Err(e) => {
-            eprintln!("{loss:?}: failed after {:.1?}", began.elapsed());
-            for n in &world.notes {
-                eprintln!("  {n}");
-            }
-            fed.print_logs();
-            let path = fed.keep_dir();
-            eprintln!("kept the federation's files in {}", path.display());
-            let _ = fed.shutdown().await;
-            Err(e)
-        }
-    }
+    fed.conclude(
+        &format!("{loss:?}"),
+        outcome,
+        &world.notes,
+        format_args!("after {:.1?}", began.elapsed()),
+    )
+    .await
 }
 
 /// What the test did, to check the federation against.
