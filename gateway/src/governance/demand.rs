@@ -348,7 +348,7 @@ impl Governance {
     /// One demand with its history: for the agency that filed it (through its node), the provider agency it is
     /// assigned to (through its node), or — `caller` absent — the province's operator.
     pub async fn demand(&self, caller: Option<&Vouched>, id: &str) -> Result<Demand> {
-        let d = self.held_demand(id).await?;
+        let mut d = self.held_demand(id).await?;
         if let Some(c) = caller
             && !is_party(&d, c)
         {
@@ -358,6 +358,14 @@ impl Governance {
                 excerpt(c.uscc()),
                 c.node()
             )));
+        }
+        if !d.resource_id.is_empty() {
+            d.entry = self
+                .store
+                .entry(&d.resource_id)
+                .await?
+                .filter(|s| !s.withdrawn)
+                .map(|s| s.entry);
         }
         Ok(d)
     }
@@ -618,6 +626,7 @@ impl Governance {
             }
             d.state = DemandState::Answered as i32;
             d.resource_id = entry.id.clone();
+            d.entry = Some(entry.clone());
             d.reason = req.note.clone();
             if req.note.is_empty() {
                 format!("answered with {}", entry.id)
@@ -641,7 +650,10 @@ impl Governance {
         if d.overdue {
             tracing::warn!(demand = %d.id, "demand answered after its deadline");
         }
+        // The entry is read from the catalog whenever the demand is: the stored demand keeps its id only.
+        let entry = d.entry.take();
         self.save_demand(&d).await?;
+        d.entry = entry;
         Ok(d)
     }
 
