@@ -35,6 +35,10 @@ use fedgate_proto::v1::{
 };
 use tonic::transport::Channel;
 
+mod demand;
+
+pub use demand::DemandCommand;
+
 /// Largest number of catalog pages `search` follows.
 const MAX_PAGES: usize = 100;
 
@@ -296,6 +300,12 @@ pub enum Command {
         /// The answer to the objector.
         #[arg(long)]
         resolution: String,
+    },
+    /// Data demands (supply–demand matching): file, list, show, answer, refuse.
+    Demand {
+        /// What to do.
+        #[command(subcommand)]
+        command: DemandCommand,
     },
 }
 
@@ -637,6 +647,7 @@ pub async fn run(args: AgencyArgs) -> Result<()> {
             print_objection(&objection);
             Ok(())
         }
+        Command::Demand { command } => demand::run(c, command).await,
     }
 }
 
