@@ -352,9 +352,7 @@ async fn report(path: PathBuf) -> Result<()> {
             o.id, o.resource_id, o.consumer_uscc, o.due_at
         );
     }
-    if !r.overdue_demands.is_empty() {
-        println!("overdue demands: {}", r.overdue_demands.len());
-    }
+    println!("overdue demands: {}", r.overdue_demands.len());
     for o in &r.overdue_demands {
         let d = o.demand.clone().unwrap_or_default();
         println!(

@@ -679,3 +679,120 @@ async fn demand_inputs_are_bounded_with_exact_codes() -> Result<()> {
     assert_eq!(ids, sorted);
     net.shutdown().await
 }
+
+/// The command lines an agency and the province's operator use, against `fedgate` node processes.
+#[tokio::test]
+async fn the_command_lines_file_assign_answer_and_report_a_demand() -> Result<()> {
+    use fedgate_tests::process::ProcessFederation;
+
+    let net = ProcessFederation::start(standard_topology()?, &[]).await?;
+    let county = net.consumer_at(code("350203"))?.uscc.to_string();
+    let provider = net.provider_at(code("350102"))?.uscc.to_string();
+    let agency = |uscc: &str, node: &str| -> Result<Vec<String>> {
+        Ok(vec![
+            "agency".into(),
+            "--node-addr".into(),
+            net.node_url(code(node))?,
+            "--node-code".into(),
+            node.into(),
+            "--ca".into(),
+            "pki/ca.crt".into(),
+            "--cert".into(),
+            format!("pki/agency-{uscc}.crt"),
+            "--key".into(),
+            format!("pki/agency-{uscc}.key"),
+            "demand".into(),
+        ])
+    };
+    let with = |mut base: Vec<String>, more: &[&str]| {
+        base.extend(more.iter().map(|s| (*s).to_owned()));
+        base
+    };
+    let province = net.config_path(code(PROVINCE))?.display().to_string();
+
+    let filed = net
+        .fedgate(with(
+            agency(&county, "350203")?,
+            &[
+                "file",
+                "--title",
+                "Elderly care subsidy recipients",
+                "--description",
+                "recipients by resident",
+                "--purpose",
+                "home-care visits",
+                "--legal-basis",
+                "Regulations on Elderly Care Services, art. 12",
+                "--fields",
+                "id_number,name",
+            ],
+        ))
+        .await?;
+    filed.expect_success()?;
+    assert!(
+        filed.stdout.contains("demand 350000-d-1"),
+        "{}",
+        filed.stdout
+    );
+    assert!(filed.stdout.contains("FILED"), "{}", filed.stdout);
+
+    let listed = net
+        .fedgate(["demand", "list", "--config", &province, "--state", "filed"])
+        .await?;
+    listed.expect_success()?;
+    assert!(listed.stdout.contains("350000-d-1"), "{}", listed.stdout);
+
+    net.fedgate([
+        "demand",
+        "assign",
+        "--config",
+        &province,
+        "350000-d-1",
+        "--provider",
+        &provider,
+        "--node",
+        "350102",
+    ])
+    .await?
+    .expect_success()?;
+
+    // Someone else's demand: the agency command exits with the refusal named.
+    let other = net
+        .fedgate(with(
+            agency(&county, "350203")?,
+            &["answer", "350000-d-1", "--resource", "350102:household"],
+        ))
+        .await?;
+    assert_ne!(other.code, Some(0));
+    assert!(
+        other.stderr.contains("PermissionDenied"),
+        "{}",
+        other.stderr
+    );
+
+    net.fedgate(with(
+        agency(&provider, "350102")?,
+        &["answer", "350000-d-1", "--resource", "350102:household"],
+    ))
+    .await?
+    .expect_success()?;
+    let shown = net
+        .fedgate(with(agency(&county, "350203")?, &["show", "350000-d-1"]))
+        .await?;
+    shown.expect_success()?;
+    assert!(shown.stdout.contains("ANSWERED"), "{}", shown.stdout);
+    assert!(
+        shown.stdout.contains("answered with: 350102:household"),
+        "{}",
+        shown.stdout
+    );
+
+    let report = net.fedgate(["report", "--config", &province]).await?;
+    report.expect_success()?;
+    assert!(
+        report.stdout.contains("overdue demands: 0"),
+        "{}",
+        report.stdout
+    );
+    net.shutdown().await
+}
