@@ -675,6 +675,51 @@ mod tests {
     }
 
     #[test]
+    fn demand_deadlines_count_working_days_and_are_bounded() {
+        let cal = WorkCalendar::new(&CalendarConfig {
+            holidays: (1..=7).map(|d| format!("2024-10-{d:02}")).collect(),
+            makeup_workdays: vec!["2024-09-29".into(), "2024-10-12".into()],
+            demand_assignment_days: 2,
+            demand_answer_days: 3,
+            ..CalendarConfig::default()
+        })
+        .unwrap();
+        // Filed Monday 09-30: 2 working days skip the holiday to 10-08 and 10-09.
+        let filed = datetime!(2024-09-30 10:00 +8);
+        assert_eq!(
+            cal.demand_assignment_deadline(filed),
+            datetime!(2024-10-10 00:00 +8)
+        );
+        // Assigned Friday 10-11: the make-up Saturday counts, then Monday and Tuesday.
+        assert_eq!(
+            cal.demand_answer_deadline(datetime!(2024-10-11 16:00 +8)),
+            datetime!(2024-10-16 00:00 +8)
+        );
+        for (setting, config) in [
+            (
+                "demand_assignment_days",
+                CalendarConfig {
+                    demand_assignment_days: 0,
+                    ..CalendarConfig::default()
+                },
+            ),
+            (
+                "demand_answer_days",
+                CalendarConfig {
+                    demand_answer_days: 31,
+                    ..CalendarConfig::default()
+                },
+            ),
+        ] {
+            let err = WorkCalendar::new(&config).unwrap_err();
+            assert!(
+                matches!(err, CalendarError::OutOfRange { setting: s, .. } if s == setting),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn out_of_range_settings_are_named() {
         let err = WorkCalendar::new(&CalendarConfig {
             approval_days: 11,

@@ -566,8 +566,8 @@ const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Stale entries named one by one in each scan's warnings; the rest are counted.
 const STALE_WARNINGS: u64 = 100;
 
-/// Once a minute, logs a warning for every application, objection and demand still open past its deadline and for the
-/// node's stale catalog entries, reading the store a page at a time.
+/// Once a minute, logs a warning for every application, objection and demand still open past its deadline and for
+/// the node's stale catalog entries, reading the store a page at a time.
 async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
