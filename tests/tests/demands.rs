@@ -796,3 +796,62 @@ async fn the_command_lines_file_assign_answer_and_report_a_demand() -> Result<()
     );
     net.shutdown().await
 }
+
+/// A node cannot answer for another node's agency: the province takes the answering agency only from the
+/// consumer assertion, which must carry that agency's certificate registered at the signing node.
+#[tokio::test]
+async fn a_node_cannot_answer_a_demand_for_another_nodes_agency() -> Result<()> {
+    use fedgate_tests::rogue::{RogueNode, assert_audited, now_ms};
+
+    let net = standard().await?;
+    let mut c = net.client(&net.consumer_at(code("350203"))?.uscc).await?;
+    let gulou = net.provider_at(code("350102"))?;
+    let d = c
+        .file_demand(demand("Marriage records"))
+        .await?
+        .into_inner();
+    operator(&net)?
+        .assign_demand(assign(&d.id, gulou.uscc.as_str(), "350102"))
+        .await?;
+
+    // Siming's node (350203) lies: it vouches in its own name for Gulou's provider agency, presenting that
+    // agency's (public) certificate, and answers with Gulou's entry.
+    let rogue = RogueNode::new(&net, "350203")?.presenting(&gulou.cert.cert_pem)?;
+    let mut xiamen = rogue.federation(&net, "350200").await?;
+    let req = answer(&d.id, "350102:household");
+    let mut env = rogue.envelope(
+        "rogue-answer",
+        ("", PROVINCE),
+        (gulou.uscc.as_str(), "350203"),
+    );
+    env.kind = fedgate_proto::v1::RequestKind::AnswerDemand as i32;
+    env.mode = 0;
+    env.assertion = Some(rogue.assert(&env, &prost::Message::encode_to_vec(&req), now_ms(&net))?);
+    refused(
+        xiamen.forward(RogueNode::forward(env, &req)).await,
+        Code::PermissionDenied,
+        "registered at node 350102, not at node 350203",
+    )?;
+    assert_audited(
+        &net,
+        PROVINCE,
+        "PERMISSION_DENIED",
+        "registered at node 350102, not at node 350203",
+    )
+    .await?;
+
+    // Signed honestly as its own agency, it is still not the assigned provider.
+    let own = net.consumer_at(code("350203"))?;
+    let rogue = RogueNode::new(&net, "350203")?.presenting(&own.cert.cert_pem)?;
+    let mut env = rogue.envelope("rogue-own", ("", PROVINCE), (own.uscc.as_str(), "350203"));
+    env.kind = fedgate_proto::v1::RequestKind::AnswerDemand as i32;
+    env.mode = 0;
+    env.assertion = Some(rogue.assert(&env, &prost::Message::encode_to_vec(&req), now_ms(&net))?);
+    refused(
+        xiamen.forward(RogueNode::forward(env, &req)).await,
+        Code::PermissionDenied,
+        "answered only by the provider agency assigned",
+    )?;
+    assert_eq!(state(&get(&mut c, &d.id).await?), DemandState::Assigned);
+    net.shutdown().await
+}
