@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fedgate/v1/common.proto",
         "fedgate/v1/audit.proto",
         "fedgate/v1/governance.proto",
+        "fedgate/v1/demand.proto",
         "fedgate/v1/federation.proto",
         "fedgate/v1/agency.proto",
         "fedgate/v1/provider.proto",

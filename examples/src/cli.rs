@@ -1,4 +1,4 @@
-//! The agency command line: catalog, shares in every mode, applications, grants and objections.
+//! The agency command line: catalog, shares in every mode, applications, grants, objections and data demands.
 //!
 //! [`AgencyArgs`] holds the connection flags and the subcommand; [`run`] connects to the node's
 //! `fedgate.v1.Agency` service and carries the subcommand out. The `agency-client` binary and `fedgate agency`
@@ -6,9 +6,9 @@
 //!
 //! As a consumer an agency searches the catalog, shows entries, requests data in every share mode (query,
 //! verify, statistics, bulk), applies for grants and files objections; as a provider it lists, approves and
-//! rejects applications, revokes grants and answers objections. Grants are kept in files holding the prost
-//! encoding of a `SignedGrant`: `apply`/`application --grant-out` write them, `--grant-file` sends one with a
-//! request.
+//! rejects applications, revokes grants and answers objections; `demand …` files, follows and answers data
+//! demands (see [`DemandCommand`]). Grants are kept in files holding the prost encoding of a `SignedGrant`:
+//! `apply`/`application --grant-out` write them, `--grant-file` sends one with a request.
 //!
 //! Like every TLS function of this crate, [`run`] needs the rustls ring provider installed (see the crate
 //! documentation).
@@ -34,6 +34,10 @@ use fedgate_proto::v1::{
     ShareType, SignedGrant, VerifyResult,
 };
 use tonic::transport::Channel;
+
+mod demand;
+
+pub use demand::DemandCommand;
 
 /// Largest number of catalog pages `search` follows.
 const MAX_PAGES: usize = 100;
@@ -296,6 +300,12 @@ pub enum Command {
         /// The answer to the objector.
         #[arg(long)]
         resolution: String,
+    },
+    /// Data demands (supply–demand matching): file, list, show, answer, refuse.
+    Demand {
+        /// What to do.
+        #[command(subcommand)]
+        command: DemandCommand,
     },
 }
 
@@ -637,6 +647,7 @@ pub async fn run(args: AgencyArgs) -> Result<()> {
             print_objection(&objection);
             Ok(())
         }
+        Command::Demand { command } => demand::run(c, command).await,
     }
 }
 

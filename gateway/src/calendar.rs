@@ -49,6 +49,10 @@ pub struct CalendarConfig {
     pub objection_days: u32,
     /// Working days a catalog entry has to be revised after its provider changed (default 7, allowed 1 to 30).
     pub catalog_revision_days: u32,
+    /// Working days the province's operator has to assign a filed demand (default 5, allowed 1 to 30).
+    pub demand_assignment_days: u32,
+    /// Working days an assigned provider has to answer a demand (default 10, allowed 1 to 30).
+    pub demand_answer_days: u32,
 }
 
 impl Default for CalendarConfig {
@@ -60,6 +64,8 @@ impl Default for CalendarConfig {
             approval_days: 5,
             objection_days: 5,
             catalog_revision_days: 7,
+            demand_assignment_days: 5,
+            demand_answer_days: 10,
         }
     }
 }
@@ -134,6 +140,10 @@ pub struct WorkCalendar {
     objection_days: u32,
     /// Deadline of a catalog revision, in working days.
     catalog_revision_days: u32,
+    /// Deadline of a demand's assignment, in working days.
+    demand_assignment_days: u32,
+    /// Deadline of a demand's answer, in working days.
+    demand_answer_days: u32,
 }
 
 impl Default for WorkCalendar {
@@ -147,6 +157,8 @@ impl Default for WorkCalendar {
             approval_days: config.approval_days,
             objection_days: config.objection_days,
             catalog_revision_days: config.catalog_revision_days,
+            demand_assignment_days: config.demand_assignment_days,
+            demand_answer_days: config.demand_answer_days,
         }
         .with_offset_hours(config.utc_offset_hours)
     }
@@ -165,6 +177,16 @@ impl WorkCalendar {
         check_days(
             "catalog_revision_days",
             config.catalog_revision_days,
+            OTHER_DAYS_RANGE,
+        )?;
+        check_days(
+            "demand_assignment_days",
+            config.demand_assignment_days,
+            OTHER_DAYS_RANGE,
+        )?;
+        check_days(
+            "demand_answer_days",
+            config.demand_answer_days,
             OTHER_DAYS_RANGE,
         )?;
 
@@ -196,6 +218,8 @@ impl WorkCalendar {
             approval_days: config.approval_days,
             objection_days: config.objection_days,
             catalog_revision_days: config.catalog_revision_days,
+            demand_assignment_days: config.demand_assignment_days,
+            demand_answer_days: config.demand_answer_days,
         }
         .with_offset_hours(config.utc_offset_hours))
     }
@@ -290,6 +314,26 @@ impl WorkCalendar {
     /// Deadline for answering an objection filed at `filed` ([`Self::objection_days`] working days).
     pub fn objection_deadline(&self, filed: OffsetDateTime) -> OffsetDateTime {
         self.add_working_days(filed, self.objection_days)
+    }
+
+    /// Working days a filed demand may wait for its assignment.
+    pub fn demand_assignment_days(&self) -> u32 {
+        self.demand_assignment_days
+    }
+
+    /// Working days an assigned demand may wait for its provider's answer.
+    pub fn demand_answer_days(&self) -> u32 {
+        self.demand_answer_days
+    }
+
+    /// Deadline for assigning a demand filed at `filed` ([`Self::demand_assignment_days`] working days).
+    pub fn demand_assignment_deadline(&self, filed: OffsetDateTime) -> OffsetDateTime {
+        self.add_working_days(filed, self.demand_assignment_days)
+    }
+
+    /// Deadline for answering a demand assigned at `assigned` ([`Self::demand_answer_days`] working days).
+    pub fn demand_answer_deadline(&self, assigned: OffsetDateTime) -> OffsetDateTime {
+        self.add_working_days(assigned, self.demand_answer_days)
     }
 
     /// Deadline for revising a catalog entry whose provider changed at `changed`.
@@ -628,6 +672,51 @@ mod tests {
             err.to_string().contains("makeup_workdays") && err.to_string().contains("29/09/2024"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn demand_deadlines_count_working_days_and_are_bounded() {
+        let cal = WorkCalendar::new(&CalendarConfig {
+            holidays: (1..=7).map(|d| format!("2024-10-{d:02}")).collect(),
+            makeup_workdays: vec!["2024-09-29".into(), "2024-10-12".into()],
+            demand_assignment_days: 2,
+            demand_answer_days: 3,
+            ..CalendarConfig::default()
+        })
+        .unwrap();
+        // Filed Monday 09-30: 2 working days skip the holiday to 10-08 and 10-09.
+        let filed = datetime!(2024-09-30 10:00 +8);
+        assert_eq!(
+            cal.demand_assignment_deadline(filed),
+            datetime!(2024-10-10 00:00 +8)
+        );
+        // Assigned Friday 10-11: the make-up Saturday counts, then Monday and Tuesday.
+        assert_eq!(
+            cal.demand_answer_deadline(datetime!(2024-10-11 16:00 +8)),
+            datetime!(2024-10-16 00:00 +8)
+        );
+        for (setting, config) in [
+            (
+                "demand_assignment_days",
+                CalendarConfig {
+                    demand_assignment_days: 0,
+                    ..CalendarConfig::default()
+                },
+            ),
+            (
+                "demand_answer_days",
+                CalendarConfig {
+                    demand_answer_days: 31,
+                    ..CalendarConfig::default()
+                },
+            ),
+        ] {
+            let err = WorkCalendar::new(&config).unwrap_err();
+            assert!(
+                matches!(err, CalendarError::OutOfRange { setting: s, .. } if s == setting),
+                "{err}"
+            );
+        }
     }
 
     #[test]

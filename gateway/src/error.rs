@@ -26,6 +26,9 @@ pub enum Error {
     /// Data arrived damaged or altered.
     #[error("{0}")]
     DataLoss(String),
+    /// The caller is over a quota (names it and its limit).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A status returned by a node or provider further along, passed back unchanged.
     #[error("{}", .0.message())]
     Upstream(Status),
@@ -58,6 +61,7 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::DataLoss(_) => Code::DataLoss,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Upstream(s) => s.code(),
             Error::Store(e) if e.is_busy() => Code::Unavailable,
             Error::Store(_) => Code::Internal,

@@ -20,6 +20,7 @@ use crate::ident::{DivisionCode, Peer, Uscc};
 use crate::statement::{NodeSigner, StatementError, StatementVerifier, Verified};
 use crate::store::{Doc, DocKind, DocQuery, Store};
 
+pub mod demand;
 mod scan;
 
 pub use scan::{REPORT_STALE_ENTRIES, SCAN_PAGE, update_period};
@@ -47,6 +48,8 @@ pub struct Governance {
     clock: Arc<dyn Clock>,
     audit: AuditLog,
     max_grant_secs: i64,
+    /// Demands one agency may have open at once (`limits.max_open_demands`).
+    max_open_demands: usize,
     /// Grant ids this node knows revoked: read from the store at the first check, then kept as revocations are
     /// recorded, so that no share waits on a store read for it.
     revoked: Arc<tokio::sync::OnceCell<dashmap::DashSet<String>>>,
@@ -128,6 +131,7 @@ impl Governance {
             clock,
             audit,
             max_grant_secs: DEFAULT_GRANT_SECS,
+            max_open_demands: crate::limits::LimitsConfig::default().max_open_demands,
             revoked: Arc::default(),
             opened: moka::sync::Cache::builder()
                 .max_capacity(OPENED_CAPACITY)
@@ -139,6 +143,12 @@ impl Governance {
     /// Governance whose grants run at most `days` days from their issue.
     pub fn with_max_grant_days(mut self, days: u32) -> Self {
         self.max_grant_secs = i64::from(days.max(1)) * 24 * 3600;
+        self
+    }
+
+    /// Governance under which one agency may have at most `n` demands open at once.
+    pub fn with_max_open_demands(mut self, n: usize) -> Self {
+        self.max_open_demands = n.max(1);
         self
     }
 

@@ -206,7 +206,8 @@ pub async fn start_with_clock(
         clock.clone(),
         audit_log.clone(),
     )
-    .with_max_grant_days(limits.max_grant_days);
+    .with_max_grant_days(limits.max_grant_days)
+    .with_max_open_demands(limits.max_open_demands);
     let clock_for_downlink = clock.clone();
     let assertions = Assertions::new(
         signer,
@@ -565,8 +566,8 @@ const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Stale entries named one by one in each scan's warnings; the rest are counted.
 const STALE_WARNINGS: u64 = 100;
 
-/// Once a minute, logs a warning for every application and objection still open past its deadline and for the
-/// node's stale catalog entries, reading the store a page at a time.
+/// Once a minute, logs a warning for every application, objection and demand still open past its deadline and for
+/// the node's stale catalog entries, reading the store a page at a time.
 async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
@@ -586,6 +587,15 @@ async fn warn_overdue(governance: Governance, mut shutdown: watch::Receiver<bool
                 }
             }
             Err(e) => tracing::error!(error = %e, "overdue scan failed"),
+        }
+        match governance.open_overdue_demands(SCAN_PAGE).await {
+            Ok(demands) => {
+                for d in &demands {
+                    tracing::warn!(demand = %d.id, consumer = %d.consumer_uscc, state = d.state,
+                        "demand is overdue: not assigned or answered within its deadline");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "overdue demand scan failed"),
         }
         let mut named = 0u64;
         let scanned = governance

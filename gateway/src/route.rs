@@ -481,6 +481,15 @@ impl Router {
                     0,
                 ))
             }
+            RequestKind::FileDemand
+            | RequestKind::GetDemand
+            | RequestKind::ListDemands
+            | RequestKind::AnswerDemand => Ok((
+                self.governance
+                    .serve_demand(kind, &consumer, request)
+                    .await?,
+                0,
+            )),
         }
     }
 

@@ -33,7 +33,7 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
-    /// Print a node's governance report: overdue applications and objections, stale catalog entries.
+    /// Print a node's governance report: overdue applications, objections and demands, stale catalog entries.
     Report {
         /// Path of the node's configuration (its TLS files identify the operator).
         #[arg(long, short)]
@@ -44,6 +44,11 @@ enum Command {
         /// Path of the node's configuration (its TLS files identify the operator).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// At the province: list, show and assign data demands (supply–demand matching).
+    Demand {
+        #[command(subcommand)]
+        cmd: crate::demand_cmd::DemandCmd,
     },
     /// Verify, export or query a node's audit trail.
     Audit {
@@ -95,6 +100,7 @@ impl Cli {
                 Command::Report { config } => report(config).await,
                 Command::Status { config } => status(config).await,
                 Command::Audit { cmd } => crate::audit_cmd::run(cmd).await,
+                Command::Demand { cmd } => crate::demand_cmd::run(cmd).await,
                 Command::Certs {
                     out,
                     nodes,
@@ -263,7 +269,7 @@ pub(crate) fn load_config(path: &std::path::Path) -> Result<NodeConfig> {
 }
 
 /// A client of the Operator service of the node configured in `path`, using the node's own certificate.
-async fn operator_client(
+pub(crate) async fn operator_client(
     path: &std::path::Path,
 ) -> Result<(
     fedgate_gateway::ident::DivisionCode,
@@ -344,6 +350,23 @@ async fn report(path: PathBuf) -> Result<()> {
         println!(
             "  {}  {}  by {}  due {}",
             o.id, o.resource_id, o.consumer_uscc, o.due_at
+        );
+    }
+    println!("overdue demands: {}", r.overdue_demands.len());
+    for o in &r.overdue_demands {
+        let d = o.demand.clone().unwrap_or_default();
+        println!(
+            "  {}  by {}@{}  provider {}  {}  due {}",
+            d.id,
+            d.consumer_uscc,
+            d.consumer_node,
+            if d.provider_uscc.is_empty() {
+                "-"
+            } else {
+                d.provider_uscc.as_str()
+            },
+            o.reason,
+            o.due_at
         );
     }
     println!("stale catalog entries: {}", r.stale_count);

@@ -4,6 +4,7 @@
 pub mod audit_cmd;
 pub mod backup;
 pub mod cli;
+pub mod demand_cmd;
 pub mod demo;
 pub mod devnet;
 pub mod exit;

@@ -21,6 +21,7 @@ use fedgate_gateway::tls::{TlsMaterial, client_tls};
 pub use fedgate_node::devnet::{Devnet, NodeSpec, ProviderSpec};
 use fedgate_proto::v1::federation_client::FederationClient;
 use fedgate_proto::v1::open_data_client::OpenDataClient;
+use fedgate_proto::v1::operator_client::OperatorClient;
 use fedgate_proto::v1::{AuditRecord, PublishEntryRequest, ShareMode, ShareRequest, ShareType};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -173,6 +174,30 @@ pub async fn federation_client(
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     Ok(FederationClient::new(channel))
+}
+
+/// An Operator client of `node` presenting `cert` (the node's own certificate makes it the node's operator).
+pub fn operator_client_with(
+    net: &Devnet,
+    node: &str,
+    cert: &IssuedCert,
+) -> Result<OperatorClient<Channel>> {
+    let tls = TlsMaterial {
+        ca_pem: net.ca().ca_pem(),
+        cert_pem: cert.cert_pem.clone(),
+        key_pem: cert.key_pem.clone(),
+    };
+    let channel = Endpoint::from_shared(net.node_url(code(node))?)?
+        .tls_config(client_tls(&tls, &Peer::Node(code(node))))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(OperatorClient::new(channel))
+}
+
+/// The operator of `node`: an Operator client presenting a certificate of the node's own identity.
+pub fn operator_client(net: &Devnet, node: &str) -> Result<OperatorClient<Channel>> {
+    let cert = net.ca().issue(&Peer::Node(code(node)), &[])?;
+    operator_client_with(net, node, &cert)
 }
 
 /// A client of the root's public open-data endpoint (TLS, no client certificate).

@@ -94,6 +94,8 @@ async fn random_and_mutated_bodies_never_crash_hang_or_answer_internal() -> Resu
     let own_cert = net.ca().issue(&Peer::Node(fuzhou), &[])?;
     let operator = RawChannel::node(&net, "350100", &own_cert)?;
     let public = RawChannel::open_data(&net)?;
+    let province_cert = net.ca().issue(&Peer::Node(code("350000")), &[])?;
+    let province_operator = RawChannel::node(&net, "350000", &province_cert)?;
 
     let share = query("350100:household", &key, &[]).encode_to_vec();
     let mut bulk = query("350100:household", "", &[]);
@@ -264,6 +266,84 @@ async fn random_and_mutated_bodies_never_crash_hang_or_answer_internal() -> Resu
                 .encode_to_vec(),
             ],
         ),
+        a(
+            "/fedgate.v1.Agency/FileDemand",
+            vec![
+                fedgate_proto::v1::FileDemandRequest {
+                    title: "fuzz".into(),
+                    description: "fuzz".into(),
+                    purpose: "fuzz".into(),
+                    legal_basis: "fuzz".into(),
+                    fields: vec!["name".into()],
+                    share_type: 0,
+                }
+                .encode_to_vec(),
+            ],
+        ),
+        a(
+            "/fedgate.v1.Agency/GetDemand",
+            vec![
+                fedgate_proto::v1::GetDemandRequest {
+                    id: "350000-d-1".into(),
+                }
+                .encode_to_vec(),
+            ],
+        ),
+        a(
+            "/fedgate.v1.Agency/ListDemands",
+            vec![
+                fedgate_proto::v1::ListDemandsRequest {
+                    page_size: 5,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ],
+        ),
+        a(
+            "/fedgate.v1.Agency/AnswerDemand",
+            vec![
+                fedgate_proto::v1::AnswerDemandRequest {
+                    demand_id: "350000-d-1".into(),
+                    resource_id: "350100:household".into(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ],
+        ),
+        Target {
+            channel: province_operator.clone(),
+            path: "/fedgate.v1.Operator/AssignDemand",
+            seeds: vec![
+                fedgate_proto::v1::AssignDemandRequest {
+                    demand_id: "350000-d-1".into(),
+                    provider_uscc: provider.uscc.to_string(),
+                    provider_node: "350100".into(),
+                    note: "fuzz".into(),
+                }
+                .encode_to_vec(),
+            ],
+        },
+        Target {
+            channel: province_operator.clone(),
+            path: "/fedgate.v1.Operator/ListDemands",
+            seeds: vec![
+                fedgate_proto::v1::OperatorListDemandsRequest {
+                    page_size: 5,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ],
+        },
+        Target {
+            channel: province_operator.clone(),
+            path: "/fedgate.v1.Operator/GetDemand",
+            seeds: vec![
+                fedgate_proto::v1::GetDemandRequest {
+                    id: "350000-d-1".into(),
+                }
+                .encode_to_vec(),
+            ],
+        },
         Target {
             channel: federation.clone(),
             path: "/fedgate.v1.Federation/Join",

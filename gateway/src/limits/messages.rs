@@ -1,6 +1,9 @@
 //! The limits of each message a node accepts, checked at the edge before any work.
 
 use fedgate_proto::v1::{
+    AnswerDemandRequest, FileDemandRequest, GetDemandRequest, ListDemandsRequest,
+};
+use fedgate_proto::v1::{
     ApplyRequest, AuditOperation, AuditRecord, CatalogEntry, DecideRequest, DownloadRequest,
     Envelope, FileObjectionRequest, ForwardRequest, GetApplicationRequest, GetEntryRequest,
     GetObjectionRequest, InvalidationNotice, JoinRequest, ListDatasetsRequest,
@@ -501,6 +504,10 @@ pub fn check_forward(req: &ForwardRequest, l: &LimitsConfig, target_here: bool) 
         Ok(RequestKind::GetApplication) => inner::<GetApplicationRequest>(&req.request, l),
         Ok(RequestKind::Objection) => inner::<FileObjectionRequest>(&req.request, l),
         Ok(RequestKind::GetObjection) => inner::<GetObjectionRequest>(&req.request, l),
+        Ok(RequestKind::FileDemand) => inner::<FileDemandRequest>(&req.request, l),
+        Ok(RequestKind::GetDemand) => inner::<GetDemandRequest>(&req.request, l),
+        Ok(RequestKind::ListDemands) => inner::<ListDemandsRequest>(&req.request, l),
+        Ok(RequestKind::AnswerDemand) => inner::<AnswerDemandRequest>(&req.request, l),
         Err(_) => Ok(()),
     }
     .map_err(|e| match e {

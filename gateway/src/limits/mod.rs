@@ -4,6 +4,7 @@
 //!
 //! The limits and their defaults are listed in `docs/security.md`.
 
+mod demand;
 mod guard;
 mod messages;
 
@@ -101,6 +102,10 @@ pub struct LimitsConfig {
     pub max_push_bytes: usize,
     /// Bytes of the entries of one catalog search page (kept under a client's 4 MiB default).
     pub max_page_bytes: usize,
+    /// Demands of one listing page.
+    pub max_demand_page: u32,
+    /// Demands one agency may have open (filed or assigned) at the province at once.
+    pub max_open_demands: usize,
 }
 
 impl Default for LimitsConfig {
@@ -137,6 +142,8 @@ impl Default for LimitsConfig {
             max_message_bytes: 4 * 1024 * 1024,
             max_push_bytes: 3 * 1024 * 1024,
             max_page_bytes: 3 * 1024 * 1024,
+            max_demand_page: 200,
+            max_open_demands: 100,
         }
     }
 }
@@ -161,6 +168,8 @@ impl LimitsConfig {
             ("max_grant_days", self.max_grant_days as usize),
             ("max_push_bytes", self.max_push_bytes),
             ("max_page_bytes", self.max_page_bytes),
+            ("max_demand_page", self.max_demand_page as usize),
+            ("max_open_demands", self.max_open_demands),
         ];
         if let Some((key, _)) = zero.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{key} must be at least 1"));

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use fedgate_proto::v1::agency_server::Agency;
 use fedgate_proto::v1::{
+    AnswerDemandRequest, Demand, FileDemandRequest, GetDemandRequest, ListDemandsRequest,
+    ListDemandsResponse,
+};
+use fedgate_proto::v1::{
     Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
     DecideRequest, Envelope, FileObjectionRequest, GetApplicationRequest, GetEntryRequest,
     GetObjectionRequest, Grant, Hop, ListApplicationsRequest, ListApplicationsResponse,
@@ -30,6 +34,8 @@ use crate::route::{Router, action};
 use crate::store::{Store, Upstream};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
+
+mod demand;
 
 /// Characters a bulk page adds to the caller's request id ("-p" and the page number).
 const PAGE_SUFFIX: usize = 22;
@@ -856,6 +862,48 @@ impl Agency for AgencyService {
             self.router
                 .governance()
                 .resolve_objection(&uscc, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn file_demand(
+        &self,
+        req: Request<FileDemandRequest>,
+    ) -> Result<Response<Demand>, Status> {
+        let uscc = self.admitted(&req, "FileDemand").await?;
+        let r = req.into_inner().encode_to_vec();
+        Ok(Response::new(
+            self.to_province(&uscc, RequestKind::FileDemand, r).await?,
+        ))
+    }
+
+    async fn get_demand(&self, req: Request<GetDemandRequest>) -> Result<Response<Demand>, Status> {
+        let uscc = self.admitted(&req, "GetDemand").await?;
+        let r = req.into_inner().encode_to_vec();
+        Ok(Response::new(
+            self.to_province(&uscc, RequestKind::GetDemand, r).await?,
+        ))
+    }
+
+    async fn list_demands(
+        &self,
+        req: Request<ListDemandsRequest>,
+    ) -> Result<Response<ListDemandsResponse>, Status> {
+        let uscc = self.admitted(&req, "ListDemands").await?;
+        let r = req.into_inner().encode_to_vec();
+        Ok(Response::new(
+            self.to_province(&uscc, RequestKind::ListDemands, r).await?,
+        ))
+    }
+
+    async fn answer_demand(
+        &self,
+        req: Request<AnswerDemandRequest>,
+    ) -> Result<Response<Demand>, Status> {
+        let uscc = self.admitted(&req, "AnswerDemand").await?;
+        let r = req.into_inner().encode_to_vec();
+        Ok(Response::new(
+            self.to_province(&uscc, RequestKind::AnswerDemand, r)
                 .await?,
         ))
     }

@@ -4,6 +4,9 @@ use std::sync::Arc;
 
 use fedgate_proto::v1::operator_server::Operator;
 use fedgate_proto::v1::{
+    AssignDemandRequest, Demand, GetDemandRequest, ListDemandsResponse, OperatorListDemandsRequest,
+};
+use fedgate_proto::v1::{
     AuditOperation, GovernanceReport, OperatorAuditRequest, QueryAuditResponse, ReportRequest,
     Stream, StreamStatus, UplinkStatusRequest, UplinkStatusResponse,
 };
@@ -14,6 +17,7 @@ use crate::audit::{self, AuditLog};
 use crate::catalog::subtree_prefix;
 use crate::error::Error;
 use crate::governance::Governance;
+use crate::governance::demand::{DemandListing, DemandReader};
 use crate::ident::{DivisionCode, Peer, Uscc};
 use crate::limits::{Bounded, LimitsConfig};
 use crate::store::Store;
@@ -55,6 +59,23 @@ impl OperatorService {
         self
     }
 
+    /// The operator, with a message within the limits; a refusal is audited.
+    async fn admitted<T: Bounded>(&self, req: &Request<T>, rpc: &str) -> Result<(), Status> {
+        self.operator(req, rpc).await?;
+        if let Err(e) = req.get_ref().check_limits(&self.limits) {
+            let r = crate::limits::refusal(
+                Peer::Node(self.node).to_uri(),
+                &format!("Operator.{rpc}"),
+                &e,
+            );
+            if let Err(err) = self.audit.record(r).await {
+                tracing::error!(error = %err, "refusal not audited");
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     async fn operator<T>(&self, req: &Request<T>, rpc: &str) -> Result<(), Status> {
         let (actor, err) = match caller(req) {
             Ok(Peer::Node(code)) if code == self.node => return Ok(()),
@@ -92,6 +113,7 @@ impl Operator for OperatorService {
             stale_entries,
             generated_at: self.governance.clock().unix(),
             stale_count,
+            overdue_demands: self.governance.overdue_demands().await?,
         }))
     }
 
@@ -165,6 +187,48 @@ impl Operator for OperatorService {
         let q = r.query.unwrap_or_default();
         Ok(Response::new(
             audit_query(self.store.as_ref(), &q, party, None, node_prefix).await?,
+        ))
+    }
+
+    async fn assign_demand(
+        &self,
+        req: Request<AssignDemandRequest>,
+    ) -> Result<Response<Demand>, Status> {
+        self.admitted(&req, "AssignDemand").await?;
+        Ok(Response::new(
+            self.governance
+                .assign_demand(self.node, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn list_demands(
+        &self,
+        req: Request<OperatorListDemandsRequest>,
+    ) -> Result<Response<ListDemandsResponse>, Status> {
+        self.admitted(&req, "ListDemands").await?;
+        let r = req.into_inner();
+        let agency = if r.agency.is_empty() {
+            None
+        } else {
+            Some(
+                r.agency
+                    .parse::<Uscc>()
+                    .map_err(|e| Error::InvalidArgument(format!("agency: {e}")))?,
+            )
+        };
+        let listing = DemandListing::new(r.state, r.overdue_only, r.page_size, r.page_token)?;
+        Ok(Response::new(
+            self.governance
+                .list_demands(&DemandReader::Operator(agency), listing)
+                .await?,
+        ))
+    }
+
+    async fn get_demand(&self, req: Request<GetDemandRequest>) -> Result<Response<Demand>, Status> {
+        self.admitted(&req, "GetDemand").await?;
+        Ok(Response::new(
+            self.governance.demand(None, &req.get_ref().id).await?,
         ))
     }
 }

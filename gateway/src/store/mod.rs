@@ -295,6 +295,8 @@ pub enum DocKind {
     Revocation,
     /// An `Objection`.
     Objection,
+    /// A `Demand` (held at the province).
+    Demand,
 }
 
 impl DocKind {
@@ -305,6 +307,7 @@ impl DocKind {
             DocKind::Grant => "grant",
             DocKind::Revocation => "revocation",
             DocKind::Objection => "objection",
+            DocKind::Demand => "demand",
         }
     }
 }
