@@ -212,7 +212,9 @@ impl ChangeLog {
             if name == "id_number" {
                 continue;
             }
-            let v = v.as_str().ok_or_else(|| format!("upsert: {name} must be a string"))?;
+            let v = v
+                .as_str()
+                .ok_or_else(|| format!("upsert: {name} must be a string"))?;
             set_field(&mut person, name, v).map_err(|e| format!("upsert: {e}"))?;
         }
         self.upsert(registry, person);
