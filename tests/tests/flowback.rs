@@ -531,3 +531,128 @@ async fn a_relay_can_neither_forge_nor_alter_a_batch() -> Result<()> {
     .await?;
     net.shutdown().await
 }
+
+/// Reads every item of `id` from the start, waiting until `total` came.
+async fn read_all(
+    fed: &fedgate_tests::process::ProcessFederation,
+    uscc: &fedgate_gateway::ident::Uscc,
+    id: &str,
+    total: usize,
+) -> Result<Read> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        // Each attempt on a fresh connection: the node may have just restarted.
+        let attempt = async {
+            let mut c = fed.client(uscc).await?;
+            read(&mut c, id, 0, total, Duration::from_secs(20)).await
+        };
+        match attempt.await {
+            Ok(r) if r.items.len() >= total => return Ok(r),
+            Ok(r) => bail!("stream of {id} ended after {} items", r.items.len()),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "subscription not complete yet");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[tokio::test]
+async fn changes_cross_a_parent_outage_and_sigkills_of_the_intermediate_and_the_provider_node_exactly_once()
+-> Result<()> {
+    use fedgate_tests::process::ProcessFederation;
+    fedgate_tests::init();
+    let provider_spec = fedgate_node::devnet::ProviderSpec {
+        household: ShareType::Unconditional,
+        marriage: ShareType::Conditional,
+        persons: PERSONS,
+        seed: 7,
+    };
+    let mut fed = ProcessFederation::start_configured(
+        vec![
+            NodeSpec::new("350000")?.provider(2, "province provider", provider_spec)?,
+            NodeSpec::new("350100")?,
+            NodeSpec::new("350102")?.consumer(1, "Gulou consumer")?,
+        ],
+        &[],
+        &|c| {
+            c.flowback.poll_ms = 50;
+            c.flowback.max_batch_items = 16;
+            c.flowback.call_timeout_ms = 2000;
+        },
+    )
+    .await?;
+    let consumer = fed.consumer_at(code("350102"))?.uscc.clone();
+    let p = fed
+        .provider_at(code("350000"))?
+        .provider
+        .clone()
+        .context("provider in this process")?;
+    let id_of = |i: usize| -> Result<String> {
+        Ok(p.registry().sample_id(i).context("registry")?.to_owned())
+    };
+    let mut c = fed.client(&consumer).await?;
+    let grant = bulk_grant(&mut c, RESOURCE, &FIELDS).await?;
+    let sub = subscribe(&mut c, RESOURCE, &grant, &FIELDS).await?;
+    read(&mut c, &sub.id, 0, PERSONS, WAIT).await?;
+    drop(c);
+
+    // The subscriber's parent goes away; changes made meanwhile wait at the province.
+    fed.terminate(code("350100")).await?;
+    for i in 0..5 {
+        assert!(p.edit(&id_of(i)?, |r| r.household_no = format!("OUTAGE-{i}")));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fed.start_node(code("350100")).await?;
+    read_all(&fed, &consumer, &sub.id, PERSONS + 5).await?;
+
+    // The intermediate node is killed while changes keep coming.
+    for i in 5..10 {
+        assert!(p.edit(&id_of(i)?, |r| r.household_no = format!("KILL-{i}")));
+    }
+    fed.kill9(code("350100")).await?;
+    for i in 10..15 {
+        assert!(p.edit(&id_of(i)?, |r| r.household_no = format!("KILL-{i}")));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fed.start_node(code("350100")).await?;
+    read_all(&fed, &consumer, &sub.id, PERSONS + 15).await?;
+
+    // The province's node itself is killed between changes: its outbox and provider position commit together.
+    for i in 15..18 {
+        assert!(p.edit(&id_of(i)?, |r| r.household_no = format!("KILL-{i}")));
+    }
+    fed.kill9(code("350000")).await?;
+    for i in 18..20 {
+        assert!(p.edit(&id_of(i)?, |r| r.household_no = format!("KILL-{i}")));
+    }
+    fed.start_node(code("350000")).await?;
+    let all = read_all(&fed, &consumer, &sub.id, PERSONS + 20).await?;
+    assert_consecutive(0, &all.items)?;
+    let changes: Vec<&str> = all.items[PERSONS..]
+        .iter()
+        .filter_map(|i| upsert_value(i, "household_no"))
+        .collect();
+    let expected: Vec<String> = (0..20)
+        .map(|i| {
+            if i < 5 {
+                format!("OUTAGE-{i}")
+            } else {
+                format!("KILL-{i}")
+            }
+        })
+        .collect();
+    assert_eq!(changes, expected, "each change once, in order");
+    // Nothing more arrives than was changed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = read_all(&fed, &consumer, &sub.id, PERSONS + 20).await?;
+    assert_eq!(again.items.len(), PERSONS + 20);
+    let mut c = fed.client(&consumer).await?;
+    let listed = c
+        .list_subscriptions(ListSubscriptionsRequest::default())
+        .await?
+        .into_inner()
+        .subscriptions;
+    assert_eq!(listed[0].received_seq, PERSONS as u64 + 20);
+    fed.shutdown().await
+}
