@@ -78,17 +78,18 @@ impl Flowback {
                     .as_str_name()
             )));
         }
-        if req.purpose.trim().is_empty() {
-            return Err(Error::InvalidArgument(
-                "purpose: a subscription states its business purpose".into(),
-            ));
-        }
+        // A subscription stating no purpose of its own runs under the grant's.
+        let purpose = if req.purpose.trim().is_empty() {
+            grant.purpose.clone()
+        } else {
+            req.purpose.clone()
+        };
         Ok(ShareRequest {
             request_id: uuid::Uuid::new_v4().to_string(),
             resource_id: req.resource_id.clone(),
             mode: ShareMode::Bulk as i32,
             fields: req.fields.clone(),
-            purpose: req.purpose.clone(),
+            purpose,
             grant: Some(signed.clone()),
             ..Default::default()
         })
