@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail, ensure};
 use fedgate_gateway::catalog::terms;
 use fedgate_gateway::store::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, Doc, DocKind, DocQuery,
-    FlowSide, OutboxItem, PgStore, Recovered, SqliteStore, Store, StoreError, StoredEntry, UplinkMark,
-    Upstream,
+    FlowSide, OutboxItem, PgStore, Recovered, SqliteStore, Store, StoreError, StoredEntry,
+    UplinkMark, Upstream,
 };
 use fedgate_proto::v1::{
     AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
@@ -3050,7 +3050,10 @@ async fn flow_outbox_appends_after_its_head_with_its_state_and_snapshot(
         )
         .await?;
     ensure!(head == 2, "{head}");
-    let doc = store.doc(DocKind::Subscription, id).await?.context("stored")?;
+    let doc = store
+        .doc(DocKind::Subscription, id)
+        .await?
+        .context("stored")?;
     ensure!(doc.body == b"position 3" && doc.state == 1);
 
     // A writer that believes the head is elsewhere changes nothing.
@@ -3061,7 +3064,10 @@ async fn flow_outbox_appends_after_its_head_with_its_state_and_snapshot(
         Err(StoreError::FlowMoved { head: 2, .. }) => {}
         other => bail!("expected FlowMoved at 2, got {other:?}"),
     }
-    let doc = store.doc(DocKind::Subscription, id).await?.context("stored")?;
+    let doc = store
+        .doc(DocKind::Subscription, id)
+        .await?
+        .context("stored")?;
     ensure!(doc.body == b"position 3", "the state stayed");
     ensure!(store.flow_head(FlowSide::Outbox, id).await? == 2);
 
@@ -3079,9 +3085,18 @@ async fn flow_outbox_appends_after_its_head_with_its_state_and_snapshot(
         items == vec![(2, b"b".to_vec()), (3, b"c".to_vec())],
         "{items:?}"
     );
-    ensure!(store.flow_items(FlowSide::Outbox, id, 0, 1).await?.len() == 1, "limit");
-    ensure!(store.flow_head(FlowSide::Inbox, id).await? == 0, "sides apart");
-    ensure!(store.flow_head(FlowSide::Outbox, "350000-s-2").await? == 0, "subscriptions apart");
+    ensure!(
+        store.flow_items(FlowSide::Outbox, id, 0, 1).await?.len() == 1,
+        "limit"
+    );
+    ensure!(
+        store.flow_head(FlowSide::Inbox, id).await? == 0,
+        "sides apart"
+    );
+    ensure!(
+        store.flow_head(FlowSide::Outbox, "350000-s-2").await? == 0,
+        "subscriptions apart"
+    );
     let snapshot = store.flow_snapshot(id, "", 10).await?;
     ensure!(snapshot == vec![("k2".to_owned(), vec![9])], "{snapshot:?}");
     store
@@ -3093,7 +3108,10 @@ async fn flow_outbox_appends_after_its_head_with_its_state_and_snapshot(
         )
         .await?;
     let page = store.flow_snapshot(id, "k0", 1).await?;
-    ensure!(page == vec![("k2".to_owned(), vec![9])], "keyset page: {page:?}");
+    ensure!(
+        page == vec![("k2".to_owned(), vec![9])],
+        "keyset page: {page:?}"
+    );
 
     // Two writers at the same head: exactly one appends.
     let (doc_a, doc_b) = (subscription_doc(id, 1, b"a"), subscription_doc(id, 1, b"b"));
