@@ -38,6 +38,9 @@ use tonic::transport::Channel;
 mod demand;
 
 pub use demand::DemandCommand;
+mod flowback;
+
+pub use flowback::FlowbackCommand;
 
 /// Largest number of catalog pages `search` follows.
 const MAX_PAGES: usize = 100;
@@ -104,6 +107,9 @@ impl From<Mode> for ShareMode {
 /// What an agency can do at its node.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
+    /// Flow-back subscriptions (subscribe, subscriptions, read-subscription).
+    #[command(flatten)]
+    Flowback(FlowbackCommand),
     /// Searches the node's subtree catalog.
     Search {
         /// Words that must all occur in the title or summary.
@@ -383,6 +389,7 @@ pub async fn run(args: AgencyArgs) -> Result<()> {
         })?;
     let c = &mut client;
     match args.command {
+        Command::Flowback(command) => flowback::run(c, command).await,
         Command::Search { text, node } => search(c, text, node).await,
         Command::Get { resource_id } => get(c, resource_id).await,
         Command::Share {

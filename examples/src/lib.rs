@@ -6,6 +6,7 @@
 //!
 //! - [`registry`]: the deterministic synthetic dataset, with valid GB 11643 ID numbers;
 //! - [`catalog`]: the catalog entries the agency publishes for it;
+//! - [`changelog`]: changes to the registry after generation and the change log `Provider.Changes` answers;
 //! - [`provider`]: the `fedgate.v1.Provider` service its node fetches records, counts and export pages from,
 //!   over mutual TLS;
 //! - [`client`]: connecting to the node's `fedgate.v1.Agency` service, publishing entries, and the grant files
@@ -23,6 +24,7 @@
 //! ```
 
 pub mod catalog;
+pub mod changelog;
 pub mod cli;
 pub mod client;
 pub mod provider;

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use fedgate_proto::v1::provider_server::{Provider, ProviderServer};
 use fedgate_proto::v1::{
-    AggregateRequest, AggregateResponse, Dimension, ExportRequest, ExportResponse, FetchRequest,
-    FetchResponse, StatGroup,
+    AggregateRequest, AggregateResponse, ChangesRequest, ChangesResponse, Dimension, ExportRequest,
+    ExportResponse, FetchRequest, FetchResponse, StatGroup,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::changelog::ChangeLog;
 use crate::registry::{KEY_FIELD, Registry, Resource};
 
 /// URI SAN prefix of node certificates.
@@ -41,6 +42,7 @@ pub struct RegistryProvider {
     node_code: String,
     latency: Duration,
     received: Arc<AtomicU64>,
+    changes: Arc<ChangeLog>,
 }
 
 impl RegistryProvider {
@@ -51,6 +53,7 @@ impl RegistryProvider {
             node_code: node_code.into(),
             latency: Duration::ZERO,
             received: Arc::new(AtomicU64::new(0)),
+            changes: Arc::default(),
         }
     }
 
@@ -74,9 +77,42 @@ impl RegistryProvider {
         }
     }
 
-    /// The registry this provider serves.
+    /// The registry this provider serves, as generated (see [`RegistryProvider::changes`] for what changed).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The registry shared with the provider's clones.
+    pub fn shared_registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// The changes made to the registry since it was generated, which every answer reflects.
+    pub fn changes(&self) -> &Arc<ChangeLog> {
+        &self.changes
+    }
+
+    /// Changes, adds or deletes (`None`) a resident; returns whether anything changed.
+    pub fn edit(&self, id_number: &str, f: impl FnOnce(&mut crate::Person)) -> bool {
+        match self.changes.current(&self.registry, id_number) {
+            Some(mut p) => {
+                f(&mut p);
+                self.changes.upsert(&self.registry, p);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes a resident; returns whether it existed.
+    pub fn delete(&self, id_number: &str) -> bool {
+        self.changes.delete(&self.registry, id_number)
+    }
+
+    /// Answers `Changes` without any caller check.
+    pub fn changes_page(&self, request: &ChangesRequest) -> Result<ChangesResponse, Status> {
+        let resource = self.resource(&request.resource_id)?;
+        self.changes.changes(resource, request)
     }
 
     /// The division code of the only node allowed to call.
@@ -99,8 +135,9 @@ impl RegistryProvider {
             )));
         }
         let records = self
-            .registry
-            .lookup(resource, &request.key, &request.fields)
+            .changes
+            .current(&self.registry, request.key.trim())
+            .map(|p| p.record(resource, &request.fields))
             .into_iter()
             .collect();
         Ok(FetchResponse { records })
@@ -130,7 +167,12 @@ impl RegistryProvider {
                 resource.fields().join(", ")
             )));
         }
-        let persons = self.registry.persons();
+        let persons: Vec<crate::Person> = self
+            .changes
+            .range(&self.registry, 0, usize::MAX)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
         if request.group_by.is_empty() {
             return Ok(AggregateResponse {
                 groups: vec![StatGroup {
@@ -140,7 +182,7 @@ impl RegistryProvider {
             });
         }
         let mut counts: BTreeMap<Vec<&str>, u64> = BTreeMap::new();
-        for person in persons {
+        for person in &persons {
             let key = request
                 .group_by
                 .iter()
@@ -179,8 +221,8 @@ impl RegistryProvider {
     /// Only the residents of the page are read, so a page costs the same however large the registry is.
     pub fn export_page(&self, request: &ExportRequest) -> Result<ExportResponse, Status> {
         let resource = self.resource(&request.resource_id)?;
-        let persons = self.registry.persons();
-        let start = parse_page_token(&request.page_token, persons.len())?;
+        let len = self.changes.index_len(&self.registry);
+        let start = parse_page_token(&request.page_token, len)?;
         let size = match request.page_size {
             0 => DEFAULT_EXPORT_PAGE_SIZE,
             n if n > MAX_EXPORT_PAGE_SIZE => {
@@ -190,14 +232,14 @@ impl RegistryProvider {
             }
             n => n,
         };
-        let end = start.saturating_add(size as usize).min(persons.len());
-        let records = persons
-            .get(start..end)
-            .unwrap_or_default()
+        let end = start.saturating_add(size as usize).min(len);
+        let records = self
+            .changes
+            .range(&self.registry, start, end)
             .iter()
-            .map(|p| p.record(resource, &request.fields))
+            .map(|(_, p)| p.record(resource, &request.fields))
             .collect();
-        let next_page_token = if end < persons.len() {
+        let next_page_token = if end < len {
             end.to_string()
         } else {
             String::new()
@@ -342,6 +384,41 @@ impl Provider for RegistryProvider {
             next_page_token = result.as_ref().map(|r| r.next_page_token.as_str()).unwrap_or_default(),
             error = result.as_ref().err().map(Status::message).unwrap_or_default(),
             "export"
+        );
+        result.map(Response::new)
+    }
+
+    async fn changes(
+        &self,
+        request: Request<ChangesRequest>,
+    ) -> Result<Response<ChangesResponse>, Status> {
+        self.serve_changes(request).await
+    }
+}
+
+impl RegistryProvider {
+    async fn serve_changes(
+        &self,
+        request: Request<ChangesRequest>,
+    ) -> Result<Response<ChangesResponse>, Status> {
+        self.arrive().await;
+        let peer = match self.authorize(&request) {
+            Ok(peer) => peer,
+            Err(status) => {
+                tracing::warn!(message = status.message(), "refused changes");
+                return Err(status);
+            }
+        };
+        let req = request.get_ref();
+        let result = self.changes_page(req);
+        tracing::info!(
+            request_id = %req.request_id,
+            resource_id = %req.resource_id,
+            after = %req.after,
+            caller = %peer,
+            changes = result.as_ref().map(|r| r.changes.len()).unwrap_or(0),
+            error = result.as_ref().err().map(Status::message).unwrap_or_default(),
+            "changes"
         );
         result.map(Response::new)
     }

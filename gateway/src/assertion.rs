@@ -44,6 +44,16 @@ impl Vouched {
         }
     }
 
+    /// The consumer of a flow-back subscription, as it was vouched for when the subscription was made here.
+    pub(crate) fn subscribed(uscc: &str, node: DivisionCode, purpose: &str) -> Self {
+        Self {
+            uscc: uscc.to_owned(),
+            node,
+            purpose: purpose.to_owned(),
+            certificate: None,
+        }
+    }
+
     /// The public, downloading open data through this node's open-data endpoint.
     pub(crate) fn open_data(node: DivisionCode) -> Self {
         Self {

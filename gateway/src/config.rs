@@ -59,6 +59,9 @@ pub struct NodeConfig {
     /// Limits on every string, list and message this node accepts (see `docs/security.md`).
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// Flow-back subscriptions.
+    #[serde(default)]
+    pub flowback: crate::flowback::FlowbackConfig,
     /// Seconds a stopping node lets calls in flight finish after it stopped accepting; the rest are then cut off
     /// (and recorded as cancelled) before the audit chain's head is signed.
     #[serde(default = "default_shutdown_grace_secs")]

@@ -228,6 +228,17 @@ pub async fn start_with_clock(
         clock_for_downlink,
         std::time::Duration::from_millis(config.routing.default_timeout_ms),
     );
+    let flowback = crate::flowback::Flowback::new(
+        topology.clone(),
+        store.clone(),
+        (governance.clone(), audit_log.clone()),
+        (assertions.signer().clone(), assertions.verifier().clone()),
+        governance.clock().clone(),
+        (
+            config.flowback.clone(),
+            usize::try_from(config.routing.hop_limit).unwrap_or(usize::MAX),
+        ),
+    );
     let router = Router::new(
         topology.clone(),
         store.clone(),
@@ -235,11 +246,16 @@ pub async fn start_with_clock(
         metrics.clone(),
         audit_log.clone(),
         (governance.clone(), cache, assertions, downlink),
-    );
+    )
+    .with_flowback(flowback.clone());
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(warn_overdue(
         governance.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::flowback::run(
+        flowback,
         shutdown_rx.clone(),
     )));
     tasks.push(tokio::spawn(deliver_revocations(

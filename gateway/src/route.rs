@@ -59,6 +59,7 @@ pub struct Router {
     assertions: Assertions,
     downlink: Downlink,
     entries: LocalEntries,
+    flowback: Option<crate::flowback::Flowback>,
 }
 
 /// Action names recorded in a route.
@@ -122,7 +123,24 @@ impl Router {
             cache,
             assertions,
             downlink,
+            flowback: None,
         }
+    }
+
+    /// The router serving flow-back subscriptions with `flowback`.
+    pub fn with_flowback(mut self, flowback: crate::flowback::Flowback) -> Self {
+        self.flowback = Some(flowback);
+        self
+    }
+
+    /// Flow-back subscriptions at this node.
+    pub fn flowback(&self) -> Result<&crate::flowback::Flowback> {
+        self.flowback.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "node {} does not serve flow-back subscriptions",
+                self.topology.code
+            ))
+        })
     }
 
     /// Revocations and cache invalidations sent from this node.
@@ -464,6 +482,18 @@ impl Router {
                 Ok((
                     self.governance
                         .file_objection(&consumer, req)
+                        .await?
+                        .encode_to_vec(),
+                    0,
+                ))
+            }
+            RequestKind::Subscribe => {
+                let req = fedgate_proto::v1::SubscribeRequest::decode(request)
+                    .map_err(|e| bad("SubscribeRequest", e))?;
+                same_resource(env, &req.resource_id)?;
+                Ok((
+                    self.flowback()?
+                        .subscribe(&consumer, req)
                         .await?
                         .encode_to_vec(),
                     0,

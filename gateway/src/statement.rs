@@ -158,6 +158,10 @@ impl Kind for KeyEndorsement {
     const KIND: &'static str = "fedgate.v1.KeyEndorsement";
 }
 
+impl Kind for fedgate_proto::v1::DeliveryBatch {
+    const KIND: &'static str = "fedgate.v1.DeliveryBatch";
+}
+
 /// A signature scheme; new schemes (such as SM2 with SM3) are added here and nowhere else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {

@@ -13,6 +13,10 @@ use prost::Message;
 use tokio::sync::{Notify, watch};
 
 use crate::ident::DivisionCode;
+use crate::ship::{
+    self, Backoff, BatchSize, CallFailed, LEASE_TTL, MIN_BATCH_BYTES as MIN_PUSH_BYTES, hold_lease,
+    replica_id, too_large,
+};
 use crate::store::{OutboxItem, Store, StoreError};
 use crate::topology::Neighbour;
 
@@ -27,19 +31,8 @@ const BATCH: u32 = 512;
 const MAX_AUDIT_PUSH: u32 = 4096;
 /// Least time between the starts of two audit pushes that are not full.
 const SHIP_EVERY: Duration = Duration::from_millis(100);
-/// Smallest push after repeated failures, so a flaky link still makes progress.
-const MIN_BATCH: u32 = 16;
-/// Smallest byte budget of a push after the parent refused larger ones as too large.
-const MIN_PUSH_BYTES: usize = 16 * 1024;
 /// Bytes of a push request around its items.
 const PUSH_OVERHEAD: usize = 16;
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Wait before the first reconnection attempt.
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-/// How long a replica's hold on shipping a stream lasts unless renewed: another replica of the node takes the
-/// stream over within about this long after the holder dies.
-const LEASE_TTL: Duration = Duration::from_secs(3);
 /// Deadline of each call to the parent unless configured (`[routing] uplink_call_timeout_ms`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a stream with nothing to ship waits before it joins again: a parent that restarted from an older
@@ -127,29 +120,6 @@ enum SessionError {
     },
 }
 
-/// How much one push carries: at most `items` items of at most `bytes` encoded bytes in all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BatchSize {
-    items: u32,
-    bytes: usize,
-}
-
-impl BatchSize {
-    /// The parent refused a push of `sent` bytes as too large: the next carries at most half of it.
-    fn refused(&mut self, sent: usize) {
-        self.bytes = (sent / 2).max(MIN_PUSH_BYTES).min(self.bytes);
-    }
-}
-
-/// Whether the parent refused a push for its size: over its message limit (OUT_OF_RANGE), or out of room
-/// (RESOURCE_EXHAUSTED).
-fn too_large(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
-    )
-}
-
 /// The leading items that fit in `budget` encoded bytes (always at least one), and their size.
 fn fit(items: &mut Vec<StreamItem>, budget: usize) -> usize {
     let (keep, total) = fit_len(items, budget);
@@ -163,17 +133,16 @@ fn fit_count(items: &[StreamItem], budget: usize) -> usize {
 }
 
 fn fit_len(items: &[StreamItem], budget: usize) -> (usize, usize) {
-    let mut total = PUSH_OVERHEAD;
-    let mut keep = 0;
-    for item in items {
-        let n = prost::encoding::message::encoded_len(2, item);
-        if keep > 0 && total + n > budget {
-            break;
+    ship::fit_len(items, budget, PUSH_OVERHEAD)
+}
+
+impl From<CallFailed> for SessionError {
+    fn from(e: CallFailed) -> Self {
+        match e {
+            CallFailed::Status(s) => SessionError::Call(s),
+            CallFailed::Stalled { call, after } => SessionError::Stalled { call, after },
         }
-        total += n;
-        keep += 1;
     }
-    (keep, total)
 }
 
 impl Uplink {
@@ -208,15 +177,7 @@ impl Uplink {
         F: FnOnce(tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let mut req = tonic::Request::new(body);
-        req.set_timeout(self.call_timeout);
-        match tokio::time::timeout(self.call_timeout, call(req)).await {
-            Ok(answer) => Ok(answer?.into_inner()),
-            Err(_) => Err(SessionError::Stalled {
-                call: name,
-                after: self.call_timeout,
-            }),
-        }
+        Ok(ship::call_with_deadline(name, self.call_timeout, body, call).await?)
     }
 
     /// Who this process is among the replicas of its node, as its leases name it.
@@ -338,7 +299,7 @@ impl Uplink {
                     return;
                 }
                 res = session => res,
-                lost = hold_lease(store.as_ref(), lease, &self.replica) => Err(lost),
+                lost = hold_lease(store.as_ref(), lease, &self.replica) => Err(SessionError::LeaseLost(lost)),
             };
             status.connected.store(false, Ordering::Relaxed);
             if outcome.is_ok() {
@@ -361,7 +322,7 @@ impl Uplink {
                 _ = tokio::time::sleep(backoff.failed()) => {}
             }
             // A link that drops before a batch is acknowledged loses the parent's work on it: ship less next time.
-            size.items = (size.items / 2).max(MIN_BATCH);
+            size.interrupted();
         }
     }
 
@@ -483,7 +444,7 @@ impl Uplink {
                 store.confirm_uplink(stream).await?;
             }
             backoff.progressed();
-            size.items = (size.items * 2).min(BATCH);
+            size.acknowledged(BATCH);
         }
     }
 }
@@ -543,62 +504,6 @@ fn signed_ends(items: &[StreamItem]) -> Vec<usize> {
     ends
 }
 
-/// Renews `lease` for `holder` every third of its time to live; returns why it could not be renewed.
-async fn hold_lease(store: &dyn Store, lease: &str, holder: &str) -> SessionError {
-    loop {
-        tokio::time::sleep(LEASE_TTL / 3).await;
-        match store.take_lease(lease, holder, LEASE_TTL).await {
-            Ok(true) => {}
-            Ok(false) => return SessionError::LeaseLost("another replica holds it".into()),
-            Err(e) => return SessionError::LeaseLost(format!("renewal failed: {e}")),
-        }
-    }
-}
-
-/// A name for this process among the replicas of its node: host, process id and a random part (a restarted
-/// process is a new replica).
-fn replica_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into());
-    format!(
-        "{host}/{}/{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
-/// Wait before reconnecting: doubles with every interruption, and falls back to the minimum only once a session
-/// has made progress (a batch acknowledged, or the outbox caught up). A parent that accepts `Join` but keeps
-/// refusing the same batch is therefore retried ever more slowly, not every few milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Backoff {
-    wait: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { wait: MIN_BACKOFF }
-    }
-}
-
-impl Backoff {
-    /// The wait before the next attempt; the one after it is twice as long, up to [`MAX_BACKOFF`].
-    fn failed(&mut self) -> Duration {
-        let wait = self.wait;
-        self.wait = (self.wait * 2).min(MAX_BACKOFF);
-        wait
-    }
-
-    /// The session got somewhere: the next interruption is retried after the minimum wait.
-    fn progressed(&mut self) {
-        self.wait = MIN_BACKOFF;
-    }
-}
-
 fn to_stream_item(stream: Stream, item: OutboxItem) -> Result<StreamItem, SessionError> {
     let body = match stream {
         Stream::Catalog => stream_item::Body::Catalog(
@@ -625,6 +530,7 @@ fn to_stream_item(stream: Stream, item: OutboxItem) -> Result<StreamItem, Sessio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ship::MIN_BACKOFF;
 
     fn record(seq: u64, purpose_len: usize) -> StreamItem {
         StreamItem {

@@ -382,6 +382,7 @@ impl Devnet {
                 connections: Default::default(),
                 rate_limits: Default::default(),
                 limits: s.limits.unwrap_or_default(),
+                flowback: Default::default(),
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
             };
             let config = tweak(config);

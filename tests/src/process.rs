@@ -420,6 +420,7 @@ impl ProcessFederation {
                 connections: Default::default(),
                 rate_limits: Default::default(),
                 limits: Default::default(),
+                flowback: Default::default(),
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
             };
             configure(&mut config);

@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail, ensure};
 use fedgate_gateway::catalog::terms;
 use fedgate_gateway::store::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, Doc, DocKind, DocQuery,
-    OutboxItem, PgStore, Recovered, SqliteStore, Store, StoreError, StoredEntry, UplinkMark,
-    Upstream,
+    FlowSide, OutboxItem, PgStore, Recovered, SqliteStore, Store, StoreError, StoredEntry,
+    UplinkMark, Upstream,
 };
 use fedgate_proto::v1::{
     AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
@@ -109,6 +109,8 @@ contract!(
     a_recovered_catalog_takes_back_and_publishes_again_above_the_parent,
     positions_close_up_after_a_parent_lost_what_it_acknowledged,
     own_entries_are_listed_by_id_withdrawn_ones_too,
+    flow_outbox_appends_after_its_head_with_its_state_and_snapshot,
+    flow_inbox_stores_each_item_once_and_stops_at_a_gap,
 );
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -3016,5 +3018,130 @@ async fn own_entries_are_listed_by_id_withdrawn_ones_too(store: Arc<dyn Store>) 
             .is_empty()
     );
     assert!(store.own_entries("350101", "", 10).await?.is_empty());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Flow-back subscriptions
+
+fn subscription_doc(id: &str, state: i32, body: &[u8]) -> Doc {
+    Doc {
+        kind: DocKind::Subscription,
+        id: id.into(),
+        provider_uscc: "provider".into(),
+        consumer_uscc: "consumer".into(),
+        state,
+        due_at: 0,
+        body: body.to_vec(),
+    }
+}
+
+async fn flow_outbox_appends_after_its_head_with_its_state_and_snapshot(
+    store: Arc<dyn Store>,
+) -> Result<()> {
+    let id = "350000-s-1";
+    ensure!(store.flow_head(FlowSide::Outbox, id).await? == 0);
+    let head = store
+        .flow_append(
+            &subscription_doc(id, 1, b"position 3"),
+            0,
+            &[b"a".to_vec(), b"b".to_vec()],
+            &[("k1".into(), Some(vec![1])), ("k2".into(), Some(vec![2]))],
+        )
+        .await?;
+    ensure!(head == 2, "{head}");
+    let doc = store
+        .doc(DocKind::Subscription, id)
+        .await?
+        .context("stored")?;
+    ensure!(doc.body == b"position 3" && doc.state == 1);
+
+    // A writer that believes the head is elsewhere changes nothing.
+    match store
+        .flow_append(&subscription_doc(id, 2, b"stale"), 1, &[b"x".to_vec()], &[])
+        .await
+    {
+        Err(StoreError::FlowMoved { head: 2, .. }) => {}
+        other => bail!("expected FlowMoved at 2, got {other:?}"),
+    }
+    let doc = store
+        .doc(DocKind::Subscription, id)
+        .await?
+        .context("stored")?;
+    ensure!(doc.body == b"position 3", "the state stayed");
+    ensure!(store.flow_head(FlowSide::Outbox, id).await? == 2);
+
+    let head = store
+        .flow_append(
+            &subscription_doc(id, 1, b"position 4"),
+            2,
+            &[b"c".to_vec()],
+            &[("k1".into(), None), ("k2".into(), Some(vec![9]))],
+        )
+        .await?;
+    ensure!(head == 3);
+    let items = store.flow_items(FlowSide::Outbox, id, 1, 10).await?;
+    ensure!(
+        items == vec![(2, b"b".to_vec()), (3, b"c".to_vec())],
+        "{items:?}"
+    );
+    ensure!(
+        store.flow_items(FlowSide::Outbox, id, 0, 1).await?.len() == 1,
+        "limit"
+    );
+    ensure!(
+        store.flow_head(FlowSide::Inbox, id).await? == 0,
+        "sides apart"
+    );
+    ensure!(
+        store.flow_head(FlowSide::Outbox, "350000-s-2").await? == 0,
+        "subscriptions apart"
+    );
+    let snapshot = store.flow_snapshot(id, "", 10).await?;
+    ensure!(snapshot == vec![("k2".to_owned(), vec![9])], "{snapshot:?}");
+    store
+        .flow_append(
+            &subscription_doc(id, 1, b"position 4"),
+            3,
+            &[],
+            &[("k0".into(), Some(vec![0])), ("k3".into(), Some(vec![3]))],
+        )
+        .await?;
+    let page = store.flow_snapshot(id, "k0", 1).await?;
+    ensure!(
+        page == vec![("k2".to_owned(), vec![9])],
+        "keyset page: {page:?}"
+    );
+
+    // Two writers at the same head: exactly one appends.
+    let (doc_a, doc_b) = (subscription_doc(id, 1, b"a"), subscription_doc(id, 1, b"b"));
+    let (items_a, items_b) = ([b"a".to_vec()], [b"b".to_vec()]);
+    let (a, b) = tokio::join!(
+        store.flow_append(&doc_a, 3, &items_a, &[]),
+        store.flow_append(&doc_b, 3, &items_b, &[]),
+    );
+    ensure!(a.is_ok() != b.is_ok(), "one wins: {a:?} {b:?}");
+    ensure!(store.flow_head(FlowSide::Outbox, id).await? == 4);
+    Ok(())
+}
+
+async fn flow_inbox_stores_each_item_once_and_stops_at_a_gap(store: Arc<dyn Store>) -> Result<()> {
+    let id = "350000-s-7";
+    let item = |seq: u64| (seq, format!("item {seq}").into_bytes());
+    ensure!(store.flow_receive(id, &[item(1), item(2), item(3)]).await? == 3);
+    // Sent again with more: the known ones are skipped.
+    ensure!(store.flow_receive(id, &[item(2), item(3), item(4)]).await? == 4);
+    // A gap: nothing after it is stored.
+    ensure!(store.flow_receive(id, &[item(6), item(7)]).await? == 4);
+    // Consecutive up to a gap inside the batch.
+    ensure!(store.flow_receive(id, &[item(5), item(7)]).await? == 5);
+    let items = store.flow_items(FlowSide::Inbox, id, 0, 100).await?;
+    ensure!(
+        items.iter().map(|(s, _)| *s).collect::<Vec<_>>() == vec![1, 2, 3, 4, 5],
+        "{items:?}"
+    );
+    ensure!(items[3].1 == b"item 4", "the first copy kept");
+    ensure!(store.flow_head(FlowSide::Inbox, id).await? == 5);
+    ensure!(store.flow_head(FlowSide::Outbox, id).await? == 0);
     Ok(())
 }

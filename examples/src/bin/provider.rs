@@ -63,6 +63,13 @@ struct Args {
     /// How many sample ID numbers to print.
     #[arg(long, default_value_t = 5)]
     samples: usize,
+    /// An edits file in JSON Lines, read again every second: `{"upsert": {"id_number": "…", "address": "…"}}`
+    /// changes a resident, `{"delete": "<id number>"}` deletes one; the node follows them with Changes.
+    #[arg(long)]
+    edits: Option<PathBuf>,
+    /// Keep no change log: Changes is answered UNIMPLEMENTED, so the node diffs full exports instead.
+    #[arg(long)]
+    no_change_log: bool,
 }
 
 /// Share type as given on the command line.
@@ -168,6 +175,15 @@ async fn run() -> Result<()> {
 
     let provider = RegistryProvider::new(registry, args.node_code.clone())
         .with_latency(std::time::Duration::from_millis(args.latency_ms));
+    provider.changes().set_enabled(!args.no_change_log);
+    if let Some(path) = args.edits.clone() {
+        println!("following edits in {}", path.display());
+        tokio::spawn(fedgate_examples::changelog::follow_edits(
+            provider.changes().clone(),
+            provider.shared_registry(),
+            path,
+        ));
+    }
     println!(
         "serving fedgate.v1.Provider on {} for node {} (Ctrl-C to stop)",
         args.listen, args.node_code

@@ -508,10 +508,62 @@ pub fn check_forward(req: &ForwardRequest, l: &LimitsConfig, target_here: bool) 
         Ok(RequestKind::GetDemand) => inner::<GetDemandRequest>(&req.request, l),
         Ok(RequestKind::ListDemands) => inner::<ListDemandsRequest>(&req.request, l),
         Ok(RequestKind::AnswerDemand) => inner::<AnswerDemandRequest>(&req.request, l),
+        Ok(RequestKind::Subscribe) => inner::<fedgate_proto::v1::SubscribeRequest>(&req.request, l),
         Err(_) => Ok(()),
     }
     .map_err(|e| match e {
         Error::InvalidArgument(m) => Error::InvalidArgument(format!("request: {m}")),
         other => other,
     })
+}
+
+impl Bounded for fedgate_proto::v1::SubscribeRequest {
+    fn check_limits(&self, l: &LimitsConfig) -> Result<()> {
+        resource_id("resource_id", &self.resource_id, l)?;
+        fields("fields", &self.fields, l)?;
+        text("purpose", &self.purpose, limit!(l, max_text_chars))?;
+        if let Some(g) = &self.grant {
+            bytes("grant.grant", g.grant.len(), limit!(l, max_grant_bytes))?;
+            bytes(
+                "grant.signature",
+                g.signature.len(),
+                Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
+            )?;
+            bytes(
+                "grant.public_key",
+                g.public_key.len(),
+                Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Bounded for fedgate_proto::v1::ReadSubscriptionRequest {
+    fn check_limits(&self, l: &LimitsConfig) -> Result<()> {
+        ident(
+            "subscription_id",
+            &self.subscription_id,
+            limit!(l, max_id_chars),
+        )
+    }
+}
+
+impl Bounded for fedgate_proto::v1::ListSubscriptionsRequest {
+    fn check_limits(&self, _: &LimitsConfig) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Bounded for fedgate_proto::v1::DeliverRequest {
+    fn check_limits(&self, l: &LimitsConfig) -> Result<()> {
+        // The signed batch is bounded where it is checked (`statement::MAX_BODY` and its siblings), its items by
+        // the node's message limit and `flowback` batch limits.
+        idents(
+            "route",
+            &self.route,
+            limit!(l, max_route_hops),
+            limit!(l, max_id_chars),
+        )
+    }
 }

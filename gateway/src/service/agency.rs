@@ -505,6 +505,37 @@ impl AgencyService {
         })
     }
 
+    /// Checks a subscription here, sends it to the resource's node and keeps what that node answered.
+    async fn subscribe_routed(
+        &self,
+        uscc: &Uscc,
+        r: fedgate_proto::v1::SubscribeRequest,
+    ) -> Result<fedgate_proto::v1::Subscription> {
+        let flowback = self.router.flowback()?;
+        let share = flowback.before_subscribe(uscc, &r).await?;
+        let rid = parse_resource_id("resource_id", &r.resource_id)?;
+        let deadline = std::time::Instant::now()
+            + Duration::from_millis(self.router.limits().default_timeout_ms);
+        let out = self
+            .route_to(
+                uscc,
+                (RequestKind::Subscribe, rid.node(), &rid.to_string()),
+                Some(&share),
+                r.encode_to_vec(),
+                deadline,
+            )
+            .await?;
+        let sub =
+            fedgate_proto::v1::Subscription::decode(out.response.as_slice()).map_err(|e| {
+                Error::Upstream(Status::internal(format!(
+                    "node {} answered an undecodable Subscription: {e}",
+                    rid.node()
+                )))
+            })?;
+        flowback.subscribed(&sub).await?;
+        Ok(sub)
+    }
+
     /// Sends a governance request about a resource to the resource's node.
     async fn route_by_resource<M: Message + Default>(
         &self,
@@ -851,6 +882,36 @@ impl Agency for AgencyService {
             .objections(uscc.as_str(), state, r.overdue_only)
             .await?;
         Ok(Response::new(ListObjectionsResponse { objections }))
+    }
+
+    async fn subscribe(
+        &self,
+        req: Request<fedgate_proto::v1::SubscribeRequest>,
+    ) -> Result<Response<fedgate_proto::v1::Subscription>, Status> {
+        let uscc = self.admitted(&req, "Subscribe").await?;
+        let r = req.into_inner();
+        Ok(Response::new(self.subscribe_routed(&uscc, r).await?))
+    }
+
+    type ReadSubscriptionStream =
+        ReceiverStream<Result<fedgate_proto::v1::ReadSubscriptionResponse, Status>>;
+
+    async fn read_subscription(
+        &self,
+        req: Request<fedgate_proto::v1::ReadSubscriptionRequest>,
+    ) -> Result<Response<Self::ReadSubscriptionStream>, Status> {
+        let uscc = self.admitted(&req, "ReadSubscription").await?;
+        let flowback = self.router.flowback()?;
+        Ok(Response::new(flowback.read(&uscc, req.into_inner()).await?))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        req: Request<fedgate_proto::v1::ListSubscriptionsRequest>,
+    ) -> Result<Response<fedgate_proto::v1::ListSubscriptionsResponse>, Status> {
+        let uscc = self.admitted(&req, "ListSubscriptions").await?;
+        let flowback = self.router.flowback()?;
+        Ok(Response::new(flowback.list(&uscc, req.get_ref()).await?))
     }
 
     async fn resolve_objection(

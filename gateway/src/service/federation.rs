@@ -643,6 +643,18 @@ impl Federation for FederationService {
         Ok(Response::new(RevocationAck { nodes: result? }))
     }
 
+    async fn deliver(
+        &self,
+        req: Request<fedgate_proto::v1::DeliverRequest>,
+    ) -> Result<Response<fedgate_proto::v1::DeliverResponse>, Status> {
+        let from = self.checked_neighbour(&req, "Deliver").await?;
+        self.bounded(&req, "Deliver").await?;
+        let flowback = self.router.flowback()?;
+        Ok(Response::new(
+            flowback.deliver(Peer::Node(from), req.into_inner()).await?,
+        ))
+    }
+
     async fn invalidate(
         &self,
         req: Request<InvalidationNotice>,

@@ -79,6 +79,14 @@ pub enum StoreError {
         /// The sequence number taken.
         seq: u64,
     },
+    /// A subscription's outbox was not where its producer expected it: another writer appended meanwhile.
+    #[error("the outbox of subscription {id} is at #{head}: it moved on under another writer")]
+    FlowMoved {
+        /// The subscription.
+        id: String,
+        /// Its outbox's head.
+        head: u64,
+    },
     /// A recovery found this node's history inconsistent with what its parent holds in a way it cannot repair.
     #[error("cannot recover: {0}")]
     Unrecoverable(String),
@@ -297,6 +305,10 @@ pub enum DocKind {
     Objection,
     /// A `Demand` (held at the province).
     Demand,
+    /// A flow-back subscription held at the resource's node (`flowback::Held`).
+    Subscription,
+    /// A flow-back subscription as its subscriber's node holds it (`flowback::Held`).
+    Received,
 }
 
 impl DocKind {
@@ -308,6 +320,8 @@ impl DocKind {
             DocKind::Revocation => "revocation",
             DocKind::Objection => "objection",
             DocKind::Demand => "demand",
+            DocKind::Subscription => "subscription",
+            DocKind::Received => "received",
         }
     }
 }
@@ -347,6 +361,28 @@ pub struct DocQuery {
     /// Maximum documents; all when absent.
     pub limit: Option<u32>,
 }
+
+/// Which end of a flow-back subscription a node keeps items of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowSide {
+    /// At the resource's node: the items produced, waiting to be shipped.
+    Outbox,
+    /// At the subscriber's node: the items received.
+    Inbox,
+}
+
+impl FlowSide {
+    /// Number stored in the database.
+    pub fn as_i64(self) -> i64 {
+        match self {
+            FlowSide::Outbox => 1,
+            FlowSide::Inbox => 2,
+        }
+    }
+}
+
+/// One change of a diffed subscription's snapshot: a key's record digest, or `None` when the key went.
+pub type SnapshotChange = (String, Option<Vec<u8>>);
 
 /// A change another process sharing the store committed, which this process may hold a copy of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -574,6 +610,38 @@ pub trait Store: Send + Sync + 'static {
         after_id: &str,
         limit: u32,
     ) -> Result<Vec<StoredEntry>, StoreError>;
+
+    /// In one transaction: stores `doc` (a subscription's state at the resource's node, such as the provider
+    /// position its items reach), appends `items` to its outbox at the positions after `head`, and applies
+    /// `snapshot` to its snapshot of digests; returns the outbox's new head. [`StoreError::FlowMoved`], with
+    /// nothing changed, when the outbox's head is not `head`.
+    async fn flow_append(
+        &self,
+        doc: &Doc,
+        head: u64,
+        items: &[Vec<u8>],
+        snapshot: &[SnapshotChange],
+    ) -> Result<u64, StoreError>;
+    /// Items of subscription `id` kept on `side` at positions above `after`, at most `limit`, in order.
+    async fn flow_items(
+        &self,
+        side: FlowSide,
+        id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Highest position of subscription `id` kept on `side` (0 when none).
+    async fn flow_head(&self, side: FlowSide, id: &str) -> Result<u64, StoreError>;
+    /// At the subscriber's node: stores the consecutive items of subscription `id` that follow its inbox's head
+    /// (skipping those at or below it, stopping at a gap); returns the inbox's head afterwards.
+    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError>;
+    /// The snapshot of digests of subscription `id`, keys after `after_key`, at most `limit`, by key.
+    async fn flow_snapshot(
+        &self,
+        id: &str,
+        after_key: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}

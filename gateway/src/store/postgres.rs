@@ -16,12 +16,13 @@ use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, ChangeFeed, Doc,
-    DocKind, DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreChange, StoreError,
-    StoredEntry, UplinkMark, Upstream, chain_conflict, decode_audit, decode_entry, fresh_items,
-    to_i64, to_u64, unsealed,
+    DocKind, DocQuery, FlowSide, OutboxItem, Rechain, Recovered, SnapshotChange, Staged, Store,
+    StoreChange, StoreError, StoredEntry, UplinkMark, Upstream, chain_conflict, decode_audit,
+    decode_entry, fresh_items, to_i64, to_u64, unsealed,
 };
 
 mod catalog;
+mod flow;
 mod recover;
 
 /// Connections of the pool.
@@ -492,21 +493,7 @@ impl Store for PgStore {
 
     async fn put_doc(&self, d: &Doc) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO governance_doc (kind, id, provider_uscc, consumer_uscc, state, due_at, body) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (kind, id) DO UPDATE SET \
-             provider_uscc = excluded.provider_uscc, consumer_uscc = excluded.consumer_uscc, \
-             state = excluded.state, due_at = excluded.due_at, body = excluded.body",
-        )
-        .bind(d.kind.as_str())
-        .bind(&d.id)
-        .bind(&d.provider_uscc)
-        .bind(&d.consumer_uscc)
-        .bind(d.state)
-        .bind(d.due_at)
-        .bind(&d.body)
-        .execute(&mut *tx)
-        .await?;
+        put_doc_in(&mut tx, d).await?;
         if d.kind == DocKind::Revocation {
             notify(&mut tx, &[StoreChange::Revoked(d.id.clone())]).await?;
         }
@@ -977,7 +964,64 @@ impl Store for PgStore {
         catalog::own_entries(&self.pool, node, after_id, limit).await
     }
 
+    async fn flow_append(
+        &self,
+        doc: &Doc,
+        head: u64,
+        items: &[Vec<u8>],
+        snapshot: &[SnapshotChange],
+    ) -> Result<u64, StoreError> {
+        flow::append(&self.pool, doc, head, items, snapshot).await
+    }
+
+    async fn flow_items(
+        &self,
+        side: FlowSide,
+        id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        flow::items(&self.pool, side, id, after, limit).await
+    }
+
+    async fn flow_head(&self, side: FlowSide, id: &str) -> Result<u64, StoreError> {
+        flow::head(&self.pool, side, id).await
+    }
+
+    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
+        flow::receive(&self.pool, id, items).await
+    }
+
+    async fn flow_snapshot(
+        &self,
+        id: &str,
+        after_key: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        flow::snapshot(&self.pool, id, after_key, limit).await
+    }
+
     async fn close(&self) {
         PgStore::close(self).await;
     }
+}
+
+/// Stores a governance document inside a transaction.
+async fn put_doc_in(tx: &mut Transaction<'static, Postgres>, d: &Doc) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO governance_doc (kind, id, provider_uscc, consumer_uscc, state, due_at, body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (kind, id) DO UPDATE SET \
+         provider_uscc = excluded.provider_uscc, consumer_uscc = excluded.consumer_uscc, \
+         state = excluded.state, due_at = excluded.due_at, body = excluded.body",
+    )
+    .bind(d.kind.as_str())
+    .bind(&d.id)
+    .bind(&d.provider_uscc)
+    .bind(&d.consumer_uscc)
+    .bind(d.state)
+    .bind(d.due_at)
+    .bind(&d.body)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

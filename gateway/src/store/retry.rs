@@ -16,8 +16,8 @@ use rand::Rng;
 
 use super::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, ChangeFeed, Doc,
-    DocKind, DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry,
-    UplinkMark, Upstream,
+    DocKind, DocQuery, FlowSide, OutboxItem, Rechain, Recovered, SnapshotChange, Staged, Store,
+    StoreError, StoredEntry, UplinkMark, Upstream,
 };
 
 /// Wait before the first retry.
@@ -336,6 +336,46 @@ impl Store for Retrying {
         limit: u32,
     ) -> Result<Vec<StoredEntry>, StoreError> {
         self.run(|| self.inner.own_entries(node, after_id, limit))
+            .await
+    }
+
+    async fn flow_append(
+        &self,
+        doc: &Doc,
+        head: u64,
+        items: &[Vec<u8>],
+        snapshot: &[SnapshotChange],
+    ) -> Result<u64, StoreError> {
+        self.run(|| self.inner.flow_append(doc, head, items, snapshot))
+            .await
+    }
+
+    async fn flow_items(
+        &self,
+        side: FlowSide,
+        id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.run(|| self.inner.flow_items(side, id, after, limit))
+            .await
+    }
+
+    async fn flow_head(&self, side: FlowSide, id: &str) -> Result<u64, StoreError> {
+        self.run(|| self.inner.flow_head(side, id)).await
+    }
+
+    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
+        self.run(|| self.inner.flow_receive(id, items)).await
+    }
+
+    async fn flow_snapshot(
+        &self,
+        id: &str,
+        after_key: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.run(|| self.inner.flow_snapshot(id, after_key, limit))
             .await
     }
 

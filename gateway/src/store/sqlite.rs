@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, Doc, DocKind,
-    DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry, UplinkMark,
-    Upstream, chain_conflict, decode_audit, decode_entry, fresh_items, to_i64, to_u64, unsealed,
+    DocQuery, FlowSide, OutboxItem, Rechain, Recovered, SnapshotChange, Staged, Store, StoreError,
+    StoredEntry, UplinkMark, Upstream, chain_conflict, decode_audit, decode_entry, fresh_items,
+    to_i64, to_u64, unsealed,
 };
 
 mod catalog;
+mod flow;
 mod recover;
 
 /// Page cache of the writer connection (negative: KiB), 32 MiB.
@@ -46,6 +48,26 @@ pub const DEFAULT_BUSY_TIMEOUT: Duration =
 /// whenever another connection (the checkpointer restarting the WAL, another process) holds it meanwhile.
 async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
     Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
+}
+
+/// Stores a governance document inside a write transaction.
+async fn put_doc_in(tx: &mut Transaction<'static, Sqlite>, d: &Doc) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO governance_doc (kind, id, provider_uscc, consumer_uscc, state, due_at, body) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(kind, id) DO UPDATE SET \
+         provider_uscc = excluded.provider_uscc, consumer_uscc = excluded.consumer_uscc, \
+         state = excluded.state, due_at = excluded.due_at, body = excluded.body",
+    )
+    .bind(d.kind.as_str())
+    .bind(&d.id)
+    .bind(&d.provider_uscc)
+    .bind(&d.consumer_uscc)
+    .bind(d.state)
+    .bind(d.due_at)
+    .bind(&d.body)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// A [`Store`] in one SQLite file.
@@ -422,21 +444,9 @@ impl Store for SqliteStore {
     }
 
     async fn put_doc(&self, d: &Doc) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO governance_doc (kind, id, provider_uscc, consumer_uscc, state, due_at, body) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(kind, id) DO UPDATE SET \
-             provider_uscc = excluded.provider_uscc, consumer_uscc = excluded.consumer_uscc, \
-             state = excluded.state, due_at = excluded.due_at, body = excluded.body",
-        )
-        .bind(d.kind.as_str())
-        .bind(&d.id)
-        .bind(&d.provider_uscc)
-        .bind(&d.consumer_uscc)
-        .bind(d.state)
-        .bind(d.due_at)
-        .bind(&d.body)
-        .execute(&self.writer)
-        .await?;
+        let mut tx = begin(&self.writer).await?;
+        put_doc_in(&mut tx, d).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -910,6 +920,43 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<StoredEntry>, StoreError> {
         catalog::own_entries(&self.reader, node, after_id, limit).await
+    }
+
+    async fn flow_append(
+        &self,
+        doc: &Doc,
+        head: u64,
+        items: &[Vec<u8>],
+        snapshot: &[SnapshotChange],
+    ) -> Result<u64, StoreError> {
+        flow::append(&self.writer, doc, head, items, snapshot).await
+    }
+
+    async fn flow_items(
+        &self,
+        side: FlowSide,
+        id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        flow::items(&self.reader, side, id, after, limit).await
+    }
+
+    async fn flow_head(&self, side: FlowSide, id: &str) -> Result<u64, StoreError> {
+        flow::head(&self.reader, side, id).await
+    }
+
+    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
+        flow::receive(&self.writer, id, items).await
+    }
+
+    async fn flow_snapshot(
+        &self,
+        id: &str,
+        after_key: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        flow::snapshot(&self.reader, id, after_key, limit).await
     }
 
     async fn close(&self) {

@@ -9,8 +9,8 @@ use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 
 use crate::store::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, Doc, DocKind,
-    DocQuery, OutboxItem, Rechain, Recovered, Staged, Store, StoreError, StoredEntry, UplinkMark,
-    Upstream,
+    DocQuery, FlowSide, OutboxItem, Rechain, Recovered, SnapshotChange, Staged, Store, StoreError,
+    StoredEntry, UplinkMark, Upstream,
 };
 
 /// How the next audit commit or signature fails.
@@ -315,6 +315,43 @@ impl Store for Faulty {
         limit: u32,
     ) -> Result<Vec<StoredEntry>, StoreError> {
         self.inner.own_entries(node, after_id, limit).await
+    }
+
+    async fn flow_append(
+        &self,
+        doc: &Doc,
+        head: u64,
+        items: &[Vec<u8>],
+        snapshot: &[SnapshotChange],
+    ) -> Result<u64, StoreError> {
+        self.inner.flow_append(doc, head, items, snapshot).await
+    }
+
+    async fn flow_items(
+        &self,
+        side: FlowSide,
+        id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.flow_items(side, id, after, limit).await
+    }
+
+    async fn flow_head(&self, side: FlowSide, id: &str) -> Result<u64, StoreError> {
+        self.inner.flow_head(side, id).await
+    }
+
+    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
+        self.inner.flow_receive(id, items).await
+    }
+
+    async fn flow_snapshot(
+        &self,
+        id: &str,
+        after_key: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.flow_snapshot(id, after_key, limit).await
     }
 
     async fn take_lease(
