@@ -383,6 +383,7 @@ impl Devnet {
                 rate_limits: Default::default(),
                 limits: s.limits.unwrap_or_default(),
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
+                own_view: Default::default(),
             };
             let config = tweak(config);
             std::fs::write(

@@ -421,6 +421,7 @@ impl ProcessFederation {
                 rate_limits: Default::default(),
                 limits: Default::default(),
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
+                own_view: Default::default(),
             };
             configure(&mut config);
             let config_path = path.join(format!("node-{}.toml", s.code));

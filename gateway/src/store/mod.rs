@@ -295,6 +295,12 @@ pub enum DocKind {
     Revocation,
     /// An `Objection`.
     Objection,
+    /// The applicant's node's copy of an application one of its agencies filed (`own_view`).
+    HeldApplication,
+    /// A grant one of this node's agencies holds, as its node keeps it (`own_view`).
+    HeldGrant,
+    /// A notice to one of this node's agencies, by sequence number (`own_view`).
+    Notice,
 }
 
 impl DocKind {
@@ -305,6 +311,9 @@ impl DocKind {
             DocKind::Grant => "grant",
             DocKind::Revocation => "revocation",
             DocKind::Objection => "objection",
+            DocKind::HeldApplication => "held_application",
+            DocKind::HeldGrant => "held_grant",
+            DocKind::Notice => "notice",
         }
     }
 }
