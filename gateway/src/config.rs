@@ -66,6 +66,9 @@ pub struct NodeConfig {
     /// (and recorded as cancelled) before the audit chain's head is signed.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
+    /// What this node keeps of its agencies' applications and grants, and when it tells them.
+    #[serde(default)]
+    pub own_view: crate::own_view::OwnViewConfig,
 }
 
 /// Default of `shutdown_grace_secs`.

@@ -19,6 +19,10 @@ use crate::route::call_error;
 use crate::statement::{self, NodeSigner, StatementVerifier, Verified};
 use crate::topology::Topology;
 
+/// Revocations reaching this node as their grantee's node kept for a slow listener; one that falls further
+/// behind scans instead.
+const ARRIVALS: usize = 1024;
+
 /// The sending side of revocations and cache invalidations at one node.
 #[derive(Clone)]
 pub struct Downlink {
@@ -30,6 +34,8 @@ pub struct Downlink {
     verifier: Arc<StatementVerifier>,
     clock: Arc<dyn Clock>,
     timeout: Duration,
+    /// Revocations that reached their grantee's node, this one.
+    arrived: tokio::sync::broadcast::Sender<Revocation>,
 }
 
 impl std::fmt::Debug for Downlink {
@@ -58,12 +64,18 @@ impl Downlink {
             verifier,
             clock,
             timeout,
+            arrived: tokio::sync::broadcast::channel(ARRIVALS).0,
         }
     }
 
     /// The nodes served answers of this node's entries.
     pub fn served(&self) -> &ServedNodes {
         &self.served
+    }
+
+    /// Revocations as they reach their grantee's node, this one (own view of its agencies' grants).
+    pub fn arrivals(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.arrived.subscribe()
     }
 
     /// Carries a checked revocation toward the grantee's node: records it and purges the cache here, then hands
@@ -81,6 +93,10 @@ impl Downlink {
             .record_revocation(checked, &notice, next.is_some())
             .await?;
         self.cache.purge_grant(&checked.body().grant_id);
+        if next.is_none() {
+            // Nobody listening is fine: the own view also finds recorded revocations when it scans.
+            let _ = self.arrived.send(checked.body().clone());
+        }
         let mut nodes = vec![me.to_string()];
         if let Some(next) = next {
             match self.hand_revocation(&notice, next).await {

@@ -417,7 +417,11 @@ pub async fn start_with_clock(
         uplink.clone(),
         audit_log.clone(),
     )
-    .with_limits(limits);
+    .with_limits(limits)
+    .with_own_view(config.own_view.clone());
+    tasks.push(tokio::spawn(
+        agency.own_view().clone().run(shutdown_rx.clone()),
+    ));
     let admission = Admission::new(
         &config.rate_limits,
         connections.max_calls_in_flight,

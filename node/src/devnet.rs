@@ -384,6 +384,7 @@ impl Devnet {
                 limits: s.limits.unwrap_or_default(),
                 flowback: Default::default(),
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
+                own_view: Default::default(),
             };
             let config = tweak(config);
             std::fs::write(

@@ -145,31 +145,34 @@ async fn search_covers_the_subtree_with_filters() -> Result<()> {
     assert_eq!(rest.entries.len(), 2);
     assert!(rest.next_page_token.is_empty());
 
-    // A county sees only its own subtree.
+    // A county searches its own subtree when it names itself; anything wider is answered above it (see
+    // tests/tests/discovery.rs).
     let mut at_taijiang = net.client(&net.consumer_at(code("350103"))?.uscc).await?;
-    assert!(
-        at_taijiang
-            .search_catalog(search(""))
-            .await?
-            .into_inner()
-            .entries
-            .is_empty()
-    );
-    let err = at_taijiang
+    let own = at_taijiang
+        .search_catalog(SearchCatalogRequest {
+            node_code: "350103".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(own.entries.is_empty());
+    assert_eq!(own.answered_by, "350103");
+    let found = at_taijiang
         .get_entry(GetEntryRequest {
             id: "350102:household".into(),
         })
-        .await
-        .expect_err("outside the subtree");
-    assert_eq!(err.code(), Code::NotFound);
-    let err = at_taijiang
+        .await?
+        .into_inner();
+    assert_eq!(found.id, "350102:household");
+    let wider = at_taijiang
         .search_catalog(SearchCatalogRequest {
             node_code: "350102".into(),
             ..Default::default()
         })
-        .await
-        .expect_err("filter outside the subtree");
-    assert_eq!(err.code(), Code::InvalidArgument);
+        .await?
+        .into_inner();
+    assert_eq!(wider.answered_by, "350100");
+    assert_eq!(wider.entries.len(), 2);
 
     let err = at_province
         .search_catalog(SearchCatalogRequest {

@@ -1,4 +1,5 @@
-//! The catalog: resource ids, validation of published entries, and search over a node's subtree ([`search`]).
+//! The catalog: resource ids, validation of published entries, search over a node's subtree ([`search`]) and
+//! questions its subtree does not cover asked up the tree ([`discover`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Uscc};
 use crate::limits::{Bounded, LimitsConfig, excerpt};
 
+pub mod discover;
 pub mod search;
 
 pub use search::{

@@ -12,10 +12,12 @@ use fedgate_proto::v1::{
     Application, ApplicationState, ApplyRequest, AuditOperation, AuditRecord, CatalogEntry,
     DecideRequest, Envelope, FileObjectionRequest, GetApplicationRequest, GetEntryRequest,
     GetObjectionRequest, Grant, Hop, ListApplicationsRequest, ListApplicationsResponse,
-    ListObjectionsRequest, ListObjectionsResponse, Objection, ObjectionState, PublishBatchRequest,
-    PublishBatchResponse, PublishEntryRequest, PublishEntryResponse, QueryAuditRequest,
-    QueryAuditResponse, RequestKind, ResolveObjectionRequest, RevokeRequest, RevokeResponse,
-    SearchCatalogRequest, SearchCatalogResponse, ShareMode, ShareRequest, ShareResponse, Stream,
+    ListGrantsRequest, ListGrantsResponse, ListMyApplicationsRequest, ListMyApplicationsResponse,
+    ListNoticesRequest, ListNoticesResponse, ListObjectionsRequest, ListObjectionsResponse, Notice,
+    Objection, ObjectionState, PublishBatchRequest, PublishBatchResponse, PublishEntryRequest,
+    PublishEntryResponse, QueryAuditRequest, QueryAuditResponse, RequestKind,
+    ResolveObjectionRequest, RevokeRequest, RevokeResponse, SearchCatalogRequest,
+    SearchCatalogResponse, ShareMode, ShareRequest, ShareResponse, Stream, WatchNoticesRequest,
     WithdrawEntryRequest, WithdrawEntryResponse,
 };
 use prost::Message;
@@ -23,6 +25,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{audit_query, caller, deadline};
+
+mod own_view;
 use crate::assertion::Vouched;
 use crate::audit::{self, AuditLog};
 use crate::cache::{CachedAnswer, ShareCache};
@@ -51,6 +55,8 @@ pub struct AgencyService {
     uplink: Uplink,
     audit: AuditLog,
     limits: LimitsConfig,
+    /// What this node keeps of its agencies' applications and grants.
+    own_view: crate::own_view::OwnView,
 }
 
 impl AgencyService {
@@ -64,6 +70,11 @@ impl AgencyService {
     ) -> Self {
         Self {
             certificates: Arc::default(),
+            own_view: crate::own_view::OwnView::new(
+                store.clone(),
+                router.clone(),
+                Default::default(),
+            ),
             topology,
             store,
             router,
@@ -71,6 +82,18 @@ impl AgencyService {
             audit,
             limits: LimitsConfig::default(),
         }
+    }
+
+    /// The service keeping its agencies' own view as `config` says instead of the defaults.
+    pub fn with_own_view(mut self, config: crate::own_view::OwnViewConfig) -> Self {
+        self.own_view =
+            crate::own_view::OwnView::new(self.store.clone(), self.router.clone(), config);
+        self
+    }
+
+    /// The own view of this node's agencies (its periodic work runs as [`crate::own_view::OwnView::run`]).
+    pub fn own_view(&self) -> &crate::own_view::OwnView {
+        &self.own_view
     }
 
     /// The service with `limits` on what agencies send instead of the defaults.
@@ -153,6 +176,21 @@ impl AgencyService {
                 self.topology.code
             ))
         })
+    }
+
+    /// Discovery over this node's catalog and its ancestors'.
+    fn discovery(&self) -> catalog::discover::Discovery<'_> {
+        catalog::discover::Discovery {
+            topology: &self.topology,
+            store: self.store.as_ref(),
+            limits: &self.limits,
+            routing: self.router.limits(),
+        }
+    }
+
+    /// How long a catalog question may take at most.
+    fn discovery_timeout(&self) -> Duration {
+        Duration::from_millis(self.router.limits().default_timeout_ms)
     }
 
     /// A live entry of this node's subtree.
@@ -691,7 +729,12 @@ impl Agency for AgencyService {
         req: Request<GetEntryRequest>,
     ) -> Result<Response<CatalogEntry>, Status> {
         self.admitted(&req, "GetEntry").await?;
-        Ok(Response::new(self.subtree_entry(&req.get_ref().id).await?))
+        let deadline = deadline(&req, self.discovery_timeout());
+        let (entry, _) = self
+            .discovery()
+            .entry(&req.get_ref().id, Vec::new(), deadline)
+            .await?;
+        Ok(Response::new(entry))
     }
 
     async fn search_catalog(
@@ -699,13 +742,12 @@ impl Agency for AgencyService {
         req: Request<SearchCatalogRequest>,
     ) -> Result<Response<SearchCatalogResponse>, Status> {
         self.admitted(&req, "SearchCatalog").await?;
-        let query = catalog::search_query(self.topology.code, req.get_ref(), &self.limits)?;
-        let entries = self.store.search(&query).await.map_err(Error::from)?;
-        let (entries, next_page_token) = catalog::finish_page(entries, &query);
-        Ok(Response::new(SearchCatalogResponse {
-            entries,
-            next_page_token,
-        }))
+        let deadline = deadline(&req, self.discovery_timeout());
+        let answer = self
+            .discovery()
+            .search(req.into_inner(), Vec::new(), deadline)
+            .await?;
+        Ok(Response::new(answer))
     }
 
     async fn share(&self, req: Request<ShareRequest>) -> Result<Response<ShareResponse>, Status> {
@@ -778,10 +820,11 @@ impl Agency for AgencyService {
         let uscc = self.admitted(&req, "Apply").await?;
         let r = req.into_inner();
         let resource = r.resource_id.clone();
-        Ok(Response::new(
-            self.route_by_resource(&uscc, RequestKind::Apply, &resource, r.encode_to_vec())
-                .await?,
-        ))
+        let app = self
+            .route_by_resource(&uscc, RequestKind::Apply, &resource, r.encode_to_vec())
+            .await?;
+        self.keep_seen(&uscc, &app).await;
+        Ok(Response::new(app))
     }
 
     async fn get_application(
@@ -791,10 +834,11 @@ impl Agency for AgencyService {
         let uscc = self.admitted(&req, "GetApplication").await?;
         let r = req.into_inner();
         let id = r.id.clone();
-        Ok(Response::new(
-            self.route_by_id(&uscc, RequestKind::GetApplication, &id, r.encode_to_vec())
-                .await?,
-        ))
+        let app = self
+            .route_by_id(&uscc, RequestKind::GetApplication, &id, r.encode_to_vec())
+            .await?;
+        self.keep_seen(&uscc, &app).await;
+        Ok(Response::new(app))
     }
 
     async fn list_applications(
@@ -967,5 +1011,35 @@ impl Agency for AgencyService {
             self.to_province(&uscc, RequestKind::AnswerDemand, r)
                 .await?,
         ))
+    }
+
+    async fn list_my_applications(
+        &self,
+        req: Request<ListMyApplicationsRequest>,
+    ) -> Result<Response<ListMyApplicationsResponse>, Status> {
+        self.my_applications(req).await
+    }
+
+    async fn list_grants(
+        &self,
+        req: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        self.my_grants(req).await
+    }
+
+    async fn list_notices(
+        &self,
+        req: Request<ListNoticesRequest>,
+    ) -> Result<Response<ListNoticesResponse>, Status> {
+        self.my_notices(req).await
+    }
+
+    type WatchNoticesStream = ReceiverStream<Result<Notice, Status>>;
+
+    async fn watch_notices(
+        &self,
+        req: Request<WatchNoticesRequest>,
+    ) -> Result<Response<Self::WatchNoticesStream>, Status> {
+        self.watch_my_notices(req).await
     }
 }

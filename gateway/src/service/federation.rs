@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use fedgate_proto::v1::federation_server::Federation;
 use fedgate_proto::v1::{
-    AuditOperation, AuditRecord, CatalogChange, ChainHead, ForwardRequest, ForwardResponse, Hop,
-    InvalidationAck, InvalidationNotice, JoinRequest, JoinResponse, PushRequest, PushResponse,
-    Revocation, RevocationAck, RevocationNotice, Stream, StreamCursor, TakeBackRequest,
-    TakeBackResponse, catalog_change, stream_item,
+    AuditOperation, AuditRecord, CatalogChange, ChainHead, DiscoverRequest, DiscoverResponse,
+    ForwardRequest, ForwardResponse, Hop, InvalidationAck, InvalidationNotice, JoinRequest,
+    JoinResponse, PushRequest, PushResponse, Revocation, RevocationAck, RevocationNotice, Stream,
+    StreamCursor, TakeBackRequest, TakeBackResponse, catalog_change, stream_item,
 };
 use tonic::{Request, Response, Status};
 
@@ -25,6 +25,7 @@ use crate::store::{Store, StoreError, Upstream};
 use crate::topology::Topology;
 use crate::uplink::Uplink;
 
+mod discover;
 mod take_back;
 
 /// Largest batch a child may push at once.
@@ -67,6 +68,16 @@ impl FederationService {
     pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Discovery over this node's subtree catalog and its ancestors'.
+    fn discovery(&self) -> crate::catalog::discover::Discovery<'_> {
+        crate::catalog::discover::Discovery {
+            topology: &self.topology,
+            store: self.store.as_ref(),
+            limits: &self.limits,
+            routing: self.router.limits(),
+        }
     }
 
     /// Refuses (and audits) a message over the limits.
@@ -532,6 +543,24 @@ impl Federation for FederationService {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn discover(
+        &self,
+        req: Request<DiscoverRequest>,
+    ) -> Result<Response<DiscoverResponse>, Status> {
+        let child = self.checked_child(&req, "Discover").await?;
+        self.bounded(&req, "Discover").await?;
+        let limit = Duration::from_millis(self.router.limits().default_timeout_ms);
+        let deadline = deadline(&req, limit);
+        let r = req.into_inner();
+        let discovery = self.discovery();
+        if let Err(e) = discovery.admit(child, &r) {
+            return Err(self.refuse(Peer::Node(child).to_uri(), "Discover", e).await);
+        }
+        Ok(Response::new(
+            discover::answer(&discovery, r, deadline).await?,
+        ))
     }
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {

@@ -309,6 +309,12 @@ pub enum DocKind {
     Subscription,
     /// A flow-back subscription as its subscriber's node holds it (`flowback::Held`).
     Received,
+    /// The applicant's node's copy of an application one of its agencies filed (`own_view`).
+    HeldApplication,
+    /// A grant one of this node's agencies holds, as its node keeps it (`own_view`).
+    HeldGrant,
+    /// A notice to one of this node's agencies, by sequence number (`own_view`).
+    Notice,
 }
 
 impl DocKind {
@@ -322,6 +328,9 @@ impl DocKind {
             DocKind::Demand => "demand",
             DocKind::Subscription => "subscription",
             DocKind::Received => "received",
+            DocKind::HeldApplication => "held_application",
+            DocKind::HeldGrant => "held_grant",
+            DocKind::Notice => "notice",
         }
     }
 }
