@@ -72,7 +72,14 @@ async fn run() -> Result<()> {
     for (i, id) in ids.iter().enumerate() {
         p.edit(id, |r| r.household_no = format!("BENCH-{i}"));
     }
-    let later = read(&mut c, &sub.id, first.last_seq(), ids.len(), Duration::from_secs(3600)).await?;
+    let later = read(
+        &mut c,
+        &sub.id,
+        first.last_seq(),
+        ids.len(),
+        Duration::from_secs(3600),
+    )
+    .await?;
     let follow = started.elapsed();
     assert_consecutive(first.last_seq(), &later.items)?;
 
