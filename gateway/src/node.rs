@@ -533,7 +533,13 @@ async fn follow_changes(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let followed = match change {
-            Ok(StoreChange::Revoked(id)) => governance.revoked_elsewhere(&id).await,
+            Ok(StoreChange::Revoked(id)) => {
+                let noted = governance.revoked_elsewhere(&id).await;
+                if let Ok(flowback) = router.flowback() {
+                    flowback.wake();
+                }
+                noted
+            }
             Ok(StoreChange::Entry(id)) => {
                 router.changed_elsewhere(Some(&id));
                 Ok(())

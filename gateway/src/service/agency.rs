@@ -878,6 +878,10 @@ impl Agency for AgencyService {
             .governance()
             .revoke(&uscc, &r.grant_id, &r.reason)
             .await?;
+        if let Ok(flowback) = self.router.flowback() {
+            // Subscriptions under the grant end now, not at their next poll.
+            flowback.wake();
+        }
         let notified_nodes = self
             .router
             .downlink()
