@@ -1,4 +1,5 @@
-//! `fedgate demo`: a province, two cities and three counties on loopback, exercised end to end.
+//! `fedgate demo`: a province, two cities and three counties on loopback, exercised end to end: shares across
+//! the tree, then discovery, a flow-back subscription and a data demand ([`patterns`]).
 
 use std::time::Duration;
 
@@ -8,6 +9,8 @@ use fedgate_proto::v1::{ShareMode, ShareRequest, ShareType};
 use tonic::Code;
 
 use crate::devnet::{Devnet, NodeSpec, ProviderSpec};
+
+mod patterns;
 
 const PROVINCE: &str = "350000";
 const FUZHOU: &str = "350100";
@@ -225,6 +228,10 @@ pub async fn run(keep_running: bool) -> Result<()> {
             }
         }
     }
+
+    patterns::discovery(&net).await?;
+    patterns::flow_back(&net).await?;
+    patterns::demand(&net).await?;
 
     let at_province = net.catalog_size(province).await?;
     let nodes = net.node_codes().len();
