@@ -495,7 +495,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Stores the signature of a record already appended (the chain head the writer signs late); the record must
     /// differ from the stored one only in its signature, which no hash covers. [`StoreError::HeadConflict`] when
-    /// the store holds another record (another hash) under its sequence number.
+    /// the store holds another record (another hash) under its sequence number, or a record after it (another
+    /// replica's writer chained on: the unsigned record may already have been forwarded as it is).
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError>;
     /// The last record of `node`'s chain held here.
     async fn audit_head(&self, node: &str) -> Result<Option<AuditRecord>, StoreError>;

@@ -605,6 +605,8 @@ impl Store for PgStore {
 
     async fn audit_seal(&self, record: &AuditRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Under the audit stream's lock no record can follow this one while it is sealed.
+        lock_stream(&mut tx, Stream::Audit).await?;
         let row = sqlx::query(
             "SELECT fwd_seq, record FROM audit_log WHERE node_code = $1 AND seq = $2 FOR UPDATE",
         )
@@ -616,6 +618,20 @@ impl Store for PgStore {
             return Err(unsealed(record));
         };
         if decode_audit(row.try_get::<&[u8], _>(1)?)?.hash != record.hash {
+            return Err(StoreError::HeadConflict {
+                node: record.node_code.clone(),
+                seq: record.seq,
+            });
+        }
+        // A record after it may already have been forwarded with this one unsigned: a copy elsewhere must stay
+        // equal to the chain, so only the head is sealed late.
+        let later =
+            sqlx::query("SELECT 1 FROM audit_log WHERE node_code = $1 AND seq > $2 LIMIT 1")
+                .bind(&record.node_code)
+                .bind(to_i64(record.seq))
+                .fetch_optional(&mut *tx)
+                .await?;
+        if later.is_some() {
             return Err(StoreError::HeadConflict {
                 node: record.node_code.clone(),
                 seq: record.seq,

@@ -570,6 +570,19 @@ impl Store for SqliteStore {
                 seq: record.seq,
             });
         }
+        // A record after it may already have been forwarded with this one unsigned: a copy elsewhere must stay
+        // equal to the chain, so only the head is sealed late.
+        let later = sqlx::query("SELECT 1 FROM audit_log WHERE node_code = ? AND seq > ? LIMIT 1")
+            .bind(&record.node_code)
+            .bind(to_i64(record.seq))
+            .fetch_optional(&mut *tx)
+            .await?;
+        if later.is_some() {
+            return Err(StoreError::HeadConflict {
+                node: record.node_code.clone(),
+                seq: record.seq,
+            });
+        }
         sqlx::query("UPDATE audit_log SET record = ? WHERE fwd_seq = ?")
             .bind(record.encode_to_vec())
             .bind(row.get::<i64, _>(0))
