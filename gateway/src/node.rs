@@ -84,6 +84,7 @@ pub struct NodeHandle {
     audit: Option<AuditLog>,
     audit_writer: JoinHandle<()>,
     governance: Governance,
+    own_view: crate::own_view::OwnView,
     shutdown: watch::Sender<bool>,
     grace: std::time::Duration,
     stopping: tokio_util::sync::CancellationToken,
@@ -419,9 +420,8 @@ pub async fn start_with_clock(
     )
     .with_limits(limits)
     .with_own_view(config.own_view.clone());
-    tasks.push(tokio::spawn(
-        agency.own_view().clone().run(shutdown_rx.clone()),
-    ));
+    let own_view = agency.own_view().clone();
+    tasks.push(tokio::spawn(own_view.clone().run(shutdown_rx.clone())));
     let admission = Admission::new(
         &config.rate_limits,
         connections.max_calls_in_flight,
@@ -484,6 +484,7 @@ pub async fn start_with_clock(
         audit: Some(audit_log),
         audit_writer,
         governance,
+        own_view,
         shutdown,
         grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
         stopping,
@@ -693,6 +694,11 @@ impl NodeHandle {
         &self.governance
     }
 
+    /// What this node keeps of its agencies' applications, grants and notices.
+    pub fn own_view(&self) -> &crate::own_view::OwnView {
+        &self.own_view
+    }
+
     /// This node's audit log.
     pub fn audit(&self) -> Option<&AuditLog> {
         self.audit.as_ref()
@@ -708,6 +714,7 @@ impl NodeHandle {
             audit,
             audit_writer,
             governance,
+            own_view,
             shutdown,
             grace,
             stopping,
@@ -757,6 +764,7 @@ impl NodeHandle {
         // The writer drains, signs the chain's head and stops once every handle to it is gone.
         drop(audit);
         drop(governance);
+        drop(own_view);
         match tokio::time::timeout(STOP_MARGIN, audit_writer).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(node = %code, error = %e, "audit writer failed"),

@@ -27,5 +27,16 @@ async fn every_scenario_of_the_quick_catalog_benchmark_runs() -> Result<()> {
         1 + cities as usize * (1 + counties as usize)
     );
     assert_eq!(converged.per_node, per_node);
+    let discovery = converged.discovery.expect("discovery ran");
+    assert_eq!(
+        discovery.province_entries as usize,
+        converged.nodes * per_node
+    );
+    for row in &discovery.rows {
+        assert_eq!(row.routed.len(), config.queries, "{}", row.kind.name());
+        assert!(row.mean_results > 0.0, "{} found nothing", row.kind.name());
+    }
+    assert!(discovery.province_store_bytes > discovery.county_store_bytes);
+    assert_eq!(report.catalog_bytes.len(), config.search_sizes.len());
     Ok(())
 }

@@ -29,6 +29,7 @@ mod notices;
 mod scan;
 
 pub use notices::NoticeDraft;
+pub use scan::ScanReport;
 
 /// State of a held grant not revoked whose expiry notice is still to come.
 const GRANT_HELD: i32 = 0;
@@ -93,6 +94,8 @@ pub struct OwnView {
     changes: Arc<tokio::sync::Mutex<()>>,
     /// The last notice sequence number made here; watchers wait for it to move.
     latest: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Set when the node stops: watchers end their streams.
+    stopped: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 fn decode<M: Message + Default>(what: &str, body: &[u8]) -> Result<M> {
@@ -114,6 +117,7 @@ impl OwnView {
             config,
             changes: Arc::default(),
             latest: Arc::new(tokio::sync::watch::channel(0).0),
+            stopped: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 

@@ -107,11 +107,13 @@ impl OwnView {
         Ok((notices, more))
     }
 
-    /// Streams the notices of `agency` after `after`, then each new one, until the receiver goes away.
+    /// Streams the notices of `agency` after `after`, then each new one, until the receiver goes away or the
+    /// node stops (UNAVAILABLE, naming the sequence number to resume after).
     pub fn watch(&self, agency: String, mut after: u64) -> ReceiverStream<Result<Notice, Status>> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let view = self.clone();
         let mut latest = self.latest.subscribe();
+        let mut stopped = self.stopped.subscribe();
         tokio::spawn(async move {
             loop {
                 latest.mark_unchanged();
@@ -132,10 +134,20 @@ impl OwnView {
                         return;
                     }
                 }
-                tokio::select! {
+                let stopping = tokio::select! {
                     _ = tx.closed() => return,
-                    _ = latest.changed() => {}
-                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                    r = stopped.wait_for(|s| *s) => r.is_ok(),
+                    _ = latest.changed() => false,
+                    _ = tokio::time::sleep(WATCH_POLL) => false,
+                };
+                if stopping {
+                    let node = view.node;
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "node {node} is stopping; watch again after sequence number {after}"
+                        ))))
+                        .await;
+                    return;
                 }
             }
         });

@@ -47,7 +47,10 @@ impl OwnView {
                 }
             };
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    self.stopped.send_replace(true);
+                    return;
+                }
                 r = arrival => match r {
                     Ok(revocation) => {
                         if let Err(e) = self.grant_revoked(&revocation).await {

@@ -8,6 +8,7 @@
 //! (`tests/tests/catalog_bench_smoke.rs`); figures in `docs/benchmarks.md`.
 
 pub mod corpus;
+pub mod discovery;
 pub mod publish;
 pub mod search;
 
@@ -191,6 +192,8 @@ pub struct ConvergenceResult {
     pub converged: Duration,
     /// One per call.
     pub latencies: Latencies,
+    /// Searches from a county routed to the province against the same searches at the province.
+    pub discovery: Option<discovery::DiscoveryResult>,
 }
 
 /// What one run measured.
@@ -198,6 +201,9 @@ pub struct ConvergenceResult {
 pub struct CatalogReport {
     /// Filling each searched store: backend, entries and time.
     pub fills: Vec<(&'static str, usize, Duration)>,
+    /// Bytes of each filled SQLite store (database and WAL), which holds only the catalog: what a node holding
+    /// the whole catalog of that size would keep.
+    pub catalog_bytes: Vec<(usize, u64)>,
     /// Search rows.
     pub search: Vec<SearchRow>,
     /// Batch publication, unless skipped.
@@ -213,6 +219,12 @@ pub async fn run(config: CatalogBenchConfig) -> Result<CatalogReport> {
         let dir = tempfile::tempdir()?;
         let filled = search::fill(&dir.path().join("province.db"), n).await?;
         report.fills.push(("sqlite", filled.entries, filled.took));
+        let bytes: u64 = ["province.db", "province.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.path().join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        report.catalog_bytes.push((filled.entries, bytes));
         report
             .search
             .extend(search::measure("sqlite", &filled.store, n, config.queries).await?);
@@ -237,7 +249,8 @@ pub async fn run(config: CatalogBenchConfig) -> Result<CatalogReport> {
     }
     let (cities, counties, per_node) = config.province;
     if per_node > 0 {
-        report.convergence = Some(publish::converge(cities, counties, per_node).await?);
+        report.convergence =
+            Some(publish::converge(cities, counties, per_node, config.queries).await?);
     }
     Ok(report)
 }
@@ -254,6 +267,14 @@ impl fmt::Display for CatalogReport {
                 "{backend}: filled {n} entries through the store's apply path in {:.1} s ({:.0} entries/s)",
                 took.as_secs_f64(),
                 *n as f64 / took.as_secs_f64().max(1e-9)
+            )?;
+        }
+        for (n, bytes) in &self.catalog_bytes {
+            writeln!(
+                f,
+                "sqlite: a store holding only the catalog of {n} entries takes {:.1} MiB ({:.0} bytes per entry)",
+                *bytes as f64 / (1024.0 * 1024.0),
+                *bytes as f64 / (*n).max(1) as f64
             )?;
         }
         if !self.search.is_empty() {
@@ -304,6 +325,9 @@ impl fmt::Display for CatalogReport {
                 c.nodes * c.per_node,
                 c.converged.as_secs_f64()
             )?;
+            if let Some(d) = &c.discovery {
+                write!(f, "{d}")?;
+            }
         }
         Ok(())
     }

@@ -84,8 +84,14 @@ pub async fn batch_publish(batches: usize, size: usize) -> Result<BatchResult> {
 
 /// Every node of a province of `cities` cities with `counties` counties each publishes `per_node` entries at
 /// once (one agency per node, batches of at most 1 000); measured from the first call until the province holds
-/// them all.
-pub async fn converge(cities: u32, counties: u32, per_node: usize) -> Result<ConvergenceResult> {
+/// them all. Then `queries` searches of each discovery kind from a county and at the province
+/// ([`super::discovery`]).
+pub async fn converge(
+    cities: u32,
+    counties: u32,
+    per_node: usize,
+    queries: usize,
+) -> Result<ConvergenceResult> {
     let nodes = corpus::nodes_of(cities, counties)?;
     let specs = nodes
         .iter()
@@ -142,6 +148,11 @@ pub async fn converge(cities: u32, counties: u32, per_node: usize) -> Result<Con
     }
     wait_for(&net, province, before + total, Duration::from_secs(600)).await?;
     let converged = start.elapsed();
+    let discovery = if queries > 0 && counties > 0 {
+        Some(super::discovery::measure(&net, &nodes, queries).await?)
+    } else {
+        None
+    };
     net.shutdown().await?;
     Ok(ConvergenceResult {
         nodes: nodes.len(),
@@ -150,5 +161,6 @@ pub async fn converge(cities: u32, counties: u32, per_node: usize) -> Result<Con
         published: last_answer.duration_since(start),
         converged,
         latencies,
+        discovery,
     })
 }

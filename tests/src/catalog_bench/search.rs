@@ -126,7 +126,7 @@ impl QueryKind {
     }
 
     /// The `k`-th request of this kind.
-    fn request(self, k: usize, nodes: &[DivisionCode]) -> Result<SearchCatalogRequest> {
+    pub fn request(self, k: usize, nodes: &[DivisionCode]) -> Result<SearchCatalogRequest> {
         let mut r = SearchCatalogRequest::default();
         match self {
             QueryKind::RareWord => r.text = corpus::rare_word(k % RARE_WORDS),
