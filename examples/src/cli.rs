@@ -37,7 +37,7 @@ use tonic::transport::Channel;
 
 mod demand;
 
-pub use demand::DemandCommand;
+pub use demand::{DemandCommand, print_demand, state_name};
 mod flowback;
 
 pub use flowback::FlowbackCommand;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
+use fedgate_examples::cli::{print_demand, state_name};
 use fedgate_proto::v1::{
     AssignDemandRequest, Demand, DemandState, GetDemandRequest, OperatorListDemandsRequest,
 };
@@ -155,16 +156,6 @@ pub async fn run(cmd: DemandCmd) -> Result<()> {
     }
 }
 
-fn state_name(state: i32) -> &'static str {
-    match DemandState::try_from(state) {
-        Ok(DemandState::Filed) => "FILED",
-        Ok(DemandState::Assigned) => "ASSIGNED",
-        Ok(DemandState::Answered) => "ANSWERED",
-        Ok(DemandState::Refused) => "REFUSED",
-        _ => "UNSPECIFIED",
-    }
-}
-
 /// One line of a listing: id, state, who filed it, who answers it, the deadline in force.
 fn print_line(d: &Demand) {
     let due = match DemandState::try_from(d.state) {
@@ -191,47 +182,4 @@ fn print_line(d: &Demand) {
         },
         d.title
     );
-}
-
-/// A demand in full with its history.
-pub fn print_demand(d: &Demand) {
-    println!(
-        "demand {}: {}{}",
-        d.id,
-        state_name(d.state),
-        if d.overdue { " (OVERDUE)" } else { "" }
-    );
-    println!("  title:       {}", d.title);
-    println!("  description: {}", d.description);
-    println!("  purpose:     {}", d.purpose);
-    println!("  legal basis: {}", d.legal_basis);
-    println!("  fields:      {}", d.fields.join(", "));
-    println!(
-        "  filed by:    {} at node {}",
-        d.consumer_uscc, d.consumer_node
-    );
-    println!("  assign by:   {}", d.assign_due_at);
-    if !d.provider_uscc.is_empty() {
-        println!(
-            "  provider:    {} at node {}",
-            d.provider_uscc, d.provider_node
-        );
-        println!("  answer by:   {}", d.answer_due_at);
-    }
-    if !d.resource_id.is_empty() {
-        println!("  answered with {}", d.resource_id);
-    }
-    if !d.reason.is_empty() {
-        println!("  reason:      {}", d.reason);
-    }
-    println!("  history:");
-    for s in &d.history {
-        println!(
-            "    {}  {:<8}  {}  {}",
-            s.at,
-            state_name(s.state),
-            s.actor,
-            s.note
-        );
-    }
 }

@@ -159,22 +159,26 @@ pub async fn own_audit_records(net: &Devnet, node: &str) -> Result<Vec<AuditReco
     Ok(out)
 }
 
+/// A lazily connecting mTLS channel to `node` presenting `cert` (any certificate of the federation's CA).
+fn channel_to(net: &Devnet, node: &str, cert: &IssuedCert) -> Result<Channel> {
+    let tls = TlsMaterial {
+        ca_pem: net.ca().ca_pem(),
+        cert_pem: cert.cert_pem.clone(),
+        key_pem: cert.key_pem.clone(),
+    };
+    Ok(Endpoint::from_shared(net.node_url(code(node))?)?
+        .tls_config(client_tls(&tls, &Peer::Node(code(node))))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
 /// A Federation client of `node` presenting `cert` (any certificate of the federation's CA).
 pub async fn federation_client(
     net: &Devnet,
     node: &str,
     cert: &IssuedCert,
 ) -> Result<FederationClient<Channel>> {
-    let tls = TlsMaterial {
-        ca_pem: net.ca().ca_pem(),
-        cert_pem: cert.cert_pem.clone(),
-        key_pem: cert.key_pem.clone(),
-    };
-    let channel = Endpoint::from_shared(net.node_url(code(node))?)?
-        .tls_config(client_tls(&tls, &Peer::Node(code(node))))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    Ok(FederationClient::new(channel))
+    Ok(FederationClient::new(channel_to(net, node, cert)?))
 }
 
 /// An Operator client of `node` presenting `cert` (the node's own certificate makes it the node's operator).
@@ -183,16 +187,7 @@ pub fn operator_client_with(
     node: &str,
     cert: &IssuedCert,
 ) -> Result<OperatorClient<Channel>> {
-    let tls = TlsMaterial {
-        ca_pem: net.ca().ca_pem(),
-        cert_pem: cert.cert_pem.clone(),
-        key_pem: cert.key_pem.clone(),
-    };
-    let channel = Endpoint::from_shared(net.node_url(code(node))?)?
-        .tls_config(client_tls(&tls, &Peer::Node(code(node))))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    Ok(OperatorClient::new(channel))
+    Ok(OperatorClient::new(channel_to(net, node, cert)?))
 }
 
 /// The operator of `node`: an Operator client presenting a certificate of the node's own identity.

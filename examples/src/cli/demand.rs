@@ -215,7 +215,8 @@ pub async fn run(c: &mut AgencyClient<Channel>, command: DemandCommand) -> Resul
     Ok(())
 }
 
-fn state_name(value: i32) -> &'static str {
+/// The name of a demand state as the command lines print it.
+pub fn state_name(value: i32) -> &'static str {
     match DemandState::try_from(value) {
         Ok(DemandState::Filed) => "FILED",
         Ok(DemandState::Assigned) => "ASSIGNED",
@@ -225,7 +226,8 @@ fn state_name(value: i32) -> &'static str {
     }
 }
 
-fn print_demand(d: &Demand) {
+/// A demand in full with its linked entry and its history, as the command lines print it.
+pub fn print_demand(d: &Demand) {
     let overdue = if d.overdue { " (OVERDUE)" } else { "" };
     println!("demand {}", d.id);
     println!("  state:       {}{overdue}", state_name(d.state));
