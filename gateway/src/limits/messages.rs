@@ -220,17 +220,7 @@ impl Bounded for ShareRequest {
         fields("fields", &self.fields, l)?;
         text("purpose", &self.purpose, limit!(l, max_text_chars))?;
         if let Some(g) = &self.grant {
-            bytes("grant.grant", g.grant.len(), limit!(l, max_grant_bytes))?;
-            bytes(
-                "grant.signature",
-                g.signature.len(),
-                Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
-            )?;
-            bytes(
-                "grant.public_key",
-                g.public_key.len(),
-                Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
-            )?;
+            signed_grant(g, l)?;
         }
         count(
             "verify_values",
@@ -517,23 +507,28 @@ pub fn check_forward(req: &ForwardRequest, l: &LimitsConfig, target_here: bool) 
     })
 }
 
+/// Bounds a grant a request carries: its encoding, signature and key.
+fn signed_grant(g: &fedgate_proto::v1::SignedGrant, l: &LimitsConfig) -> Result<()> {
+    bytes("grant.grant", g.grant.len(), limit!(l, max_grant_bytes))?;
+    bytes(
+        "grant.signature",
+        g.signature.len(),
+        Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
+    )?;
+    bytes(
+        "grant.public_key",
+        g.public_key.len(),
+        Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
+    )
+}
+
 impl Bounded for fedgate_proto::v1::SubscribeRequest {
     fn check_limits(&self, l: &LimitsConfig) -> Result<()> {
         resource_id("resource_id", &self.resource_id, l)?;
         fields("fields", &self.fields, l)?;
         text("purpose", &self.purpose, limit!(l, max_text_chars))?;
         if let Some(g) = &self.grant {
-            bytes("grant.grant", g.grant.len(), limit!(l, max_grant_bytes))?;
-            bytes(
-                "grant.signature",
-                g.signature.len(),
-                Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
-            )?;
-            bytes(
-                "grant.public_key",
-                g.public_key.len(),
-                Limit::new(MAX_KEY_BYTES, "max_grant_bytes"),
-            )?;
+            signed_grant(g, l)?;
         }
         Ok(())
     }
