@@ -221,26 +221,25 @@ impl Flowback {
             )));
         }
         let rows: Vec<(u64, Vec<u8>)> = items.iter().map(|i| (i.seq, i.encode_to_vec())).collect();
-        let applied = self
-            .inner
-            .store
-            .flow_receive(&b.subscription_id, &rows)
-            .await?;
-        let end = items.iter().find_map(|i| match &i.body {
-            Some(subscription_item::Body::End(e)) if i.seq <= applied => Some(e.clone()),
+        // The items are consecutive from at most the head's successor, so an end among them is applied with
+        // them: the subscription is marked ended in the same transaction, never after its stream has ended.
+        let ended = items.iter().find_map(|i| match &i.body {
+            Some(subscription_item::Body::End(e)) => Some(e.clone()),
             _ => None,
         });
-        if let Some(end) = end {
+        let ended = ended.map(|end| {
             let mut held = held;
             if let Some(s) = held.subscription.as_mut() {
                 s.state = SubscriptionState::Ended as i32;
                 s.end = Some(end);
             }
-            self.inner
-                .store
-                .put_doc(&held.doc(DocKind::Received, ""))
-                .await?;
-        }
+            held.doc(DocKind::Received, "")
+        });
+        let applied = self
+            .inner
+            .store
+            .flow_receive(&b.subscription_id, &rows, ended.as_ref())
+            .await?;
         self.inner.received.notify_waiters();
         Ok((items, applied))
     }

@@ -643,8 +643,14 @@ pub trait Store: Send + Sync + 'static {
     /// Highest position of subscription `id` kept on `side` (0 when none).
     async fn flow_head(&self, side: FlowSide, id: &str) -> Result<u64, StoreError>;
     /// At the subscriber's node: stores the consecutive items of subscription `id` that follow its inbox's head
-    /// (skipping those at or below it, stopping at a gap); returns the inbox's head afterwards.
-    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError>;
+    /// (skipping those at or below it, stopping at a gap), and `doc` with them in one transaction when given;
+    /// returns the inbox's head afterwards.
+    async fn flow_receive(
+        &self,
+        id: &str,
+        items: &[(u64, Vec<u8>)],
+        doc: Option<&Doc>,
+    ) -> Result<u64, StoreError>;
     /// The snapshot of digests of subscription `id`, keys after `after_key`, at most `limit`, by key.
     async fn flow_snapshot(
         &self,

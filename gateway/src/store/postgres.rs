@@ -1004,8 +1004,13 @@ impl Store for PgStore {
         flow::head(&self.pool, side, id).await
     }
 
-    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
-        flow::receive(&self.pool, id, items).await
+    async fn flow_receive(
+        &self,
+        id: &str,
+        items: &[(u64, Vec<u8>)],
+        doc: Option<&Doc>,
+    ) -> Result<u64, StoreError> {
+        flow::receive(&self.pool, id, items, doc).await
     }
 
     async fn flow_snapshot(

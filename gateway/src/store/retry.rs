@@ -365,8 +365,13 @@ impl Store for Retrying {
         self.run(|| self.inner.flow_head(side, id)).await
     }
 
-    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
-        self.run(|| self.inner.flow_receive(id, items)).await
+    async fn flow_receive(
+        &self,
+        id: &str,
+        items: &[(u64, Vec<u8>)],
+        doc: Option<&Doc>,
+    ) -> Result<u64, StoreError> {
+        self.run(|| self.inner.flow_receive(id, items, doc)).await
     }
 
     async fn flow_snapshot(

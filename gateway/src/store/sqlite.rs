@@ -959,8 +959,13 @@ impl Store for SqliteStore {
         flow::head(&self.reader, side, id).await
     }
 
-    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
-        flow::receive(&self.writer, id, items).await
+    async fn flow_receive(
+        &self,
+        id: &str,
+        items: &[(u64, Vec<u8>)],
+        doc: Option<&Doc>,
+    ) -> Result<u64, StoreError> {
+        flow::receive(&self.writer, id, items, doc).await
     }
 
     async fn flow_snapshot(

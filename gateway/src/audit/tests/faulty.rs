@@ -341,8 +341,13 @@ impl Store for Faulty {
         self.inner.flow_head(side, id).await
     }
 
-    async fn flow_receive(&self, id: &str, items: &[(u64, Vec<u8>)]) -> Result<u64, StoreError> {
-        self.inner.flow_receive(id, items).await
+    async fn flow_receive(
+        &self,
+        id: &str,
+        items: &[(u64, Vec<u8>)],
+        doc: Option<&Doc>,
+    ) -> Result<u64, StoreError> {
+        self.inner.flow_receive(id, items, doc).await
     }
 
     async fn flow_snapshot(

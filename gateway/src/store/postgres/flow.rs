@@ -125,6 +125,7 @@ pub(super) async fn receive(
     pool: &PgPool,
     id: &str,
     items: &[(u64, Vec<u8>)],
+    doc: Option<&Doc>,
 ) -> Result<u64, StoreError> {
     let mut tx = pool.begin().await?;
     let start = locked_head(&mut tx, FlowSide::Inbox, id).await?;
@@ -152,6 +153,9 @@ pub(super) async fn receive(
         .bind(&bodies)
         .execute(&mut *tx)
         .await?;
+    }
+    if let Some(doc) = doc {
+        super::put_doc_in(&mut tx, doc).await?;
     }
     tx.commit().await?;
     Ok(head)

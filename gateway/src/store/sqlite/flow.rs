@@ -108,6 +108,7 @@ pub(super) async fn receive(
     writer: &SqlitePool,
     id: &str,
     items: &[(u64, Vec<u8>)],
+    doc: Option<&Doc>,
 ) -> Result<u64, StoreError> {
     let mut tx = begin(writer).await?;
     let mut head = head_in(&mut tx, FlowSide::Inbox, id).await?;
@@ -126,6 +127,9 @@ pub(super) async fn receive(
             .execute(&mut *tx)
             .await?;
         head = *seq;
+    }
+    if let Some(doc) = doc {
+        super::put_doc_in(&mut tx, doc).await?;
     }
     tx.commit().await?;
     Ok(head)
