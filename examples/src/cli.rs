@@ -35,6 +35,8 @@ use fedgate_proto::v1::{
 };
 use tonic::transport::Channel;
 
+mod own_view;
+
 /// Largest number of catalog pages `search` follows.
 const MAX_PAGES: usize = 100;
 
@@ -100,7 +102,7 @@ impl From<Mode> for ShareMode {
 /// What an agency can do at its node.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
-    /// Searches the node's subtree catalog.
+    /// Searches the province's catalog (answered by the lowest node whose subtree covers the search).
     Search {
         /// Words that must all occur in the title or summary.
         #[arg(long, default_value = "")]
@@ -109,6 +111,12 @@ pub enum Command {
         #[arg(long, default_value = "")]
         node: String,
     },
+    /// Lists the applications this agency filed through its node, with their state and deadline.
+    MyApplications(own_view::MyApplicationsArgs),
+    /// Lists the grants this agency holds, with expiry, remaining validity and revocation.
+    Grants(own_view::GrantsArgs),
+    /// Shows what this agency was told: grants revoked or about to expire, applications decided.
+    Notices(own_view::NoticesArgs),
     /// Shows one catalog entry in full.
     Get {
         /// Full resource id, e.g. 350102:household.
@@ -375,6 +383,9 @@ pub async fn run(args: AgencyArgs) -> Result<()> {
     match args.command {
         Command::Search { text, node } => search(c, text, node).await,
         Command::Get { resource_id } => get(c, resource_id).await,
+        Command::MyApplications(a) => own_view::my_applications(c, a).await,
+        Command::Grants(a) => own_view::grants(c, a).await,
+        Command::Notices(a) => own_view::notices(c, a).await,
         Command::Share {
             resource_id,
             key,
@@ -666,7 +677,10 @@ async fn search(client: &mut AgencyClient<Channel>, text: String, node: String) 
         }
         total += response.entries.len();
         if response.next_page_token.is_empty() {
-            println!("{total} entries");
+            println!(
+                "{total} entries (answered by node {})",
+                response.answered_by
+            );
             return Ok(());
         }
         page_token = response.next_page_token;
