@@ -36,10 +36,10 @@ use fedgate_proto::v1::{
 use tonic::transport::Channel;
 
 mod demand;
+mod flowback;
+mod own_view;
 
 pub use demand::{DemandCommand, print_demand, state_name};
-mod flowback;
-
 pub use flowback::FlowbackCommand;
 
 /// Largest number of catalog pages `search` follows.
@@ -110,7 +110,7 @@ pub enum Command {
     /// Flow-back subscriptions (subscribe, subscriptions, read-subscription).
     #[command(flatten)]
     Flowback(FlowbackCommand),
-    /// Searches the node's subtree catalog.
+    /// Searches the province's catalog (answered by the lowest node whose subtree covers the search).
     Search {
         /// Words that must all occur in the title or summary.
         #[arg(long, default_value = "")]
@@ -119,6 +119,12 @@ pub enum Command {
         #[arg(long, default_value = "")]
         node: String,
     },
+    /// Lists the applications this agency filed through its node, with their state and deadline.
+    MyApplications(own_view::MyApplicationsArgs),
+    /// Lists the grants this agency holds, with expiry, remaining validity and revocation.
+    Grants(own_view::GrantsArgs),
+    /// Shows what this agency was told: grants revoked or about to expire, applications decided.
+    Notices(own_view::NoticesArgs),
     /// Shows one catalog entry in full.
     Get {
         /// Full resource id, e.g. 350102:household.
@@ -392,6 +398,9 @@ pub async fn run(args: AgencyArgs) -> Result<()> {
         Command::Flowback(command) => flowback::run(c, command).await,
         Command::Search { text, node } => search(c, text, node).await,
         Command::Get { resource_id } => get(c, resource_id).await,
+        Command::MyApplications(a) => own_view::my_applications(c, a).await,
+        Command::Grants(a) => own_view::grants(c, a).await,
+        Command::Notices(a) => own_view::notices(c, a).await,
         Command::Share {
             resource_id,
             key,
@@ -684,7 +693,10 @@ async fn search(client: &mut AgencyClient<Channel>, text: String, node: String) 
         }
         total += response.entries.len();
         if response.next_page_token.is_empty() {
-            println!("{total} entries");
+            println!(
+                "{total} entries (answered by node {})",
+                response.answered_by
+            );
             return Ok(());
         }
         page_token = response.next_page_token;
