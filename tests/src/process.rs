@@ -52,6 +52,7 @@ const POLL: Duration = Duration::from_millis(20);
 
 static BINARY: OnceCell<PathBuf> = OnceCell::const_new();
 static PROVIDER_BINARY: OnceCell<PathBuf> = OnceCell::const_new();
+static AGENCY_CLIENT_BINARY: OnceCell<PathBuf> = OnceCell::const_new();
 
 /// The `fedgate` binary of this workspace, built once per test process with the test's own profile.
 ///
@@ -74,6 +75,21 @@ pub async fn provider_binary() -> Result<PathBuf> {
                 "FEDGATE_PROVIDER_BIN",
                 "fedgate-examples",
                 "civil-registry-provider",
+            )
+        })
+        .await
+        .cloned()
+}
+
+/// The example `agency-client` binary, built and found like [`fedgate_binary`] (`FEDGATE_AGENCY_CLIENT_BIN`
+/// names a prebuilt one).
+pub async fn agency_client_binary() -> Result<PathBuf> {
+    AGENCY_CLIENT_BINARY
+        .get_or_try_init(|| {
+            workspace_binary(
+                "FEDGATE_AGENCY_CLIENT_BIN",
+                "fedgate-examples",
+                "agency-client",
             )
         })
         .await

@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fedgate_node::devnet::Devnet;
 use fedgate_tests::{code, eventually, key_at, query, standard};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Status code and body of `GET path` on the node's metrics endpoint.
 async fn get(net: &Devnet, node: &str, path: &str) -> Result<(u16, String)> {
@@ -14,22 +13,7 @@ async fn get(net: &Devnet, node: &str, path: &str) -> Result<(u16, String)> {
         .node(code(node))?
         .metrics_addr()
         .context("the metrics endpoint is configured")?;
-    let mut conn = tokio::net::TcpStream::connect(addr).await?;
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).await?;
-    let Some((head, body)) = raw.split_once("\r\n\r\n") else {
-        bail!("not an HTTP response: {raw:?}");
-    };
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("status line")?;
-    Ok((status, body.to_owned()))
+    fedgate_tests::http_get(&addr.to_string(), path).await
 }
 
 /// The value of the sample `name` (with its labels) in an exposition.

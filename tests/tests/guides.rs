@@ -1,0 +1,331 @@
+//! The commands README.md and the sample topology's guide show run as written: each block is run by bash in a
+//! scratch checkout whose `target/release/` holds this workspace's binaries, the guides' fixed loopback ports
+//! moved to free ones.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fedgate_tests::guide::{self, Block, PortMap, Scratch, workspace};
+
+/// Longest one block may run (a node or provider starting takes well under a second).
+const BLOCK: Duration = Duration::from_secs(120);
+/// Longest the catalog may take to reach the province.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(workspace().join(path)).with_context(|| format!("reading {path}"))
+}
+
+/// The one `sh` block under `heading` whose text contains `needle`.
+fn block<'a>(blocks: &'a [Block], heading: &str, needle: &str) -> Result<&'a Block> {
+    let found: Vec<_> = guide::under(blocks, heading, "sh")
+        .into_iter()
+        .filter(|b| b.text.contains(needle))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        _ => bail!(
+            "{} sh blocks under {heading:?} contain {needle:?}",
+            found.len()
+        ),
+    }
+}
+
+/// The workspace's package names, from `cargo metadata`.
+fn packages() -> Result<Vec<String>> {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(workspace())
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["packages"]
+        .as_array()
+        .context("packages")?
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// A `cargo build` line is not run (the binaries are this workspace's own); every package it names exists.
+fn check_build_line(line: &str, packages: &[String]) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for pair in words.windows(2).filter(|w| w[0] == "-p") {
+        assert!(
+            packages.iter().any(|p| p == pair[1]),
+            "{line}: no package {}",
+            pair[1]
+        );
+    }
+}
+
+/// The block's lines, a `cargo build` line checked and dropped.
+fn without_build(block: &Block, packages: &[String]) -> String {
+    block
+        .text
+        .lines()
+        .filter(|l| {
+            let build = l.trim_start().starts_with("cargo build");
+            if build {
+                check_build_line(l, packages);
+            }
+            !build
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn the_readme_commands_run_as_written() -> Result<()> {
+    let readme = read("README.md")?;
+    let blocks = guide::blocks(&readme);
+    let sh: Vec<&Block> = blocks.iter().filter(|b| b.lang == "sh").collect();
+    // The two commands for a fresh machine come first; CI runs the second exactly.
+    assert_eq!(
+        sh.first().map(|b| b.text.trim()),
+        Some("cargo run --release -p fedgate-node -- demo")
+    );
+    assert_eq!(
+        sh.get(1).map(|b| b.text.trim()),
+        Some("cargo test --workspace --locked")
+    );
+    assert!(read(".ci/run")?.contains("\ncargo test --workspace --locked\n"));
+    // Every benchmark the README names is a bench target of the tests crate.
+    let manifest: toml::Table = toml::from_str(&read("tests/Cargo.toml")?)?;
+    let benches: Vec<&str> = manifest["bench"]
+        .as_array()
+        .context("[[bench]]")?
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    for b in sh.iter().filter(|b| b.text.contains("cargo bench")) {
+        let line = b.text.trim();
+        let name = line
+            .split_whitespace()
+            .skip_while(|w| *w != "--bench")
+            .nth(1)
+            .with_context(|| format!("{line}: no --bench"))?;
+        let crate_name = line
+            .split_whitespace()
+            .skip_while(|w| *w != "-p")
+            .nth(1)
+            .unwrap_or_default();
+        match crate_name {
+            "fedgate-tests" => assert!(benches.contains(&name), "{line}: no bench {name}"),
+            "fedgate-gateway" => assert!(
+                workspace()
+                    .join(format!("gateway/benches/{name}.rs"))
+                    .exists(),
+                "{line}: no bench {name}"
+            ),
+            other => bail!("{line}: bench of unexpected package {other}"),
+        }
+    }
+
+    let scratch = Scratch::new().await?;
+    let root = scratch.root().to_path_buf();
+    // The demo, as the first command runs it (built by this test's profile).
+    let demo = scratch
+        .run_ok(&root, "./target/release/fedgate demo", BLOCK)
+        .await?;
+    assert!(
+        demo.stdout.contains("demo ok:"),
+        "{}\n{}",
+        demo.stdout,
+        demo.stderr
+    );
+
+    // "Running nodes yourself": the certificates, then the node with the configuration the README shows.
+    let packages = packages()?;
+    let run = block(&blocks, "Running nodes yourself", "fedgate node")?;
+    let config = guide::under(&blocks, "Running nodes yourself", "toml")
+        .into_iter()
+        .find(|b| b.text.contains("code = \"350100\""))
+        .context("the README's node configuration")?;
+    let ports = PortMap::new(&[7400, 7401, 7402, 7501, 8443, 9464])?;
+    std::fs::write(root.join("node-350100.toml"), ports.apply(&config.text))?;
+    let mut script = without_build(run, &packages);
+    let node_line = script
+        .lines()
+        .find(|l| l.contains("fedgate node"))
+        .context("the node command")?
+        .to_owned();
+    script = script.replace(
+        &node_line,
+        &format!("{node_line} > node.log 2>&1 &\necho $! > node.pid"),
+    );
+    scratch.run_ok(&root, &script, BLOCK).await?;
+    scratch
+        .run_ok(
+            &root,
+            "until grep -q 'listening on' node.log; do sleep 0.1; done",
+            BLOCK,
+        )
+        .await?;
+    let metrics = format!("127.0.0.1:{}", ports.get(9464)?);
+    let (status, scraped) = fedgate_tests::http_get(&metrics, "/metrics").await?;
+    assert_eq!(status, 200, "{scraped}");
+    assert!(scraped.contains("fedgate_"), "{scraped}");
+    // SIGTERM drains and stops it with status 0.
+    let stopped = scratch
+        .run(
+            &root,
+            "pid=$(cat node.pid); kill $pid; while kill -0 $pid 2>/dev/null; do sleep 0.1; done; \
+             grep -q 'node stopped' node.log",
+            BLOCK,
+        )
+        .await?;
+    assert_eq!(
+        stopped.code,
+        Some(0),
+        "{}",
+        read_log(&root.join("node.log"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sample_topology_guide_runs_as_written() -> Result<()> {
+    let guide_text = read("examples/topology/README.md")?;
+    let blocks = guide::blocks(&guide_text);
+    let ports = PortMap::new(&[7400, 7401, 7402, 7403, 7404, 7405, 7502, 7503])?;
+    let scratch = Scratch::new().await?;
+    let root = scratch.root().to_path_buf();
+    let topology = scratch.copy_folder("examples/topology", |t| ports.apply(t))?;
+    let packages = packages()?;
+    let step = |heading: &str, needle: &str| -> Result<String> {
+        Ok(ports.apply(&without_build(block(&blocks, heading, needle)?, &packages)))
+    };
+
+    // 1. Build: the PATH line and the cd, from the root.
+    let build = step("1. Build", "cd examples/topology")?;
+    let ran = scratch
+        .run_ok(&root, &format!("{build}\ncommand -v fedgate; pwd"), BLOCK)
+        .await?;
+    assert!(
+        ran.stdout.contains("target/release/fedgate")
+            && ran.stdout.trim_end().ends_with("topology"),
+        "{}",
+        ran.stdout
+    );
+    // 2.–4. Certificates, six nodes, two providers.
+    scratch
+        .run_ok(&topology, &step("2. Certificates", "fedgate certs")?, BLOCK)
+        .await?;
+    let nodes = scratch
+        .run_ok(&topology, &step("3. Start", "fedgate node")?, BLOCK)
+        .await?;
+    assert_eq!(
+        nodes.stdout.matches("listening on").count(),
+        6,
+        "{}",
+        nodes.stdout
+    );
+    let providers = scratch
+        .run_ok(
+            &topology,
+            &step("4. Start the two", "civil-registry-provider")?,
+            BLOCK,
+        )
+        .await?;
+    for sample in ["350102195707115225", "350203199204072999"] {
+        assert!(providers.stdout.contains(sample), "{}", providers.stdout);
+    }
+    assert_eq!(
+        providers.stdout.matches("published ").count(),
+        4,
+        "{}",
+        providers.stdout
+    );
+
+    // 5. The whole catalog reaches the province (it propagates up: asked again until it has).
+    let search = step("5. Query", "search")?;
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        let ran = scratch.run_ok(&topology, &search, BLOCK).await?;
+        let listed = [
+            "350102:household",
+            "350102:marriage",
+            "350203:household",
+            "350203:marriage",
+        ]
+        .iter()
+        .all(|id| ran.stdout.contains(id));
+        if listed {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the province's catalog lacks entries after {CONVERGE:?}:\n{}",
+                ran.stdout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Across cities: the record and the five hops the guide prints.
+    let across = scratch
+        .run_ok(&topology, &step("5. Query", "verify residence")?, BLOCK)
+        .await?;
+    for expected in [
+        "1 record(s)",
+        "350102********5225",
+        "node 350203 forwarded-up",
+        "node 350200 forwarded-up",
+        "node 350000 forwarded-down",
+        "node 350100 forwarded-down",
+        "node 350102 served",
+    ] {
+        assert!(
+            across.stdout.contains(expected),
+            "{expected}:\n{}",
+            across.stdout
+        );
+    }
+    // More to try: two shares answer, the conditional one without a grant is refused (status 1).
+    let more = scratch
+        .run(
+            &topology,
+            &step("5. Query", "--fields name,address")?,
+            BLOCK,
+        )
+        .await?;
+    assert_eq!(more.code, Some(1), "{}\n{}", more.stdout, more.stderr);
+    assert_eq!(
+        more.stdout.matches("1 record(s)").count(),
+        2,
+        "{}",
+        more.stdout
+    );
+    assert!(
+        more.stderr.contains("FailedPrecondition"),
+        "{}",
+        more.stderr
+    );
+
+    // 6. Stop: every process exits.
+    scratch
+        .run_ok(&topology, &step("6. Stop", "kill")?, BLOCK)
+        .await?;
+    scratch
+        .run_ok(
+            &topology,
+            "for f in logs/*.pid; do while kill -0 $(cat $f) 2>/dev/null; do sleep 0.1; done; done",
+            BLOCK,
+        )
+        .await?;
+    for code in ["350000", "350100", "350102", "350103", "350200", "350203"] {
+        let log = read_log(&topology.join(format!("logs/node-{code}.log")));
+        assert!(log.contains("node stopped"), "node {code}:\n{log}");
+    }
+    Ok(())
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
+}
