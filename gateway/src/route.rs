@@ -499,6 +499,17 @@ impl Router {
                     0,
                 ))
             }
+            RequestKind::Unsubscribe => {
+                let req = fedgate_proto::v1::UnsubscribeRequest::decode(request)
+                    .map_err(|e| bad("UnsubscribeRequest", e))?;
+                Ok((
+                    self.flowback()?
+                        .unsubscribe(&consumer, &env.resource_id, req)
+                        .await?
+                        .encode_to_vec(),
+                    0,
+                ))
+            }
             RequestKind::GetObjection => {
                 let req = GetObjectionRequest::decode(request)
                     .map_err(|e| bad("GetObjectionRequest", e))?;

@@ -1,5 +1,5 @@
 //! Flow-back subscriptions over real federations: a province resource flows back to a county, first export and
-//! later changes exactly once; revocation and expiry stop it at the provider's node; a provider without a change
+//! later changes exactly once; revocation, expiry and the agency's own Unsubscribe stop it at the provider's node; a provider without a change
 //! log is diffed; forged or altered batches and wrong grants are refused with their exact codes and audited.
 
 use std::time::Duration;
@@ -10,12 +10,13 @@ use fedgate_gateway::statement::NodeSigner;
 use fedgate_gateway::tls::TlsMaterial;
 use fedgate_proto::v1::{
     AuditOperation, DeliverRequest, DeliveryBatch, DeliveryItems, Grant, ListSubscriptionsRequest,
-    Record, RevokeRequest, ShareMode, ShareType, SubscriptionEndReason, SubscriptionItem,
-    SubscriptionState, subscription_item,
+    Record, RequestKind, RevokeRequest, ShareMode, ShareType, SubscriptionEndReason,
+    SubscriptionItem, SubscriptionState, UnsubscribeRequest, subscription_item,
 };
 use fedgate_tests::flowback::{
     Read, assert_consecutive, bulk_grant, read, subscribe, subscribe_request, upsert_value,
 };
+use fedgate_tests::rogue::{RogueNode, assert_audited, now_ms};
 use fedgate_tests::{Devnet, NodeSpec, code, eventually, federation_client, own_audit_records};
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -272,6 +273,78 @@ async fn revocation_stops_a_subscription_at_once_and_its_stream_ends_saying_why(
         .expect_err("revoked grant");
     assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
     assert!(err.message().contains("revoked"), "{}", err.message());
+    net.shutdown().await
+}
+
+#[tokio::test]
+async fn an_agency_ends_its_own_subscription_and_no_one_else_can() -> Result<()> {
+    let net = federation(60).await?;
+    let consumer = net.consumer_at(code("350102"))?.uscc.clone();
+    let mut c = net.client(&consumer).await?;
+    let grant = bulk_grant(&mut c, RESOURCE, &FIELDS).await?;
+    let sub = subscribe(&mut c, RESOURCE, &grant, &FIELDS).await?;
+    let first = read(&mut c, &sub.id, 0, PERSONS, WAIT).await?;
+    let ask = |reason: &str| UnsubscribeRequest {
+        subscription_id: sub.id.clone(),
+        reason: reason.into(),
+    };
+
+    // Another agency, at its own node: the subscription is not known there.
+    let other = net.consumer_at(code("350103"))?.uscc.clone();
+    let err = net
+        .client(&other)
+        .await?
+        .unsubscribe(ask("not mine"))
+        .await
+        .expect_err("another agency's subscription");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    assert_audited(&net, "350103", "NOT_FOUND", &sub.id).await?;
+    // Its node, signing honestly as itself, asks the resource's node directly: refused there.
+    let rogue = RogueNode::new(&net, "350103")?
+        .presenting(&net.consumer_at(code("350103"))?.cert.cert_pem)?;
+    let mut env = rogue.envelope(
+        "rogue-unsubscribe",
+        (RESOURCE, "350000"),
+        (other.as_str(), "350103"),
+    );
+    env.kind = RequestKind::Unsubscribe as i32;
+    env.mode = 0;
+    let req = ask("rogue");
+    env.assertion = Some(rogue.assert(&env, &req.encode_to_vec(), now_ms(&net))?);
+    let err = rogue
+        .federation(&net, "350100")
+        .await?
+        .forward(RogueNode::forward(env, &req))
+        .await
+        .expect_err("a subscription ended by another node");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        err.message().contains("at node 350102"),
+        "{}",
+        err.message()
+    );
+    assert_audited(&net, "350000", "PERMISSION_DENIED", "at node 350102").await?;
+
+    // The subscriber ends it: nothing more is delivered, the stream ends saying why.
+    let ended = c.unsubscribe(ask("no longer needed")).await?.into_inner();
+    assert_eq!(ended.state, SubscriptionState::Ended as i32);
+    let p = provider(&net)?;
+    assert!(p.edit(&person_id(&net, 5)?, |p| p.address = "退订后新址".into()));
+    let rest = read_to_end(&mut c, &sub.id, first.last_seq()).await?;
+    let end = rest.end().context("an end item")?;
+    assert_eq!(end.reason, SubscriptionEndReason::Unsubscribed as i32);
+    assert!(end.detail.contains("no longer needed"), "{}", end.detail);
+    assert!(rest.items.iter().all(|i| !is_upsert(i)), "{:?}", rest.items);
+    let audited = audits(&net, "350000", AuditOperation::SubscriptionEnded).await?;
+    assert!(
+        audited
+            .iter()
+            .any(|r| r.outcome == "OK" && r.detail.contains("UNSUBSCRIBED")),
+        "{audited:?}"
+    );
+    // Ending it again answers it as it is.
+    let again = c.unsubscribe(ask("again")).await?.into_inner();
+    assert_eq!(again.state, SubscriptionState::Ended as i32);
     net.shutdown().await
 }
 

@@ -1,4 +1,4 @@
-//! `fedgate agency subscribe | subscriptions | read-subscription`: flow-back subscriptions of an agency.
+//! `fedgate agency subscribe | subscriptions | read-subscription | unsubscribe`: flow-back subscriptions of an agency.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use clap::Subcommand;
 use fedgate_proto::v1::agency_client::AgencyClient;
 use fedgate_proto::v1::{
     ListSubscriptionsRequest, ReadSubscriptionRequest, SubscribeRequest, Subscription,
-    SubscriptionEndReason, SubscriptionState, subscription_item,
+    SubscriptionEndReason, SubscriptionState, UnsubscribeRequest, subscription_item,
 };
 use tonic::transport::Channel;
 
@@ -46,6 +46,15 @@ pub enum FlowbackCommand {
         /// Stop once everything received so far was printed.
         #[arg(long)]
         no_follow: bool,
+    },
+    /// Ends a subscription at the resource's node: nothing more is produced, and its end item follows what was
+    /// delivered.
+    Unsubscribe {
+        /// Subscription id, e.g. 350000-s-1.
+        id: String,
+        /// Why (kept on the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -89,6 +98,18 @@ pub async fn run(c: &mut AgencyClient<Channel>, command: FlowbackCommand) -> Res
                 })
                 .await
                 .map_err(grpc("Subscribe"))?
+                .into_inner();
+            print_subscription(&sub);
+            Ok(())
+        }
+        FlowbackCommand::Unsubscribe { id, reason } => {
+            let sub = c
+                .unsubscribe(UnsubscribeRequest {
+                    subscription_id: id,
+                    reason,
+                })
+                .await
+                .map_err(grpc("Unsubscribe"))?
                 .into_inner();
             print_subscription(&sub);
             Ok(())

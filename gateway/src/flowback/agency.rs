@@ -123,7 +123,7 @@ impl Flowback {
     }
 
     /// The subscription `id` of `caller` as this node holds it.
-    async fn own(&self, caller: &Uscc, id: &str) -> Result<Subscription> {
+    pub(super) async fn own(&self, caller: &Uscc, id: &str) -> Result<Subscription> {
         let me = self.me();
         let doc = self
             .inner

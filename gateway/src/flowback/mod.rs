@@ -10,7 +10,8 @@
 //! leases as the uplink ([`crate::ship`]). The subscriber's node ([`receive`]) checks each batch's signature,
 //! signer and digest, stores its items idempotently and answers how far it holds the subscription; its agency
 //! reads them as a resumable stream. Revocation or expiry of the grant ends the subscription at the resource's
-//! node: nothing more is produced, items not yet shipped are withheld, and a last item says why.
+//! node: nothing more is produced, items not yet shipped are withheld, and a last item says why; so does the
+//! agency's own `Unsubscribe` ([`unsubscribe`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub mod agency;
 mod produce;
 pub mod receive;
 mod shipper;
+mod unsubscribe;
 
 /// Limits and intervals of flow-back subscriptions (`[flowback]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -35,8 +35,15 @@ async fn until_stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Why the grant no longer lets the subscription run, if it does not.
-async fn stopped(fb: &Flowback, grant: &Grant) -> Result<Option<(SubscriptionEndReason, String)>> {
+/// Why subscription `id` no longer runs, if it does not: its agency ended it, or its grant no longer lets it.
+async fn stopped(
+    fb: &Flowback,
+    grant: &Grant,
+    id: &str,
+) -> Result<Option<(SubscriptionEndReason, String)>> {
+    if let Some(detail) = fb.unsubscribed(id).await? {
+        return Ok(Some((SubscriptionEndReason::Unsubscribed, detail)));
+    }
     if fb.inner.governance.is_revoked(&grant.id).await? {
         return Ok(Some((
             SubscriptionEndReason::Revoked,
@@ -145,7 +152,7 @@ impl Worker {
             }
             let mut step = Step::Idle;
             if !held.ended() {
-                if let Some((reason, detail)) = stopped(fb, &grant).await? {
+                if let Some((reason, detail)) = stopped(fb, &grant, &self.id).await? {
                     fb.end(&mut held, &provider_uscc, reason, detail).await?;
                     continue;
                 }
@@ -163,7 +170,7 @@ impl Worker {
                     Ok((_, permit)) => permit,
                     Err(e @ (Error::Store(_) | Error::Unavailable(_))) => return Err(e),
                     Err(e) => {
-                        let reason = match stopped(fb, &grant).await? {
+                        let reason = match stopped(fb, &grant, &self.id).await? {
                             Some((reason, _)) => reason,
                             None => SubscriptionEndReason::Withdrawn,
                         };
@@ -178,7 +185,7 @@ impl Worker {
             loop {
                 let (held, provider_uscc) = self.load().await?;
                 if !held.ended()
-                    && let Some((reason, detail)) = stopped(fb, &grant).await?
+                    && let Some((reason, detail)) = stopped(fb, &grant, &self.id).await?
                 {
                     // Revoked or expired meanwhile: nothing more leaves with data.
                     let mut held = held;

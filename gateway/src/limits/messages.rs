@@ -499,6 +499,9 @@ pub fn check_forward(req: &ForwardRequest, l: &LimitsConfig, target_here: bool) 
         Ok(RequestKind::ListDemands) => inner::<ListDemandsRequest>(&req.request, l),
         Ok(RequestKind::AnswerDemand) => inner::<AnswerDemandRequest>(&req.request, l),
         Ok(RequestKind::Subscribe) => inner::<fedgate_proto::v1::SubscribeRequest>(&req.request, l),
+        Ok(RequestKind::Unsubscribe) => {
+            inner::<fedgate_proto::v1::UnsubscribeRequest>(&req.request, l)
+        }
         Err(_) => Ok(()),
     }
     .map_err(|e| match e {
@@ -531,6 +534,17 @@ impl Bounded for fedgate_proto::v1::SubscribeRequest {
             signed_grant(g, l)?;
         }
         Ok(())
+    }
+}
+
+impl Bounded for fedgate_proto::v1::UnsubscribeRequest {
+    fn check_limits(&self, l: &LimitsConfig) -> Result<()> {
+        ident(
+            "subscription_id",
+            &self.subscription_id,
+            limit!(l, max_id_chars),
+        )?;
+        text("reason", &self.reason, limit!(l, max_text_chars))
     }
 }
 

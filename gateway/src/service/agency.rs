@@ -574,6 +574,25 @@ impl AgencyService {
         Ok(sub)
     }
 
+    async fn unsubscribe_routed(
+        &self,
+        uscc: &Uscc,
+        r: fedgate_proto::v1::UnsubscribeRequest,
+    ) -> Result<fedgate_proto::v1::Subscription> {
+        let flowback = self.router.flowback()?;
+        let own = flowback.before_unsubscribe(uscc, &r).await?;
+        let sub: fedgate_proto::v1::Subscription = self
+            .route_by_resource(
+                uscc,
+                RequestKind::Unsubscribe,
+                &own.resource_id,
+                r.encode_to_vec(),
+            )
+            .await?;
+        flowback.subscribed(&sub).await?;
+        Ok(sub)
+    }
+
     /// Sends a governance request about a resource to the resource's node.
     async fn route_by_resource<M: Message + Default>(
         &self,
@@ -951,6 +970,15 @@ impl Agency for AgencyService {
         let uscc = self.admitted(&req, "ReadSubscription").await?;
         let flowback = self.router.flowback()?;
         Ok(Response::new(flowback.read(&uscc, req.into_inner()).await?))
+    }
+
+    async fn unsubscribe(
+        &self,
+        req: Request<fedgate_proto::v1::UnsubscribeRequest>,
+    ) -> Result<Response<fedgate_proto::v1::Subscription>, Status> {
+        let uscc = self.admitted(&req, "Unsubscribe").await?;
+        let r = req.into_inner();
+        Ok(Response::new(self.unsubscribe_routed(&uscc, r).await?))
     }
 
     async fn list_subscriptions(

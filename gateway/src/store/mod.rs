@@ -315,6 +315,8 @@ pub enum DocKind {
     HeldGrant,
     /// A notice to one of this node's agencies, by sequence number (`own_view`).
     Notice,
+    /// At the resource's node: the agency's request to end a subscription, by the subscription's id (`flowback`).
+    Unsubscribe,
 }
 
 impl DocKind {
@@ -331,6 +333,7 @@ impl DocKind {
             DocKind::HeldApplication => "held_application",
             DocKind::HeldGrant => "held_grant",
             DocKind::Notice => "notice",
+            DocKind::Unsubscribe => "unsubscribe",
         }
     }
 }
