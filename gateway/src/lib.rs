@@ -28,6 +28,7 @@ pub mod node;
 pub mod own_view;
 pub mod pki;
 pub mod policy;
+pub mod probe;
 pub mod refusals;
 pub mod route;
 pub mod service;

@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fedgate_proto::v1::agency_server::AgencyServer;
-use fedgate_proto::v1::federation_server::FederationServer;
-use fedgate_proto::v1::open_data_server::OpenDataServer;
-use fedgate_proto::v1::operator_server::OperatorServer;
+use fedgate_proto::v1::agency_server::{self, AgencyServer};
+use fedgate_proto::v1::federation_server::{self, FederationServer};
+use fedgate_proto::v1::open_data_server::{self, OpenDataServer};
+use fedgate_proto::v1::operator_server::{self, OperatorServer};
 use fedgate_proto::v1::{KeyEndorsement, Stream};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,21 +18,23 @@ use crate::admission::Admission;
 use crate::assertion::Assertions;
 use crate::audit::AuditLog;
 use crate::cache::{ServedNodes, ShareCache};
-use crate::calendar::WorkCalendar;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{MIN_RETENTION_DAYS, NodeConfig, StorageConfig};
+use crate::config::{Checked, NodeConfig, StorageConfig};
 use crate::downlink::Downlink;
 use crate::governance::{Governance, SCAN_PAGE};
 use crate::grant::{GrantError, GrantKey};
 use crate::ident::DivisionCode;
 use crate::limits::GuardLayer;
 use crate::metrics::NodeMetrics;
+use crate::probe::{Probe, STORAGE_PROBE_EVERY, STORAGE_PROBE_TIMEOUT};
 use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
-use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
-use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
+use crate::service::{
+    AgencyService, FederationService, OpenDataService, OperatorService, reflect, scrape,
+};
+use crate::statement::{NodeSigner, StatementVerifier};
 use crate::store::{PgStore, Retrying, SqliteStore, Store, StoreChange, StoreError};
-use crate::tls::{self, HandshakeFailure, TlsMaterial};
+use crate::tls::{self, HandshakeFailure};
 use crate::topology::Topology;
 use crate::uplink::{Recovery, Uplink};
 
@@ -85,6 +87,9 @@ pub struct NodeHandle {
     audit_writer: JoinHandle<()>,
     governance: Governance,
     own_view: crate::own_view::OwnView,
+    probe: Probe,
+    /// The metrics listener (also `/livez` and `/readyz`): stopped by its token once the node has drained.
+    metrics_server: Option<(tokio_util::sync::CancellationToken, JoinHandle<()>)>,
     shutdown: watch::Sender<bool>,
     grace: std::time::Duration,
     stopping: tokio_util::sync::CancellationToken,
@@ -124,25 +129,20 @@ pub async fn start_with_clock(
     listener: TcpListener,
     clock: Arc<dyn Clock>,
 ) -> Result<NodeHandle, NodeError> {
-    if config.audit.retention_days < MIN_RETENTION_DAYS {
-        return Err(NodeError::Config(crate::error::Error::InvalidArgument(
-            format!(
-                "audit.retention_days {} is below the legal minimum of {MIN_RETENTION_DAYS} days (three years)",
-                config.audit.retention_days
-            ),
-        )));
-    }
-    config.limits.validate(config.routing.hop_limit)?;
+    // The same checks as `fedgate check-config`, every problem named at once.
+    let Checked {
+        tls,
+        key_path,
+        revoked,
+        calendar,
+        ..
+    } = config.check().map_err(|problems| {
+        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        NodeError::Config(crate::error::Error::InvalidArgument(all.join("; ")))
+    })?;
     let limits = config.limits;
-    let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let topology = Arc::new(Topology::from_config(&config, &tls)?);
     let code = topology.code;
-    let key_path = config.signing_key_path().ok_or_else(|| {
-        NodeError::Config(crate::error::Error::InvalidArgument(
-            "signing_key: give the path of the node's signing key (required with storage.kind = \"postgres\")"
-                .into(),
-        ))
-    })?;
     // Contention never reaches a caller as a storage failure: it is waited for and retried up to the bound.
     let store: Arc<dyn Store> = Arc::new(Retrying::new(
         open_store(&config.storage).await?,
@@ -174,7 +174,6 @@ pub async fn start_with_clock(
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
     let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;
-    let revoked = RevokedSerials::parse(&config.trust.revoked_serials).map_err(trust_error)?;
     let verifier =
         Arc::new(StatementVerifier::new(&tls.ca_pem, revoked.clone()).map_err(trust_error)?);
     let endorsement = signer
@@ -193,11 +192,6 @@ pub async fn start_with_clock(
         metrics.clone(),
     )
     .await?;
-    let calendar = WorkCalendar::new(&config.calendar).map_err(|e| {
-        NodeError::Config(crate::error::Error::InvalidArgument(format!(
-            "calendar: {e}"
-        )))
-    })?;
     let governance = Governance::new(
         code,
         store.clone(),
@@ -294,17 +288,24 @@ pub async fn start_with_clock(
         }
     }
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<FederationServer<FederationService>>()
+    // Health and readiness, shared by every listener's health service and the metrics listener's probes.
+    let probe = Probe::new();
+    tasks.push(tokio::spawn(probe.clone().watch_storage(
+        store.clone(),
+        (STORAGE_PROBE_EVERY, STORAGE_PROBE_TIMEOUT),
+        shutdown_rx.clone(),
+    )));
+    let backbone_services = [
+        federation_server::SERVICE_NAME,
+        agency_server::SERVICE_NAME,
+        operator_server::SERVICE_NAME,
+        reflect::HEALTH_SERVICE,
+    ];
+    let health = probe
+        .health_service(&reflect::with_reflection(&backbone_services))
         .await;
-    health_reporter
-        .set_serving::<AgencyServer<AgencyService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fedgate_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| crate::error::Error::InvalidArgument(format!("reflection: {e}")))?;
+    let (reflection, reflection_v1alpha) =
+        reflect::reflection(&backbone_services).map_err(reflection_error)?;
 
     let federation = FederationService::new(
         topology.clone(),
@@ -339,6 +340,8 @@ pub async fn start_with_clock(
             });
         })
     };
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    let mut metrics_server = None;
     let metrics_addr = match &config.metrics {
         Some(m) => {
             let (listener, addr) = listen(&m.listen).await?;
@@ -355,13 +358,13 @@ pub async fn start_with_clock(
                 metrics.clone(),
                 store.clone(),
                 topology.parent.is_some().then(|| uplink.clone()),
-            ));
-            let mut stop = shutdown_rx.clone();
-            tasks.push(tokio::spawn(async move {
+            ))
+            .merge(crate::probe::routes(probe.clone()));
+            // Serves through the drain, so that `/readyz` says the node is draining; stops once it has drained.
+            let stop = metrics_stop.clone();
+            metrics_server = Some(tokio::spawn(async move {
                 let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
+                    .with_graceful_shutdown(stop.cancelled_owned())
                     .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "metrics endpoint stopped");
@@ -388,10 +391,20 @@ pub async fn start_with_clock(
                 limits_of(connections.open_data()),
                 on_refused("open_data"),
             );
+            let open_services = [open_data_server::SERVICE_NAME, reflect::HEALTH_SERVICE];
+            let (open_reflection, open_reflection_v1alpha) =
+                reflect::reflection(&open_services).map_err(reflection_error)?;
             let server = http2_server(connections)
                 .layer(TrackCallsLayer::<()>::new())
                 .layer(GuardLayer::new(audit_log.clone()))
                 .layer(StopCallsLayer::new(code, stopping.clone()))
+                .add_service(
+                    probe
+                        .health_service(&reflect::with_reflection(&open_services))
+                        .await,
+                )
+                .add_service(open_reflection)
+                .add_service(open_reflection_v1alpha)
                 .add_service(
                     OpenDataServer::new(svc).max_decoding_message_size(limits.max_message_bytes),
                 );
@@ -448,6 +461,7 @@ pub async fn start_with_clock(
             .layer(StopCallsLayer::new(code, stopping.clone()))
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 FederationServer::new(federation)
                     .max_decoding_message_size(limits.max_message_bytes),
@@ -485,6 +499,8 @@ pub async fn start_with_clock(
         audit_writer,
         governance,
         own_view,
+        probe,
+        metrics_server: metrics_server.map(|task| (metrics_stop, task)),
         shutdown,
         grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
         stopping,
@@ -492,6 +508,13 @@ pub async fn start_with_clock(
         server,
         tasks,
     })
+}
+
+/// Reflection that cannot be built from the compiled descriptors is a broken build, reported as configuration.
+fn reflection_error(e: tonic_reflection::server::Error) -> NodeError {
+    NodeError::Config(crate::error::Error::InvalidArgument(format!(
+        "reflection: {e}"
+    )))
 }
 
 /// A node whose signing material or CA bundle cannot be used is misconfigured.
@@ -715,6 +738,8 @@ impl NodeHandle {
             audit_writer,
             governance,
             own_view,
+            probe,
+            metrics_server,
             shutdown,
             grace,
             stopping,
@@ -723,6 +748,8 @@ impl NodeHandle {
             mut tasks,
             ..
         } = self;
+        // Health turns NOT_SERVING and `/readyz` 503 before the listeners stop accepting.
+        probe.drain().await;
         let _ = shutdown.send(true);
         let mut drain = Box::pin(async {
             for t in &mut tasks {
@@ -746,6 +773,12 @@ impl NodeHandle {
             }
         };
         drop(drain);
+        if let Some((stop, task)) = metrics_server {
+            stop.cancel();
+            if tokio::time::timeout(STOP_MARGIN, task).await.is_err() {
+                tracing::warn!(node = %code, "the metrics endpoint did not stop in time");
+            }
+        }
         let served = served.unwrap_or_else(|| {
             tracing::error!(node = %code, "the server did not stop after its connections were closed");
             server.abort();

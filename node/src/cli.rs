@@ -77,6 +77,12 @@ enum Command {
     Restore(crate::backup::RestoreArgs),
     /// Create an age key pair for encrypting backups: writes the secret key, prints the public key.
     BackupKey(crate::backup::KeygenArgs),
+    /// Check a node's configuration as start-up would, without starting it; names each problem by its key
+    /// (exit status 78 when there is any).
+    CheckConfig {
+        /// Path of the node's configuration.
+        config: PathBuf,
+    },
 }
 
 impl Cli {
@@ -110,6 +116,7 @@ impl Cli {
                 Command::Backup(args) => crate::backup::backup(args).await,
                 Command::Restore(args) => crate::backup::restore(args).await,
                 Command::BackupKey(args) => crate::backup::keygen(args),
+                Command::CheckConfig { config } => crate::check_config::run(&config).await,
             }
         });
         match result {

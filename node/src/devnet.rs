@@ -574,6 +574,15 @@ impl Devnet {
         Ok(())
     }
 
+    /// Takes a running node out of the federation's hands, for a test that stops it itself (and watches it
+    /// drain); the node counts as stopped afterwards.
+    pub fn take_node(&mut self, code: DivisionCode) -> Result<NodeHandle> {
+        self.nodes
+            .get_mut(&code)
+            .and_then(|n| n.handle.take())
+            .ok_or_else(|| anyhow!("node {code} is not running"))
+    }
+
     /// Starts a stopped node again on its old address with its old database.
     pub async fn restart_node(&mut self, code: DivisionCode) -> Result<()> {
         let n = self

@@ -7,6 +7,7 @@ pub mod db_lock;
 pub mod flowback;
 pub mod guide;
 pub mod postgres;
+pub mod probe;
 pub mod process;
 pub mod raw;
 pub mod rogue;
@@ -161,7 +162,7 @@ pub async fn own_audit_records(net: &Devnet, node: &str) -> Result<Vec<AuditReco
 }
 
 /// A lazily connecting mTLS channel to `node` presenting `cert` (any certificate of the federation's CA).
-fn channel_to(net: &Devnet, node: &str, cert: &IssuedCert) -> Result<Channel> {
+pub fn channel_to(net: &Devnet, node: &str, cert: &IssuedCert) -> Result<Channel> {
     let tls = TlsMaterial {
         ca_pem: net.ca().ca_pem(),
         cert_pem: cert.cert_pem.clone(),

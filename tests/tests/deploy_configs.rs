@@ -378,3 +378,104 @@ fn the_backup_timer_runs_the_backup_service_daily_and_systemd_accepts_both() -> 
     );
     Ok(())
 }
+
+/// The port of a `host:port` listen address.
+fn port_of(listen: &str) -> Option<u16> {
+    listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+}
+
+/// Kubernetes probes the metrics port over plain HTTP (`/livez`, `/readyz`), never the TLS port, whose every
+/// probe would be a refused handshake.
+#[test]
+fn kubernetes_probes_ask_livez_and_readyz_on_the_metrics_port() -> Result<()> {
+    let files = node_files("deploy/kubernetes", ".yaml")?;
+    assert_eq!(files.len(), 6);
+    for path in files {
+        let yaml = std::fs::read_to_string(&path)?;
+        let name = path.display();
+        assert!(!yaml.contains("tcpSocket"), "{name} still probes TCP");
+        let config: NodeConfig = toml::from_str(&embedded_toml(&yaml).context("no node.toml")?)?;
+        let metrics = config.metrics.context("the node serves metrics")?;
+        let port = port_of(&metrics.listen).context("a metrics port")?;
+        let ports = yaml_block(&yaml, "- name: metrics").context("a metrics container port")?;
+        assert!(
+            ports
+                .iter()
+                .any(|l| l.trim() == format!("containerPort: {port}")),
+            "{name}: the port named metrics is {port}"
+        );
+        for (probe, want) in [
+            ("startupProbe:", "/livez"),
+            ("livenessProbe:", "/livez"),
+            ("readinessProbe:", "/readyz"),
+        ] {
+            let block = yaml_block(&yaml, probe).with_context(|| format!("{name}: {probe}"))?;
+            let lines: Vec<&str> = block.iter().map(|l| l.trim()).collect();
+            assert!(lines.contains(&"httpGet:"), "{name}: {probe} {lines:?}");
+            assert!(
+                lines.contains(&format!("path: {want}").as_str()),
+                "{name}: {probe}"
+            );
+            assert!(lines.contains(&"port: metrics"), "{name}: {probe}");
+        }
+    }
+    Ok(())
+}
+
+/// The healthcheck command of compose's nodes, as the container runs it (compose's `$$` is a `$`).
+fn compose_healthcheck() -> Result<Vec<String>> {
+    let compose = std::fs::read_to_string(workspace().join("deploy/compose/compose.yaml"))?;
+    let node = yaml_block(&compose, "x-node:").context("no x-node")?;
+    let line = node
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("test: "))
+        .context("the nodes have no healthcheck")?;
+    // A flow sequence of double-quoted strings is JSON.
+    let test: Vec<String> = serde_json::from_str(line).context("healthcheck test")?;
+    Ok(test.into_iter().map(|w| w.replace("$$", "$")).collect())
+}
+
+/// Compose's healthcheck reads `/readyz` on the metrics port every node configures, and succeeds against a
+/// ready node, fails against none.
+#[tokio::test]
+async fn the_compose_healthcheck_reads_readyz_and_passes_only_on_a_ready_node() -> Result<()> {
+    let test = compose_healthcheck()?;
+    assert_eq!(test[..3], ["CMD", "bash", "-c"], "{test:?}");
+    let script = &test[3];
+    assert!(script.contains("GET /readyz "), "{script}");
+    let mut configured = std::collections::BTreeSet::new();
+    for path in node_files("deploy/compose/config", ".toml")? {
+        let config: NodeConfig = toml::from_str(&std::fs::read_to_string(&path)?)?;
+        let listen = config
+            .metrics
+            .context("compose nodes serve metrics")?
+            .listen;
+        configured.insert(port_of(&listen).context("a port")?);
+    }
+    assert_eq!(configured.len(), 1, "one metrics port in every container");
+    let port = configured.first().copied().unwrap_or_default();
+    let target = format!("/dev/tcp/127.0.0.1/{port}");
+    assert!(script.contains(&target), "{script} asks port {port}");
+
+    let run = |addr: std::net::SocketAddr| {
+        let script = script.replace(&target, &format!("/dev/tcp/{}/{}", addr.ip(), addr.port()));
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("bash")
+                .args(["-c", &script])
+                .status()
+        })
+    };
+    fedgate_tests::init();
+    let net =
+        fedgate_node::devnet::Devnet::start(vec![fedgate_node::devnet::NodeSpec::new("350000")?])
+            .await?;
+    let addr = net
+        .node(fedgate_tests::code("350000"))?
+        .metrics_addr()
+        .context("metrics")?;
+    assert!(run(addr).await??.success(), "healthy while ready");
+    net.shutdown().await?;
+    let gone = run(addr).await??;
+    assert!(!gone.success(), "unhealthy once the node is gone");
+    Ok(())
+}

@@ -5,6 +5,7 @@ mod agency;
 mod federation;
 mod open_data;
 mod operator;
+pub mod reflect;
 pub mod scrape;
 
 pub use agency::AgencyService;

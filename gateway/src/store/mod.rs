@@ -664,6 +664,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}
+
+    /// Checks, cheaply and once (no retry), that the storage still answers as configured: a fresh connection to
+    /// the SQLite file, a round trip to the PostgreSQL server. Health and readiness probes call it.
+    async fn ping(&self) -> Result<(), StoreError>;
 }
 
 /// Decodes a stored catalog entry.

@@ -23,6 +23,7 @@ use super::{
 
 mod catalog;
 mod flow;
+mod ping;
 mod recover;
 
 /// Connections of the pool.
@@ -1024,6 +1025,11 @@ impl Store for PgStore {
 
     async fn close(&self) {
         PgStore::close(self).await;
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 }
 

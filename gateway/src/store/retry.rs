@@ -408,6 +408,11 @@ impl Store for Retrying {
     async fn close(&self) {
         self.inner.close().await;
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // A probe reports what it finds now: waiting out contention would only delay the answer.
+        self.inner.ping().await
+    }
 }
 
 #[cfg(test)]

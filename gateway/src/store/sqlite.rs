@@ -24,6 +24,7 @@ use super::{
 
 mod catalog;
 mod flow;
+mod ping;
 mod recover;
 
 /// Page cache of the writer connection (negative: KiB), 32 MiB.
@@ -979,6 +980,10 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         SqliteStore::close(self).await;
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        ping::ping(&self.reader).await
     }
 }
 

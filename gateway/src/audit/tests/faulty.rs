@@ -379,4 +379,8 @@ impl Store for Faulty {
     async fn change_feed(&self) -> Result<Option<Box<dyn crate::store::ChangeFeed>>, StoreError> {
         self.inner.change_feed().await
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
 }

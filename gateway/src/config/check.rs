@@ -1,0 +1,466 @@
+//! Every check a node makes of its configuration before it starts, in one place: start-up runs
+//! [`NodeConfig::check`] and `fedgate check-config` runs it too (with [`check_storage`]), so they cannot drift.
+//! Each problem names its key; all of them are reported, not only the first.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::{MIN_RETENTION_DAYS, NodeConfig, PeerNode, StorageConfig};
+use crate::calendar::WorkCalendar;
+use crate::grant::GrantKey;
+use crate::ident::{DivisionCode, Peer, Uscc};
+use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
+use crate::tls::TlsMaterial;
+
+/// One problem of a configuration: the key it is about (`tls.cert`, `children[1].code`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key, as a path into the TOML file.
+    pub key: String,
+    /// What is wrong with its value.
+    pub message: String,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Self {
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Validators shared with the running node already begin their messages with the key.
+        if self.message.starts_with(&self.key) {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// What a configuration that passed its checks yields for start-up.
+pub struct Checked {
+    /// The node's code.
+    pub code: DivisionCode,
+    /// The node's CA bundle, certificate and key.
+    pub tls: TlsMaterial,
+    /// Where the node's signing key is (or is created).
+    pub key_path: PathBuf,
+    /// Serials of revoked federation certificates.
+    pub revoked: RevokedSerials,
+    /// The working-day calendar.
+    pub calendar: WorkCalendar,
+}
+
+impl NodeConfig {
+    /// Checks everything start-up checks without touching storage or the network: the code, addresses, TLS
+    /// files (readable, parseable, the certificate names this node, the key is its key, in force now), the
+    /// signing key, limits, calendar, audit retention, revoked serials and the topology (the parent's code is this
+    /// code's parent, children's codes its children, agencies' codes valid). Returns every problem found.
+    pub fn check(&self) -> Result<Checked, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let code = match self.code.parse::<DivisionCode>() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(Problem::new("code", e));
+                None
+            }
+        };
+        check_listen("listen", &self.listen, &mut problems);
+        if let Some(o) = &self.open_data {
+            check_listen("open_data.listen", &o.listen, &mut problems);
+        }
+        if let Some(m) = &self.metrics {
+            check_listen("metrics.listen", &m.listen, &mut problems);
+        }
+        let tls = check_tls(self, code, &mut problems);
+        let key_path = check_signing_key(self, &mut problems);
+        if self.audit.retention_days < MIN_RETENTION_DAYS {
+            problems.push(Problem::new(
+                "audit.retention_days",
+                format!(
+                    "{} is below the legal minimum of {MIN_RETENTION_DAYS} days (three years)",
+                    self.audit.retention_days
+                ),
+            ));
+        }
+        if let Err(e) = self.limits.validate(self.routing.hop_limit) {
+            problems.push(Problem::new("limits", e));
+        }
+        let calendar = WorkCalendar::new(&self.calendar)
+            .map_err(|e| problems.push(Problem::new("calendar", e)))
+            .ok();
+        for (i, s) in self.trust.revoked_serials.iter().enumerate() {
+            if let Err(e) = RevokedSerials::parse(std::slice::from_ref(s)) {
+                problems.push(Problem::new(format!("trust.revoked_serials[{i}]"), e));
+            }
+        }
+        let revoked = RevokedSerials::parse(&self.trust.revoked_serials).ok();
+        check_topology(self, code, &mut problems);
+        match (code, tls, key_path, revoked, calendar) {
+            (Some(code), Some(tls), Some(key_path), Some(revoked), Some(calendar))
+                if problems.is_empty() =>
+            {
+                Ok(Checked {
+                    code,
+                    tls,
+                    key_path,
+                    revoked,
+                    calendar,
+                })
+            }
+            _ => Err(problems),
+        }
+    }
+}
+
+/// A listen address is `host:port` with a port number (the host is resolved when it is bound).
+fn check_listen(key: &str, addr: &str, problems: &mut Vec<Problem>) {
+    let ok = addr.parse::<std::net::SocketAddr>().is_ok()
+        || addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !ok {
+        problems.push(Problem::new(
+            key,
+            format!("{addr:?} is not host:port (e.g. \"0.0.0.0:7400\")"),
+        ));
+    }
+}
+
+/// An address of a peer (node or provider): an `https://` URI with a host (every peer speaks TLS).
+fn check_peer_address(key: &str, addr: &str, problems: &mut Vec<Problem>) {
+    match addr.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+        Ok(_) => problems.push(Problem::new(
+            key,
+            format!("{addr:?} is not an https:// address with a host (e.g. \"https://node-350100:7400\")"),
+        )),
+        Err(e) => problems.push(Problem::new(key, format!("{addr:?}: {e}"))),
+    }
+}
+
+/// Reads and parses the three TLS files, then checks they belong together and to this node.
+fn check_tls(
+    config: &NodeConfig,
+    code: Option<DivisionCode>,
+    problems: &mut Vec<Problem>,
+) -> Option<TlsMaterial> {
+    let read =
+        |key: &str, path: &Path, problems: &mut Vec<Problem>| match std::fs::read_to_string(path) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                problems.push(Problem::new(
+                    key,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+                None
+            }
+        };
+    let certs = |key: &str, path: &Path, pem: &str, problems: &mut Vec<Problem>| {
+        match CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>() {
+            Ok(c) if !c.is_empty() => Some(c),
+            Ok(_) => {
+                problems.push(Problem::new(
+                    key,
+                    format!("{}: no CERTIFICATE block", path.display()),
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(Problem::new(
+                    key,
+                    format!("{}: malformed PEM: {e}", path.display()),
+                ));
+                None
+            }
+        }
+    };
+    let files = &config.tls;
+    let ca_pem = read("tls.ca", &files.ca, problems);
+    let cert_pem = read("tls.cert", &files.cert, problems);
+    let key_pem = read("tls.key", &files.key, problems);
+    let ca = ca_pem
+        .as_deref()
+        .and_then(|p| certs("tls.ca", &files.ca, p, problems));
+    let chain = cert_pem
+        .as_deref()
+        .and_then(|p| certs("tls.cert", &files.cert, p, problems));
+    let key = key_pem
+        .as_deref()
+        .and_then(|p| match PrivateKeyDer::from_pem_slice(p.as_bytes()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                problems.push(Problem::new(
+                    "tls.key",
+                    format!("{}: no usable private key: {e}", files.key.display()),
+                ));
+                None
+            }
+        });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    for (key, path, der) in ca.iter().flatten().map(|c| ("tls.ca", &files.ca, c)).chain(
+        chain
+            .iter()
+            .flat_map(|c| c.first())
+            .map(|c| ("tls.cert", &files.cert, c)),
+    ) {
+        if let Some(p) = in_force(der, now) {
+            problems.push(Problem::new(key, format!("{}: {p}", path.display())));
+        }
+    }
+    let (ca, chain, key) = (ca?, chain?, key?);
+    let material = TlsMaterial {
+        ca_pem: ca_pem?,
+        cert_pem: cert_pem?,
+        key_pem: key_pem?,
+    };
+    let _ = ca;
+    match material.own_peer() {
+        Ok(Peer::Node(c)) if Some(c) == code || code.is_none() => {}
+        Ok(Peer::Node(c)) => problems.push(Problem::new(
+            "tls.cert",
+            format!(
+                "{} is the certificate of node {c}, not of node {}",
+                files.cert.display(),
+                config.code
+            ),
+        )),
+        Ok(other) => problems.push(Problem::new(
+            "tls.cert",
+            format!(
+                "{} is not a node certificate ({})",
+                files.cert.display(),
+                other.to_uri()
+            ),
+        )),
+        Err(e) => problems.push(Problem::new("tls.cert", e)),
+    }
+    match rustls::crypto::ring::sign::any_supported_type(&key) {
+        Ok(signing) => {
+            let certified = rustls::sign::CertifiedKey::new(chain, signing);
+            if let Err(e) = certified.keys_match() {
+                problems.push(Problem::new(
+                    "tls.key",
+                    format!(
+                        "{} is not the key of the certificate {}: {e}",
+                        files.key.display(),
+                        files.cert.display()
+                    ),
+                ));
+            }
+        }
+        Err(e) => problems.push(Problem::new(
+            "tls.key",
+            format!("{}: {e}", files.key.display()),
+        )),
+    }
+    if let Err(e) = StatementVerifier::new(&material.ca_pem, RevokedSerials::default()) {
+        problems.push(Problem::new("tls.ca", e));
+    }
+    if let Err(e) = NodeSigner::from_material(&material) {
+        problems.push(Problem::new("tls.key", e));
+    }
+    Some(material)
+}
+
+/// Why the certificate `der` is not in force at `now` (Unix seconds), if it is not.
+fn in_force(der: &CertificateDer<'_>, now: i64) -> Option<String> {
+    let (_, cert) = match X509Certificate::from_der(der) {
+        Ok(c) => c,
+        Err(e) => return Some(format!("not an X.509 certificate: {e}")),
+    };
+    let v = cert.validity();
+    if now > v.not_after.timestamp() {
+        Some(format!("expired on {}", v.not_after))
+    } else if now < v.not_before.timestamp() {
+        Some(format!("not valid before {}", v.not_before))
+    } else {
+        None
+    }
+}
+
+/// The signing key: its path is known, and an existing key file holds a key.
+fn check_signing_key(config: &NodeConfig, problems: &mut Vec<Problem>) -> Option<PathBuf> {
+    let Some(path) = config.signing_key_path() else {
+        problems.push(Problem::new(
+            "signing_key",
+            "give the path of the node's signing key (required with storage.kind = \"postgres\")",
+        ));
+        return None;
+    };
+    let key = if config.signing_key.is_some() {
+        "signing_key"
+    } else {
+        "signing_key (default: beside storage.path)"
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            if let Err(e) = GrantKey::parse_key_file(&path, &text) {
+                problems.push(Problem::new(key, e));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Created at the first start: where it goes must allow that.
+            if let Some(p) = writable_dir_problem(&path) {
+                problems.push(Problem::new(key, p));
+            }
+        }
+        Err(e) => problems.push(Problem::new(
+            key,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+    Some(path)
+}
+
+/// Why a file could not be created at `path` (its directory, or the nearest one that exists, is not a
+/// writable directory), if it could not.
+fn writable_dir_problem(path: &Path) -> Option<String> {
+    let mut dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    while !dir.exists() {
+        dir = dir.parent().filter(|d| !d.as_os_str().is_empty())?;
+    }
+    if !dir.is_dir() {
+        return Some(format!(
+            "{} cannot be created: {} is not a directory",
+            path.display(),
+            dir.display()
+        ));
+    }
+    let trial = dir.join(format!(".fedgate-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&trial)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&trial);
+            None
+        }
+        Err(e) => Some(format!(
+            "{} cannot be created: directory {} is not writable: {e}",
+            path.display(),
+            dir.display()
+        )),
+    }
+}
+
+/// The neighbours and agencies fit this node: codes parse, the parent is this code's parent division, each
+/// child is one of its child divisions and is listed once, agencies' codes are valid and listed once, every
+/// address is an `https://` URI.
+fn check_topology(config: &NodeConfig, code: Option<DivisionCode>, problems: &mut Vec<Problem>) {
+    let peer = |key: String, p: &PeerNode, problems: &mut Vec<Problem>| {
+        check_peer_address(&format!("{key}.address"), &p.address, problems);
+        for (j, r) in p.replicas.iter().enumerate() {
+            check_peer_address(&format!("{key}.replicas[{j}]"), r, problems);
+        }
+        match p.code.parse::<DivisionCode>() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(Problem::new(format!("{key}.code"), e));
+                None
+            }
+        }
+    };
+    if let Some(p) = &config.parent
+        && let Some(parent) = peer("parent".into(), p, problems)
+        && let Some(code) = code
+        && !parent.is_parent_of(&code)
+    {
+        problems.push(Problem::new(
+            "parent.code",
+            format!("{parent} is not the parent division of node {code}"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, c) in config.children.iter().enumerate() {
+        let Some(child) = peer(format!("children[{i}]"), c, problems) else {
+            continue;
+        };
+        if let Some(code) = code
+            && !code.is_parent_of(&child)
+        {
+            problems.push(Problem::new(
+                format!("children[{i}].code"),
+                format!("{child} is not a child division of node {code}"),
+            ));
+        }
+        if !seen.insert(child) {
+            problems.push(Problem::new(
+                format!("children[{i}].code"),
+                format!("{child} is listed twice"),
+            ));
+        }
+    }
+    let mut seen = HashSet::new();
+    for (i, a) in config.agencies.iter().enumerate() {
+        if let Some(p) = &a.provider {
+            check_peer_address(&format!("agencies[{i}].provider"), p, problems);
+        }
+        match a.uscc.parse::<Uscc>() {
+            Ok(u) => {
+                if !seen.insert(u.clone()) {
+                    problems.push(Problem::new(
+                        format!("agencies[{i}].uscc"),
+                        format!("{u} is listed twice"),
+                    ));
+                }
+            }
+            Err(e) => problems.push(Problem::new(format!("agencies[{i}].uscc"), e)),
+        }
+    }
+}
+
+/// Whether the configured storage can be used, without changing it: an SQLite file that exists opens and
+/// answers, one that does not can be created; a PostgreSQL server accepts a connection within `timeout`.
+pub async fn check_storage(storage: &StorageConfig, timeout: Duration) -> Option<Problem> {
+    match storage {
+        StorageConfig::Sqlite { path, .. } => {
+            if !path.exists() {
+                return writable_dir_problem(path).map(|p| Problem::new("storage.path", p));
+            }
+            let opened = tokio::time::timeout(timeout, async {
+                let store = crate::store::SqliteStore::open_read_only(path).await?;
+                let pinged = crate::store::Store::ping(&store).await;
+                store.close().await;
+                pinged
+            })
+            .await;
+            match opened {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Problem::new(
+                    "storage.path",
+                    format!("{}: {e}", path.display()),
+                )),
+                Err(_) => Some(Problem::new(
+                    "storage.path",
+                    format!("{} did not open within {timeout:?}", path.display()),
+                )),
+            }
+        }
+        StorageConfig::Postgres { url, .. } => {
+            match tokio::time::timeout(timeout, crate::store::PgStore::reachable(url)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Problem::new(
+                    "storage.url",
+                    format!("cannot connect to {}: {e}", storage.describe()),
+                )),
+                Err(_) => Some(Problem::new(
+                    "storage.url",
+                    format!("{} did not answer within {timeout:?}", storage.describe()),
+                )),
+            }
+        }
+    }
+}
