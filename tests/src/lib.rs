@@ -242,24 +242,3 @@ pub async fn connect_from(
     socket.bind(std::net::SocketAddr::from((from, 0)))?;
     Ok(socket.connect(addr).await?)
 }
-
-/// Status code and body of a plain HTTP/1.1 `GET path` on `addr` (`host:port`).
-pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await?;
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).await?;
-    let Some((head, body)) = raw.split_once("\r\n\r\n") else {
-        bail!("not an HTTP response: {raw:?}");
-    };
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no status line in {head:?}"))?;
-    Ok((status, body.to_owned()))
-}

@@ -168,8 +168,8 @@ async fn the_readme_commands_run_as_written() -> Result<()> {
             BLOCK,
         )
         .await?;
-    let metrics = format!("127.0.0.1:{}", ports.get(9464)?);
-    let (status, scraped) = fedgate_tests::http_get(&metrics, "/metrics").await?;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], ports.get(9464)?));
+    let (status, scraped) = fedgate_tests::probe::http_get(metrics, "/metrics").await?;
     assert_eq!(status, 200, "{scraped}");
     assert!(scraped.contains("fedgate_"), "{scraped}");
     // SIGTERM drains and stops it with status 0.

@@ -13,7 +13,7 @@ async fn get(net: &Devnet, node: &str, path: &str) -> Result<(u16, String)> {
         .node(code(node))?
         .metrics_addr()
         .context("the metrics endpoint is configured")?;
-    fedgate_tests::http_get(&addr.to_string(), path).await
+    fedgate_tests::probe::http_get(addr, path).await
 }
 
 /// The value of the sample `name` (with its labels) in an exposition.
