@@ -3131,13 +3131,35 @@ async fn flow_outbox_appends_after_its_head_with_its_state_and_snapshot(
 async fn flow_inbox_stores_each_item_once_and_stops_at_a_gap(store: Arc<dyn Store>) -> Result<()> {
     let id = "350000-s-7";
     let item = |seq: u64| (seq, format!("item {seq}").into_bytes());
-    ensure!(store.flow_receive(id, &[item(1), item(2), item(3)]).await? == 3);
+    ensure!(
+        store
+            .flow_receive(id, &[item(1), item(2), item(3)], None)
+            .await?
+            == 3
+    );
     // Sent again with more: the known ones are skipped.
-    ensure!(store.flow_receive(id, &[item(2), item(3), item(4)]).await? == 4);
+    ensure!(
+        store
+            .flow_receive(id, &[item(2), item(3), item(4)], None)
+            .await?
+            == 4
+    );
     // A gap: nothing after it is stored.
-    ensure!(store.flow_receive(id, &[item(6), item(7)]).await? == 4);
-    // Consecutive up to a gap inside the batch.
-    ensure!(store.flow_receive(id, &[item(5), item(7)]).await? == 5);
+    ensure!(store.flow_receive(id, &[item(6), item(7)], None).await? == 4);
+    // Consecutive up to a gap inside the batch; the subscription's document is written with the items.
+    let mut ended = subscription_doc(id, 2, b"ended");
+    ended.kind = DocKind::Received;
+    ensure!(
+        store
+            .flow_receive(id, &[item(5), item(7)], Some(&ended))
+            .await?
+            == 5
+    );
+    let held = store.doc(DocKind::Received, id).await?;
+    ensure!(
+        held.as_ref().map(|d| d.body.as_slice()) == Some(b"ended".as_slice()),
+        "{held:?}"
+    );
     let items = store.flow_items(FlowSide::Inbox, id, 0, 100).await?;
     ensure!(
         items.iter().map(|(s, _)| *s).collect::<Vec<_>>() == vec![1, 2, 3, 4, 5],
