@@ -91,6 +91,14 @@ fn json(r: &OperationRecord) -> serde_json::Value {
     })
 }
 
+/// One line of the table: the columns of a record, or their titles.
+fn row(c: [&str; 10]) -> String {
+    format!(
+        "{:<30} {:<22} {:<20} {:>9} {:>9} {:>8} {:>8}  {:<34} {:<34} {}",
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+    )
+}
+
 /// Lists the records `args` asks for.
 pub async fn run(args: OpsArgs) -> Result<()> {
     let (code, mut client) = crate::cli::operator_client(&args.config).await?;
@@ -105,18 +113,21 @@ pub async fn run(args: OpsArgs) -> Result<()> {
         ..Default::default()
     };
     if !args.json {
+        println!("operational records of node {code}");
         println!(
-            "operational records of node {code}\n{:<30} {:<22} {:<20} {:>9} {:>9} {:>8} {:>8}  {:<34} {:<34} {}",
-            "request in",
-            "method",
-            "outcome",
-            "here ms",
-            "next ms",
-            "req B",
-            "resp B",
-            "caller",
-            "next hop",
-            "resource"
+            "{}",
+            row([
+                "request in",
+                "method",
+                "outcome",
+                "here ms",
+                "next ms",
+                "req B",
+                "resp B",
+                "caller",
+                "next hop",
+                "resource",
+            ])
         );
     }
     let mut left = args.limit;
@@ -131,22 +142,29 @@ pub async fn run(args: OpsArgs) -> Result<()> {
             if args.json {
                 println!("{}", json(r));
             } else {
-                println!(
-                    "{:<30} {:<22} {:<20} {:>9} {:>9} {:>8} {:>8}  {:<34} {:<34} {}",
-                    rfc3339(r.request_in_unix_nanos),
-                    r.method,
-                    fedgate_gateway::opmon::code_name(r.code),
+                let (here, next) = (
                     span_ms(r.request_in_unix_nanos, r.response_out_unix_nanos),
                     span_ms(r.request_out_unix_nanos, r.response_in_unix_nanos),
-                    r.request_bytes,
-                    r.response_bytes,
-                    r.caller,
-                    if r.next_hop.is_empty() {
-                        "-"
-                    } else {
-                        &r.next_hop
-                    },
-                    r.resource_id
+                );
+                let (req_b, resp_b) = (r.request_bytes.to_string(), r.response_bytes.to_string());
+                println!(
+                    "{}",
+                    row([
+                        &rfc3339(r.request_in_unix_nanos),
+                        &r.method,
+                        fedgate_gateway::opmon::code_name(r.code),
+                        &here,
+                        &next,
+                        &req_b,
+                        &resp_b,
+                        &r.caller,
+                        if r.next_hop.is_empty() {
+                            "-"
+                        } else {
+                            &r.next_hop
+                        },
+                        &r.resource_id,
+                    ])
                 );
             }
         }
