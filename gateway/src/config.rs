@@ -72,6 +72,9 @@ pub struct NodeConfig {
     /// What this node keeps of its agencies' applications and grants, and when it tells them.
     #[serde(default)]
     pub own_view: crate::own_view::OwnViewConfig,
+    /// Operational monitoring: per-call records and their retention.
+    #[serde(default)]
+    pub op_monitoring: crate::opmon::OpMonitoringConfig,
 }
 
 /// Default of `shutdown_grace_secs`.

@@ -270,7 +270,9 @@ impl Downlink {
             let mut client = FederationClient::new(neighbour.channel.clone());
             let mut req = tonic::Request::new(notice);
             req.set_timeout(self.timeout);
-            let ack = client.invalidate(req).await.map_err(|s| {
+            let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();
+            let ack = crate::opmon::next_hop(peer, client.invalidate(req));
+            let ack = ack.await.map_err(|s| {
                 call_error(
                     s,
                     &format!("node {} at {}", neighbour.code, neighbour.address),
@@ -309,7 +311,9 @@ impl Downlink {
         let mut client = FederationClient::new(neighbour.channel.clone());
         let mut req = tonic::Request::new(notice.clone());
         req.set_timeout(self.timeout);
-        let ack = client.revoke(req).await.map_err(|s| {
+        let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();
+        let ack = crate::opmon::next_hop(peer, client.revoke(req));
+        let ack = ack.await.map_err(|s| {
             call_error(
                 s,
                 &format!("node {} at {}", neighbour.code, neighbour.address),

@@ -25,6 +25,7 @@ pub mod ident;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod opmon;
 pub mod own_view;
 pub mod pki;
 pub mod policy;

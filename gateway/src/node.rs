@@ -245,6 +245,14 @@ pub async fn start_with_clock(
     .with_flowback(flowback.clone());
 
     let mut tasks = Vec::new();
+    let (opmon, opmon_writer) = crate::opmon::OpMonitor::start(
+        &config.op_monitoring,
+        code,
+        store.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+    );
+    tasks.push(opmon_writer);
     tasks.push(tokio::spawn(warn_overdue(
         governance.clone(),
         shutdown_rx.clone(),
@@ -396,6 +404,7 @@ pub async fn start_with_clock(
                 reflect::reflection(&open_services).map_err(reflection_error)?;
             let server = http2_server(connections)
                 .layer(TrackCallsLayer::<()>::new())
+                .layer(opmon.layer())
                 .layer(GuardLayer::new(audit_log.clone()))
                 .layer(StopCallsLayer::new(code, stopping.clone()))
                 .add_service(
@@ -456,6 +465,7 @@ pub async fn start_with_clock(
     let server = tokio::spawn(
         http2_server(connections)
             .layer(TrackCallsLayer::<tls::PeerInfo>::new())
+            .layer(opmon.layer())
             .layer(admission.layer())
             .layer(GuardLayer::new(audit_log.clone()))
             .layer(StopCallsLayer::new(code, stopping.clone()))

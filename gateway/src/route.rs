@@ -231,6 +231,7 @@ impl Router {
         deadline: Instant,
         local: Option<Vouched>,
     ) -> Result<Forwarded> {
+        crate::opmon::note_envelope(&env);
         let started = Instant::now();
         let me = self.topology.code;
         if local.is_none() && env.target_node != me.as_str() {
@@ -257,6 +258,7 @@ impl Router {
         deadline: Instant,
         local: Option<Vouched>,
     ) -> Result<(Result<Forwarded>, AuditRecord)> {
+        crate::opmon::note_envelope(&env);
         let me = self.topology.code;
         let target: DivisionCode = env.target_node.parse()?;
         let mut record = share_record(&env, target == me);
@@ -412,7 +414,8 @@ impl Router {
         });
         req.set_timeout(remaining);
         let mut client = FederationClient::new(next.channel.clone());
-        let call = client.forward(req);
+        let peer = || crate::ident::Peer::Node(next.code).to_uri();
+        let call = crate::opmon::next_hop(peer, client.forward(req));
         match tokio::time::timeout(remaining, call).await {
             Err(_) => Err(Error::DeadlineExceeded(format!(
                 "deadline ran out waiting for node {}",
@@ -733,7 +736,9 @@ impl ProviderCall {
     {
         let mut req = tonic::Request::new(req);
         req.set_timeout(self.remaining);
-        match tokio::time::timeout(self.remaining, call(self.client.clone(), req)).await {
+        let call = call(self.client.clone(), req);
+        let peer = || format!("urn:fedgate:agency:{}", self.uscc);
+        match tokio::time::timeout(self.remaining, crate::opmon::next_hop(peer, call)).await {
             Err(_) => Err(Error::DeadlineExceeded(format!(
                 "deadline ran out waiting for provider agency {}",
                 self.uscc

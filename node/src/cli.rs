@@ -45,6 +45,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// List a node's operational records: timings, sizes, peers and outcome of the calls it handled.
+    Ops(crate::ops_cmd::OpsArgs),
     /// At the province: list, show and assign data demands (supply–demand matching).
     Demand {
         #[command(subcommand)]
@@ -107,6 +109,7 @@ impl Cli {
                 Command::Status { config } => status(config).await,
                 Command::Audit { cmd } => crate::audit_cmd::run(cmd).await,
                 Command::Demand { cmd } => crate::demand_cmd::run(cmd).await,
+                Command::Ops(args) => crate::ops_cmd::run(args).await,
                 Command::Certs {
                     out,
                     nodes,

@@ -385,6 +385,7 @@ impl Devnet {
                 flowback: Default::default(),
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
                 own_view: Default::default(),
+                op_monitoring: Default::default(),
             };
             let config = tweak(config);
             std::fs::write(

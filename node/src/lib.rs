@@ -9,3 +9,4 @@ pub mod demand_cmd;
 pub mod demo;
 pub mod devnet;
 pub mod exit;
+pub mod ops_cmd;

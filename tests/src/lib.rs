@@ -242,3 +242,26 @@ pub async fn connect_from(
     socket.bind(std::net::SocketAddr::from((from, 0)))?;
     Ok(socket.connect(addr).await?)
 }
+
+/// The body of `GET /metrics` on `node`'s metrics endpoint (OpenMetrics text); fails on any other status.
+pub async fn metrics_text(net: &Devnet, node: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = net
+        .node(code(node))?
+        .metrics_addr()
+        .context("the metrics endpoint is configured")?;
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await?;
+    let Some((head, body)) = raw.split_once("\r\n\r\n") else {
+        bail!("not an HTTP response: {raw:?}");
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET /metrics on {node}: {head}");
+    }
+    Ok(body.to_owned())
+}

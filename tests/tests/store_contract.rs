@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
 use fedgate_gateway::catalog::terms;
+use fedgate_gateway::store::OperationQuery;
 use fedgate_gateway::store::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, Doc, DocKind, DocQuery,
     FlowSide, OutboxItem, PgStore, Recovered, SqliteStore, Store, StoreError, StoredEntry,
     UplinkMark, Upstream,
 };
+use fedgate_proto::v1::OperationRecord;
 use fedgate_proto::v1::{
     AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream, Withdrawal, catalog_change,
 };
@@ -111,6 +113,7 @@ contract!(
     own_entries_are_listed_by_id_withdrawn_ones_too,
     flow_outbox_appends_after_its_head_with_its_state_and_snapshot,
     flow_inbox_stores_each_item_once_and_stops_at_a_gap,
+    operational_records_filter_page_and_purge,
 );
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -3165,5 +3168,108 @@ async fn flow_inbox_stores_each_item_once_and_stops_at_a_gap(store: Arc<dyn Stor
     ensure!(items[3].1 == b"item 4", "the first copy kept");
     ensure!(store.flow_head(FlowSide::Inbox, id).await? == 5);
     ensure!(store.flow_head(FlowSide::Outbox, id).await? == 0);
+    Ok(())
+}
+
+fn op(i: i64, method: &str, resource: &str, consumer_node: &str, code: i32) -> OperationRecord {
+    OperationRecord {
+        node_code: "350102".into(),
+        request_id: format!("r{i}"),
+        method: method.into(),
+        caller: "urn:fedgate:node:350100".into(),
+        resource_id: resource.into(),
+        consumer_node: consumer_node.into(),
+        consumer_uscc: format!("U{consumer_node}"),
+        request_in_unix_nanos: 1_000 + i,
+        response_out_unix_nanos: 2_000 + i,
+        request_bytes: 10,
+        response_bytes: 20,
+        code,
+        ..Default::default()
+    }
+}
+
+async fn operational_records_filter_page_and_purge(store: Arc<dyn Store>) -> Result<()> {
+    let all = OperationQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    assert!(store.ops_query(&all).await?.is_empty());
+    store.ops_append(&[]).await?;
+    let batch: Vec<OperationRecord> = (0..6)
+        .map(|i| match i % 3 {
+            0 => op(i, "Federation.Forward", "350102:household", "350203", 0),
+            1 => op(i, "Federation.Forward", "350102:marriage", "350100", 9),
+            _ => op(i, "Agency.Share", "350102:household", "350102", 0),
+        })
+        .collect();
+    store.ops_append(&batch[..4]).await?;
+    store.ops_append(&batch[4..]).await?;
+    let ids = |rows: &[(u64, OperationRecord)]| {
+        rows.iter()
+            .map(|(_, r)| r.request_id.clone())
+            .collect::<Vec<_>>()
+    };
+    let rows = store.ops_query(&all).await?;
+    assert_eq!(ids(&rows), ["r0", "r1", "r2", "r3", "r4", "r5"]);
+    assert_eq!(rows[0].1, batch[0], "a record reads back as it was stored");
+    ensure!(rows.windows(2).all(|w| w[0].0 < w[1].0), "positions grow");
+    let q = |f: fn(&mut OperationQuery)| {
+        let mut q = all.clone();
+        f(&mut q);
+        q
+    };
+    let by = async |query: OperationQuery| -> Result<Vec<String>> {
+        Ok(ids(&store.ops_query(&query).await?))
+    };
+    assert_eq!(
+        by(q(|q| q.method = Some("Agency.Share".into()))).await?,
+        ["r2", "r5"]
+    );
+    assert_eq!(
+        by(q(|q| q.resource_id = Some("350102:marriage".into()))).await?,
+        ["r1", "r4"]
+    );
+    assert_eq!(
+        by(q(|q| q.consumer_node = Some("350203".into()))).await?,
+        ["r0", "r3"]
+    );
+    assert_eq!(
+        by(q(|q| q.consumer_uscc = Some("U350100".into()))).await?,
+        ["r1", "r4"]
+    );
+    assert_eq!(by(q(|q| q.code = Some(9))).await?, ["r1", "r4"]);
+    assert_eq!(
+        by(q(|q| q.from_ns = Some(1_002))).await?,
+        ["r2", "r3", "r4", "r5"]
+    );
+    assert_eq!(by(q(|q| q.to_ns = Some(1_002))).await?, ["r0", "r1"]);
+    assert_eq!(
+        by(q(|q| {
+            q.method = Some("Federation.Forward".into());
+            q.code = Some(0);
+            q.from_ns = Some(1_001);
+        }))
+        .await?,
+        ["r3"]
+    );
+    // Pages continue after the last position read.
+    let first = store
+        .ops_query(&OperationQuery {
+            limit: 4,
+            ..all.clone()
+        })
+        .await?;
+    assert_eq!(ids(&first), ["r0", "r1", "r2", "r3"]);
+    let next = OperationQuery {
+        after: first.last().map(|(p, _)| *p),
+        limit: 4,
+        ..all.clone()
+    };
+    assert_eq!(by(next).await?, ["r4", "r5"]);
+    // The purge deletes calls that came in before the bound, and only those.
+    assert_eq!(store.ops_purge(1_003).await?, 3);
+    assert_eq!(by(all.clone()).await?, ["r3", "r4", "r5"]);
+    assert_eq!(store.ops_purge(1_003).await?, 0);
     Ok(())
 }

@@ -10,6 +10,7 @@ use fedgate_proto::v1::{
     AuditOperation, GovernanceReport, OperatorAuditRequest, QueryAuditResponse, ReportRequest,
     Stream, StreamStatus, UplinkStatusRequest, UplinkStatusResponse,
 };
+use fedgate_proto::v1::{ListOperationsRequest, ListOperationsResponse};
 use tonic::{Request, Response, Status};
 
 use super::{audit_query, caller};
@@ -230,5 +231,14 @@ impl Operator for OperatorService {
         Ok(Response::new(
             self.governance.demand(None, &req.get_ref().id).await?,
         ))
+    }
+
+    async fn list_operations(
+        &self,
+        req: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        self.admitted(&req, "ListOperations").await?;
+        let page = crate::opmon::list_operations(self.store.as_ref(), req.get_ref()).await?;
+        Ok(Response::new(page))
     }
 }

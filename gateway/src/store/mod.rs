@@ -9,6 +9,7 @@ pub mod sqlite;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fedgate_proto::v1::OperationRecord;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, ShareType, Stream};
 use prost::Message;
 
@@ -288,6 +289,29 @@ pub struct AuditQuery {
     pub outcome: Option<String>,
     /// Only records after this stream position (pagination).
     pub after_fwd_seq: Option<u64>,
+    /// Maximum records.
+    pub limit: u32,
+}
+
+/// Filters of a query of operational records; every set filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct OperationQuery {
+    /// Calls that came in at or after this time (ns).
+    pub from_ns: Option<i64>,
+    /// Calls that came in before this time (ns).
+    pub to_ns: Option<i64>,
+    /// This method ("Agency.Share").
+    pub method: Option<String>,
+    /// About this resource.
+    pub resource_id: Option<String>,
+    /// Of consumers at this node.
+    pub consumer_node: Option<String>,
+    /// Of this consumer agency.
+    pub consumer_uscc: Option<String>,
+    /// With this gRPC code.
+    pub code: Option<i32>,
+    /// Only records after this position (pagination).
+    pub after: Option<u64>,
     /// Maximum records.
     pub limit: u32,
 }
@@ -662,6 +686,16 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// Stores operational records (what the node saw of calls it handled), in one transaction.
+    async fn ops_append(&self, records: &[OperationRecord]) -> Result<(), StoreError>;
+    /// Operational records matching `query`, by position, each with its position (the paging cursor).
+    async fn ops_query(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Vec<(u64, OperationRecord)>, StoreError>;
+    /// Deletes operational records of calls that came in before `before_ns`; returns how many.
+    async fn ops_purge(&self, before_ns: i64) -> Result<u64, StoreError>;
+
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}
 
@@ -740,6 +774,14 @@ impl<'q> Page<'q> {
 fn decode_audit(blob: &[u8]) -> Result<AuditRecord, StoreError> {
     AuditRecord::decode(blob).map_err(|e| StoreError::Corrupt {
         what: "audit record".into(),
+        error: e.to_string(),
+    })
+}
+
+/// Decodes a stored operational record.
+fn decode_operation(blob: &[u8]) -> Result<OperationRecord, StoreError> {
+    OperationRecord::decode(blob).map_err(|e| StoreError::Corrupt {
+        what: "operational record".into(),
         error: e.to_string(),
     })
 }

@@ -9,11 +9,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fedgate_proto::v1::OperationRecord;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
+use super::OperationQuery;
 use super::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, ChangeFeed, Doc,
     DocKind, DocQuery, FlowSide, OutboxItem, Rechain, Recovered, SnapshotChange, Staged, Store,
@@ -23,6 +25,7 @@ use super::{
 
 mod catalog;
 mod flow;
+mod ops;
 mod ping;
 mod recover;
 
@@ -1021,6 +1024,21 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         flow::snapshot(&self.pool, id, after_key, limit).await
+    }
+
+    async fn ops_append(&self, records: &[OperationRecord]) -> Result<(), StoreError> {
+        ops::append(&self.pool, records).await
+    }
+
+    async fn ops_query(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Vec<(u64, OperationRecord)>, StoreError> {
+        ops::query(&self.pool, query).await
+    }
+
+    async fn ops_purge(&self, before_ns: i64) -> Result<u64, StoreError> {
+        ops::purge(&self.pool, before_ns).await
     }
 
     async fn close(&self) {

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::OperationQuery;
 use async_trait::async_trait;
+use fedgate_proto::v1::OperationRecord;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 use rand::Rng;
 
@@ -235,6 +237,21 @@ impl Store for Retrying {
 
     async fn audit_delete(&self, fwd_seqs: &[u64]) -> Result<u64, StoreError> {
         self.run(|| self.inner.audit_delete(fwd_seqs)).await
+    }
+
+    async fn ops_append(&self, records: &[OperationRecord]) -> Result<(), StoreError> {
+        self.run(|| self.inner.ops_append(records)).await
+    }
+
+    async fn ops_query(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Vec<(u64, OperationRecord)>, StoreError> {
+        self.run(|| self.inner.ops_query(query)).await
+    }
+
+    async fn ops_purge(&self, before_ns: i64) -> Result<u64, StoreError> {
+        self.run(|| self.inner.ops_purge(before_ns)).await
     }
 
     async fn audit_count(&self) -> Result<u64, StoreError> {

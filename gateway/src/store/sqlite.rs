@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fedgate_proto::v1::OperationRecord;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 use prost::Message;
 use sqlx::sqlite::{
@@ -15,6 +16,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::OperationQuery;
 use super::{
     AuditQuery, AuditRecovery, CatalogHit, CatalogQuery, CatalogRecovery, ChainAt, Doc, DocKind,
     DocQuery, FlowSide, OutboxItem, Rechain, Recovered, SnapshotChange, Staged, Store, StoreError,
@@ -24,6 +26,7 @@ use super::{
 
 mod catalog;
 mod flow;
+mod ops;
 mod ping;
 mod recover;
 
@@ -976,6 +979,21 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         flow::snapshot(&self.reader, id, after_key, limit).await
+    }
+
+    async fn ops_append(&self, records: &[OperationRecord]) -> Result<(), StoreError> {
+        ops::append(&self.writer, records).await
+    }
+
+    async fn ops_query(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Vec<(u64, OperationRecord)>, StoreError> {
+        ops::query(&self.reader, query).await
+    }
+
+    async fn ops_purge(&self, before_ns: i64) -> Result<u64, StoreError> {
+        ops::purge(&self.writer, before_ns).await
     }
 
     async fn close(&self) {

@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::store::OperationQuery;
 use async_trait::async_trait;
+use fedgate_proto::v1::OperationRecord;
 use fedgate_proto::v1::{AuditRecord, CatalogChange, CatalogEntry, Stream};
 
 use crate::store::{
@@ -225,6 +227,21 @@ impl Store for Faulty {
 
     async fn audit_delete(&self, fwd_seqs: &[u64]) -> Result<u64, StoreError> {
         self.inner.audit_delete(fwd_seqs).await
+    }
+
+    async fn ops_append(&self, records: &[OperationRecord]) -> Result<(), StoreError> {
+        self.inner.ops_append(records).await
+    }
+
+    async fn ops_query(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Vec<(u64, OperationRecord)>, StoreError> {
+        self.inner.ops_query(query).await
+    }
+
+    async fn ops_purge(&self, before_ns: i64) -> Result<u64, StoreError> {
+        self.inner.ops_purge(before_ns).await
     }
 
     async fn audit_count(&self) -> Result<u64, StoreError> {
