@@ -66,6 +66,8 @@ pub struct NodeMetrics {
     pub uplink_redone: Family<StreamLabels, Counter>,
     /// Stream items moved to positions after the parent's cursor by recoveries.
     pub uplink_moved: Family<StreamLabels, Counter>,
+    /// Certificate reloads and the expiry of the node's own certificate.
+    pub certificates: crate::tls::reload::CertificateMetrics,
     registry: Registry,
 }
 
@@ -105,6 +107,7 @@ impl NodeMetrics {
             uplink_taken_back: Family::default(),
             uplink_redone: Family::default(),
             uplink_moved: Family::default(),
+            certificates: Default::default(),
             registry: Registry::with_prefix("fedgate"),
         };
         let r = &mut m.registry;
@@ -228,6 +231,7 @@ impl NodeMetrics {
             "Stream items moved to positions after the parent's cursor by recoveries",
             m.uplink_moved.clone(),
         );
+        m.certificates.register(r);
         m
     }
 

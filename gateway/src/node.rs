@@ -30,9 +30,11 @@ use crate::metrics::NodeMetrics;
 use crate::refusals::{Refusal, RefusalKind, RefusalLog};
 use crate::route::Router;
 use crate::service::{AgencyService, FederationService, OpenDataService, OperatorService, scrape};
-use crate::statement::{NodeSigner, RevokedSerials, StatementVerifier};
+use crate::statement::StatementVerifier;
 use crate::store::{PgStore, Retrying, SqliteStore, Store, StoreChange, StoreError};
-use crate::tls::{self, HandshakeFailure, TlsMaterial};
+use crate::tls::dynamic::DynamicTls;
+use crate::tls::reload::{CertReloader, ReloadTargets, TrustFiles, load_trust};
+use crate::tls::{self, HandshakeFailure};
 use crate::topology::Topology;
 use crate::uplink::{Recovery, Uplink};
 
@@ -91,6 +93,7 @@ pub struct NodeHandle {
     closing: tokio_util::sync::CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
+    certificates: CertReloader,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -134,9 +137,20 @@ pub async fn start_with_clock(
     }
     config.limits.validate(config.routing.hop_limit)?;
     let limits = config.limits;
-    let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-    let topology = Arc::new(Topology::from_config(&config, &tls)?);
-    let code = topology.code;
+    let code: DivisionCode = config.code.parse().map_err(|e| {
+        NodeError::Config(crate::error::Error::InvalidArgument(format!("code: {e}")))
+    })?;
+    let trust_files = TrustFiles::of(&config);
+    let trust = load_trust(
+        &trust_files,
+        code,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )
+    .map_err(|e| NodeError::Config(crate::error::Error::InvalidArgument(e.to_string())))?;
+    let tls = trust.material.clone();
+    let revoked = trust.revoked.clone();
+    let dynamic_tls = DynamicTls::new(trust.state.clone(), revoked.clone());
+    let topology = Arc::new(Topology::from_config(&config, &dynamic_tls)?);
     let key_path = config.signing_key_path().ok_or_else(|| {
         NodeError::Config(crate::error::Error::InvalidArgument(
             "signing_key: give the path of the node's signing key (required with storage.kind = \"postgres\")"
@@ -173,10 +187,23 @@ pub async fn start_with_clock(
         ));
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
-    let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;
-    let revoked = RevokedSerials::parse(&config.trust.revoked_serials).map_err(trust_error)?;
-    let verifier =
-        Arc::new(StatementVerifier::new(&tls.ca_pem, revoked.clone()).map_err(trust_error)?);
+    let signer = trust.signer.clone();
+    let verifier = Arc::new(
+        StatementVerifier::with_crls(&tls.ca_pem, &trust.crls, revoked.clone())
+            .map_err(trust_error)?,
+    );
+    let certificates = CertReloader::new(
+        code,
+        trust_files,
+        &trust,
+        ReloadTargets {
+            tls: dynamic_tls.clone(),
+            signer: signer.clone(),
+            verifier: verifier.clone(),
+            topology: topology.clone(),
+            metrics: metrics.clone(),
+        },
+    );
     let endorsement = signer
         .sign(&KeyEndorsement {
             node_code: code.to_string(),
@@ -250,7 +277,7 @@ pub async fn start_with_clock(
     )
     .with_flowback(flowback.clone());
 
-    let mut tasks = Vec::new();
+    let mut tasks = vec![certificates.spawn(shutdown_rx.clone())];
     tasks.push(tokio::spawn(warn_overdue(
         governance.clone(),
         shutdown_rx.clone(),
@@ -384,7 +411,7 @@ pub async fn start_with_clock(
             .with_limits(limits);
             let incoming = accept::incoming(
                 listener,
-                tls::ServerTls::new(tls::public_server_config(&tls)?),
+                tls::ServerTls::new(dynamic_tls.public_server_config()?),
                 limits_of(connections.open_data()),
                 on_refused("open_data"),
             );
@@ -435,7 +462,7 @@ pub async fn start_with_clock(
     )));
     let incoming = accept::incoming(
         listener,
-        tls::MutualTls::new(tls::server_config(&tls)?, revoked),
+        tls::MutualTls::new(dynamic_tls.server_config()?, revoked),
         limits_of(connections.backbone()),
         on_refused("backbone"),
     );
@@ -491,6 +518,7 @@ pub async fn start_with_clock(
         closing,
         server,
         tasks,
+        certificates,
     })
 }
 
@@ -666,6 +694,11 @@ impl NodeHandle {
     /// Where the metrics endpoint listens, if it is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Reloads the node's certificate, key, CA bundle and revocation lists (SIGHUP; the files are watched too).
+    pub fn certificates(&self) -> &CertReloader {
+        &self.certificates
     }
 
     /// The node's counters.

@@ -411,7 +411,7 @@ impl Router {
             request,
         });
         req.set_timeout(remaining);
-        let mut client = FederationClient::new(next.channel.clone());
+        let mut client = FederationClient::new(next.channel());
         let call = client.forward(req);
         match tokio::time::timeout(remaining, call).await {
             Err(_) => Err(Error::DeadlineExceeded(format!(
@@ -591,7 +591,7 @@ impl Router {
                 ))
             })?;
         let provider = ProviderCall {
-            client: ProviderClient::new(link.channel.clone()),
+            client: ProviderClient::new(link.channel()),
             who: format!("provider agency {uscc} at {}", link.address),
             uscc: uscc.to_owned(),
             remaining,

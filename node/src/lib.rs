@@ -3,6 +3,7 @@
 
 pub mod audit_cmd;
 pub mod backup;
+pub mod certs_cmd;
 pub mod cli;
 pub mod demand_cmd;
 pub mod demo;
