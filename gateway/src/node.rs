@@ -33,7 +33,8 @@ use crate::service::{AgencyService, FederationService, OpenDataService, Operator
 use crate::statement::StatementVerifier;
 use crate::store::{PgStore, Retrying, SqliteStore, Store, StoreChange, StoreError};
 use crate::tls::dynamic::DynamicTls;
-use crate::tls::reload::{CertReloader, ReloadTargets, TrustFiles, load_trust};
+use crate::tls::reload::{CertReloader, ReloadTargets};
+use crate::tls::trust::{TrustFiles, load_trust};
 use crate::tls::{self, HandshakeFailure};
 use crate::topology::Topology;
 use crate::uplink::{Recovery, Uplink};

@@ -826,6 +826,48 @@ mod tests {
     }
 
     #[test]
+    fn a_reloaded_bundle_revoked_list_and_signer_apply_at_once() {
+        let ca = DevCa::generate("fedgate test CA").unwrap();
+        let next = DevCa::generate("fedgate next CA").unwrap();
+        let m = material(&ca, &node("350100"));
+        let signer = NodeSigner::from_material(&m).unwrap();
+        let clone = signer.clone();
+        let revoked = RevokedSerials::default();
+        let v = StatementVerifier::new(&ca.ca_pem(), revoked.clone()).unwrap();
+        let s = clone.sign(&endorsement()).unwrap();
+        v.verify::<KeyEndorsement>(&s, now()).unwrap();
+
+        // A serial listed later is refused although its chain was checked and remembered before.
+        let (_, x509) = X509Certificate::from_der(&s.certificate).unwrap();
+        revoked.replace(&RevokedSerials::parse(&[hex::encode(x509.raw_serial())]).unwrap());
+        let e = v.verify::<KeyEndorsement>(&s, now()).unwrap_err();
+        assert!(matches!(e, StatementError::Revoked { .. }), "{e}");
+        revoked.replace(&RevokedSerials::default());
+
+        // Moved to a certificate of the next CA: every clone signs with it; verifiers follow their bundle.
+        let moved = material(&next, &node("350100"));
+        signer
+            .adopt(&NodeSigner::from_material(&moved).unwrap())
+            .unwrap();
+        let s2 = clone.sign(&endorsement()).unwrap();
+        assert_ne!(s2.certificate, s.certificate);
+        assert!(matches!(
+            v.verify::<KeyEndorsement>(&s2, now()),
+            Err(StatementError::BadCertificate(_))
+        ));
+        v.reload(&format!("{}{}", ca.ca_pem(), next.ca_pem()), &[])
+            .unwrap();
+        v.verify::<KeyEndorsement>(&s2, now()).unwrap();
+        v.verify::<KeyEndorsement>(&s, now()).unwrap();
+        // Without the old CA, the old certificate's statements are refused at their next check.
+        v.reload(&next.ca_pem(), &[]).unwrap();
+        assert!(v.verify::<KeyEndorsement>(&s, now()).is_err());
+        // Another node's certificate is never adopted.
+        let other = NodeSigner::from_material(&material(&ca, &node("350200"))).unwrap();
+        assert!(signer.adopt(&other).is_err());
+    }
+
+    #[test]
     fn oversized_parts_are_refused_before_any_work() {
         let ca = DevCa::generate("test").unwrap();
         let verifier = StatementVerifier::new(&ca.ca_pem(), RevokedSerials::default()).unwrap();

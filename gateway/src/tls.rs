@@ -30,6 +30,8 @@ use crate::pki;
 
 pub mod dynamic;
 pub mod reload;
+pub mod trust;
+mod watch;
 
 /// The URI SAN prefix that marks a fedgate identity.
 const FEDGATE_URI_PREFIX: &str = "urn:fedgate:";

@@ -183,7 +183,7 @@ pub fn expiry_line(config: &fedgate_gateway::config::NodeConfig) -> String {
         .map_err(|e| e.to_string())
         .and_then(|pem| CertificateDer::from_pem_slice(&pem).map_err(|e| e.to_string()))
         .and_then(|der| {
-            fedgate_gateway::tls::reload::certificate_info(&der).map_err(|e| e.to_string())
+            fedgate_gateway::tls::trust::certificate_info(&der).map_err(|e| e.to_string())
         });
     match info {
         Err(e) => format!("node certificate {}: unreadable: {e}", path.display()),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use fedgate_gateway::ident::Peer;
 use fedgate_gateway::pki::{IssuedCert, server_name};
-use fedgate_gateway::tls::reload::certificate_info;
+use fedgate_gateway::tls::trust::certificate_info;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::task::JoinHandle;

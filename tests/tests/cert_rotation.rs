@@ -300,7 +300,7 @@ async fn the_expiry_gauge_counts_the_seconds_left_on_the_node_certificate() -> R
     let net = standard().await?;
     let pem = std::fs::read_to_string(&net.node_config(code("350000"))?.tls.cert)?;
     let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())?;
-    let not_after = fedgate_gateway::tls::reload::certificate_info(&der)?.not_after;
+    let not_after = fedgate_gateway::tls::trust::certificate_info(&der)?.not_after;
     let gauge = net
         .node(code("350000"))?
         .metrics()
