@@ -95,6 +95,12 @@ pub struct TrustConfig {
     pub revoked_serials: Vec<String>,
     /// How often revocations still owed to a neighbour are offered to it again, in milliseconds.
     pub revocation_retry_ms: u64,
+    /// A certificate revocation list (PEM or DER) signed by a CA of the bundle; the certificates it names are
+    /// refused at every listener, on every outgoing connection and for every statement. Reloaded with the
+    /// certificates.
+    pub crl: Option<PathBuf>,
+    /// Days before the node's own certificate expires from which a warning is logged once a day.
+    pub cert_expiry_warning_days: u64,
 }
 
 impl Default for TrustConfig {
@@ -103,6 +109,8 @@ impl Default for TrustConfig {
             assertion_window_secs: 120,
             revoked_serials: Vec::new(),
             revocation_retry_ms: 2_000,
+            crl: None,
+            cert_expiry_warning_days: 30,
         }
     }
 }

@@ -267,7 +267,7 @@ impl Downlink {
         let mut nodes = vec![self.topology.code.to_string()];
         if let Some(next) = self.toward(&checked.body().consumer_node, &notice.route)? {
             let (neighbour, _) = self.topology.next_hop(next)?;
-            let mut client = FederationClient::new(neighbour.channel.clone());
+            let mut client = FederationClient::new(neighbour.channel());
             let mut req = tonic::Request::new(notice);
             req.set_timeout(self.timeout);
             let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();
@@ -308,7 +308,7 @@ impl Downlink {
         next: DivisionCode,
     ) -> Result<Vec<String>> {
         let (neighbour, _) = self.topology.next_hop(next)?;
-        let mut client = FederationClient::new(neighbour.channel.clone());
+        let mut client = FederationClient::new(neighbour.channel());
         let mut req = tonic::Request::new(notice.clone());
         req.set_timeout(self.timeout);
         let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();

@@ -68,6 +68,8 @@ pub struct NodeMetrics {
     pub uplink_moved: Family<StreamLabels, Counter>,
     /// Operational monitoring: per-call time and size histograms (see `opmon`).
     pub ops: crate::opmon::OpMetrics,
+    /// Certificate reloads and the expiry of the node's own certificate.
+    pub certificates: crate::tls::reload::CertificateMetrics,
     registry: Registry,
 }
 
@@ -108,6 +110,7 @@ impl NodeMetrics {
             uplink_redone: Family::default(),
             uplink_moved: Family::default(),
             ops: crate::opmon::OpMetrics::default(),
+            certificates: Default::default(),
             registry: Registry::with_prefix("fedgate"),
         };
         let r = &mut m.registry;
@@ -232,6 +235,7 @@ impl NodeMetrics {
             m.uplink_moved.clone(),
         );
         m.ops.register(r);
+        m.certificates.register(r);
         m
     }
 

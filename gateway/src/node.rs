@@ -32,8 +32,11 @@ use crate::route::Router;
 use crate::service::{
     AgencyService, FederationService, OpenDataService, OperatorService, reflect, scrape,
 };
-use crate::statement::{NodeSigner, StatementVerifier};
+use crate::statement::StatementVerifier;
 use crate::store::{PgStore, Retrying, SqliteStore, Store, StoreChange, StoreError};
+use crate::tls::dynamic::DynamicTls;
+use crate::tls::reload::{CertReloader, ReloadTargets};
+use crate::tls::trust::TrustFiles;
 use crate::tls::{self, HandshakeFailure};
 use crate::topology::Topology;
 use crate::uplink::{Recovery, Uplink};
@@ -96,6 +99,7 @@ pub struct NodeHandle {
     closing: tokio_util::sync::CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
+    certificates: CertReloader,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -131,9 +135,8 @@ pub async fn start_with_clock(
 ) -> Result<NodeHandle, NodeError> {
     // The same checks as `fedgate check-config`, every problem named at once.
     let Checked {
-        tls,
+        trust,
         key_path,
-        revoked,
         calendar,
         ..
     } = config.check().map_err(|problems| {
@@ -141,7 +144,11 @@ pub async fn start_with_clock(
         NodeError::Config(crate::error::Error::InvalidArgument(all.join("; ")))
     })?;
     let limits = config.limits;
-    let topology = Arc::new(Topology::from_config(&config, &tls)?);
+    let trust_files = TrustFiles::of(&config);
+    let tls = trust.material.clone();
+    let revoked = trust.revoked.clone();
+    let dynamic_tls = DynamicTls::new(trust.state.clone(), revoked.clone());
+    let topology = Arc::new(Topology::from_config(&config, &dynamic_tls)?);
     let code = topology.code;
     // Contention never reaches a caller as a storage failure: it is waited for and retried up to the bound.
     let store: Arc<dyn Store> = Arc::new(Retrying::new(
@@ -173,9 +180,23 @@ pub async fn start_with_clock(
         ));
     let metrics = Arc::new(NodeMetrics::default());
     let key = Arc::new(GrantKey::load_or_create(&key_path)?);
-    let signer = NodeSigner::from_material(&tls).map_err(trust_error)?;
-    let verifier =
-        Arc::new(StatementVerifier::new(&tls.ca_pem, revoked.clone()).map_err(trust_error)?);
+    let signer = trust.signer.clone();
+    let verifier = Arc::new(
+        StatementVerifier::with_crls(&tls.ca_pem, &trust.crls, revoked.clone())
+            .map_err(trust_error)?,
+    );
+    let certificates = CertReloader::new(
+        code,
+        trust_files,
+        &trust,
+        ReloadTargets {
+            tls: dynamic_tls.clone(),
+            signer: signer.clone(),
+            verifier: verifier.clone(),
+            topology: topology.clone(),
+            metrics: metrics.clone(),
+        },
+    );
     let endorsement = signer
         .sign(&KeyEndorsement {
             node_code: code.to_string(),
@@ -244,7 +265,7 @@ pub async fn start_with_clock(
     )
     .with_flowback(flowback.clone());
 
-    let mut tasks = Vec::new();
+    let mut tasks = vec![certificates.spawn(shutdown_rx.clone())];
     let (opmon, opmon_writer) = crate::opmon::OpMonitor::start(
         &config.op_monitoring,
         code,
@@ -395,7 +416,7 @@ pub async fn start_with_clock(
             .with_limits(limits);
             let incoming = accept::incoming(
                 listener,
-                tls::ServerTls::new(tls::public_server_config(&tls)?),
+                tls::ServerTls::new(dynamic_tls.public_server_config()?),
                 limits_of(connections.open_data()),
                 on_refused("open_data"),
             );
@@ -457,7 +478,7 @@ pub async fn start_with_clock(
     )));
     let incoming = accept::incoming(
         listener,
-        tls::MutualTls::new(tls::server_config(&tls)?, revoked),
+        tls::MutualTls::new(dynamic_tls.server_config()?, revoked),
         limits_of(connections.backbone()),
         on_refused("backbone"),
     );
@@ -517,6 +538,7 @@ pub async fn start_with_clock(
         closing,
         server,
         tasks,
+        certificates,
     })
 }
 
@@ -699,6 +721,11 @@ impl NodeHandle {
     /// Where the metrics endpoint listens, if it is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Reloads the node's certificate, key, CA bundle and revocation lists (SIGHUP; the files are watched too).
+    pub fn certificates(&self) -> &CertReloader {
+        &self.certificates
     }
 
     /// The node's counters.

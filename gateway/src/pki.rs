@@ -246,6 +246,33 @@ impl DevCa {
         self.sign(&params, &uri)
     }
 
+    /// A certificate revocation list (PEM) signed by this CA that names the certificates of `serials` (big-endian
+    /// bytes), valid from a day ago for `days` days (`[trust] crl`).
+    pub fn revocation_list(&self, serials: &[Vec<u8>], days: i64) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::days(1),
+            next_update: now + Duration::days(days),
+            crl_number: rcgen::SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now - Duration::hours(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .map_err(rcgen_err("sign the certificate revocation list"))?
+            .pem()
+            .map_err(rcgen_err("encode the certificate revocation list"))
+    }
+
     /// Signs `params` with a fresh P-256 key; `what` names the subject in errors.
     pub(crate) fn sign(
         &self,

@@ -413,7 +413,7 @@ impl Router {
             request,
         });
         req.set_timeout(remaining);
-        let mut client = FederationClient::new(next.channel.clone());
+        let mut client = FederationClient::new(next.channel());
         let peer = || crate::ident::Peer::Node(next.code).to_uri();
         let call = crate::opmon::next_hop(peer, client.forward(req));
         match tokio::time::timeout(remaining, call).await {
@@ -605,7 +605,7 @@ impl Router {
                 ))
             })?;
         let provider = ProviderCall {
-            client: ProviderClient::new(link.channel.clone()),
+            client: ProviderClient::new(link.channel()),
             who: format!("provider agency {uscc} at {}", link.address),
             uscc: uscc.to_owned(),
             remaining,

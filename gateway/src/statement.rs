@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use fedgate_proto::v1::{
     CacheInvalidation, ConsumerAssertion, KeyEndorsement, Revocation, SignedStatement,
@@ -16,7 +17,7 @@ use fedgate_proto::v1::{
 use prost::Message;
 use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use webpki::{EndEntityCert, KeyUsage};
@@ -215,10 +216,16 @@ fn signed_message(kind: &str, body: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Signs statements for this node with the key of its federation certificate.
+/// Signs statements for this node with the key of its federation certificate; every clone follows
+/// [`NodeSigner::adopt`], so a certificate reloaded at run time signs everything made after it.
 #[derive(Clone)]
 pub struct NodeSigner {
     node: DivisionCode,
+    current: Arc<ArcSwap<SigningCert>>,
+}
+
+/// The certificate and key a [`NodeSigner`] signs with at the moment.
+struct SigningCert {
     certificate: Vec<u8>,
     scheme: Scheme,
     key: Arc<dyn rustls::sign::SigningKey>,
@@ -228,7 +235,7 @@ impl std::fmt::Debug for NodeSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeSigner")
             .field("node", &self.node)
-            .field("scheme", &self.scheme)
+            .field("scheme", &self.current.load().scheme)
             .finish_non_exhaustive()
     }
 }
@@ -255,9 +262,11 @@ impl NodeSigner {
             .ok_or_else(|| bad("the key is neither ECDSA P-256 nor Ed25519".into()))?;
         Ok(Self {
             node,
-            certificate: certificate.to_vec(),
-            scheme,
-            key,
+            current: Arc::new(ArcSwap::from_pointee(SigningCert {
+                certificate: certificate.to_vec(),
+                scheme,
+                key,
+            })),
         })
     }
 
@@ -266,12 +275,31 @@ impl NodeSigner {
         self.node
     }
 
+    /// The certificate (DER) statements are signed under now.
+    pub fn certificate(&self) -> Vec<u8> {
+        self.current.load().certificate.clone()
+    }
+
+    /// Signs from now on (in this signer and every clone of it) with `other`'s certificate and key, which must
+    /// be the same node's.
+    pub fn adopt(&self, other: &NodeSigner) -> Result<(), StatementError> {
+        if other.node != self.node {
+            return Err(StatementError::Signing(format!(
+                "the new certificate is node {}'s, not node {}'s",
+                other.node, self.node
+            )));
+        }
+        self.current.store(other.current.load_full());
+        Ok(())
+    }
+
     /// Signs `body` as a statement of its kind.
     pub fn sign<T: Kind>(&self, body: &T) -> Result<SignedStatement, StatementError> {
         let body = body.encode_to_vec();
-        let signer = self
+        let current = self.current.load();
+        let signer = current
             .key
-            .choose_scheme(&[self.scheme.tls()])
+            .choose_scheme(&[current.scheme.tls()])
             .ok_or_else(|| StatementError::Signing("the key lost its scheme".into()))?;
         let signature = signer
             .sign(&signed_message(T::KIND, &body))
@@ -279,8 +307,8 @@ impl NodeSigner {
         Ok(SignedStatement {
             kind: T::KIND.to_owned(),
             body,
-            certificate: self.certificate.clone(),
-            scheme: self.scheme.name().to_owned(),
+            certificate: current.certificate.clone(),
+            scheme: current.scheme.name().to_owned(),
             signature,
         })
     }
@@ -312,11 +340,16 @@ struct CheckedCert {
     registered_at: Option<DivisionCode>,
     not_before: i64,
     not_after: i64,
+    /// Its serial number without leading zeros, checked against the revoked serials at every use.
+    serial: Vec<u8>,
+    /// The [`TrustAnchors::generation`] it was checked under; another one checks it again.
+    generation: u64,
 }
 
 /// Serial numbers of federation certificates the CA revoked: refused at every listener and for every statement.
+/// Clones share one list, so [`RevokedSerials::replace`] reaches every listener and verifier at once.
 #[derive(Debug, Clone, Default)]
-pub struct RevokedSerials(Arc<HashSet<Vec<u8>>>);
+pub struct RevokedSerials(Arc<ArcSwap<HashSet<Vec<u8>>>>);
 
 impl RevokedSerials {
     /// The serials given in hex (as `openssl x509 -serial` prints them, colons allowed).
@@ -329,39 +362,54 @@ impl RevokedSerials {
             })?;
             set.insert(strip_leading_zeros(&serial).to_vec());
         }
-        Ok(Self(Arc::new(set)))
+        Ok(Self(Arc::new(ArcSwap::from_pointee(set))))
+    }
+
+    /// Takes `other`'s serials as this list's (and every clone's) from now on.
+    pub fn replace(&self, other: &RevokedSerials) {
+        self.0.store(other.0.load_full());
+    }
+
+    /// How many serials are revoked.
+    pub fn len(&self) -> usize {
+        self.0.load().len()
+    }
+
+    /// Whether no serial is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.0.load().is_empty()
+    }
+
+    /// Whether `serial` (big-endian bytes, leading zeros allowed) is revoked.
+    pub fn contains_serial(&self, serial: &[u8]) -> bool {
+        self.0.load().contains(strip_leading_zeros(serial))
     }
 
     /// The serial (hex) of the certificate `der` if it is revoked.
     pub fn revoked(&self, der: &[u8]) -> Option<String> {
-        if self.0.is_empty() {
+        if self.0.load().is_empty() {
             return None;
         }
         let (_, x509) = X509Certificate::from_der(der).ok()?;
         let serial = strip_leading_zeros(x509.raw_serial());
-        self.0.contains(serial).then(|| hex::encode(serial))
+        self.contains_serial(serial).then(|| hex::encode(serial))
     }
 }
 
-/// Checks statements against the federation CA and its list of revoked certificates.
-pub struct StatementVerifier {
+/// The trust anchors and certificate revocation lists statements are checked against, swapped whole on reload.
+struct TrustAnchors {
     anchors: Vec<TrustAnchor<'static>>,
-    revoked: RevokedSerials,
-    checked: DashMap<[u8; 32], CheckedCert>,
+    crls: Vec<webpki::CertRevocationList<'static>>,
+    /// Increases with every reload, so certificates checked under an earlier bundle are checked again.
+    generation: u64,
 }
 
-impl std::fmt::Debug for StatementVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatementVerifier")
-            .field("anchors", &self.anchors.len())
-            .field("revoked", &self.revoked.0.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl StatementVerifier {
-    /// A verifier trusting the CA certificates in `ca_pem` and refusing the certificates in `revoked`.
-    pub fn new(ca_pem: &str, revoked: RevokedSerials) -> Result<Self, StatementError> {
+impl TrustAnchors {
+    fn parse(
+        ca_pem: &str,
+        crls: &[CertificateRevocationListDer<'_>],
+        generation: u64,
+    ) -> Result<Self, StatementError> {
         let bad = |e: String| StatementError::Signing(format!("CA bundle: {e}"));
         let mut anchors = Vec::new();
         for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -374,11 +422,74 @@ impl StatementVerifier {
         if anchors.is_empty() {
             return Err(bad("no CA certificate".into()));
         }
+        let crls = crls
+            .iter()
+            .map(|der| {
+                webpki::OwnedCertRevocationList::from_der(der)
+                    .map(webpki::CertRevocationList::from)
+                    .map_err(|e| {
+                        StatementError::Signing(format!("certificate revocation list: {e:?}"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             anchors,
+            crls,
+            generation,
+        })
+    }
+}
+
+/// Checks statements against the federation CA and its list of revoked certificates.
+pub struct StatementVerifier {
+    trust: ArcSwap<TrustAnchors>,
+    revoked: RevokedSerials,
+    checked: DashMap<[u8; 32], CheckedCert>,
+}
+
+impl std::fmt::Debug for StatementVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let trust = self.trust.load();
+        f.debug_struct("StatementVerifier")
+            .field("anchors", &trust.anchors.len())
+            .field("crls", &trust.crls.len())
+            .field("revoked", &self.revoked.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatementVerifier {
+    /// A verifier trusting the CA certificates in `ca_pem` and refusing the certificates in `revoked`.
+    pub fn new(ca_pem: &str, revoked: RevokedSerials) -> Result<Self, StatementError> {
+        Self::with_crls(ca_pem, &[], revoked)
+    }
+
+    /// A verifier trusting the CA certificates in `ca_pem` and refusing the certificates in `revoked` and those
+    /// the revocation lists `crls` (each signed by its CA) name.
+    pub fn with_crls(
+        ca_pem: &str,
+        crls: &[CertificateRevocationListDer<'_>],
+        revoked: RevokedSerials,
+    ) -> Result<Self, StatementError> {
+        Ok(Self {
+            trust: ArcSwap::from_pointee(TrustAnchors::parse(ca_pem, crls, 0)?),
             revoked,
             checked: DashMap::new(),
         })
+    }
+
+    /// Trusts the CA certificates in `ca_pem` and applies the revocation lists `crls` from now on; every
+    /// certificate is checked again at its next use.
+    pub fn reload(
+        &self,
+        ca_pem: &str,
+        crls: &[CertificateRevocationListDer<'_>],
+    ) -> Result<(), StatementError> {
+        let generation = self.trust.load().generation + 1;
+        self.trust
+            .store(Arc::new(TrustAnchors::parse(ca_pem, crls, generation)?));
+        self.checked.clear();
+        Ok(())
     }
 
     /// Checks `s` as a statement of kind `T` made at `at` (seconds since the Unix epoch): the certificate
@@ -470,13 +581,20 @@ impl StatementVerifier {
         }
     }
 
-    /// Checks a signer certificate once and remembers it; later statements only check the validity window.
+    /// Checks a signer certificate once per trust bundle and remembers it; later statements only check the
+    /// validity window and the revoked serials.
     fn check_certificate(&self, der: &[u8], at_unix: i64) -> Result<CheckedCert, StatementError> {
         let digest: [u8; 32] = Sha256::digest(der).into();
-        let cert = match self.checked.get(&digest) {
-            Some(c) => c.clone(),
+        let trust = self.trust.load_full();
+        let cached = self
+            .checked
+            .get(&digest)
+            .map(|c| c.clone())
+            .filter(|c| c.generation == trust.generation);
+        let cert = match cached {
+            Some(c) => c,
             None => {
-                let c = self.check_chain(der)?;
+                let c = self.check_chain(der, &trust)?;
                 if self.checked.len() >= MAX_CACHED_CERTIFICATES {
                     self.checked.clear();
                 }
@@ -484,6 +602,12 @@ impl StatementVerifier {
                 c
             }
         };
+        if self.revoked.contains_serial(&cert.serial) {
+            return Err(StatementError::Revoked {
+                peer: cert.peer,
+                serial: hex::encode(&cert.serial),
+            });
+        }
         if at_unix < cert.not_before || at_unix > cert.not_after {
             return Err(StatementError::BadCertificate(format!(
                 "the certificate of {} is not valid at unix time {at_unix}",
@@ -493,15 +617,13 @@ impl StatementVerifier {
         Ok(cert)
     }
 
-    fn check_chain(&self, der: &[u8]) -> Result<CheckedCert, StatementError> {
+    fn check_chain(&self, der: &[u8], trust: &TrustAnchors) -> Result<CheckedCert, StatementError> {
         let bad = |e: String| StatementError::BadCertificate(e);
         let (_, x509) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
         let not_before = x509.validity().not_before.timestamp();
         let not_after = x509.validity().not_after.timestamp();
+        let serial = strip_leading_zeros(x509.raw_serial()).to_vec();
         let peer = peer_from_cert(der).map_err(|e| bad(e.to_string()))?;
-        if let Some(serial) = self.revoked.revoked(der) {
-            return Err(StatementError::Revoked { peer, serial });
-        }
         let cert = CertificateDer::from(der);
         let ee = EndEntityCert::try_from(&cert).map_err(|e| bad(format!("{e:?}")))?;
         // The chain is checked within the certificate's own validity window; the statement's time is checked
@@ -509,21 +631,38 @@ impl StatementVerifier {
         let when = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
             u64::try_from(not_before.max(0)).unwrap_or(0) + 1,
         ));
-        ee.verify_for_usage(
+        let crls: Vec<&webpki::CertRevocationList<'_>> = trust.crls.iter().collect();
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+            b.with_depth(webpki::RevocationCheckDepth::EndEntity)
+                .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                .build()
+        });
+        let verified = ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
-            &self.anchors,
+            &trust.anchors,
             &[],
             when,
             KeyUsage::client_auth(),
+            revocation,
             None,
-            None,
-        )
-        .map_err(|e| bad(format!("{e:?}")))?;
+        );
+        match verified {
+            Ok(_) => {}
+            Err(webpki::Error::CertRevoked) => {
+                return Err(StatementError::Revoked {
+                    peer,
+                    serial: hex::encode(&serial),
+                });
+            }
+            Err(e) => return Err(bad(format!("{e:?}"))),
+        }
         Ok(CheckedCert {
             registered_at: crate::tls::registered_node(der),
             peer,
             not_before,
             not_after,
+            serial,
+            generation: trust.generation,
         })
     }
 }
@@ -684,6 +823,48 @@ mod tests {
             verifier.verify::<KeyEndorsement>(&mixed, now()),
             Err(StatementError::BadSignature { .. })
         ));
+    }
+
+    #[test]
+    fn a_reloaded_bundle_revoked_list_and_signer_apply_at_once() {
+        let ca = DevCa::generate("fedgate test CA").unwrap();
+        let next = DevCa::generate("fedgate next CA").unwrap();
+        let m = material(&ca, &node("350100"));
+        let signer = NodeSigner::from_material(&m).unwrap();
+        let clone = signer.clone();
+        let revoked = RevokedSerials::default();
+        let v = StatementVerifier::new(&ca.ca_pem(), revoked.clone()).unwrap();
+        let s = clone.sign(&endorsement()).unwrap();
+        v.verify::<KeyEndorsement>(&s, now()).unwrap();
+
+        // A serial listed later is refused although its chain was checked and remembered before.
+        let (_, x509) = X509Certificate::from_der(&s.certificate).unwrap();
+        revoked.replace(&RevokedSerials::parse(&[hex::encode(x509.raw_serial())]).unwrap());
+        let e = v.verify::<KeyEndorsement>(&s, now()).unwrap_err();
+        assert!(matches!(e, StatementError::Revoked { .. }), "{e}");
+        revoked.replace(&RevokedSerials::default());
+
+        // Moved to a certificate of the next CA: every clone signs with it; verifiers follow their bundle.
+        let moved = material(&next, &node("350100"));
+        signer
+            .adopt(&NodeSigner::from_material(&moved).unwrap())
+            .unwrap();
+        let s2 = clone.sign(&endorsement()).unwrap();
+        assert_ne!(s2.certificate, s.certificate);
+        assert!(matches!(
+            v.verify::<KeyEndorsement>(&s2, now()),
+            Err(StatementError::BadCertificate(_))
+        ));
+        v.reload(&format!("{}{}", ca.ca_pem(), next.ca_pem()), &[])
+            .unwrap();
+        v.verify::<KeyEndorsement>(&s2, now()).unwrap();
+        v.verify::<KeyEndorsement>(&s, now()).unwrap();
+        // Without the old CA, the old certificate's statements are refused at their next check.
+        v.reload(&next.ca_pem(), &[]).unwrap();
+        assert!(v.verify::<KeyEndorsement>(&s, now()).is_err());
+        // Another node's certificate is never adopted.
+        let other = NodeSigner::from_material(&material(&ca, &node("350200"))).unwrap();
+        assert!(signer.adopt(&other).is_err());
     }
 
     #[test]

@@ -27,6 +27,12 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use crate::accept::{ConnInfo, Handshake};
 use crate::ident::{IdentError, Peer};
 use crate::pki;
+
+pub mod dynamic;
+pub mod reload;
+pub mod trust;
+mod watch;
+
 /// The URI SAN prefix that marks a fedgate identity.
 const FEDGATE_URI_PREFIX: &str = "urn:fedgate:";
 

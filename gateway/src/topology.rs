@@ -3,9 +3,11 @@
 //! Routing needs no table: the next hop toward node `t` is the child whose code contains `t`, else the parent.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tonic::transport::channel::Change;
+use arc_swap::ArcSwap;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -14,7 +16,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::config::{AgencyConfig, NodeConfig, PeerNode};
 use crate::error::{Error, Result};
 use crate::ident::{DivisionCode, Peer, Uscc};
-use crate::tls::{TlsMaterial, client_tls};
+use crate::tls::dynamic::{Connector, DynamicTls, plain_uri};
 
 /// A neighbouring node and its pooled HTTP/2 channel.
 #[derive(Debug, Clone)]
@@ -23,18 +25,102 @@ pub struct Neighbour {
     pub code: DivisionCode,
     /// Its address as configured.
     pub address: String,
-    /// Lazily connected, reconnecting channel shared by every request to it.
-    pub channel: Channel,
-    /// How `channel` was made (one endpoint per replica): [`Neighbour::fresh_channel`] opens another one the
-    /// same way.
-    endpoints: Vec<Endpoint>,
+    /// The channels to its replicas, renewed after a certificate reload.
+    links: Arc<Links>,
 }
 
 impl Neighbour {
+    /// The lazily connected, reconnecting channel shared by every request to it (over the replicas that answer,
+    /// in turn); after a certificate reload, a new one on new connections.
+    pub fn channel(&self) -> Channel {
+        self.links.channel()
+    }
+
     /// A new channel to the neighbour on connections of its own, for a caller that gave up on the shared one
     /// (a connection that stopped answering stays open until HTTP/2 keepalive notices).
     pub fn fresh_channel(&self) -> Channel {
-        balanced(&self.endpoints)
+        self.links.fresh()
+    }
+
+    /// Increases each time the shared channel is renewed; a long-lived caller takes [`Neighbour::channel`]
+    /// again when it changed.
+    pub fn generation(&self) -> u64 {
+        self.links.generation.load(Ordering::Relaxed)
+    }
+}
+
+/// One channel per replica of one peer, made with the node's TLS connector, swapped whole on renewal.
+struct Links {
+    endpoints: Vec<Endpoint>,
+    connector: Connector,
+    current: ArcSwap<Vec<Channel>>,
+    alive: Vec<AtomicBool>,
+    turn: AtomicUsize,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("replicas", &self.endpoints.len())
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Links {
+    fn new(endpoints: Vec<Endpoint>, connector: Connector) -> Arc<Self> {
+        let current = endpoints
+            .iter()
+            .map(|e| e.connect_with_connector_lazy(connector.clone()))
+            .collect();
+        let links = Arc::new(Self {
+            alive: endpoints.iter().map(|_| AtomicBool::new(true)).collect(),
+            endpoints,
+            connector,
+            current: ArcSwap::from_pointee(current),
+            turn: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+        });
+        if links.endpoints.len() > 1 {
+            tokio::spawn(watch_replicas(Arc::downgrade(&links)));
+        }
+        links
+    }
+
+    /// The index of the replica the next call goes to: in turn over those that answer, or over all when none
+    /// does (so calls fail at once rather than wait for one).
+    fn pick(&self) -> usize {
+        let n = self.endpoints.len();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let alive: Vec<usize> = (0..n)
+            .filter(|i| self.alive[*i].load(Ordering::Relaxed))
+            .collect();
+        match alive.as_slice() {
+            [] => turn % n.max(1),
+            some => some[turn % some.len()],
+        }
+    }
+
+    fn channel(&self) -> Channel {
+        let current = self.current.load();
+        current[self.pick().min(current.len() - 1)].clone()
+    }
+
+    fn fresh(&self) -> Channel {
+        self.endpoints[self.pick()].connect_with_connector_lazy(self.connector.clone())
+    }
+
+    /// New channels on new connections, made with the TLS material in use now; calls still running on the old
+    /// ones finish there, and the old connections close once nothing holds them.
+    fn renew(&self) {
+        let current = self
+            .endpoints
+            .iter()
+            .map(|e| e.connect_with_connector_lazy(self.connector.clone()))
+            .collect();
+        self.current.store(Arc::new(current));
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -54,8 +140,14 @@ pub struct Agency {
 pub struct ProviderLink {
     /// Its address as configured.
     pub address: String,
-    /// Lazily connected, reconnecting channel.
-    pub channel: Channel,
+    links: Arc<Links>,
+}
+
+impl ProviderLink {
+    /// Lazily connected, reconnecting channel; after a certificate reload, a new one on new connections.
+    pub fn channel(&self) -> Channel {
+        self.links.channel()
+    }
 }
 
 /// The next hop of a request.
@@ -80,50 +172,20 @@ pub struct Topology {
     pub agencies: HashMap<Uscc, Agency>,
 }
 
-fn channel(
-    address: &str,
-    what: &str,
-    tls: &TlsMaterial,
-    server: &Peer,
-    connect_timeout: Duration,
-) -> Result<Channel> {
-    Ok(endpoint(address, what, tls, server, connect_timeout)?.connect_lazy())
-}
-
 /// How often the replicas of a neighbour are checked.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// How long a replica may take to answer a check before it counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// One channel over `endpoints`, the replicas of one node: calls are spread over those that answer a health
-/// check (see [`watch_replicas`]).
-fn balanced(endpoints: &[Endpoint]) -> Channel {
-    match endpoints {
-        [one] => one.connect_lazy(),
-        many => {
-            let (channel, changes) = Channel::balance_channel(many.len());
-            tokio::spawn(watch_replicas(many.to_vec(), changes));
-            channel
-        }
-    }
-}
-
-/// Keeps the replicas that answer a health check in a balanced channel's set, checking each every
-/// [`PROBE_EVERY`]: one that stops answering leaves the set within about a second, so calls fail over to the
-/// others, and comes back once it answers again. When none answers, all stay in, so calls fail at once rather
-/// than wait for one. Ends when the channel is dropped.
-async fn watch_replicas(
-    endpoints: Vec<Endpoint>,
-    changes: tokio::sync::mpsc::Sender<Change<usize, Endpoint>>,
-) {
-    let probes: Vec<HealthClient<Channel>> = endpoints
-        .iter()
-        .map(|e| HealthClient::new(e.connect_lazy()))
-        .collect();
-    let mut member = vec![false; endpoints.len()];
+/// Keeps track of which replicas of a neighbour answer a health check, checking each every [`PROBE_EVERY`]
+/// over its current channel: one that stops answering gets no new calls within about a second, so calls fail
+/// over to the others, and gets them again once it answers. Ends when the links are dropped.
+async fn watch_replicas(links: std::sync::Weak<Links>) {
     loop {
-        let alive: Vec<bool> = futures::future::join_all(probes.iter().map(|p| {
-            let mut p = p.clone();
+        let Some(l) = links.upgrade() else { return };
+        let channels = l.current.load_full();
+        let alive: Vec<bool> = futures::future::join_all(channels.iter().map(|c| {
+            let mut p = HealthClient::new(c.clone());
             async move {
                 let check = p.check(HealthCheckRequest::default());
                 matches!(
@@ -133,63 +195,50 @@ async fn watch_replicas(
             }
         }))
         .await;
-        let none = !alive.iter().any(|a| *a);
-        for (i, endpoint) in endpoints.iter().enumerate() {
-            let wanted = alive[i] || none;
-            if wanted != member[i] {
-                let change = if wanted {
-                    Change::Insert(i, endpoint.clone())
-                } else {
-                    tracing::warn!(address = %endpoint.uri(), "replica of a neighbour does not answer; calls go to the others");
-                    Change::Remove(i)
-                };
-                if changes.send(change).await.is_err() {
-                    return;
-                }
-                member[i] = wanted;
+        for (i, up) in alive.into_iter().enumerate() {
+            let was = l.alive[i].swap(up, Ordering::Relaxed);
+            if was && !up {
+                tracing::warn!(address = %l.endpoints[i].uri(), "replica of a neighbour does not answer; calls go to the others");
             }
         }
+        drop(l);
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 
-fn endpoint(
-    address: &str,
-    what: &str,
-    tls: &TlsMaterial,
-    server: &Peer,
-    connect_timeout: Duration,
-) -> Result<Endpoint> {
-    let endpoint = Endpoint::from_shared(address.to_owned())
-        .map_err(|e| Error::InvalidArgument(format!("{what} address {address:?}: {e}")))?
-        .tls_config(client_tls(tls, server))
-        .map_err(|e| Error::InvalidArgument(format!("{what} TLS settings: {e}")))?
+fn endpoint(address: &str, what: &str, connect_timeout: Duration) -> Result<Endpoint> {
+    let uri = plain_uri(address)
+        .map_err(|e| Error::InvalidArgument(format!("{what} address {address:?}: {e}")))?;
+    let endpoint = Endpoint::from(uri)
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     Ok(endpoint)
 }
 
-fn neighbour(p: &PeerNode, what: &str, tls: &TlsMaterial, timeout: Duration) -> Result<Neighbour> {
+fn connector(tls: &DynamicTls, what: &str, server: &Peer) -> Result<Connector> {
+    tls.connector(server)
+        .map_err(|e| Error::InvalidArgument(format!("{what} TLS settings: {e}")))
+}
+
+fn neighbour(p: &PeerNode, what: &str, tls: &DynamicTls, timeout: Duration) -> Result<Neighbour> {
     let code: DivisionCode = p
         .code
         .parse()
         .map_err(|e| Error::InvalidArgument(format!("{what}.code: {e}")))?;
     let endpoints = std::iter::once(&p.address)
         .chain(&p.replicas)
-        .map(|a| endpoint(a, what, tls, &Peer::Node(code), timeout))
+        .map(|a| endpoint(a, what, timeout))
         .collect::<Result<Vec<_>>>()?;
     Ok(Neighbour {
         code,
         address: p.address.clone(),
-        channel: balanced(&endpoints),
-        endpoints,
+        links: Links::new(endpoints, connector(tls, what, &Peer::Node(code))?),
     })
 }
 
-fn agency(a: &AgencyConfig, tls: &TlsMaterial, timeout: Duration) -> Result<Agency> {
+fn agency(a: &AgencyConfig, tls: &DynamicTls, timeout: Duration) -> Result<Agency> {
     let uscc: Uscc = a
         .uscc
         .parse()
@@ -198,15 +247,13 @@ fn agency(a: &AgencyConfig, tls: &TlsMaterial, timeout: Duration) -> Result<Agen
         .provider
         .as_ref()
         .map(|address| -> Result<ProviderLink> {
+            let what = format!("agency {uscc} provider");
             Ok(ProviderLink {
                 address: address.clone(),
-                channel: channel(
-                    address,
-                    &format!("agency {uscc} provider"),
-                    tls,
-                    &Peer::Agency(uscc.clone()),
-                    timeout,
-                )?,
+                links: Links::new(
+                    vec![endpoint(address, &what, timeout)?],
+                    connector(tls, &what, &Peer::Agency(uscc.clone()))?,
+                ),
             })
         })
         .transpose()?;
@@ -219,7 +266,7 @@ fn agency(a: &AgencyConfig, tls: &TlsMaterial, timeout: Duration) -> Result<Agen
 
 impl Topology {
     /// Builds the topology from configuration, checking that parent and children fit this node's code.
-    pub fn from_config(config: &NodeConfig, tls: &TlsMaterial) -> Result<Self> {
+    pub fn from_config(config: &NodeConfig, tls: &DynamicTls) -> Result<Self> {
         let code: DivisionCode = config
             .code
             .parse()
@@ -293,6 +340,17 @@ impl Topology {
                     self.code
                 ))
             })
+    }
+
+    /// Opens new channels to every neighbour and provider with the TLS material in use now (after a certificate
+    /// reload): new calls use new connections, calls running on the old ones finish there.
+    pub fn renew_channels(&self) {
+        for n in self.parent.iter().chain(self.children.values()) {
+            n.links.renew();
+        }
+        for p in self.agencies.values().filter_map(|a| a.provider.as_ref()) {
+            p.links.renew();
+        }
     }
 
     /// Whether `code` is this node's parent or one of its children.

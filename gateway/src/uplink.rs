@@ -260,8 +260,14 @@ impl Uplink {
             _ => "uplink:catalog",
         };
         let status = self.status(stream);
-        let mut channel = parent.channel.clone();
+        let mut channel = parent.channel();
+        let mut generation = parent.generation();
         loop {
+            if parent.generation() != generation {
+                // A certificate reload renewed the parent's channel: the next session uses new connections.
+                generation = parent.generation();
+                channel = parent.channel();
+            }
             match store.take_lease(lease, &self.replica, LEASE_TTL).await {
                 Ok(true) => {
                     if !status.leased.swap(true, Ordering::Relaxed) {
@@ -340,6 +346,7 @@ impl Uplink {
             audit_public_key: self.key.get().map(|k| k.0.to_vec()).unwrap_or_default(),
             key_endorsement: self.key.get().and_then(|k| k.1.clone()),
         };
+        let generation = parent.generation();
         let join = self.call("Join", join, |req| client.join(req)).await?;
         // The parent's cursor, once this node's stream agrees with what the parent holds of it.
         let mut acked = recover::reconcile(
@@ -360,6 +367,10 @@ impl Uplink {
         // When the last audit push started, if it was not full.
         let mut last_push: Option<tokio::time::Instant> = None;
         loop {
+            if parent.generation() != generation {
+                // The channel was renewed after a certificate reload: join again on the new one.
+                return Ok(());
+            }
             let items = match stream {
                 Stream::Audit => {
                     // Fewer, fuller pushes: after one that was not full, the next waits for the interval.

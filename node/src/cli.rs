@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedgate_gateway::config::NodeConfig;
-use fedgate_gateway::ident::{Peer, Uscc};
-use fedgate_gateway::pki::{DevCa, write_pem_files};
+use fedgate_gateway::ident::Peer;
 
 use crate::exit::{ConfigError, Software, start_failure};
 
@@ -57,7 +56,8 @@ enum Command {
         #[command(subcommand)]
         cmd: crate::audit_cmd::AuditCmd,
     },
-    /// Create a development PKI: a root CA and certificates bound to node and agency codes.
+    /// Create a development PKI: a root CA and certificates bound to node and agency codes; with
+    /// --ca-existing, issue more certificates from the CA already in the directory (it is never replaced).
     Certs {
         /// Directory to write the PEM files into.
         #[arg(long, short, default_value = "fedgate-pki")]
@@ -70,6 +70,9 @@ enum Command {
         /// code is taken as the node.
         #[arg(long = "agency", value_name = "USCC[@NODE]")]
         agencies: Vec<String>,
+        /// Issue the certificates from the CA in the directory (its ca.crt and ca.key) instead of creating one.
+        #[arg(long)]
+        ca_existing: bool,
     },
     /// Act as an agency at its node (catalog, shares, applications, grants, objections).
     Agency(fedgate_examples::cli::AgencyArgs),
@@ -114,7 +117,13 @@ impl Cli {
                     out,
                     nodes,
                     agencies,
-                } => certs(out, nodes, agencies),
+                    ca_existing,
+                } => crate::certs_cmd::run(crate::certs_cmd::CertsRequest {
+                    out,
+                    nodes,
+                    agencies,
+                    ca_existing,
+                }),
                 Command::Agency(args) => fedgate_examples::cli::run(args).await,
                 Command::Backup(args) => crate::backup::backup(args).await,
                 Command::Restore(args) => crate::backup::restore(args).await,
@@ -152,6 +161,10 @@ async fn run_node(path: PathBuf) -> Result<()> {
         .await
         .map_err(|e| start_failure(format!("cannot start node from {}", path.display()), e))?;
     println!("fedgate node {} listening on {}", node.code(), node.addr());
+    node.certificates().watch_config_file(&path);
+    let hangup = tokio::spawn(crate::certs_cmd::reload_on_hangup(
+        node.certificates().clone(),
+    ));
     let stopped_by_itself = tokio::select! {
         () = shutdown_signal() => false,
         () = server_stopped(&node) => true,
@@ -163,6 +176,7 @@ async fn run_node(path: PathBuf) -> Result<()> {
         };
         return Err(Software(format!("node stopped by itself: {cause}")).into());
     }
+    hangup.abort();
     tracing::info!("shutdown requested; draining");
     node.shutdown()
         .await
@@ -198,76 +212,6 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
-}
-
-fn certs(out: PathBuf, nodes: Vec<String>, agencies: Vec<String>) -> Result<()> {
-    let mut peers = Vec::new();
-    for n in &nodes {
-        peers.push(Peer::Node(
-            n.parse()
-                .map_err(|e| ConfigError(format!("--node {n}: {e}")))?,
-        ));
-    }
-    let mut registered = Vec::new();
-    for a in &agencies {
-        let (code, node) = a
-            .split_once('@')
-            .map_or((a.as_str(), None), |(c, n)| (c, Some(n)));
-        let uscc = code
-            .parse::<Uscc>()
-            .map_err(|e| ConfigError(format!("--agency {a}: {e}")))?;
-        let node = match node {
-            Some(n) => n
-                .parse::<fedgate_gateway::ident::DivisionCode>()
-                .map_err(|e| ConfigError(format!("--agency {a}: node {e}")))?,
-            None => uscc.registering_division_code().ok_or_else(|| {
-                ConfigError(format!(
-                    "--agency {a}: the code names no division; give the node as USCC@NODE"
-                ))
-            })?,
-        };
-        registered.push((uscc, node));
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let ca = DevCa::generate("fedgate development root")?;
-    std::fs::write(out.join("ca.crt"), ca.ca_pem())?;
-    write_key(&out.join("ca.key"), &ca.ca_key_pem())?;
-    println!("{}", out.join("ca.crt").display());
-    for peer in &peers {
-        let name = match peer {
-            Peer::Node(c) => format!("node-{c}"),
-            Peer::Agency(u) => format!("agency-{u}"),
-        };
-        let cert = ca.issue(peer, &[])?;
-        let (crt, _key) = write_pem_files(&out, &name, &cert)?;
-        println!("{}  ({})", crt.display(), peer.to_uri());
-    }
-    for (uscc, node) in &registered {
-        let cert = ca.issue_agency(uscc, *node, &[])?;
-        let (crt, _key) = write_pem_files(&out, &format!("agency-{uscc}"), &cert)?;
-        println!(
-            "{}  ({}, registered at node {node})",
-            crt.display(),
-            Peer::Agency(uscc.clone()).to_uri()
-        );
-    }
-    Ok(())
-}
-
-fn write_key(path: &std::path::Path, pem: &str) -> Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(pem.as_bytes())?;
-    Ok(())
 }
 
 /// Reads a node's configuration; a file that does not parse is a [`ConfigError`] (exit status 78).
@@ -390,5 +334,6 @@ async fn report(path: PathBuf) -> Result<()> {
             r.stale_count - r.stale_entries.len() as u64
         );
     }
+    println!("{}", crate::certs_cmd::expiry_line(&load_config(&path)?));
     Ok(())
 }

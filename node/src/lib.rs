@@ -4,6 +4,7 @@
 pub mod audit_cmd;
 pub mod backup;
 pub mod check_config;
+pub mod certs_cmd;
 pub mod cli;
 pub mod demand_cmd;
 pub mod demo;

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod catalog_bench;
+pub mod certs;
 pub mod db_lock;
 pub mod flowback;
 pub mod guide;

@@ -692,6 +692,12 @@ impl ProcessFederation {
         Ok(())
     }
 
+    /// Sends SIGHUP to the node's process (it reloads its certificates and revocation lists).
+    pub async fn hangup(&self, code: impl Into<Member>) -> Result<()> {
+        let pid = self.pid(code)?;
+        signal(&pid.to_string(), "-HUP").await
+    }
+
     /// Whether the node's process is running.
     pub fn is_running(&self, code: impl Into<Member>) -> bool {
         self.nodes

@@ -236,7 +236,7 @@ impl Discovery<'_> {
             route,
         });
         req.set_timeout(remaining);
-        let mut client = FederationClient::new(parent.channel.clone());
+        let mut client = FederationClient::new(parent.channel());
         let who = format!("parent node {} at {}", parent.code, parent.address);
         let answer = match tokio::time::timeout(remaining, client.discover(req)).await {
             Err(_) => {

@@ -50,12 +50,10 @@ impl std::fmt::Display for Problem {
 pub struct Checked {
     /// The node's code.
     pub code: DivisionCode,
-    /// The node's CA bundle, certificate and key.
-    pub tls: TlsMaterial,
+    /// The node's CA bundle, certificate, key and revocation lists, checked as a reload checks them.
+    pub trust: crate::tls::trust::LoadedTrust,
     /// Where the node's signing key is (or is created).
     pub key_path: PathBuf,
-    /// Serials of revoked federation certificates.
-    pub revoked: RevokedSerials,
     /// The working-day calendar.
     pub calendar: WorkCalendar,
 }
@@ -103,17 +101,25 @@ impl NodeConfig {
                 problems.push(Problem::new(format!("trust.revoked_serials[{i}]"), e));
             }
         }
-        let revoked = RevokedSerials::parse(&self.trust.revoked_serials).ok();
+        // Each file read and named above; then the whole set as start-up and every reload load it (chain to
+        // the bundle, revocation lists).
+        let trust = match (code, &tls) {
+            (Some(code), Some(_)) => {
+                let files = crate::tls::trust::TrustFiles::of(self);
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                crate::tls::trust::load_trust(&files, code, now)
+                    .map_err(|e| problems.push(Problem::new(e.key, e.reason)))
+                    .ok()
+            }
+            _ => None,
+        };
         check_topology(self, code, &mut problems);
-        match (code, tls, key_path, revoked, calendar) {
-            (Some(code), Some(tls), Some(key_path), Some(revoked), Some(calendar))
-                if problems.is_empty() =>
-            {
+        match (code, trust, key_path, calendar) {
+            (Some(code), Some(trust), Some(key_path), Some(calendar)) if problems.is_empty() => {
                 Ok(Checked {
                     code,
-                    tls,
+                    trust,
                     key_path,
-                    revoked,
                     calendar,
                 })
             }

@@ -66,7 +66,7 @@ impl Flowback {
             .values()
             .find(|a| a.uscc.as_str() == uscc)
             .and_then(|a| a.provider.as_ref())
-            .map(|l| ProviderClient::new(l.channel.clone()))
+            .map(|l| ProviderClient::new(l.channel()))
             .ok_or_else(|| {
                 Error::Unavailable(format!(
                     "provider agency {uscc} has no Provider endpoint at node {me}"

@@ -152,7 +152,7 @@ impl Flowback {
             )));
         }
         req.route.push(me.to_string());
-        let mut client = FederationClient::new(next.channel.clone());
+        let mut client = FederationClient::new(next.channel());
         let who = format!("node {} at {}", next.code, next.address);
         match crate::ship::call_with_deadline(
             "Deliver",

@@ -307,7 +307,7 @@ impl Worker {
             fb.deliver(Peer::Node(me), req).await?.applied_seq
         } else {
             let (next, _) = fb.inner.topology.next_hop(target)?;
-            let mut client = FederationClient::new(next.channel.clone());
+            let mut client = FederationClient::new(next.channel());
             let who = format!("node {} at {}", next.code, next.address);
             match ship::call_with_deadline("Deliver", fb.inner.config.call_timeout(), req, |r| {
                 client.deliver(r)
