@@ -268,7 +268,7 @@ impl Downlink {
         if let Some(next) = self.toward(&checked.body().consumer_node, &notice.route)? {
             let (neighbour, _) = self.topology.next_hop(next)?;
             let mut client = FederationClient::new(neighbour.channel.clone());
-            let mut req = tonic::Request::new(notice);
+            let mut req = crate::telemetry::traced(notice);
             req.set_timeout(self.timeout);
             let ack = client.invalidate(req).await.map_err(|s| {
                 call_error(
@@ -307,7 +307,7 @@ impl Downlink {
     ) -> Result<Vec<String>> {
         let (neighbour, _) = self.topology.next_hop(next)?;
         let mut client = FederationClient::new(neighbour.channel.clone());
-        let mut req = tonic::Request::new(notice.clone());
+        let mut req = crate::telemetry::traced(notice.clone());
         req.set_timeout(self.timeout);
         let ack = client.revoke(req).await.map_err(|s| {
             call_error(

@@ -389,6 +389,7 @@ pub async fn start_with_clock(
                 on_refused("open_data"),
             );
             let server = http2_server(connections)
+                .layer(crate::telemetry::TraceLayer::new(code))
                 .layer(TrackCallsLayer::<()>::new())
                 .layer(GuardLayer::new(audit_log.clone()))
                 .layer(StopCallsLayer::new(code, stopping.clone()))
@@ -442,6 +443,7 @@ pub async fn start_with_clock(
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(
         http2_server(connections)
+            .layer(crate::telemetry::TraceLayer::new(code))
             .layer(TrackCallsLayer::<tls::PeerInfo>::new())
             .layer(admission.layer())
             .layer(GuardLayer::new(audit_log.clone()))
