@@ -407,7 +407,11 @@ fn compose_nodes_export_traces_to_the_collector_which_feeds_jaeger_on_loopback()
         .filter(|l| l.starts_with("  node-") && l.trim_end().ends_with(':'))
         .count();
     let anchored = compose.matches("<<: *node").count();
-    assert_eq!((nodes, anchored), (6, 6), "every node takes the x-node template");
+    assert_eq!(
+        (nodes, anchored),
+        (6, 6),
+        "every node takes the x-node template"
+    );
 
     let collector = service(&compose, "otel-collector").context("an otel-collector service")?;
     let mount = collector
@@ -424,7 +428,10 @@ fn compose_nodes_export_traces_to_the_collector_which_feeds_jaeger_on_loopback()
     let config = std::fs::read_to_string(dir.join("config/otel-collector.yaml"))?;
     let receiver = yaml_block(&config, "otlp:").context("an OTLP receiver")?;
     let listen = yaml_value(&receiver, "endpoint").context("the receiver's endpoint")?;
-    assert_eq!(listen, "0.0.0.0:4317", "the collector listens where the nodes send");
+    assert_eq!(
+        listen, "0.0.0.0:4317",
+        "the collector listens where the nodes send"
+    );
     let exporter = yaml_block(&config, "otlp/jaeger:").context("an OTLP exporter to Jaeger")?;
     assert_eq!(
         yaml_value(&exporter, "endpoint").as_deref(),

@@ -51,3 +51,6 @@ pub fn annotate_hop(env: &fedgate_proto::v1::Envelope) {
         span.record("fedgate.mode", mode.as_str_name());
     }
 }
+
+#[cfg(test)]
+mod tests;
