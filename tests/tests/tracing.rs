@@ -12,6 +12,12 @@ use fedgate_gateway::telemetry::{LogFormat, log_layer};
 use fedgate_tests::{code, eventually, key_at, query, standard};
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tracing_subscriber::layer::SubscriberExt as _;
 
@@ -367,4 +373,109 @@ async fn a_trace_context_sent_by_an_agency_is_continued_and_its_id_is_in_the_jso
             .all(|l| l["level"].is_string() && l["fields"].is_object())
     );
     net.shutdown().await
+}
+
+/// An OTLP/gRPC trace receiver: what a collector is to a node.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0
+            .lock()
+            .map_err(|_| tonic::Status::internal("collector poisoned"))?
+            .push(req.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_node_process_exports_over_otlp_as_its_service_and_flushes_on_sigterm() -> Result<()> {
+    use fedgate_proto::v1::ShareType::{Conditional, Unconditional};
+    use fedgate_tests::process::ProcessFederation;
+    use fedgate_tests::{NodeSpec, registry};
+    captured();
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let otlp = listener.local_addr()?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let specs = vec![
+        NodeSpec::new("350102")?
+            .consumer(1, "Gulou consumer")?
+            .provider(2, "Gulou provider", registry(Unconditional, Conditional, 1))?,
+    ];
+    let gulou = code("350102");
+    let mut fed = ProcessFederation::start(specs, &[]).await?;
+    fed.terminate(gulou).await?;
+    let endpoint = format!("http://{otlp}");
+    fed.set_launch(
+        gulou,
+        &["--log-format", "json"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            // Nothing leaves before exit unless the exit flushes it.
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+            ("RUST_LOG", "info,fedgate_gateway::telemetry=debug"),
+        ],
+    )?;
+    fed.start_node(gulou).await?;
+
+    let trace_id = TraceId::from(rand::random::<u128>() | 1);
+    let mut req = tonic::Request::new(query("350102:household", &fed.key_at(gulou, 0)?, &["name"]));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{}-01", SpanId::from(7u64)).parse()?,
+    );
+    let mut client = fed.client(&fed.consumer_at(gulou)?.uscc).await?;
+    client.share(req).await?;
+    fed.terminate(gulou).await?;
+
+    let exports = collector.0.lock().map(|e| e.clone()).unwrap_or_default();
+    let share = exports
+        .iter()
+        .flat_map(|e| &e.resource_spans)
+        .filter(|rs| {
+            rs.resource.as_ref().is_some_and(|r| {
+                r.attributes.iter().any(|kv| {
+                    kv.key == "service.name"
+                        && format!("{:?}", kv.value).contains("\"fedgate-350102\"")
+                })
+            })
+        })
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .find(|s| s.trace_id == trace_id.to_bytes() && s.name == "fedgate.v1.Agency/Share");
+    if share.is_none() {
+        bail!(
+            "the collector got no Share span of trace {trace_id} from service fedgate-350102: {exports:#?}"
+        );
+    }
+
+    let stderr = fed
+        .log_files(gulou)
+        .into_iter()
+        .rev()
+        .find(|p| p.extension().is_some_and(|e| e == "err"))
+        .context("the node's standard error")?;
+    let text = std::fs::read_to_string(&stderr)?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l}")))
+        .collect::<Result<_>>()?;
+    assert!(
+        lines.iter().any(|l| l["trace_id"] == trace_id.to_string()),
+        "a JSON log line of the node names trace {trace_id}: {text}"
+    );
+    server.abort();
+    fed.shutdown().await
 }
