@@ -268,7 +268,7 @@ impl Downlink {
         if let Some(next) = self.toward(&checked.body().consumer_node, &notice.route)? {
             let (neighbour, _) = self.topology.next_hop(next)?;
             let mut client = FederationClient::new(neighbour.channel());
-            let mut req = tonic::Request::new(notice);
+            let mut req = crate::telemetry::traced(notice);
             req.set_timeout(self.timeout);
             let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();
             let ack = crate::opmon::next_hop(peer, client.invalidate(req));
@@ -309,7 +309,7 @@ impl Downlink {
     ) -> Result<Vec<String>> {
         let (neighbour, _) = self.topology.next_hop(next)?;
         let mut client = FederationClient::new(neighbour.channel());
-        let mut req = tonic::Request::new(notice.clone());
+        let mut req = crate::telemetry::traced(notice.clone());
         req.set_timeout(self.timeout);
         let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();
         let ack = crate::opmon::next_hop(peer, client.revoke(req));

@@ -36,6 +36,7 @@ pub mod service;
 pub mod ship;
 pub mod statement;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod topology;
 pub mod uplink;

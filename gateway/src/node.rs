@@ -424,6 +424,7 @@ pub async fn start_with_clock(
             let (open_reflection, open_reflection_v1alpha) =
                 reflect::reflection(&open_services).map_err(reflection_error)?;
             let server = http2_server(connections)
+                .layer(crate::telemetry::TraceLayer::new(code))
                 .layer(TrackCallsLayer::<()>::new())
                 .layer(opmon.layer())
                 .layer(GuardLayer::new(audit_log.clone()))
@@ -485,6 +486,7 @@ pub async fn start_with_clock(
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(
         http2_server(connections)
+            .layer(crate::telemetry::TraceLayer::new(code))
             .layer(TrackCallsLayer::<tls::PeerInfo>::new())
             .layer(opmon.layer())
             .layer(admission.layer())

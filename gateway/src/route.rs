@@ -17,6 +17,7 @@ use fedgate_proto::v1::{
 };
 use prost::Message;
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::assertion::{Assertions, Vouched};
 use crate::audit::{self, AuditLog};
@@ -234,6 +235,7 @@ impl Router {
         crate::opmon::note_envelope(&env);
         let started = Instant::now();
         let me = self.topology.code;
+        crate::telemetry::annotate_hop(&env);
         if local.is_none() && env.target_node != me.as_str() {
             return self.relay(env, request, deadline, started).await;
         }
@@ -260,6 +262,7 @@ impl Router {
     ) -> Result<(Result<Forwarded>, AuditRecord)> {
         crate::opmon::note_envelope(&env);
         let me = self.topology.code;
+        crate::telemetry::annotate_hop(&env);
         let target: DivisionCode = env.target_node.parse()?;
         let mut record = share_record(&env, target == me);
         let result = self
@@ -408,15 +411,30 @@ impl Router {
         );
         env.hops_left -= 1;
         env.timeout_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
-        let mut req = tonic::Request::new(ForwardRequest {
-            envelope: Some(env),
-            request,
+        let span = tracing::info_span!(
+            "forward",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            fedgate.node = %me,
+            fedgate.next = %next.code,
+            fedgate.direction = ?direction,
+            fedgate.resource = %env.resource_id,
+            fedgate.outcome = tracing::field::Empty,
+        );
+        let mut req = span.in_scope(|| {
+            crate::telemetry::traced(ForwardRequest {
+                envelope: Some(env),
+                request,
+            })
         });
         req.set_timeout(remaining);
         let mut client = FederationClient::new(next.channel());
         let peer = || crate::ident::Peer::Node(next.code).to_uri();
         let call = crate::opmon::next_hop(peer, client.forward(req));
-        match tokio::time::timeout(remaining, call).await {
+        let answer = tokio::time::timeout(remaining, call)
+            .instrument(span.clone())
+            .await;
+        let result = match answer {
             Err(_) => Err(Error::DeadlineExceeded(format!(
                 "deadline ran out waiting for node {}",
                 next.code
@@ -433,7 +451,9 @@ impl Router {
                     cacheable_ms: r.cacheable_ms,
                 })
             }
-        }
+        };
+        crate::telemetry::record_outcome(&span, &result);
+        result
     }
 
     async fn serve_local(
@@ -556,32 +576,47 @@ impl Router {
                 env.request_id
             )));
         }
-        let entry = self.entries.get(&env.resource_id).await?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "resource {} is not in the catalog of node {me}",
-                env.resource_id
-            ))
-        })?;
-        record.provider_uscc = entry.provider_uscc.clone();
-        let mode = policy::requested_mode(&req)?;
-        let grant = match &req.grant {
-            _ if env.open_data => None,
-            Some(signed) => {
-                let fields = policy::used_fields(&req, mode);
-                let g = self
-                    .governance
-                    .check_grant(signed, consumer, &entry, mode, &fields)
-                    .await?;
-                record.grant_id = g.id.clone();
-                Some(g)
-            }
-            None => None,
-        };
-        let permit = if env.open_data {
-            policy::authorize_open(&entry, &req)?
-        } else {
-            policy::authorize(&entry, &req, grant.as_ref())?
-        };
+        let admission = tracing::info_span!(
+            "admission",
+            fedgate.node = %me,
+            fedgate.resource = %env.resource_id,
+            fedgate.consumer = %consumer.uscc(),
+            fedgate.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let admitted = async {
+            let entry = self.entries.get(&env.resource_id).await?.ok_or_else(|| {
+                Error::NotFound(format!(
+                    "resource {} is not in the catalog of node {me}",
+                    env.resource_id
+                ))
+            })?;
+            record.provider_uscc = entry.provider_uscc.clone();
+            let mode = policy::requested_mode(&req)?;
+            let grant = match &req.grant {
+                _ if env.open_data => None,
+                Some(signed) => {
+                    let fields = policy::used_fields(&req, mode);
+                    let g = self
+                        .governance
+                        .check_grant(signed, consumer, &entry, mode, &fields)
+                        .await?;
+                    record.grant_id = g.id.clone();
+                    Some(g)
+                }
+                None => None,
+            };
+            let permit = if env.open_data {
+                policy::authorize_open(&entry, &req)?
+            } else {
+                policy::authorize(&entry, &req, grant.as_ref())?
+            };
+            Ok((entry, permit))
+        }
+        .instrument(admission.clone())
+        .await;
+        crate::telemetry::record_outcome(&admission, &admitted);
+        let (entry, permit) = admitted?;
         let uscc = entry.provider_uscc.as_str();
         let link = self
             .topology
@@ -609,6 +644,9 @@ impl Router {
             who: format!("provider agency {uscc} at {}", link.address),
             uscc: uscc.to_owned(),
             remaining,
+            node: me,
+            resource: &entry.id,
+            mode: permit.mode,
         };
         let mut resp = ShareResponse {
             request_id: env.request_id.clone(),
@@ -636,7 +674,8 @@ impl Router {
                     )
                     .await?
                     .records;
-                resp.checks = policy::verify(&req.verify_values, records.first());
+                resp.checks = masking(me, permit.mode)
+                    .in_scope(|| policy::verify(&req.verify_values, records.first()));
             }
             ShareMode::Statistics => {
                 let groups = provider
@@ -651,7 +690,7 @@ impl Router {
                     )
                     .await?
                     .groups;
-                policy::check_groups(&entry, &groups)?;
+                masking(me, permit.mode).in_scope(|| policy::check_groups(&entry, &groups))?;
                 resp.groups = groups;
             }
             ShareMode::Bulk => {
@@ -672,7 +711,8 @@ impl Router {
                         },
                     )
                     .await?;
-                resp.records = policy::shape(&permit, page.records);
+                resp.records =
+                    masking(me, permit.mode).in_scope(|| policy::shape(&permit, page.records));
                 resp.next_page_token = page.next_page_token;
             }
             ShareMode::Query | ShareMode::Unspecified => {
@@ -683,7 +723,8 @@ impl Router {
                     )
                     .await?
                     .records;
-                resp.records = policy::shape(&permit, records);
+                resp.records =
+                    masking(me, permit.mode).in_scope(|| policy::shape(&permit, records));
             }
         }
         let cacheable_ms = self.note_cacheable(env, consumer, permit.mode).await?;
@@ -720,25 +761,59 @@ fn unrecorded(me: DivisionCode, e: audit::AuditError) -> Error {
     ))
 }
 
+/// The span of applying a permit's masking (or check) to what a provider answered.
+fn masking(node: DivisionCode, mode: ShareMode) -> tracing::Span {
+    tracing::info_span!("masking", fedgate.node = %node, fedgate.mode = mode.as_str_name())
+}
+
 /// One call to a provider agency with the request's remaining time.
-struct ProviderCall {
+struct ProviderCall<'a> {
     client: ProviderClient<tonic::transport::Channel>,
     who: String,
     uscc: String,
     remaining: Duration,
+    node: DivisionCode,
+    resource: &'a str,
+    mode: ShareMode,
 }
 
-impl ProviderCall {
+impl ProviderCall<'_> {
     async fn run<Req, Resp, F, Fut>(&self, call: F, req: Req) -> Result<Resp>
     where
         F: FnOnce(ProviderClient<tonic::transport::Channel>, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let mut req = tonic::Request::new(req);
+        let span = tracing::info_span!(
+            "provider.call",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            fedgate.node = %self.node,
+            fedgate.provider = %self.uscc,
+            fedgate.resource = self.resource,
+            fedgate.mode = self.mode.as_str_name(),
+            fedgate.outcome = tracing::field::Empty,
+        );
+        let mut req = span.in_scope(|| crate::telemetry::traced(req));
         req.set_timeout(self.remaining);
-        let call = call(self.client.clone(), req);
         let peer = || format!("urn:fedgate:agency:{}", self.uscc);
-        match tokio::time::timeout(self.remaining, crate::opmon::next_hop(peer, call)).await {
+        let call = crate::opmon::next_hop(peer, call(self.client.clone(), req));
+        let answer = tokio::time::timeout(self.remaining, call)
+            .instrument(span.clone())
+            .await;
+        let result = self.answer(answer);
+        crate::telemetry::record_outcome(&span, &result);
+        result
+    }
+
+    /// The provider's answer, or the error naming why there was none.
+    fn answer<Resp>(
+        &self,
+        answer: std::result::Result<
+            std::result::Result<tonic::Response<Resp>, Status>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<Resp> {
+        match answer {
             Err(_) => Err(Error::DeadlineExceeded(format!(
                 "deadline ran out waiting for provider agency {}",
                 self.uscc

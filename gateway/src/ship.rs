@@ -97,7 +97,7 @@ where
     F: FnOnce(tonic::Request<Req>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
 {
-    let mut req = tonic::Request::new(body);
+    let mut req = crate::telemetry::traced(body);
     req.set_timeout(timeout);
     match tokio::time::timeout(timeout, call(req)).await {
         Ok(answer) => Ok(answer?.into_inner()),

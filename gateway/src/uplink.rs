@@ -11,6 +11,7 @@ use fedgate_proto::v1::{
 };
 use prost::Message;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
 use crate::ident::DivisionCode;
 use crate::ship::{
@@ -262,6 +263,7 @@ impl Uplink {
         let status = self.status(stream);
         let mut channel = parent.channel();
         let mut generation = parent.generation();
+        let mut idled = false;
         loop {
             if parent.generation() != generation {
                 // A certificate reload renewed the parent's channel: the next session uses new connections.
@@ -297,6 +299,7 @@ impl Uplink {
                 (&parent, FederationClient::new(channel.clone())),
                 (&store, &recovery),
                 (&mut backoff, &mut size),
+                idled,
             );
             let outcome = tokio::select! {
                 _ = shutdown.changed() => {
@@ -308,6 +311,8 @@ impl Uplink {
                 lost = hold_lease(store.as_ref(), lease, &self.replica) => Err(SessionError::LeaseLost(lost)),
             };
             status.connected.store(false, Ordering::Relaxed);
+            // A session that ended idle is joined again quietly; the first join and one after a failure are news.
+            idled = outcome.is_ok();
             if outcome.is_ok() {
                 // Idle for a while: join again at once.
                 continue;
@@ -339,6 +344,7 @@ impl Uplink {
         (parent, mut client): (&Neighbour, FederationClient<tonic::transport::Channel>),
         (store, recovery): (&Arc<dyn Store>, &Recovery),
         (backoff, size): (&mut Backoff, &mut BatchSize),
+        quiet: bool,
     ) -> Result<(), SessionError> {
         let join = JoinRequest {
             node_code: me.to_string(),
@@ -363,7 +369,11 @@ impl Uplink {
         status.acked.store(acked, Ordering::Relaxed);
         status.connected.store(true, Ordering::Relaxed);
         store.set_uplink_acked(stream, acked).await?;
-        tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
+        if quiet {
+            tracing::debug!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined again after idling");
+        } else {
+            tracing::info!(stream = stream.as_str_name(), parent = %parent.code, acked, "uplink joined");
+        }
         // When the last audit push started, if it was not full.
         let mut last_push: Option<tokio::time::Instant> = None;
         loop {
@@ -415,7 +425,24 @@ impl Uplink {
                 stream: stream as i32,
                 items,
             };
-            let pushed = self.call("Push", push, |req| client.push(req)).await;
+            let batch = tracing::info_span!(
+                "uplink.batch",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                fedgate.node = %me,
+                fedgate.parent = %parent.code,
+                fedgate.stream = stream.as_str_name(),
+                fedgate.items = count,
+                fedgate.first_seq = first,
+                fedgate.last_seq = last,
+            );
+            let pushed = self
+                .call("Push", push, |req| client.push(req))
+                .instrument(batch.clone())
+                .await;
+            if pushed.is_err() {
+                batch.record("otel.status_code", "error");
+            }
             let resp = match pushed {
                 Ok(resp) => resp,
                 Err(SessionError::Call(status))

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedgate_gateway::config::NodeConfig;
 use fedgate_gateway::ident::Peer;
+use fedgate_gateway::telemetry::{self, LogFormat, Telemetry};
 
 use crate::exit::{ConfigError, Software, start_failure};
 
@@ -25,6 +26,10 @@ enum Command {
         /// Path of the node's configuration.
         #[arg(long, short)]
         config: PathBuf,
+        /// How log lines are written on standard error: `text` or `json` (one object per line). Lines written
+        /// inside a trace carry its trace id.
+        #[arg(long, value_name = "FORMAT", default_value = "text")]
+        log_format: LogFormat,
     },
     /// Start a whole federation on loopback, exercise it, and report.
     Demo {
@@ -93,7 +98,6 @@ enum Command {
 impl Cli {
     /// Runs the chosen command and turns its outcome into an exit code.
     pub fn run(self) -> ExitCode {
-        init_tracing();
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -104,9 +108,16 @@ impl Cli {
                 return ExitCode::from(crate::exit::EXIT_SOFTWARE);
             }
         };
+        let telemetry = match runtime.block_on(async { init_tracing(&self.command) }) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("fedgate: {e}");
+                return ExitCode::from(crate::exit::EXIT_CONFIG);
+            }
+        };
         let result = runtime.block_on(async {
             match self.command {
-                Command::Node { config } => run_node(config).await,
+                Command::Node { config, .. } => run_node(config).await,
                 Command::Demo { keep_running } => crate::demo::run(keep_running).await,
                 Command::Report { config } => report(config).await,
                 Command::Status { config } => status(config).await,
@@ -131,6 +142,10 @@ impl Cli {
                 Command::CheckConfig { config } => crate::check_config::run(&config).await,
             }
         });
+        // Spans still buffered are exported while the runtime their exporter runs on is alive.
+        if let Some(t) = telemetry {
+            t.shutdown();
+        }
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -144,15 +159,25 @@ impl Cli {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Installs logging (`RUST_LOG`, default `info`) and, for `fedgate node` with the standard
+/// `OTEL_EXPORTER_OTLP_*` variables set, span export as `fedgate-<code>`; runs inside the runtime the exporter
+/// uses. A node whose configuration cannot be read exports nothing (start-up then says what is wrong).
+fn init_tracing(command: &Command) -> Result<Option<Telemetry>> {
+    let (service, format) = match command {
+        Command::Node { config, log_format } => (
+            load_config(config)
+                .ok()
+                .and_then(|c| c.code.parse().ok())
+                .map(telemetry::service_name),
+            *log_format,
+        ),
+        _ => (None, LogFormat::Text),
+    };
+    match telemetry::install(service.as_deref(), format, "info") {
+        Ok(t) => Ok(Some(t)),
+        Err(e @ telemetry::TelemetryError::Exporter(_)) => Err(ConfigError(e.to_string()).into()),
+        Err(telemetry::TelemetryError::Installed(_)) => Ok(None),
+    }
 }
 
 async fn run_node(path: PathBuf) -> Result<()> {

@@ -3,8 +3,8 @@
 
 pub mod audit_cmd;
 pub mod backup;
-pub mod check_config;
 pub mod certs_cmd;
+pub mod check_config;
 pub mod cli;
 pub mod demand_cmd;
 pub mod demo;

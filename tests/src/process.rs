@@ -235,6 +235,8 @@ struct ProcNode {
     child: Option<Child>,
     /// Number of times the node was started; names the log files.
     starts: u32,
+    /// Arguments after `node --config <file>`, and environment variables, of its next starts.
+    launch: (Vec<String>, Vec<(String, String)>),
 }
 
 /// A running federation of node processes; see the module documentation.
@@ -471,6 +473,7 @@ impl ProcessFederation {
                         reserved: Some(listener),
                         child: None,
                         starts: 0,
+                        launch: Default::default(),
                     },
                 );
             }
@@ -484,6 +487,7 @@ impl ProcessFederation {
                     reserved: reserved.remove(&s.code),
                     child: None,
                     starts: 0,
+                    launch: Default::default(),
                 },
             );
         }
@@ -580,7 +584,9 @@ impl ProcessFederation {
             .arg("--config")
             .arg(&n.config_path)
             .current_dir(&cwd)
+            .args(&n.launch.0)
             .env("RUST_LOG", log_filter)
+            .envs(n.launch.1.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -634,6 +640,24 @@ impl ProcessFederation {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Runs node `code` from its next start with `args` after `node --config <file>` and with `env` set
+    /// (`RUST_LOG` in it overrides the default filter).
+    pub fn set_launch(
+        &mut self,
+        code: impl Into<Member>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let n = self.proc_node_mut(code.into())?;
+        n.launch = (
+            args.iter().map(|a| (*a).to_owned()).collect(),
+            env.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+        Ok(())
     }
 
     /// Starts a stopped node on its old port with its old database; returns how long it took to listen.

@@ -479,3 +479,84 @@ async fn the_compose_healthcheck_reads_readyz_and_passes_only_on_a_ready_node() 
     assert!(!gone.success(), "unhealthy once the node is gone");
     Ok(())
 }
+
+/// The value of `key: value` among `lines`, unquoted; `None` when no line sets it.
+fn yaml_value(lines: &[&str], key: &str) -> Option<String> {
+    lines.iter().find_map(|l| {
+        let (k, v) = l.trim().split_once(':')?;
+        (k.trim_matches(|c| c == '"' || c == '-' || c == ' ') == key)
+            .then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// The block of compose service `name`.
+fn service<'a>(compose: &'a str, name: &str) -> Option<Vec<&'a str>> {
+    let at = compose.find(&format!("\n  {name}:\n"))?;
+    yaml_block(&compose[at + 1..], &format!("{name}:"))
+}
+
+#[test]
+fn compose_nodes_export_traces_to_the_collector_which_feeds_jaeger_on_loopback() -> Result<()> {
+    let dir = workspace().join("deploy/compose");
+    let compose = std::fs::read_to_string(dir.join("compose.yaml"))?;
+    let node = yaml_block(&compose, "x-node:").context("the x-node template")?;
+    let endpoint = yaml_value(&node, "OTEL_EXPORTER_OTLP_ENDPOINT")
+        .context("nodes are given OTEL_EXPORTER_OTLP_ENDPOINT")?;
+    assert_eq!(endpoint, "http://otel-collector:4317");
+    let nodes = compose
+        .lines()
+        .filter(|l| l.starts_with("  node-") && l.trim_end().ends_with(':'))
+        .count();
+    let anchored = compose.matches("<<: *node").count();
+    assert_eq!(
+        (nodes, anchored),
+        (6, 6),
+        "every node takes the x-node template"
+    );
+
+    let collector = service(&compose, "otel-collector").context("an otel-collector service")?;
+    let mount = collector
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("- ./config/otel-collector.yaml:"))
+        .context("the collector's configuration is mounted")?;
+    let mounted_at = mount.trim_end_matches(":ro");
+    let command = yaml_value(&collector, "command").context("collector command")?;
+    assert!(
+        command.contains(&format!("--config={mounted_at}")),
+        "the collector reads the mounted file: {command}"
+    );
+
+    let config = std::fs::read_to_string(dir.join("config/otel-collector.yaml"))?;
+    let receiver = yaml_block(&config, "otlp:").context("an OTLP receiver")?;
+    let listen = yaml_value(&receiver, "endpoint").context("the receiver's endpoint")?;
+    assert_eq!(
+        listen, "0.0.0.0:4317",
+        "the collector listens where the nodes send"
+    );
+    let exporter = yaml_block(&config, "otlp/jaeger:").context("an OTLP exporter to Jaeger")?;
+    assert_eq!(
+        yaml_value(&exporter, "endpoint").as_deref(),
+        Some("jaeger:4317")
+    );
+    let pipeline = yaml_block(&config, "traces:").context("a traces pipeline")?;
+    assert_eq!(
+        yaml_value(&pipeline, "receivers").as_deref(),
+        Some("[otlp]")
+    );
+    assert!(
+        yaml_value(&pipeline, "exporters").is_some_and(|e| e.contains("otlp/jaeger")),
+        "the pipeline exports to Jaeger"
+    );
+
+    let jaeger = service(&compose, "jaeger").context("a jaeger service")?;
+    assert_eq!(
+        yaml_value(&jaeger, "COLLECTOR_OTLP_ENABLED").as_deref(),
+        Some("true")
+    );
+    let ports = yaml_value(&jaeger, "ports").context("Jaeger's ports")?;
+    assert_eq!(
+        ports, "[\"127.0.0.1:16686:16686\"]",
+        "the Jaeger UI is published on loopback only"
+    );
+    Ok(())
+}

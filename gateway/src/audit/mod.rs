@@ -105,6 +105,11 @@ pub const FORWARDED: &str = "FORWARDED";
 
 /// The gRPC code name used as a record's outcome.
 pub fn outcome(code: tonic::Code) -> String {
+    code_name(code).to_owned()
+}
+
+/// The canonical name of a gRPC code (`PERMISSION_DENIED`), as records and span attributes spell it.
+pub fn code_name(code: tonic::Code) -> &'static str {
     match code {
         tonic::Code::Ok => "OK",
         tonic::Code::Cancelled => "CANCELLED",
@@ -124,7 +129,6 @@ pub fn outcome(code: tonic::Code) -> String {
         tonic::Code::DataLoss => "DATA_LOSS",
         tonic::Code::Unauthenticated => "UNAUTHENTICATED",
     }
-    .to_owned()
 }
 
 /// A new record of `operation` by `actor`, stamped now; the writer fills node, sequence and hashes.

@@ -517,7 +517,7 @@ impl Writer {
                 Ok(()) => written = true,
                 Err(StoreError::HeadConflict { .. }) => {
                     NodeMetrics::add(&self.metrics.audit_head_conflicts, 1);
-                    tracing::info!(node = %self.node, seq = self.seq + 1,
+                    tracing::debug!(node = %self.node, seq = self.seq + 1,
                         "audit chain moved on under this writer; chaining after the stored head");
                     self.contended = Some(Instant::now());
                 }

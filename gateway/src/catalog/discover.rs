@@ -231,7 +231,7 @@ impl Discovery<'_> {
                     "deadline of the catalog question ran out at node {me}"
                 ))
             })?;
-        let mut req = tonic::Request::new(DiscoverRequest {
+        let mut req = crate::telemetry::traced(DiscoverRequest {
             question: Some(question),
             route,
         });

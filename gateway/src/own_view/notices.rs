@@ -69,7 +69,7 @@ impl OwnView {
                 body: notice.encode_to_vec(),
             })
             .await?;
-        tracing::info!(agency = %d.agency, seq, kind = d.kind.as_str_name(), "notice made");
+        tracing::debug!(agency = %d.agency, seq, kind = d.kind.as_str_name(), "notice made");
         self.latest.send_if_modified(|l| {
             let moved = seq > *l;
             *l = (*l).max(seq);

@@ -7,6 +7,7 @@
 //! record, the write runs as a task of its own, so a caller leaving during the write does not lose it either.
 
 use fedgate_proto::v1::AuditRecord;
+use tracing::Instrument;
 
 use crate::audit::{self, AuditError, AuditLog};
 
@@ -61,7 +62,7 @@ impl Drop for HopRecord {
             format!("{CANCELLED_DETAIL}; {}", r.detail)
         };
         r.time_unix_nanos = audit::now_nanos();
-        tracing::info!(request = %r.request_id, resource = %r.resource_id, "hop cancelled; recorded");
+        tracing::debug!(request = %r.request_id, resource = %r.resource_id, "hop cancelled; recorded");
         self.audit.record_detached(r);
     }
 }
@@ -70,7 +71,18 @@ impl Drop for HopRecord {
 /// stops waiting for it.
 pub(crate) async fn durably(audit: &AuditLog, record: AuditRecord) -> Result<u64, AuditError> {
     let audit = audit.clone();
-    tokio::spawn(async move { audit.record(record).await })
+    let span = tracing::info_span!(
+        "audit.commit",
+        fedgate.operation = record.operation().as_str_name(),
+        fedgate.outcome = %record.outcome,
+        otel.status_code = tracing::field::Empty,
+    );
+    let recorded = span.clone();
+    let written = tokio::spawn(async move { audit.record(record).await }.instrument(span))
         .await
-        .unwrap_or(Err(AuditError::Stopped))
+        .unwrap_or(Err(AuditError::Stopped));
+    if written.is_err() {
+        recorded.record("otel.status_code", "error");
+    }
+    written
 }

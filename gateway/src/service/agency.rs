@@ -23,6 +23,7 @@ use fedgate_proto::v1::{
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{audit_query, caller, deadline};
 
@@ -351,7 +352,18 @@ impl AgencyService {
         share: &mut ShareRequest,
         deadline: std::time::Instant,
     ) -> Result<ShareResponse> {
-        let (rid, grant_expiry) = match self.admit(share).await {
+        let me = self.topology.code;
+        let admission = tracing::info_span!(
+            "admission",
+            fedgate.node = %me,
+            fedgate.resource = %share.resource_id,
+            fedgate.consumer = %uscc,
+            fedgate.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let admitted = self.admit(share).instrument(admission.clone()).await;
+        crate::telemetry::record_outcome(&admission, &admitted);
+        let (rid, grant_expiry) = match admitted {
             Ok(admitted) => admitted,
             Err(e) => {
                 // Refused before any hop saw it: this node records the refusal itself.
@@ -359,14 +371,28 @@ impl AgencyService {
                 return Err(e);
             }
         };
-        let me = self.topology.code;
         let governance = self.router.governance();
         let cache_key = (rid.node() != me)
             .then(|| ShareCache::key(uscc.as_str(), share))
             .flatten()
             .filter(|_| grant_expiry.is_none_or(|t| governance.clock().unix() < t));
         let hit = match &cache_key {
-            Some(key) => self.router.cache().get(key).await,
+            Some(key) => {
+                let lookup = tracing::info_span!(
+                    "cache.lookup",
+                    fedgate.node = %me,
+                    fedgate.resource = %share.resource_id,
+                    fedgate.hit = tracing::field::Empty,
+                );
+                let hit = self
+                    .router
+                    .cache()
+                    .get(key)
+                    .instrument(lookup.clone())
+                    .await;
+                lookup.record("fedgate.hit", hit.is_some());
+                hit
+            }
             None => None,
         };
         if let Some(hit) = hit {
@@ -677,7 +703,7 @@ impl Agency for AgencyService {
         }
         self.write(record).await?;
         let stored = result?;
-        tracing::info!(id = %stored.id, version = stored.version, agency = %uscc, "catalog entry published");
+        tracing::debug!(id = %stored.id, version = stored.version, agency = %uscc, "catalog entry published");
         Ok(Response::new(PublishEntryResponse {
             entry: Some(stored),
         }))
@@ -721,7 +747,7 @@ impl Agency for AgencyService {
         for written in futures::future::join_all(writes).await {
             written?;
         }
-        tracing::info!(entries = stored.len(), agency = %uscc, "catalog batch published");
+        tracing::debug!(entries = stored.len(), agency = %uscc, "catalog batch published");
         Ok(Response::new(PublishBatchResponse { entries: stored }))
     }
 

@@ -41,6 +41,8 @@ pub struct FederationService {
     metrics: Arc<NodeMetrics>,
     audit: AuditLog,
     limits: LimitsConfig,
+    /// Children that joined since this node started: only a child's first join is logged at INFO.
+    joined: Arc<dashmap::DashSet<DivisionCode>>,
 }
 
 impl FederationService {
@@ -61,6 +63,7 @@ impl FederationService {
             metrics,
             audit,
             limits: LimitsConfig::default(),
+            joined: Arc::default(),
         }
     }
 
@@ -518,7 +521,11 @@ impl Federation for FederationService {
                 seq: h.seq,
                 hash: h.hash,
             });
-        tracing::info!(%child, "child joined");
+        if self.joined.insert(child) {
+            tracing::info!(%child, "child joined");
+        } else {
+            tracing::debug!(%child, "child joined again");
+        }
         Ok(Response::new(JoinResponse {
             parent_code: self.topology.code.to_string(),
             cursors,

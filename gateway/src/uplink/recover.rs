@@ -394,7 +394,7 @@ impl Joined<'_> {
         after_id: &str,
         limit: u32,
     ) -> Result<TakeBackResponse, SessionError> {
-        let mut req = tonic::Request::new(TakeBackRequest {
+        let mut req = crate::telemetry::traced(TakeBackRequest {
             stream: stream as i32,
             after_seq,
             after_id: after_id.to_owned(),
