@@ -128,6 +128,35 @@ async fn the_readme_commands_run_as_written() -> Result<()> {
         }
     }
 
+    // The compose commands (no container engine here): the folder, profiles and services they name exist.
+    let compose = read("deploy/compose/compose.yaml")?;
+    for b in sh.iter().filter(|b| b.text.contains("docker compose")) {
+        for line in b.text.lines().map(str::trim) {
+            if let Some(dir) = line.strip_prefix("cd ") {
+                assert!(
+                    workspace().join(dir).join("compose.yaml").exists(),
+                    "{line}"
+                );
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for pair in words.windows(2) {
+                match pair[0] {
+                    "--profile" => assert!(
+                        compose.contains(&format!("profiles: [{}]", pair[1])),
+                        "{line}: no profile {}",
+                        pair[1]
+                    ),
+                    "--rm" => assert!(
+                        compose.contains(&format!("\n  {}:\n", pair[1])),
+                        "{line}: no service {}",
+                        pair[1]
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+
     let scratch = Scratch::new().await?;
     let root = scratch.root().to_path_buf();
     // The demo, as the first command runs it (built by this test's profile).
@@ -172,6 +201,27 @@ async fn the_readme_commands_run_as_written() -> Result<()> {
     let (status, scraped) = fedgate_tests::probe::http_get(metrics, "/metrics").await?;
     assert_eq!(status, 200, "{scraped}");
     assert!(scraped.contains("fedgate_"), "{scraped}");
+    // Operating it from another shell: the report, its operational records (the report's own Operator call
+    // among them), and one more certificate from the existing CA, which the running node moves to.
+    let operate = block(&blocks, "Running nodes yourself", "fedgate ops")?;
+    scratch
+        .run_ok(&root, &without_build(operate, &packages), BLOCK)
+        .await?;
+    // Records are stored a moment after each call: asked again until the report's is there.
+    scratch
+        .run_ok(
+            &root,
+            "until ./target/release/fedgate ops --config node-350100.toml | grep -q 'Operator\\.'; do sleep 0.2; done",
+            BLOCK,
+        )
+        .await?;
+    scratch
+        .run_ok(
+            &root,
+            "until grep -q 'certificates reloaded' node.log; do sleep 0.1; done",
+            BLOCK,
+        )
+        .await?;
     // SIGTERM drains and stops it with status 0.
     let stopped = scratch
         .run(

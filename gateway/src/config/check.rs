@@ -79,7 +79,9 @@ impl NodeConfig {
         if let Some(m) = &self.metrics {
             check_listen("metrics.listen", &m.listen, &mut problems);
         }
+        let before_tls = problems.len();
         let tls = check_tls(self, code, &mut problems);
+        let tls_clean = problems.len() == before_tls;
         let key_path = check_signing_key(self, &mut problems);
         if self.audit.retention_days < MIN_RETENTION_DAYS {
             problems.push(Problem::new(
@@ -104,7 +106,7 @@ impl NodeConfig {
         // Each file read and named above; then the whole set as start-up and every reload load it (chain to
         // the bundle, revocation lists).
         let trust = match (code, &tls) {
-            (Some(code), Some(_)) => {
+            (Some(code), Some(_)) if tls_clean => {
                 let files = crate::tls::trust::TrustFiles::of(self);
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
                 crate::tls::trust::load_trust(&files, code, now)
