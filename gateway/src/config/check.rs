@@ -318,6 +318,9 @@ fn check_signing_key(config: &NodeConfig, problems: &mut Vec<Problem>) -> Option
                 problems.push(Problem::new(key, e));
             }
         }
+        // Beside the database, where it goes is the storage's directory: a problem with that is the storage's
+        // (start-up names it when it opens the store, `check_storage` for check-config).
+        Err(_) if config.signing_key.is_none() => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Created at the first start: where it goes must allow that.
             if let Some(p) = writable_dir_problem(&path) {
