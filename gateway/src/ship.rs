@@ -99,13 +99,27 @@ where
 {
     let mut req = crate::telemetry::traced(body);
     req.set_timeout(timeout);
+    let began = tokio::time::Instant::now();
+    let stalled = CallFailed::Stalled {
+        call: name,
+        after: timeout,
+    };
     match tokio::time::timeout(timeout, call(req)).await {
-        Ok(answer) => Ok(answer?.into_inner()),
-        Err(_) => Err(CallFailed::Stalled {
-            call: name,
-            after: timeout,
-        }),
+        Ok(Ok(answer)) => Ok(answer.into_inner()),
+        // The channel enforces the same `grpc-timeout` and may notice first (CANCELLED "Timeout expired"), or
+        // the far side gives up (DEADLINE_EXCEEDED): either way no answer came in time.
+        Ok(Err(s)) if past_deadline(&s, began.elapsed(), timeout) => Err(stalled),
+        Ok(Err(s)) => Err(CallFailed::Status(s)),
+        Err(_) => Err(stalled),
     }
+}
+
+/// Whether `status`, after `elapsed` of a call under `timeout`, means that the deadline passed.
+fn past_deadline(status: &tonic::Status, elapsed: Duration, timeout: Duration) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    ) && elapsed >= timeout
 }
 
 /// Renews `lease` for `holder` every third of [`LEASE_TTL`]; returns why it could not be renewed.
@@ -162,5 +176,38 @@ impl Backoff {
     /// The session got somewhere: the next interruption is retried after the minimum wait.
     pub fn progressed(&mut self) {
         self.wait = MIN_BACKOFF;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The channel's own deadline expiring a moment before ours is a stall, not an answer.
+    #[tokio::test]
+    async fn a_deadline_noticed_by_the_channel_is_a_stall() {
+        let timeout = Duration::from_millis(30);
+        let got = call_with_deadline("Push", timeout, (), |_req| async move {
+            tokio::time::sleep(timeout).await;
+            Err::<tonic::Response<()>, _>(tonic::Status::cancelled("Timeout expired"))
+        })
+        .await;
+        assert!(
+            matches!(got, Err(CallFailed::Stalled { call: "Push", .. })),
+            "{got:?}"
+        );
+    }
+
+    /// A refusal that comes in time stays the far side's answer, whatever its code.
+    #[tokio::test]
+    async fn an_early_cancellation_is_the_far_sides_answer() {
+        let got = call_with_deadline("Push", Duration::from_secs(5), (), |_req| async {
+            Err::<tonic::Response<()>, _>(tonic::Status::cancelled("the parent is stopping"))
+        })
+        .await;
+        assert!(
+            matches!(&got, Err(CallFailed::Status(s)) if s.code() == tonic::Code::Cancelled),
+            "{got:?}"
+        );
     }
 }
