@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fedgate/v1/agency.proto",
         "fedgate/v1/provider.proto",
         "fedgate/v1/open_data.proto",
+        "fedgate/v1/console.proto",
         "fedgate/v1/operator.proto",
     ];
     for f in &files {

@@ -75,6 +75,9 @@ pub struct NodeConfig {
     /// Operational monitoring: per-call records and their retention.
     #[serde(default)]
     pub op_monitoring: crate::opmon::OpMonitoringConfig,
+    /// The web console for operators, auditors and agency reviewers; none when absent.
+    #[serde(default)]
+    pub console: Option<crate::console::ConsoleConfig>,
 }
 
 /// Default of `shutdown_grace_secs`.

@@ -35,6 +35,57 @@ const DEFAULT_GRANT_SECS: i64 = 365 * 24 * 3600;
 /// Longest text a caller may put in a purpose, scenario, reason or description.
 const MAX_TEXT: usize = 2000;
 
+/// Who takes a provider's decision: the agency itself, over gRPC with its certificate, or one of its reviewers,
+/// signed in to the console under a real-name account. Either way the same operation runs; the audit record
+/// names who acted.
+#[derive(Debug, Clone)]
+pub struct Acting {
+    agency: Uscc,
+    actor: String,
+    by: Option<String>,
+}
+
+impl Acting {
+    /// The agency, calling with its own certificate.
+    pub fn agency(agency: Uscc) -> Self {
+        Self {
+            actor: Peer::Agency(agency.clone()).to_uri(),
+            agency,
+            by: None,
+        }
+    }
+
+    /// A reviewer of `agency` with console account `login`, real name `name`.
+    pub fn reviewer(agency: Uscc, login: &str, name: &str) -> Self {
+        Self {
+            agency,
+            actor: format!("{USER_URI_PREFIX}{login}"),
+            by: Some(name.to_owned()),
+        }
+    }
+
+    /// The agency whose resource is decided on.
+    pub fn uscc(&self) -> &Uscc {
+        &self.agency
+    }
+
+    /// The audit record's actor.
+    pub fn actor(&self) -> &str {
+        &self.actor
+    }
+
+    /// `detail`, followed by the real name of the console user who acted, if one did.
+    pub fn detail(&self, detail: String) -> String {
+        match &self.by {
+            Some(name) => format!("{detail} (by {name} in the console)"),
+            None => detail,
+        }
+    }
+}
+
+/// Prefix of a console user's actor URI in audit records: `urn:fedgate:user:<login>`.
+pub const USER_URI_PREFIX: &str = "urn:fedgate:user:";
+
 /// Governance of the resources held at one node.
 #[derive(Clone)]
 pub struct Governance {
@@ -485,15 +536,67 @@ impl Governance {
         Ok(out)
     }
 
+    /// Applications for resources `provider` provides here (not those it filed), oldest first.
+    pub async fn provided_applications(
+        &self,
+        provider: &Uscc,
+        state: ApplicationState,
+    ) -> Result<Vec<Application>> {
+        let q = DocQuery {
+            provider_uscc: Some(provider.to_string()),
+            state: (state != ApplicationState::Unspecified).then_some(state as i32),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for d in self.store.docs(DocKind::Application, &q).await? {
+            let mut a: Application = decode("application", &d.body)?;
+            a.overdue = self.is_overdue(a.due_at, a.decided_at);
+            out.push(a);
+        }
+        out.sort_by_key(|a| a.filed_at);
+        Ok(out)
+    }
+
+    /// One application for a resource `provider` provides here; another agency's is refused.
+    pub async fn provided_application(&self, provider: &Uscc, id: &str) -> Result<Application> {
+        let doc = self.held_doc(DocKind::Application, id).await?;
+        if doc.provider_uscc != provider.as_str() {
+            return Err(Error::PermissionDenied(format!(
+                "application {id} is for a resource that {provider} does not provide"
+            )));
+        }
+        let mut a: Application = decode("application", &doc.body)?;
+        a.overdue = self.is_overdue(a.due_at, a.decided_at);
+        Ok(a)
+    }
+
+    /// The grants issued here for resources `provider` provides, with whether each was revoked.
+    pub async fn provided_grants(&self, provider: &Uscc) -> Result<Vec<(Grant, bool)>> {
+        let q = DocQuery {
+            provider_uscc: Some(provider.to_string()),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for d in self.store.docs(DocKind::Grant, &q).await? {
+            let signed: SignedGrant = decode("grant", &d.body)?;
+            let g: Grant = decode("grant", &signed.grant)?;
+            let revoked = self.is_revoked(&g.id).await?;
+            out.push((g, revoked));
+        }
+        out.sort_by_key(|(g, _)| std::cmp::Reverse(g.issued_at));
+        Ok(out)
+    }
+
     /// Approves or rejects an application for a resource `provider` provides here.
-    pub async fn decide(&self, provider: &Uscc, req: DecideRequest) -> Result<Application> {
+    pub async fn decide(&self, by: &Acting, req: DecideRequest) -> Result<Application> {
+        let provider = by.uscc();
         let mut record = audit::event(
             if req.approve {
                 AuditOperation::Approval
             } else {
                 AuditOperation::Rejection
             },
-            Peer::Agency(provider.clone()).to_uri(),
+            by.actor().to_owned(),
         );
         record.provider_uscc = provider.to_string();
         let result = self.decide_inner(provider, req).await;
@@ -509,7 +612,7 @@ impl Governance {
                     .and_then(|g| Grant::decode(g.grant.as_slice()).ok())
                     .map(|g| g.id)
                     .unwrap_or_default();
-                record.detail = format!(
+                record.detail = by.detail(format!(
                     "application {}{}",
                     a.id,
                     if a.overdue {
@@ -517,11 +620,11 @@ impl Governance {
                     } else {
                         ""
                     }
-                );
+                ));
             }
             Err(e) => {
                 record.outcome = audit::outcome(e.code());
-                record.detail = e.to_string();
+                record.detail = by.detail(e.to_string());
             }
         }
         self.write(record).await?;
@@ -630,10 +733,11 @@ impl Governance {
     /// the route.
     pub async fn revoke(
         &self,
-        provider: &Uscc,
+        by: &Acting,
         grant_id: &str,
         reason: &str,
     ) -> Result<(Verified<Revocation>, RevocationNotice)> {
+        let provider = by.uscc();
         text("reason", reason, true)?;
         let doc = self
             .store
@@ -672,16 +776,13 @@ impl Governance {
         };
         let checked = self.check_revocation(&notice)?;
         self.record_revocation(&checked, &notice, false).await?;
-        let mut record = audit::event(
-            AuditOperation::Revocation,
-            Peer::Agency(provider.clone()).to_uri(),
-        );
+        let mut record = audit::event(AuditOperation::Revocation, by.actor().to_owned());
         record.provider_uscc = provider.to_string();
         record.consumer_uscc = g.consumer_uscc.clone();
         record.consumer_node = g.consumer_node.clone();
         record.resource_id = g.resource_id.clone();
         record.grant_id = g.id.clone();
-        record.detail = reason.to_owned();
+        record.detail = by.detail(reason.to_owned());
         self.write(record).await?;
         Ok((checked, notice))
     }
@@ -973,9 +1074,10 @@ impl Governance {
     /// Confirms or corrects the record an objection is about.
     pub async fn resolve_objection(
         &self,
-        provider: &Uscc,
+        by: &Acting,
         req: ResolveObjectionRequest,
     ) -> Result<Objection> {
+        let provider = by.uscc();
         text("resolution", &req.resolution, true)?;
         let (mut o, owner) = self
             .objection(
@@ -1004,20 +1106,17 @@ impl Governance {
         o.resolution = req.resolution.clone();
         o.overdue = self.is_overdue(o.due_at, o.resolved_at);
         self.save_objection(&o, provider.as_str()).await?;
-        let mut record = audit::event(
-            AuditOperation::ObjectionResolved,
-            Peer::Agency(provider.clone()).to_uri(),
-        );
+        let mut record = audit::event(AuditOperation::ObjectionResolved, by.actor().to_owned());
         record.provider_uscc = provider.to_string();
         record.consumer_uscc = o.consumer_uscc.clone();
         record.resource_id = o.resource_id.clone();
-        record.detail = format!(
+        record.detail = by.detail(format!(
             "objection {}: {}",
             o.id,
             ObjectionState::try_from(o.state)
                 .unwrap_or_default()
                 .as_str_name()
-        );
+        ));
         self.write(record).await?;
         Ok(o)
     }

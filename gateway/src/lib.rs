@@ -15,6 +15,7 @@ pub mod calendar;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod downlink;
 pub mod entries;
 pub mod error;

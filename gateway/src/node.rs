@@ -83,6 +83,7 @@ pub struct NodeHandle {
     addr: SocketAddr,
     open_data_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    console_addr: Option<SocketAddr>,
     store: Arc<dyn Store>,
     uplink: Uplink,
     metrics: Arc<NodeMetrics>,
@@ -455,6 +456,32 @@ pub async fn start_with_clock(
         }
         None => None,
     };
+    let console = crate::console::Console::new(
+        router.clone(),
+        store.clone(),
+        (audit_log.clone(), governance.clock().clone()),
+        topology.parent.is_some().then(|| uplink.clone()),
+        (config.console.clone().unwrap_or_default(), limits),
+    );
+    let console_addr = match &config.console {
+        Some(cc) => {
+            let (listener, console_addr) = listen(&cc.listen).await?;
+            let listener = accept::HttpListener::with_handshake(
+                listener,
+                tls::ServerTls::new(dynamic_tls.console_server_config()?),
+                limits_of(connections.console()),
+                on_refused("console"),
+            )
+            .map_err(|error| NodeError::Bind {
+                addr: cc.listen.clone(),
+                error,
+            })?;
+            tasks.push(console.clone().spawn(listener, shutdown_rx.clone()));
+            tracing::info!(node = %code, addr = %console_addr, "console serving");
+            Some(console_addr)
+        }
+        None => None,
+    };
     let agency = AgencyService::new(
         topology.clone(),
         store.clone(),
@@ -511,7 +538,8 @@ pub async fn start_with_clock(
                         topology.parent.is_some().then(|| uplink.clone()),
                         audit_log.clone(),
                     )
-                    .with_limits(limits),
+                    .with_limits(limits)
+                    .with_accounts(console.accounts().clone()),
                 )
                 .max_decoding_message_size(limits.max_message_bytes),
             )
@@ -525,6 +553,7 @@ pub async fn start_with_clock(
         addr,
         open_data_addr,
         metrics_addr,
+        console_addr,
         store,
         uplink,
         metrics,
@@ -720,7 +749,12 @@ impl NodeHandle {
         self.open_data_addr
     }
 
-    /// Where the metrics endpoint listens, if it is configured.
+    /// Where the console listens, if it is configured.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console_addr
+    }
+
+    /// The address of the metrics endpoint, if configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
     }

@@ -34,6 +34,7 @@ use crate::store::Store;
 use crate::topology::{Direction, Topology};
 
 mod hop_record;
+mod revoke;
 
 use hop_record::HopRecord;
 

@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         cmd: crate::demand_cmd::DemandCmd,
     },
+    /// Manage the real-name accounts of a node's web console (add, disable, reset, list).
+    User {
+        #[command(subcommand)]
+        cmd: crate::user_cmd::UserCmd,
+    },
     /// Verify, export or query a node's audit trail.
     Audit {
         #[command(subcommand)]
@@ -124,6 +129,7 @@ impl Cli {
                 Command::Audit { cmd } => crate::audit_cmd::run(cmd).await,
                 Command::Demand { cmd } => crate::demand_cmd::run(cmd).await,
                 Command::Ops(args) => crate::ops_cmd::run(args).await,
+                Command::User { cmd } => crate::user_cmd::run(cmd).await,
                 Command::Certs {
                     out,
                     nodes,

@@ -386,6 +386,7 @@ impl Devnet {
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
                 own_view: Default::default(),
                 op_monitoring: Default::default(),
+                console: None,
             };
             let config = tweak(config);
             std::fs::write(

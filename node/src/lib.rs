@@ -11,3 +11,4 @@ pub mod demo;
 pub mod devnet;
 pub mod exit;
 pub mod ops_cmd;
+pub mod user_cmd;

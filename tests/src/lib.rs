@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod catalog_bench;
 pub mod certs;
+pub mod console;
 pub mod db_lock;
 pub mod flowback;
 pub mod guide;

@@ -442,6 +442,7 @@ impl ProcessFederation {
                 shutdown_grace_secs: fedgate_gateway::config::DEFAULT_SHUTDOWN_GRACE_SECS,
                 own_view: Default::default(),
                 op_monitoring: Default::default(),
+                console: None,
             };
             configure(&mut config);
             let config_path = path.join(format!("node-{}.toml", s.code));

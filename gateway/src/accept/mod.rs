@@ -140,6 +140,15 @@ impl ConnectionsConfig {
         }
     }
 
+    /// The limits of the console's HTTPS listener (HTTP/1 and HTTP/2; idle means no bytes either way).
+    pub fn console(&self) -> ListenerLimits {
+        ListenerLimits {
+            listener: "console",
+            idle_by: IdleBy::Bytes,
+            ..self.open_data()
+        }
+    }
+
     /// The limits of the plain-HTTP metrics listener (no handshake; idle means no bytes either way).
     pub fn metrics(&self) -> ListenerLimits {
         ListenerLimits {
@@ -351,29 +360,45 @@ async fn accept_loop<H: Handshake>(
     debug!(listener = limits.listener, "stopped accepting connections");
 }
 
-/// Admitted connections of a plain-TCP listener as an `axum::serve` listener.
-pub struct HttpListener {
-    rx: Pin<Box<dyn Stream<Item = Accepted<TcpStream, ()>> + Send>>,
+/// Admitted connections of a listener as an `axum::serve` listener: plain TCP (the metrics endpoint) or after a
+/// handshake (the console's TLS).
+pub struct HttpListener<H: Handshake = PlainTcp> {
+    rx: Pin<Box<dyn Stream<Item = Accepted<H::Io, H::Info>> + Send>>,
     local: SocketAddr,
 }
 
-impl HttpListener {
+impl HttpListener<PlainTcp> {
     /// Serves `listener` under `limits`; refusals go to `on_refused`.
     pub fn new(
         listener: TcpListener,
         limits: ListenerLimits,
         on_refused: OnRefused,
     ) -> io::Result<Self> {
+        Self::with_handshake(listener, PlainTcp, limits, on_refused)
+    }
+}
+
+impl<H: Handshake> HttpListener<H> {
+    /// Serves `listener` under `limits`, running `handshake` on each connection; refusals go to `on_refused`.
+    pub fn with_handshake(
+        listener: TcpListener,
+        handshake: H,
+        limits: ListenerLimits,
+        on_refused: OnRefused,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
-            rx: Box::pin(incoming(listener, PlainTcp, limits, on_refused)),
+            rx: Box::pin(incoming(listener, handshake, limits, on_refused)),
             local,
         })
     }
 }
 
-impl axum::serve::Listener for HttpListener {
-    type Io = Tracked<TcpStream, ()>;
+impl<H: Handshake> axum::serve::Listener for HttpListener<H>
+where
+    H::Info: Unpin,
+{
+    type Io = Tracked<H::Io, H::Info>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -383,7 +408,7 @@ impl axum::serve::Listener for HttpListener {
                     let remote = conn.conn_info().remote;
                     return (conn, remote);
                 }
-                Some(Err(e)) => debug!(error = %e, "accepting a metrics connection failed"),
+                Some(Err(e)) => debug!(error = %e, "accepting an HTTP connection failed"),
                 // The accept loop ended (it never does while this listener holds the stream).
                 None => futures::future::pending::<()>().await,
             }
@@ -392,5 +417,20 @@ impl axum::serve::Listener for HttpListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+/// The client address of a connection an [`HttpListener`] admitted, for `axum`'s `ConnectInfo`.
+#[derive(Debug, Clone, Copy)]
+pub struct Remote(pub SocketAddr);
+
+impl<H: Handshake>
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpListener<H>>>
+    for Remote
+where
+    H::Info: Unpin,
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener<H>>) -> Self {
+        Remote(*stream.remote_addr())
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! The limits and their defaults are listed in `docs/security.md`.
 
+mod console;
 mod demand;
 mod guard;
 mod messages;

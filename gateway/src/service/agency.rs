@@ -33,6 +33,7 @@ use crate::audit::{self, AuditLog};
 use crate::cache::{CachedAnswer, ShareCache};
 use crate::catalog::{self, parse_resource_id};
 use crate::error::{Error, Result};
+use crate::governance::Acting;
 use crate::ident::{Peer, Uscc};
 use crate::limits::{Bounded, LimitsConfig, excerpt};
 use crate::route::{Router, action};
@@ -907,7 +908,7 @@ impl Agency for AgencyService {
         Ok(Response::new(
             self.router
                 .governance()
-                .decide(&uscc, req.into_inner())
+                .decide(&Acting::agency(uscc), req.into_inner())
                 .await?,
         ))
     }
@@ -918,19 +919,9 @@ impl Agency for AgencyService {
     ) -> Result<Response<RevokeResponse>, Status> {
         let uscc = self.admitted(&req, "Revoke").await?;
         let r = req.into_inner();
-        let (checked, notice) = self
-            .router
-            .governance()
-            .revoke(&uscc, &r.grant_id, &r.reason)
-            .await?;
-        if let Ok(flowback) = self.router.flowback() {
-            // Subscriptions under the grant end now, not at their next poll.
-            flowback.wake();
-        }
         let notified_nodes = self
             .router
-            .downlink()
-            .relay_revocation(&checked, notice)
+            .revoke(&Acting::agency(uscc), &r.grant_id, &r.reason)
             .await?;
         Ok(Response::new(RevokeResponse { notified_nodes }))
     }
@@ -1024,7 +1015,7 @@ impl Agency for AgencyService {
         Ok(Response::new(
             self.router
                 .governance()
-                .resolve_objection(&uscc, req.into_inner())
+                .resolve_objection(&Acting::agency(uscc), req.into_inner())
                 .await?,
         ))
     }

@@ -4,6 +4,10 @@ use std::sync::Arc;
 
 use fedgate_proto::v1::operator_server::Operator;
 use fedgate_proto::v1::{
+    AddUserRequest, ConsoleUserInfo, DisableUserRequest, ListUsersRequest, ListUsersResponse,
+    ResetUserRequest, UserCredentials,
+};
+use fedgate_proto::v1::{
     AssignDemandRequest, Demand, GetDemandRequest, ListDemandsResponse, OperatorListDemandsRequest,
 };
 use fedgate_proto::v1::{
@@ -33,6 +37,7 @@ pub struct OperatorService {
     uplink: Option<Uplink>,
     audit: AuditLog,
     limits: LimitsConfig,
+    accounts: Option<crate::console::Accounts>,
 }
 
 impl OperatorService {
@@ -51,7 +56,20 @@ impl OperatorService {
             uplink,
             audit,
             limits: LimitsConfig::default(),
+            accounts: None,
         }
+    }
+
+    /// The service managing the console accounts in `accounts`.
+    pub fn with_accounts(mut self, accounts: crate::console::Accounts) -> Self {
+        self.accounts = Some(accounts);
+        self
+    }
+
+    fn accounts(&self) -> Result<&crate::console::Accounts, Status> {
+        self.accounts.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!("node {} keeps no console accounts", self.node))
+        })
     }
 
     /// The service with `limits` on what operators send instead of the defaults.
@@ -240,5 +258,53 @@ impl Operator for OperatorService {
         self.admitted(&req, "ListOperations").await?;
         let page = crate::opmon::list_operations(self.store.as_ref(), req.get_ref()).await?;
         Ok(Response::new(page))
+    }
+
+    async fn add_user(
+        &self,
+        req: Request<AddUserRequest>,
+    ) -> Result<Response<UserCredentials>, Status> {
+        self.admitted(&req, "AddUser").await?;
+        Ok(Response::new(
+            self.accounts()?
+                .add(req.into_inner(), &Peer::Node(self.node))
+                .await?,
+        ))
+    }
+
+    async fn disable_user(
+        &self,
+        req: Request<DisableUserRequest>,
+    ) -> Result<Response<ConsoleUserInfo>, Status> {
+        self.admitted(&req, "DisableUser").await?;
+        Ok(Response::new(
+            self.accounts()?
+                .disable(&req.get_ref().login, &Peer::Node(self.node))
+                .await?,
+        ))
+    }
+
+    async fn reset_user(
+        &self,
+        req: Request<ResetUserRequest>,
+    ) -> Result<Response<UserCredentials>, Status> {
+        self.admitted(&req, "ResetUser").await?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.accounts()?
+                .reset(&r.login, r.totp, &Peer::Node(self.node))
+                .await?,
+        ))
+    }
+
+    async fn list_users(
+        &self,
+        req: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        self.admitted(&req, "ListUsers").await?;
+        let users = self.accounts()?.list().await?;
+        Ok(Response::new(ListUsersResponse {
+            users: users.iter().map(crate::console::accounts::info).collect(),
+        }))
     }
 }

@@ -341,6 +341,10 @@ pub enum DocKind {
     Notice,
     /// At the resource's node: the agency's request to end a subscription, by the subscription's id (`flowback`).
     Unsubscribe,
+    /// A real-name console account, by login (`console`).
+    ConsoleUser,
+    /// A console session, by the SHA-256 of its cookie (`console`).
+    ConsoleSession,
 }
 
 impl DocKind {
@@ -358,6 +362,8 @@ impl DocKind {
             DocKind::HeldGrant => "held_grant",
             DocKind::Notice => "notice",
             DocKind::Unsubscribe => "unsubscribe",
+            DocKind::ConsoleUser => "console_user",
+            DocKind::ConsoleSession => "console_session",
         }
     }
 }

@@ -167,8 +167,15 @@ impl DynamicTls {
         Ok(Arc::new(config))
     }
 
-    /// A server configuration presenting the current certificate without asking for a client certificate (the
-    /// open-data listener), offering ALPN `h2`.
+    /// The server configuration of the console: as the open-data listener's, offering ALPN `h2` and `http/1.1`.
+    pub fn console_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut config = rustls::ServerConfig::clone(&*self.public_server_config()?);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// The server configuration of the public open-data listener: the current certificate, no client
+    /// certificate asked for, ALPN `h2`.
     pub fn public_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let mut config = rustls::ServerConfig::builder_with_provider(ring_provider())
             .with_safe_default_protocol_versions()
