@@ -53,6 +53,29 @@ async fn apply(consumer: &mut AgencyClient<Channel>) -> Result<Application> {
         .into_inner())
 }
 
+/// The element `at` finds once the page shows it (pages load after a click).
+/// When it does not, the page shown is kept as `failed.png` and `failed.html` beside the screenshots.
+async fn el(
+    b: &fantoccini::Client,
+    at: fantoccini::Locator<'_>,
+) -> Result<fantoccini::elements::Element> {
+    match b
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(at)
+        .await
+    {
+        Ok(e) => Ok(e),
+        Err(e) => {
+            let dir = fedgate_tests::console::screenshot_dir();
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("failed.png"), b.screenshot().await?)?;
+            std::fs::write(dir.join("failed.html"), b.source().await?)?;
+            bail!("{e} (the page is kept in {})", dir.display())
+        }
+    }
+}
+
 /// The city's audit records of `op` whose actor is `actor`.
 async fn records_of(net: &Devnet, op: AuditOperation, actor: &str) -> Result<Vec<AuditRecord>> {
     Ok(own_audit_records(net, CITY)
@@ -125,15 +148,15 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
     let b = &browser.client;
     b.goto(&format!("{base}/login")).await?;
     browser.screenshot("01-login").await?;
-    b.find(fantoccini::Locator::Id("login"))
+    el(b, fantoccini::Locator::Id("login"))
         .await?
         .send_keys("350102198001011234")
         .await?;
-    b.find(fantoccini::Locator::Id("password"))
+    el(b, fantoccini::Locator::Id("password"))
         .await?
         .send_keys(&reviewer.password)
         .await?;
-    b.find(fantoccini::Locator::Id("sign-in"))
+    el(b, fantoccini::Locator::Id("sign-in"))
         .await?
         .click()
         .await?;
@@ -147,24 +170,27 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         "the queue lists the application: {queue}"
     );
     browser.screenshot("02-review-queue").await?;
-    b.find(fantoccini::Locator::LinkText(&app.id))
+    el(b, fantoccini::Locator::LinkText(&app.id))
         .await?
         .click()
         .await?;
     browser.screenshot("03-application").await?;
     // Narrow the grant: no registration office.
-    b.find(fantoccini::Locator::Css(
-        "input[name=field][value=registration_office]",
-    ))
+    el(
+        b,
+        fantoccini::Locator::Css("input[name=field][value=registration_office]"),
+    )
     .await?
     .click()
     .await?;
-    b.find(fantoccini::Locator::Id("approve"))
+    el(b, fantoccini::Locator::Id("approve"))
         .await?
         .click()
         .await?;
-    let state = b
-        .find(fantoccini::Locator::Id("state"))
+    // The decided application's page is the one with its grant.
+    el(b, fantoccini::Locator::Id("grant")).await?;
+    browser.screenshot("04-approved").await?;
+    let state = el(b, fantoccini::Locator::Id("state"))
         .await?
         .text()
         .await?;
@@ -215,20 +241,20 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
     );
 
     // The operator's and the auditor's pages, in English this time.
-    b.find(fantoccini::Locator::Id("sign-out"))
+    el(b, fantoccini::Locator::Id("sign-out"))
         .await?
         .click()
         .await?;
     b.goto(&format!("{base}/lang?to=en")).await?;
-    b.find(fantoccini::Locator::Id("login"))
+    el(b, fantoccini::Locator::Id("login"))
         .await?
         .send_keys("op-0001")
         .await?;
-    b.find(fantoccini::Locator::Id("password"))
+    el(b, fantoccini::Locator::Id("password"))
         .await?
         .send_keys(&operator.password)
         .await?;
-    b.find(fantoccini::Locator::Id("sign-in"))
+    el(b, fantoccini::Locator::Id("sign-in"))
         .await?
         .click()
         .await?;
@@ -252,19 +278,19 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         "shares counted: {total}"
     );
     browser.screenshot("10-statistics").await?;
-    b.find(fantoccini::Locator::Id("sign-out"))
+    el(b, fantoccini::Locator::Id("sign-out"))
         .await?
         .click()
         .await?;
-    b.find(fantoccini::Locator::Id("login"))
+    el(b, fantoccini::Locator::Id("login"))
         .await?
         .send_keys("au-0001")
         .await?;
-    b.find(fantoccini::Locator::Id("password"))
+    el(b, fantoccini::Locator::Id("password"))
         .await?
         .send_keys(&auditor.password)
         .await?;
-    b.find(fantoccini::Locator::Id("sign-in"))
+    el(b, fantoccini::Locator::Id("sign-in"))
         .await?
         .click()
         .await?;
@@ -283,7 +309,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         .await?;
     ensure!(records.contains("APPROVAL"), "{records}");
     browser.screenshot("11-audit").await?;
-    b.find(fantoccini::Locator::Css("#records td a"))
+    el(b, fantoccini::Locator::Css("#records td a"))
         .await?
         .click()
         .await?;

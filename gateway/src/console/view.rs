@@ -154,7 +154,8 @@ pub fn render<T: Template>(page: &T, lang: Lang) -> Result<Html<String>, Failure
     })
 }
 
-/// Headers of every answer: no caching, no framing, no sniffing, no referrer, only this origin's resources.
+/// Headers of every answer: no caching, no framing, no sniffing, no referrer to other sites (a form post then
+/// carries its own origin, which [`super::session`] checks), only this origin's resources.
 pub async fn security_headers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
@@ -162,7 +163,7 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
         (header::CACHE_CONTROL, "no-store"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (
             header::STRICT_TRANSPORT_SECURITY,
             "max-age=31536000; includeSubDomains",
