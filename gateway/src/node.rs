@@ -84,6 +84,7 @@ pub struct NodeHandle {
     open_data_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     console_addr: Option<SocketAddr>,
+    console: crate::console::Console,
     store: Arc<dyn Store>,
     uplink: Uplink,
     metrics: Arc<NodeMetrics>,
@@ -554,6 +555,7 @@ pub async fn start_with_clock(
         open_data_addr,
         metrics_addr,
         console_addr,
+        console,
         store,
         uplink,
         metrics,
@@ -747,6 +749,11 @@ impl NodeHandle {
     /// The address of the public open-data endpoint, if this node runs one.
     pub fn open_data_addr(&self) -> Option<SocketAddr> {
         self.open_data_addr
+    }
+
+    /// The node's console (its accounts exist whether or not it listens).
+    pub fn console(&self) -> &crate::console::Console {
+        &self.console
     }
 
     /// Where the console listens, if it is configured.

@@ -134,7 +134,15 @@ const CASES: &[Case] = &[
 
 /// Runs the demo and, with `keep_running`, leaves the federation up until Ctrl-C.
 pub async fn run(keep_running: bool) -> Result<()> {
-    let net = Devnet::start(topology()?).await?;
+    // Every node serves its console on a loopback port of its own.
+    let net = Devnet::start_configured(topology()?, Default::default(), |mut c| {
+        c.console = Some(fedgate_gateway::console::ConsoleConfig {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        });
+        c
+    })
+    .await?;
     println!(
         "federation up: {} nodes on loopback, data in {}",
         net.node_codes().len(),
@@ -232,6 +240,7 @@ pub async fn run(keep_running: bool) -> Result<()> {
     patterns::discovery(&net).await?;
     patterns::flow_back(&net).await?;
     patterns::demand(&net).await?;
+    patterns::console(&net).await?;
 
     let at_province = net.catalog_size(province).await?;
     let nodes = net.node_codes().len();

@@ -674,3 +674,133 @@ async fn accounts_are_checked_before_they_are_made() -> Result<()> {
     .await?;
     net.shutdown().await
 }
+
+#[tokio::test]
+async fn a_reviewer_revokes_and_resolves_objections_in_the_console() -> Result<()> {
+    fedgate_tests::init();
+    let net = federation(specs()?, 3600, 5).await?;
+    let provider = net.provider_at(code(CITY))?.uscc.to_string();
+    let creds = add_user(
+        &net,
+        CITY,
+        ("rev-09", "黄丽"),
+        ConsoleRole::Reviewer,
+        &provider,
+        false,
+    )
+    .await?;
+    let mut consumer = net.client(&net.consumer_at(code("350000"))?.uscc).await?;
+    let key = key_at(&net, CITY, 5)?;
+    let app = apply(&mut consumer).await?;
+    let mut c = ConsoleClient::new(&net, CITY)?;
+    assert_eq!(c.sign_in("rev-09", &creds.password, "").await?.status, 303);
+    let csrf = c.get("/review").await?.csrf()?;
+    let approved = c
+        .post(
+            "/review/decide",
+            &[
+                ("csrf", &csrf),
+                ("id", &app.id),
+                ("decision", "approve"),
+                ("field", "name"),
+            ],
+            None,
+        )
+        .await?;
+    assert_eq!(approved.status, 303, "{}", approved.body);
+    let granted = consumer
+        .get_application(GetApplicationRequest { id: app.id.clone() })
+        .await?
+        .into_inner();
+    let mut req = query(&format!("{CITY}:marriage"), &key, &[]);
+    req.grant = granted.grant.clone();
+    req.purpose.clear();
+    let answer = consumer.share(req.clone()).await?.into_inner();
+    assert_eq!(
+        answer.records[0].values.len(),
+        1,
+        "only the name was granted"
+    );
+    let grant_id = answer.grant_id.clone();
+
+    // Revoked in the console: the consumer's next share under it is refused.
+    let grants = c.get("/grants").await?;
+    assert!(grants.body.contains(&grant_id), "{}", grants.body);
+    let revoked = c
+        .post(
+            "/grants/revoke",
+            &[("csrf", &csrf), ("id", &grant_id), ("reason", "用途已结束")],
+            None,
+        )
+        .await?;
+    assert_eq!(revoked.status, 303, "{}", revoked.body);
+    eventually(
+        "the revocation reaches the consumer's node",
+        Duration::from_secs(20),
+        || {
+            let mut consumer = consumer.clone();
+            let req = req.clone();
+            async move {
+                Ok(match consumer.share(req).await {
+                    Ok(_) => false,
+                    Err(e) => e.code() == Code::PermissionDenied,
+                })
+            }
+        },
+    )
+    .await?;
+    let revocations =
+        records_of(&net, AuditOperation::Revocation, "urn:fedgate:user:rev-09").await?;
+    assert!(
+        revocations.len() == 1 && revocations[0].grant_id == grant_id,
+        "{revocations:?}"
+    );
+
+    // An objection resolved in the console, as the objector sees it.
+    let o = consumer
+        .file_objection(fedgate_proto::v1::FileObjectionRequest {
+            resource_id: format!("{CITY}:marriage"),
+            key: key.clone(),
+            description: "婚姻状况登记有误".into(),
+            evidence: "离婚证 2026-05-01".into(),
+        })
+        .await?
+        .into_inner();
+    let page = c.get("/objections").await?;
+    assert!(page.body.contains(&o.id), "{}", page.body);
+    let resolved = c
+        .post(
+            "/objections/resolve",
+            &[
+                ("csrf", &csrf),
+                ("id", &o.id),
+                ("outcome", "corrected"),
+                ("resolution", "已更正"),
+            ],
+            None,
+        )
+        .await?;
+    assert_eq!(resolved.status, 303, "{}", resolved.body);
+    let seen = consumer
+        .get_objection(fedgate_proto::v1::GetObjectionRequest { id: o.id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(
+        seen.state,
+        fedgate_proto::v1::ObjectionState::Corrected as i32
+    );
+    let again = c
+        .post(
+            "/objections/resolve",
+            &[
+                ("csrf", &csrf),
+                ("id", &o.id),
+                ("outcome", "confirmed"),
+                ("resolution", "再次"),
+            ],
+            None,
+        )
+        .await?;
+    assert_eq!(again.status, 409, "already resolved: {}", again.body);
+    net.shutdown().await
+}

@@ -360,10 +360,14 @@ async fn accept_loop<H: Handshake>(
     debug!(listener = limits.listener, "stopped accepting connections");
 }
 
+/// The admitted connections of a listener running handshake `H`.
+type AcceptedStream<H> =
+    Pin<Box<dyn Stream<Item = Accepted<<H as Handshake>::Io, <H as Handshake>::Info>> + Send>>;
+
 /// Admitted connections of a listener as an `axum::serve` listener: plain TCP (the metrics endpoint) or after a
 /// handshake (the console's TLS).
 pub struct HttpListener<H: Handshake = PlainTcp> {
-    rx: Pin<Box<dyn Stream<Item = Accepted<H::Io, H::Info>> + Send>>,
+    rx: AcceptedStream<H>,
     local: SocketAddr,
 }
 

@@ -76,6 +76,15 @@ impl NodeConfig {
         if let Some(o) = &self.open_data {
             check_listen("open_data.listen", &o.listen, &mut problems);
         }
+        if let Some(c) = &self.console {
+            check_listen("console.listen", &c.listen, &mut problems);
+            if c.session_secs == 0 {
+                problems.push(Problem::new(
+                    "console.session_secs",
+                    "must be at least 1 second",
+                ));
+            }
+        }
         if let Some(m) = &self.metrics {
             check_listen("metrics.listen", &m.listen, &mut problems);
         }

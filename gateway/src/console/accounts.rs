@@ -390,11 +390,7 @@ impl Accounts {
         if check_login(login).is_err() || password.chars().count() > MAX_PASSWORD_CHARS {
             return Ok(Err(SignInRefused::Unknown(crate::limits::excerpt(login))));
         }
-        let lock = self
-            .serial
-            .entry(login.to_owned())
-            .or_insert_with(Arc::default)
-            .clone();
+        let lock = self.serial.entry(login.to_owned()).or_default().clone();
         let _one = lock.lock().await;
         let Some(mut u) = self.get(login).await? else {
             // As slow as a wrong password, so that logins cannot be told apart by timing.

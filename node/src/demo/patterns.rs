@@ -1,5 +1,6 @@
 //! The exchange patterns beyond single shares that the demo shows: a county searching the whole province's
-//! catalog, a flow-back subscription delivering a first export and then a change, and a data demand answered.
+//! catalog, a flow-back subscription delivering a first export and then a change, a data demand answered, and
+//! the web console with an account to sign in with.
 
 use std::time::Duration;
 
@@ -278,4 +279,66 @@ fn when(unix: i64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| unix.to_string())
+}
+
+/// Makes a reviewer account for the provider at Gulou and an operator account at the province, and prints where
+/// their consoles are and how to sign in.
+pub async fn console(net: &Devnet) -> Result<()> {
+    use fedgate_gateway::ident::Peer;
+    use fedgate_proto::v1::{AddUserRequest, ConsoleRole};
+    println!();
+    println!("console: each node serves its web console over TLS with its federation certificate");
+    let provider = net.provider_at(code(GULOU)?)?;
+    let accounts = [
+        (
+            GULOU,
+            "350102-rv-001",
+            "林晓",
+            ConsoleRole::Reviewer,
+            provider.uscc.to_string(),
+        ),
+        (
+            PROVINCE,
+            "350000-op-001",
+            "陈伟",
+            ConsoleRole::Operator,
+            String::new(),
+        ),
+    ];
+    for (node, login, name, role, agency) in accounts {
+        let c = code(node)?;
+        let handle = net.node(c)?;
+        let addr = handle
+            .console_addr()
+            .ok_or_else(|| anyhow!("node {node} serves no console"))?;
+        let creds = handle
+            .console()
+            .accounts()
+            .add(
+                AddUserRequest {
+                    login: login.into(),
+                    name: name.into(),
+                    role: role as i32,
+                    agency_uscc: agency.clone(),
+                    totp: false,
+                },
+                &Peer::Node(c),
+            )
+            .await?;
+        println!(
+            "    node {node}: https://{addr}/  sign in as {login} ({name}, {}{}) with password {}",
+            fedgate_gateway::console::accounts::role_name(role as i32),
+            if agency.is_empty() {
+                String::new()
+            } else {
+                format!(" for {agency}")
+            },
+            creds.password
+        );
+    }
+    println!(
+        "    the certificate is issued for <code>.node.fedgate by the demo's CA ({}): trust it, or accept it once",
+        net.ca_path().display()
+    );
+    Ok(())
 }
