@@ -177,7 +177,7 @@ async fn the_readme_commands_run_as_written() -> Result<()> {
         .into_iter()
         .find(|b| b.text.contains("code = \"350100\""))
         .context("the README's node configuration")?;
-    let ports = PortMap::new(&[7400, 7401, 7402, 7501, 8443, 9464])?;
+    let ports = PortMap::new(&[7400, 7401, 7402, 7443, 7501, 8443, 9464])?;
     std::fs::write(root.join("node-350100.toml"), ports.apply(&config.text))?;
     let mut script = without_build(run, &packages);
     let node_line = script
