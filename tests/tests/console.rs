@@ -76,6 +76,45 @@ async fn el(
     }
 }
 
+/// A federation with consoles, a reviewer account at the city acting for the city's provider (or, with
+/// `for_consumer`, for the city's consumer agency), and an application of the province's consumer waiting there.
+struct Waiting {
+    net: Devnet,
+    reviewer: fedgate_proto::v1::UserCredentials,
+    consumer: AgencyClient<Channel>,
+    app: Application,
+}
+
+async fn waiting(
+    (session_secs, lockout_after): (u64, u32),
+    (login, name): (&str, &str),
+    for_consumer: bool,
+) -> Result<Waiting> {
+    let net = federation(specs()?, session_secs, lockout_after).await?;
+    let agency = if for_consumer {
+        net.consumer_at(code(CITY))?.uscc.to_string()
+    } else {
+        net.provider_at(code(CITY))?.uscc.to_string()
+    };
+    let reviewer = add_user(
+        &net,
+        CITY,
+        (login, name),
+        ConsoleRole::Reviewer,
+        &agency,
+        false,
+    )
+    .await?;
+    let mut consumer = net.client(&net.consumer_at(code("350000"))?.uscc).await?;
+    let app = apply(&mut consumer).await?;
+    Ok(Waiting {
+        net,
+        reviewer,
+        consumer,
+        app,
+    })
+}
+
 /// The city's audit records of `op` whose actor is `actor`.
 async fn records_of(net: &Devnet, op: AuditOperation, actor: &str) -> Result<Vec<AuditRecord>> {
     Ok(own_audit_records(net, CITY)
@@ -327,19 +366,12 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
 #[tokio::test]
 async fn a_reviewer_sees_and_acts_only_for_its_own_agency() -> Result<()> {
     fedgate_tests::init();
-    let net = federation(specs()?, 3600, 5).await?;
-    let other = net.consumer_at(code(CITY))?.uscc.to_string();
-    let creds = add_user(
-        &net,
-        CITY,
-        ("350102198502024321", "赵磊"),
-        ConsoleRole::Reviewer,
-        &other,
-        false,
-    )
-    .await?;
-    let mut consumer = net.client(&net.consumer_at(code("350000"))?.uscc).await?;
-    let app = apply(&mut consumer).await?;
+    let Waiting {
+        net,
+        reviewer: creds,
+        consumer: _,
+        app,
+    } = waiting((3600, 5), ("350102198502024321", "赵磊"), true).await?;
 
     let mut c = ConsoleClient::new(&net, CITY)?;
     let signed = c.sign_in("350102198502024321", &creds.password, "").await?;
@@ -388,19 +420,12 @@ async fn a_reviewer_sees_and_acts_only_for_its_own_agency() -> Result<()> {
 #[tokio::test]
 async fn tokens_origins_sessions_lockout_and_second_factor_are_enforced() -> Result<()> {
     fedgate_tests::init();
-    let net = federation(specs()?, 600, 3).await?;
-    let provider = net.provider_at(code(CITY))?.uscc.to_string();
-    let creds = add_user(
-        &net,
-        CITY,
-        ("rev-01", "陈静"),
-        ConsoleRole::Reviewer,
-        &provider,
-        false,
-    )
-    .await?;
-    let mut consumer = net.client(&net.consumer_at(code("350000"))?.uscc).await?;
-    let app = apply(&mut consumer).await?;
+    let Waiting {
+        net,
+        reviewer: creds,
+        consumer: _,
+        app,
+    } = waiting((600, 3), ("rev-01", "陈静"), false).await?;
 
     // No session: the form is refused, and a page sends the browser to sign in.
     let mut anon = ConsoleClient::new(&net, CITY)?;
@@ -532,6 +557,7 @@ async fn tokens_origins_sessions_lockout_and_second_factor_are_enforced() -> Res
     net.advance_clock(15 * 60 + 1);
 
     // A second factor: the code is asked for, and each code is accepted once.
+    let provider = net.provider_at(code(CITY))?.uscc.to_string();
     let with_totp = add_user(
         &net,
         CITY,
@@ -678,20 +704,13 @@ async fn accounts_are_checked_before_they_are_made() -> Result<()> {
 #[tokio::test]
 async fn a_reviewer_revokes_and_resolves_objections_in_the_console() -> Result<()> {
     fedgate_tests::init();
-    let net = federation(specs()?, 3600, 5).await?;
-    let provider = net.provider_at(code(CITY))?.uscc.to_string();
-    let creds = add_user(
-        &net,
-        CITY,
-        ("rev-09", "黄丽"),
-        ConsoleRole::Reviewer,
-        &provider,
-        false,
-    )
-    .await?;
-    let mut consumer = net.client(&net.consumer_at(code("350000"))?.uscc).await?;
+    let Waiting {
+        net,
+        reviewer: creds,
+        mut consumer,
+        app,
+    } = waiting((3600, 5), ("rev-09", "黄丽"), false).await?;
     let key = key_at(&net, CITY, 5)?;
-    let app = apply(&mut consumer).await?;
     let mut c = ConsoleClient::new(&net, CITY)?;
     assert_eq!(c.sign_in("rev-09", &creds.password, "").await?.status, 303);
     let csrf = c.get("/review").await?.csrf()?;

@@ -7,15 +7,15 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::Html;
 use fedgate_proto::v1::{
-    CatalogEntry, ConsoleRole, Grant, MaskRule, SearchCatalogRequest, Sensitivity, ShareMode,
-    ShareType, SignedGrant,
+    CatalogEntry, ConsoleRole, Grant, MaskRule, SearchCatalogRequest, Sensitivity, ShareType,
+    SignedGrant,
 };
 use prost::Message;
 use serde::Deserialize;
 
 use super::Console;
 use super::session::{NoSession, Signed};
-use super::view::{Failure, Frame, render, when};
+use super::view::{Failure, Frame, mode_name, render, when};
 use crate::catalog::{finish_page, search_query};
 use crate::store::{DocKind, DocQuery};
 
@@ -186,16 +186,6 @@ struct EntryPage {
 #[derive(Deserialize)]
 pub struct EntryQuery {
     id: String,
-}
-
-fn mode_name(m: i32) -> &'static str {
-    match ShareMode::try_from(m).unwrap_or_default() {
-        ShareMode::Query => "QUERY",
-        ShareMode::Verify => "VERIFY",
-        ShareMode::Statistics => "STATISTICS",
-        ShareMode::Bulk => "BULK",
-        ShareMode::Unspecified => "—",
-    }
 }
 
 /// `GET /catalog/entry?id=…`.

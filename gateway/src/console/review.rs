@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::Console;
 use super::i18n::Lang;
 use super::session::Reviewing;
-use super::view::{Failure, Frame, render, when};
+use super::view::{Failure, Frame, mode_name, render, when};
 use crate::error::Error;
 use crate::limits::Bounded;
 
@@ -41,16 +41,6 @@ fn state_name(s: i32) -> &'static str {
         ApplicationState::Approved => "APPROVED",
         ApplicationState::Rejected => "REJECTED",
         ApplicationState::Unspecified => "—",
-    }
-}
-
-fn mode_name(m: i32) -> &'static str {
-    match ShareMode::try_from(m).unwrap_or_default() {
-        ShareMode::Query => "QUERY",
-        ShareMode::Verify => "VERIFY",
-        ShareMode::Statistics => "STATISTICS",
-        ShareMode::Bulk => "BULK",
-        ShareMode::Unspecified => "QUERY",
     }
 }
 

@@ -204,3 +204,14 @@ pub fn when(unix: i64, offset: time::UtcOffset) -> String {
         .and_then(|t| t.format(&format).ok())
         .unwrap_or_else(|| "—".into())
 }
+
+/// A share mode's name as pages show it (QUERY when none is given, as governance reads it).
+pub fn mode_name(m: i32) -> &'static str {
+    use fedgate_proto::v1::ShareMode;
+    match ShareMode::try_from(m).unwrap_or_default() {
+        ShareMode::Query | ShareMode::Unspecified => "QUERY",
+        ShareMode::Verify => "VERIFY",
+        ShareMode::Statistics => "STATISTICS",
+        ShareMode::Bulk => "BULK",
+    }
+}
