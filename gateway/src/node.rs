@@ -460,7 +460,11 @@ pub async fn start_with_clock(
     let console = crate::console::Console::new(
         router.clone(),
         store.clone(),
-        (audit_log.clone(), governance.clock().clone()),
+        (
+            audit_log.clone(),
+            refusals.clone(),
+            governance.clock().clone(),
+        ),
         topology.parent.is_some().then(|| uplink.clone()),
         (config.console.clone().unwrap_or_default(), limits),
     );

@@ -20,12 +20,23 @@ pub async fn federation(
     session_secs: u64,
     lockout_after: u32,
 ) -> Result<Devnet> {
-    Devnet::start_configured(specs, Default::default(), move |mut c| {
-        c.console = Some(ConsoleConfig {
-            listen: "127.0.0.1:0".into(),
+    federation_with(
+        specs,
+        ConsoleConfig {
             session_secs,
             lockout_after,
             ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Starts `specs` with the console configured as `console` on every node, on a free loopback port.
+pub async fn federation_with(specs: Vec<NodeSpec>, console: ConsoleConfig) -> Result<Devnet> {
+    Devnet::start_configured(specs, Default::default(), move |mut c| {
+        c.console = Some(ConsoleConfig {
+            listen: "127.0.0.1:0".into(),
+            ..console.clone()
         });
         c
     })

@@ -823,3 +823,49 @@ async fn a_reviewer_revokes_and_resolves_objections_in_the_console() -> Result<(
     assert_eq!(again.status, 409, "already resolved: {}", again.body);
     net.shutdown().await
 }
+
+#[tokio::test]
+async fn sign_ins_over_the_rate_are_refused_and_summarised() -> Result<()> {
+    fedgate_tests::init();
+    let console = fedgate_gateway::console::ConsoleConfig {
+        sign_ins_per_minute: 3,
+        ..Default::default()
+    };
+    let net = fedgate_tests::console::federation_with(specs()?, console).await?;
+    let mut c = ConsoleClient::new(&net, CITY)?;
+    for _ in 0..3 {
+        assert_eq!(
+            c.sign_in("nobody-1", "wrong password", "").await?.status,
+            401
+        );
+    }
+    for _ in 0..5 {
+        let over = c.sign_in("nobody-1", "wrong password", "").await?;
+        assert_eq!(over.status, 429, "{}", over.body);
+    }
+    // The first refusal of the source is written at once; the rest go into its summary.
+    eventually(
+        "the refusal is audited",
+        Duration::from_secs(10),
+        || async {
+            Ok(own_audit_records(&net, CITY).await?.iter().any(|r| {
+                r.operation == AuditOperation::LimitRefused as i32
+                    && r.actor.starts_with("tcp:127.0.0.1")
+                    && r.detail.contains("sign-in as nobody-1")
+            }))
+        },
+    )
+    .await?;
+    let refused_sign_ins = records_of(
+        &net,
+        AuditOperation::ConsoleSignIn,
+        "urn:fedgate:user:nobody-1",
+    )
+    .await?
+    .len();
+    assert_eq!(
+        refused_sign_ins, 3,
+        "only the attempts within the rate reach the accounts"
+    );
+    net.shutdown().await
+}

@@ -183,7 +183,7 @@ pub fn known(key: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// Every `tr("…")` in the templates and the console's code has a text in both languages.
+    /// Every `.tr("…")` in the templates and the console's code has a text in both languages.
     #[test]
     fn every_key_used_has_a_text() {
         let dirs = [
@@ -194,7 +194,7 @@ mod tests {
         for dir in dirs {
             for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 let text = std::fs::read_to_string(f.path()).unwrap_or_default();
-                for part in text.split("tr(\"").skip(1) {
+                for part in text.split(".tr(\"").skip(1) {
                     let key = part.split('"').next().unwrap_or_default();
                     if !known(key) && key != "…" {
                         missing.push(format!("{}: {key}", f.path().display()));

@@ -72,6 +72,8 @@ struct Inner {
     router: Router,
     uplink: Option<Uplink>,
     audit: AuditLog,
+    /// Where sign-ins over the rate are counted and summarised per source.
+    refusals: crate::refusals::RefusalLog,
     clock: Arc<dyn Clock>,
     accounts: Accounts,
     config: ConsoleConfig,
@@ -84,7 +86,7 @@ impl Console {
     pub fn new(
         router: Router,
         store: Arc<dyn Store>,
-        (audit, clock): (AuditLog, Arc<dyn Clock>),
+        (audit, refusals, clock): (AuditLog, crate::refusals::RefusalLog, Arc<dyn Clock>),
         uplink: Option<Uplink>,
         (config, limits): (ConsoleConfig, LimitsConfig),
     ) -> Self {
@@ -108,6 +110,7 @@ impl Console {
                 router,
                 uplink,
                 audit,
+                refusals,
                 clock,
                 accounts,
                 config,

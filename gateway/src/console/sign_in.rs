@@ -18,6 +18,9 @@ use crate::accept::Remote;
 use crate::audit;
 use crate::governance::USER_URI_PREFIX;
 
+/// Client addresses whose sign-in rate is tracked before those that are idle again are dropped.
+const MAX_TRACKED_ADDRESSES: usize = 10_000;
+
 /// Name of the cookie holding the sign-in form's CSRF token (there is no session yet).
 const PRE_COOKIE: &str = "__Host-fedgate-pre";
 
@@ -97,20 +100,32 @@ pub async fn submit(
 ) -> Response {
     let login = crate::limits::excerpt(&f.login);
     let actor = format!("{USER_URI_PREFIX}{login}");
+    if c.inner.sign_ins.len() > MAX_TRACKED_ADDRESSES {
+        // Addresses whose budget is full again are forgotten, so that many sources cannot grow the table.
+        c.inner.sign_ins.retain_recent();
+        c.inner.sign_ins.shrink_to_fit();
+    }
+    // The rate first: what is refused beyond it is summarised per source, not written a record each.
+    if c.inner.sign_ins.check_key(&remote.ip()).is_err() {
+        let message = format!(
+            "sign-in as {login}: more than {} attempts a minute from {}",
+            c.inner.config.sign_ins_per_minute,
+            remote.ip()
+        );
+        c.inner.refusals.note(crate::refusals::Refusal {
+            kind: crate::refusals::RefusalKind::Call,
+            actor: format!("tcp:{}", crate::accept::SourceKey::of(remote.ip())),
+            reason: "console_sign_in_rate",
+            detail: message.clone(),
+            consumer_uscc: String::new(),
+        });
+        return Failure::new(StatusCode::TOO_MANY_REQUESTS, message, lang).into_response();
+    }
     let expected = jar.get(PRE_COOKIE).map(|c| c.value().to_owned());
     if expected.as_deref() != Some(f.csrf.as_str()) || f.csrf.len() != 64 {
         let message = "sign-in: the form's CSRF token does not match its cookie";
         c.refused(actor, message, lang).await;
         return Failure::new(StatusCode::FORBIDDEN, message, lang).into_response();
-    }
-    if c.inner.sign_ins.check_key(&remote.ip()).is_err() {
-        let message = format!(
-            "sign-in: more than {} attempts a minute from {}",
-            c.inner.config.sign_ins_per_minute,
-            remote.ip()
-        );
-        c.refused(actor, &message, lang).await;
-        return Failure::new(StatusCode::TOO_MANY_REQUESTS, message, lang).into_response();
     }
     let outcome = match c
         .inner
