@@ -560,3 +560,34 @@ fn compose_nodes_export_traces_to_the_collector_which_feeds_jaeger_on_loopback()
     );
     Ok(())
 }
+
+/// Each compose node serves its console, and compose publishes it on the host's loopback only.
+#[test]
+fn compose_consoles_are_published_on_loopback_only() -> Result<()> {
+    let compose = std::fs::read_to_string(workspace().join("deploy/compose/compose.yaml"))?;
+    for path in node_files("deploy/compose/config", ".toml")? {
+        let config: fedgate_gateway::config::NodeConfig =
+            toml::from_str(&std::fs::read_to_string(&path)?)?;
+        let console = config
+            .console
+            .with_context(|| format!("{} serves no console", path.display()))?;
+        let port = port_of(&console.listen).context("the console's port")?;
+        let node = service(&compose, &format!("node-{}", config.code))
+            .with_context(|| format!("no compose service for node {}", config.code))?;
+        let ports = yaml_value(&node, "ports").context("the node's published ports")?;
+        let published: Vec<&str> = ports
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|p| p.trim().trim_matches('"'))
+            .filter(|p| p.ends_with(&format!(":{port}")))
+            .collect();
+        assert_eq!(published.len(), 1, "node {}: {ports}", config.code);
+        assert!(
+            published[0].starts_with("127.0.0.1:"),
+            "node {}: the console is published on {}",
+            config.code,
+            published[0]
+        );
+    }
+    Ok(())
+}
