@@ -461,7 +461,18 @@ async fn tokens_origins_sessions_lockout_and_second_factor_are_enforced() -> Res
         .cloned()
         .unwrap_or_default();
     ensure!(session.len() == 64, "a session cookie was set");
-    let csrf = c.get("/review").await?.csrf()?;
+    let queue = c.get("/review").await?;
+    // Filed just now: the whole approval period is left, in working days.
+    let approval_days = fedgate_gateway::calendar::CalendarConfig::default().approval_days;
+    assert!(
+        queue
+            .body
+            .contains(&format!("<td class=\"num\">{approval_days}</td>")),
+        "{} working days left: {}",
+        approval_days,
+        queue.body
+    );
+    let csrf = queue.csrf()?;
     // Wrong token, then a cross-site post with the right one.
     let wrong = c
         .post(

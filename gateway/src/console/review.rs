@@ -50,7 +50,8 @@ impl Console {
         let cal = self.inner.router.governance().calendar();
         let (Ok(now), Ok(due_at)) = (
             time::OffsetDateTime::from_unix_timestamp(self.inner.clock.unix()),
-            time::OffsetDateTime::from_unix_timestamp(due),
+            // A deadline falls at the end of its last day: that day is the last one left.
+            time::OffsetDateTime::from_unix_timestamp(due.saturating_sub(1)),
         ) else {
             return 0;
         };
