@@ -199,8 +199,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         .await?
         .click()
         .await?;
-    let queue = b
-        .find(fantoccini::Locator::Id("queue"))
+    let queue = el(b, fantoccini::Locator::Id("queue"))
         .await?
         .text()
         .await?;
@@ -241,8 +240,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
     browser.screenshot("06-catalog").await?;
     b.goto(&format!("{base}/catalog/entry?id={CITY}:marriage"))
         .await?;
-    let holders = b
-        .find(fantoccini::Locator::Id("holders"))
+    let holders = el(b, fantoccini::Locator::Id("holders"))
         .await?
         .text()
         .await?;
@@ -284,6 +282,8 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         .await?
         .click()
         .await?;
+    // Signed out (a navigation started before would cancel the form's post).
+    el(b, fantoccini::Locator::Id("login-form")).await?;
     b.goto(&format!("{base}/lang?to=en")).await?;
     el(b, fantoccini::Locator::Id("login"))
         .await?
@@ -297,8 +297,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         .await?
         .click()
         .await?;
-    let parent = b
-        .find(fantoccini::Locator::Id("parent"))
+    let parent = el(b, fantoccini::Locator::Id("parent"))
         .await?
         .text()
         .await?;
@@ -307,8 +306,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
     b.goto(&format!("{base}/reports")).await?;
     browser.screenshot("09-reports").await?;
     b.goto(&format!("{base}/stats")).await?;
-    let total = b
-        .find(fantoccini::Locator::Id("share-total"))
+    let total = el(b, fantoccini::Locator::Id("share-total"))
         .await?
         .text()
         .await?;
@@ -333,16 +331,16 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         .await?
         .click()
         .await?;
+    // Signed in: the auditor's home is the audit search.
+    el(b, fantoccini::Locator::Id("audit-form")).await?;
     b.goto(&format!("{base}/audit?resource={CITY}:marriage&verify=1"))
         .await?;
-    let verification = b
-        .find(fantoccini::Locator::Id("verification"))
+    let verification = el(b, fantoccini::Locator::Id("verification"))
         .await?
         .text()
         .await?;
     ensure!(verification.contains("verified"), "{verification}");
-    let records = b
-        .find(fantoccini::Locator::Id("records"))
+    let records = el(b, fantoccini::Locator::Id("records"))
         .await?
         .text()
         .await?;
@@ -352,8 +350,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         .await?
         .click()
         .await?;
-    let route = b
-        .find(fantoccini::Locator::Id("route"))
+    let route = el(b, fantoccini::Locator::Id("route"))
         .await?
         .text()
         .await?;
