@@ -115,6 +115,23 @@ async fn waiting(
     })
 }
 
+/// Fills in the sign-in form shown and sends it.
+async fn sign_in(b: &fantoccini::Client, login: &str, password: &str) -> Result<()> {
+    el(b, fantoccini::Locator::Id("login"))
+        .await?
+        .send_keys(login)
+        .await?;
+    el(b, fantoccini::Locator::Id("password"))
+        .await?
+        .send_keys(password)
+        .await?;
+    el(b, fantoccini::Locator::Id("sign-in"))
+        .await?
+        .click()
+        .await?;
+    Ok(())
+}
+
 /// The city's audit records of `op` whose actor is `actor`.
 async fn records_of(net: &Devnet, op: AuditOperation, actor: &str) -> Result<Vec<AuditRecord>> {
     Ok(own_audit_records(net, CITY)
@@ -187,18 +204,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
     let b = &browser.client;
     b.goto(&format!("{base}/login")).await?;
     browser.screenshot("01-login").await?;
-    el(b, fantoccini::Locator::Id("login"))
-        .await?
-        .send_keys("350102198001011234")
-        .await?;
-    el(b, fantoccini::Locator::Id("password"))
-        .await?
-        .send_keys(&reviewer.password)
-        .await?;
-    el(b, fantoccini::Locator::Id("sign-in"))
-        .await?
-        .click()
-        .await?;
+    sign_in(b, "350102198001011234", &reviewer.password).await?;
     let queue = el(b, fantoccini::Locator::Id("queue"))
         .await?
         .text()
@@ -285,18 +291,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
     // Signed out (a navigation started before would cancel the form's post).
     el(b, fantoccini::Locator::Id("login-form")).await?;
     b.goto(&format!("{base}/lang?to=en")).await?;
-    el(b, fantoccini::Locator::Id("login"))
-        .await?
-        .send_keys("op-0001")
-        .await?;
-    el(b, fantoccini::Locator::Id("password"))
-        .await?
-        .send_keys(&operator.password)
-        .await?;
-    el(b, fantoccini::Locator::Id("sign-in"))
-        .await?
-        .click()
-        .await?;
+    sign_in(b, "op-0001", &operator.password).await?;
     let parent = el(b, fantoccini::Locator::Id("parent"))
         .await?
         .text()
@@ -319,18 +314,7 @@ async fn a_reviewer_approves_in_the_browser_and_the_consumer_then_shares() -> Re
         .await?
         .click()
         .await?;
-    el(b, fantoccini::Locator::Id("login"))
-        .await?
-        .send_keys("au-0001")
-        .await?;
-    el(b, fantoccini::Locator::Id("password"))
-        .await?
-        .send_keys(&auditor.password)
-        .await?;
-    el(b, fantoccini::Locator::Id("sign-in"))
-        .await?
-        .click()
-        .await?;
+    sign_in(b, "au-0001", &auditor.password).await?;
     // Signed in: the auditor's home is the audit search.
     el(b, fantoccini::Locator::Id("audit-form")).await?;
     b.goto(&format!("{base}/audit?resource={CITY}:marriage&verify=1"))
@@ -505,6 +489,32 @@ async fn tokens_origins_sessions_lockout_and_second_factor_are_enforced() -> Res
         refused.iter().any(|r| r.detail.contains("CSRF")),
         "{refused:?}"
     );
+    // A decision the form cannot ask for: a clear 400, audited where it is refused.
+    let odd = c
+        .post(
+            "/review/decide",
+            &[("csrf", &csrf), ("id", &app.id), ("decision", "maybe")],
+            None,
+        )
+        .await?;
+    assert_eq!(odd.status, 400, "{}", odd.body);
+    eventually(
+        "the bad form is audited",
+        Duration::from_secs(10),
+        || async {
+            Ok(
+                records_of(&net, AuditOperation::AuthRefused, "urn:fedgate:user:rev-01")
+                    .await?
+                    .iter()
+                    .any(|r| {
+                        r.outcome == "INVALID_ARGUMENT"
+                            && r.detail.contains("console POST /review/decide")
+                            && r.detail.contains("maybe")
+                    }),
+            )
+        },
+    )
+    .await?;
     // A reject needs a reason: a clear 400, nothing decided.
     let no_reason = c
         .post(

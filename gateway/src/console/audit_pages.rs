@@ -3,19 +3,20 @@
 
 use askama::Template;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::Html;
-use fedgate_proto::v1::{AuditOperation, AuditRecord};
+use fedgate_proto::v1::{AuditOperation, AuditRecord, OperatorAuditRequest, QueryAuditRequest};
 use serde::Deserialize;
 
 use super::Console;
 use super::session::Auditing;
 use super::view::{Failure, Frame, render};
-use crate::ident::{DivisionCode, Uscc};
+use crate::limits::Bounded;
 use crate::store::AuditQuery;
 
 /// Records one page shows.
 const PAGE: u32 = 100;
+/// Nanoseconds of a day.
+const DAY_NS: i64 = 24 * 3600 * 1_000_000_000;
 /// How far around a record's time its request's other records are looked for.
 const ROUTE_WINDOW_NS: i64 = 10 * 60 * 1_000_000_000;
 
@@ -105,19 +106,51 @@ struct AuditPage {
     frame: Frame,
     form: AuditForm,
     records: Vec<RecordRow>,
-    next: Option<u64>,
+    next: Option<String>,
     verified: Option<Result<Vec<ChainRow>, String>>,
 }
 
 /// Nanoseconds since the epoch at the start of local day `date` ("YYYY-MM-DD"), or `None` for an empty one.
-fn day_start(date: &str, offset: time::UtcOffset, field: &str) -> Result<Option<i64>, String> {
+fn day_start(
+    date: &str,
+    offset: time::UtcOffset,
+    field: &str,
+) -> crate::error::Result<Option<i64>> {
     if date.is_empty() {
         return Ok(None);
     }
     let format = time::macros::format_description!("[year]-[month]-[day]");
-    let day = time::Date::parse(date, &format).map_err(|e| format!("{field} {date:?}: {e}"))?;
+    let day = time::Date::parse(date, &format).map_err(|e| {
+        crate::error::Error::InvalidArgument(format!(
+            "{field} {:?}: {e}",
+            crate::limits::excerpt(date)
+        ))
+    })?;
     let ns = day.midnight().assume_offset(offset).unix_timestamp_nanos();
     Ok(Some(i64::try_from(ns).unwrap_or(i64::MAX)))
+}
+
+/// The operator's audit request a search form asks for: the same filters `Operator.QueryAudit` takes.
+fn audit_request(
+    form: &AuditForm,
+    offset: time::UtcOffset,
+) -> crate::error::Result<OperatorAuditRequest> {
+    let ns = |day: Option<i64>| day.unwrap_or(0);
+    let from = day_start(&form.from, offset, "from")?;
+    let to = day_start(&form.to, offset, "to")?.map(|t| t.saturating_add(DAY_NS));
+    Ok(OperatorAuditRequest {
+        query: Some(QueryAuditRequest {
+            from_unix_nanos: ns(from),
+            to_unix_nanos: ns(to),
+            resource_id: form.resource.trim().to_owned(),
+            outcome: form.outcome.trim().to_owned(),
+            page_size: PAGE,
+            page_token: form.after.clone(),
+            ..Default::default()
+        }),
+        agency: form.agency.trim().to_owned(),
+        node_code: form.node.trim().to_owned(),
+    })
 }
 
 /// `GET /audit`.
@@ -127,58 +160,23 @@ pub async fn search(
     Query(form): Query<AuditForm>,
 ) -> Result<Html<String>, Failure> {
     let lang = s.lang;
-    let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, m, lang);
     let offset = c.inner.router.governance().calendar().utc_offset();
-    let party = match form.agency.trim() {
-        "" => None,
-        a => Some(
-            a.parse::<Uscc>()
-                .map_err(|e| bad(format!("agency: {e}")))?
-                .to_string(),
-        ),
+    let req = match audit_request(&form, offset) {
+        Ok(req) => req,
+        Err(e) => return Err(c.invalid(&s, "GET /audit", e).await),
     };
-    let node_prefix = match form.node.trim() {
-        "" => None,
-        n => {
-            let code: DivisionCode = n.parse().map_err(|e| bad(format!("node: {e}")))?;
-            Some(crate::catalog::subtree_prefix(code))
-        }
-    };
-    let from_ns = day_start(&form.from, offset, "from").map_err(bad)?;
-    let to_ns = day_start(&form.to, offset, "to")
-        .map_err(bad)?
-        .map(|t| t.saturating_add(24 * 3600 * 1_000_000_000));
-    let after_fwd_seq = match form.after.as_str() {
-        "" => None,
-        a => Some(a.parse::<u64>().map_err(|e| bad(format!("after: {e}")))?),
-    };
-    let text = |v: &str, field: &str, max: usize| {
-        let v = v.trim();
-        if v.chars().count() > max {
-            return Err(bad(format!("{field}: at most {max} characters")));
-        }
-        Ok((!v.is_empty()).then(|| v.to_owned()))
-    };
-    let query = AuditQuery {
-        party,
-        node_prefix,
-        from_ns,
-        to_ns,
-        resource_id: text(&form.resource, "resource", 256)?,
-        outcome: text(&form.outcome, "outcome", 64)?,
-        after_fwd_seq,
-        limit: PAGE,
-        ..Default::default()
-    };
-    let found = c
-        .inner
-        .store
-        .audit_query(&query)
-        .await
-        .map_err(|e| Failure::of(e.into(), lang))?;
-    let next = (found.len() == PAGE as usize)
-        .then(|| found.last().map(|(seq, _)| *seq))
-        .flatten();
+    if let Err(e) = req.check_limits(&c.inner.limits) {
+        return Err(c.invalid(&s, "GET /audit", e).await);
+    }
+    let found =
+        match crate::service::subtree_audit(c.inner.node, c.inner.store.as_ref(), &req).await {
+            Ok(found) => found,
+            Err(e @ crate::error::Error::InvalidArgument(_)) => {
+                return Err(c.invalid(&s, "GET /audit", e).await);
+            }
+            Err(e) => return Err(Failure::of(e, lang)),
+        };
+    let next = (!found.next_page_token.is_empty()).then_some(found.next_page_token);
     let verified = if form.verify.is_empty() {
         None
     } else {
@@ -208,7 +206,7 @@ pub async fn search(
     };
     let page = AuditPage {
         frame: Frame::of(&s, c.inner.node.as_str(), "/audit"),
-        records: found.iter().map(|(_, r)| row(r, offset)).collect(),
+        records: found.records.iter().map(|r| row(r, offset)).collect(),
         next,
         verified,
         form,
@@ -241,11 +239,10 @@ pub async fn request(
 ) -> Result<Html<String>, Failure> {
     let lang = s.lang;
     if q.id.is_empty() || q.id.len() > 128 || q.resource.len() > 256 {
-        return Err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            "id: a request id of at most 128 characters is required",
-            lang,
-        ));
+        let e = crate::error::Error::InvalidArgument(
+            "id: a request id of at most 128 characters is required, resource at most 256".into(),
+        );
+        return Err(c.invalid(&s, "GET /audit/request", e).await);
     }
     let offset = c.inner.router.governance().calendar().utc_offset();
     let mut records = Vec::new();

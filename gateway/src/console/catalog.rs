@@ -7,17 +7,14 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::Html;
 use fedgate_proto::v1::{
-    CatalogEntry, ConsoleRole, Grant, MaskRule, SearchCatalogRequest, Sensitivity, ShareType,
-    SignedGrant,
+    CatalogEntry, ConsoleRole, MaskRule, SearchCatalogRequest, Sensitivity, ShareType,
 };
-use prost::Message;
 use serde::Deserialize;
 
 use super::Console;
 use super::session::{NoSession, Signed};
-use super::view::{Failure, Frame, mode_name, render, when};
+use super::view::{Failure, Frame, IdQuery, mode_name, render, when};
 use crate::catalog::{finish_page, search_query};
-use crate::store::{DocKind, DocQuery};
 
 /// Who may read the catalog here: an operator (everything this node holds) or a reviewer (its agency's).
 pub struct CatalogViewer {
@@ -43,7 +40,7 @@ impl FromRequestParts<Console> for CatalogViewer {
                     parts.uri.path(),
                     super::accounts::role_name(signed.user.role)
                 );
-                c.refused(signed.actor(), &message, signed.lang).await;
+                c.refused(signed.actor(), &message).await;
                 Err(NoSession::Refused(Failure::new(
                     StatusCode::FORBIDDEN,
                     message,
@@ -97,21 +94,20 @@ fn share_type_name(t: i32) -> &'static str {
     }
 }
 
-/// `GET /catalog`.
-pub async fn search(
-    State(c): State<Console>,
-    v: CatalogViewer,
-    Query(form): Query<SearchForm>,
-) -> Result<Html<String>, Failure> {
-    let lang = v.signed.lang;
+/// The store query a search form asks for, within the limits of `Agency.SearchCatalog`; a reviewer's is
+/// limited to its agency.
+fn search_of(
+    c: &Console,
+    v: &CatalogViewer,
+    form: &SearchForm,
+) -> crate::error::Result<crate::store::CatalogQuery> {
     let share_type = match form.share_type.as_str() {
         "" => ShareType::Unspecified,
         name => ShareType::from_str_name(&format!("SHARE_TYPE_{name}")).ok_or_else(|| {
-            Failure::new(
-                StatusCode::BAD_REQUEST,
-                format!("share type {name:?} is unknown"),
-                lang,
-            )
+            crate::error::Error::InvalidArgument(format!(
+                "share type {:?} is unknown",
+                crate::limits::excerpt(name)
+            ))
         })?,
     };
     let req = SearchCatalogRequest {
@@ -123,8 +119,20 @@ pub async fn search(
         page_token: form.page.clone(),
         ..Default::default()
     };
-    let query =
-        search_query(c.inner.node, &req, &c.inner.limits).map_err(|e| Failure::of(e, lang))?;
+    search_query(c.inner.node, &req, &c.inner.limits)
+}
+
+/// `GET /catalog`.
+pub async fn search(
+    State(c): State<Console>,
+    v: CatalogViewer,
+    Query(form): Query<SearchForm>,
+) -> Result<Html<String>, Failure> {
+    let lang = v.signed.lang;
+    let query = match search_of(&c, &v, &form) {
+        Ok(q) => q,
+        Err(e) => return Err(c.invalid(&v.signed, "GET /catalog", e).await),
+    };
     let found = c
         .inner
         .store
@@ -182,20 +190,16 @@ struct EntryPage {
     holders: Vec<HolderRow>,
 }
 
-/// The entry page's query.
-#[derive(Deserialize)]
-pub struct EntryQuery {
-    id: String,
-}
-
 /// `GET /catalog/entry?id=…`.
 pub async fn entry(
     State(c): State<Console>,
     v: CatalogViewer,
-    Query(q): Query<EntryQuery>,
+    Query(q): Query<IdQuery>,
 ) -> Result<Html<String>, Failure> {
     let lang = v.signed.lang;
-    crate::catalog::parse_resource_id("id", &q.id).map_err(|e| Failure::of(e, lang))?;
+    if let Err(e) = crate::catalog::parse_resource_id("id", &q.id) {
+        return Err(c.invalid(&v.signed, "GET /catalog/entry", e).await);
+    }
     let stored = c
         .inner
         .store
@@ -207,7 +211,7 @@ pub async fn entry(
         Some(s) if v.only.as_deref().is_none_or(|a| a == s.entry.provider_uscc) => s.entry,
         Some(_) => {
             let message = format!("resource {} is not an entry of your agency", q.id);
-            c.refused(v.signed.actor(), &message, lang).await;
+            c.refused(v.signed.actor(), &message).await;
             return Err(Failure::new(StatusCode::FORBIDDEN, message, lang));
         }
         None => {
@@ -223,43 +227,31 @@ pub async fn entry(
     };
     let g = c.inner.router.governance();
     let offset = g.calendar().utc_offset();
-    let mut holders = Vec::new();
-    let docs = c
-        .inner
-        .store
-        .docs(
-            DocKind::Grant,
-            &DocQuery {
-                provider_uscc: Some(entry.provider_uscc.clone()),
-                limit: Some(1000),
-                ..Default::default()
-            },
-        )
+    let provider = entry
+        .provider_uscc
+        .parse::<crate::ident::Uscc>()
+        .map_err(|e| {
+            Failure::of(
+                crate::error::Error::DataLoss(format!("entry {}: provider: {e}", entry.id)),
+                lang,
+            )
+        })?;
+    let holders = g
+        .provided_grants(&provider)
         .await
-        .map_err(|e| Failure::of(e.into(), lang))?;
-    for d in docs {
-        let Some(grant) = SignedGrant::decode(d.body.as_slice())
-            .ok()
-            .and_then(|s| Grant::decode(s.grant.as_slice()).ok())
-        else {
-            continue;
-        };
-        if grant.resource_id != entry.id {
-            continue;
-        }
-        holders.push(HolderRow {
-            revoked: g
-                .is_revoked(&grant.id)
-                .await
-                .map_err(|e| Failure::of(e, lang))?,
+        .map_err(|e| Failure::of(e, lang))?
+        .into_iter()
+        .filter(|(grant, _)| grant.resource_id == entry.id)
+        .map(|(grant, revoked)| HolderRow {
+            revoked,
             id: grant.id,
             consumer: grant.consumer_uscc,
             node: grant.consumer_node,
             mode: mode_name(grant.mode),
             fields: grant.fields.join(", "),
             expires: when(grant.expires_at, offset),
-        });
-    }
+        })
+        .collect();
     let fields = entry
         .fields
         .iter()

@@ -76,31 +76,6 @@ pub async fn page(
             });
         }
     }
-    let mut children = Vec::new();
-    let mut codes: Vec<&DivisionCode> = topology.children.keys().collect();
-    codes.sort();
-    for code in codes {
-        let n = &topology.children[code];
-        let head = inner.store.audit_head(code.as_str()).await.map_err(fail)?;
-        children.push(ChildRow {
-            code: code.to_string(),
-            address: n.address.clone(),
-            catalog: inner
-                .store
-                .cursor(code.as_str(), Stream::Catalog)
-                .await
-                .map_err(fail)?,
-            audit: inner
-                .store
-                .cursor(code.as_str(), Stream::Audit)
-                .await
-                .map_err(fail)?,
-            last: head.map_or_else(
-                || "—".into(),
-                |r| when(r.time_unix_nanos / 1_000_000_000, offset),
-            ),
-        });
-    }
     let mut nodes: Vec<String> = inner.store.audit_nodes().await.map_err(fail)?;
     nodes.sort();
     let me = inner.node;
@@ -131,6 +106,31 @@ pub async fn page(
                 || "—".into(),
                 |r| when(r.time_unix_nanos / 1_000_000_000, offset),
             ),
+        });
+    }
+    let mut children = Vec::new();
+    let mut codes: Vec<&DivisionCode> = topology.children.keys().collect();
+    codes.sort();
+    for code in codes {
+        let n = &topology.children[code];
+        children.push(ChildRow {
+            code: code.to_string(),
+            address: n.address.clone(),
+            catalog: inner
+                .store
+                .cursor(code.as_str(), Stream::Catalog)
+                .await
+                .map_err(fail)?,
+            audit: inner
+                .store
+                .cursor(code.as_str(), Stream::Audit)
+                .await
+                .map_err(fail)?,
+            // A child's chain is among those held once it has shipped a record.
+            last: tree
+                .iter()
+                .find(|t| t.code == code.as_str())
+                .map_or_else(|| "—".into(), |t| t.last.clone()),
         });
     }
     let page = FederationPage {

@@ -4,7 +4,6 @@
 
 use askama::Template;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum_extra::extract::Form;
 use fedgate_proto::v1::{
@@ -16,7 +15,7 @@ use serde::Deserialize;
 use super::Console;
 use super::i18n::Lang;
 use super::session::Reviewing;
-use super::view::{Failure, Frame, mode_name, render, when};
+use super::view::{Failure, Frame, IdQuery, mode_name, render, when};
 use crate::error::Error;
 use crate::limits::Bounded;
 
@@ -135,12 +134,6 @@ struct ApplicationPage {
     grant: Option<Grant>,
 }
 
-/// A query naming one document.
-#[derive(Deserialize)]
-pub struct IdQuery {
-    id: String,
-}
-
 /// `GET /review/application?id=…`; another agency's application is refused and audited.
 pub async fn application(
     State(c): State<Console>,
@@ -148,6 +141,10 @@ pub async fn application(
     Query(q): Query<IdQuery>,
 ) -> Result<Html<String>, Failure> {
     let lang = r.signed.lang;
+    let bounded = fedgate_proto::v1::GetApplicationRequest { id: q.id.clone() };
+    if let Err(e) = bounded.check_limits(&c.inner.limits) {
+        return Err(c.invalid(&r.signed, "GET /review/application", e).await);
+    }
     let a = match c
         .inner
         .router
@@ -157,7 +154,7 @@ pub async fn application(
     {
         Ok(a) => a,
         Err(e @ Error::PermissionDenied(_)) => {
-            c.refused(r.signed.actor(), &e.to_string(), lang).await;
+            c.refused(r.signed.actor(), &e.to_string()).await;
             return Err(Failure::of(e, lang));
         }
         Err(e) => return Err(Failure::of(e, lang)),
@@ -208,8 +205,9 @@ fn end_of_day(c: &Console, date: &str) -> Result<i64, Error> {
         return Ok(0);
     }
     let format = time::macros::format_description!("[year]-[month]-[day]");
-    let day = time::Date::parse(date, &format)
-        .map_err(|e| Error::InvalidArgument(format!("expires {date:?}: {e}")))?;
+    let day = time::Date::parse(date, &format).map_err(|e| {
+        Error::InvalidArgument(format!("expires {:?}: {e}", crate::limits::excerpt(date)))
+    })?;
     let offset = c.inner.router.governance().calendar().utc_offset();
     Ok(day
         .with_time(time::Time::from_hms(23, 59, 59).unwrap_or(time::Time::MIDNIGHT))
@@ -225,61 +223,57 @@ pub async fn decide(
 ) -> Result<Response, Failure> {
     let lang = r.signed.lang;
     r.signed.check_form(&c, &f.csrf, "decision").await?;
-    let approve = match f.decision.as_str() {
-        "approve" => true,
-        "reject" => false,
-        other => {
-            return Err(Failure::new(
-                StatusCode::BAD_REQUEST,
-                format!("decision {other:?}: approve or reject"),
-                lang,
-            ));
-        }
+    let id = f.id.clone();
+    let req = match decide_request(&c, f) {
+        Ok(req) => req,
+        Err(e) => return Err(c.invalid(&r.signed, "POST /review/decide", e).await),
     };
-    let mode = match f.mode.as_str() {
-        "" => ShareMode::Unspecified,
-        "VERIFY" => ShareMode::Verify,
-        other => ShareMode::from_str_name(&format!("SHARE_MODE_{other}")).ok_or_else(|| {
-            Failure::new(
-                StatusCode::BAD_REQUEST,
-                format!("mode {other:?} is unknown"),
-                lang,
-            )
-        })?,
-    };
-    let req = DecideRequest {
-        application_id: f.id.clone(),
-        approve,
-        fields: if approve { f.field } else { Vec::new() },
-        mode: if approve { mode as i32 } else { 0 },
-        expires_at: if approve {
-            end_of_day(&c, &f.expires).map_err(fail(lang))?
-        } else {
-            0
-        },
-        reason: f.reason,
-        ..Default::default()
-    };
-    req.check_limits(&c.inner.limits).map_err(fail(lang))?;
     c.inner
         .router
         .governance()
         .decide(&r.acting(), req)
         .await
         .map_err(fail(lang))?;
-    Ok(Redirect::to(&format!("/review/application?id={}", url_part(&f.id))).into_response())
+    let id = percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC);
+    Ok(Redirect::to(&format!("/review/application?id={id}")).into_response())
 }
 
-/// `s` as one URL query value.
-fn url_part(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// The decision a form asks for, within the limits of `Agency.Decide`.
+fn decide_request(c: &Console, f: DecideForm) -> Result<DecideRequest, Error> {
+    let approve = match f.decision.as_str() {
+        "approve" => true,
+        "reject" => false,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "decision {:?}: approve or reject",
+                crate::limits::excerpt(other)
+            )));
+        }
+    };
+    let mode = match f.mode.as_str() {
+        "" => ShareMode::Unspecified,
+        other => ShareMode::from_str_name(&format!("SHARE_MODE_{other}")).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "mode {:?} is unknown",
+                crate::limits::excerpt(other)
+            ))
+        })?,
+    };
+    let req = DecideRequest {
+        application_id: f.id,
+        approve,
+        fields: if approve { f.field } else { Vec::new() },
+        mode: if approve { mode as i32 } else { 0 },
+        expires_at: if approve {
+            end_of_day(c, &f.expires)?
+        } else {
+            0
+        },
+        reason: f.reason,
+        ..Default::default()
+    };
+    req.check_limits(&c.inner.limits)?;
+    Ok(req)
 }
 
 /// A grant as a row.
@@ -354,7 +348,9 @@ pub async fn revoke(
         grant_id: f.id,
         reason: f.reason,
     };
-    req.check_limits(&c.inner.limits).map_err(fail(lang))?;
+    if let Err(e) = req.check_limits(&c.inner.limits) {
+        return Err(c.invalid(&r.signed, "POST /grants/revoke", e).await);
+    }
     c.inner
         .router
         .revoke(&r.acting(), &req.grant_id, &req.reason)
@@ -442,7 +438,9 @@ pub async fn resolve(
         corrected: f.outcome == "corrected",
         resolution: f.resolution,
     };
-    req.check_limits(&c.inner.limits).map_err(fail(lang))?;
+    if let Err(e) = req.check_limits(&c.inner.limits) {
+        return Err(c.invalid(&r.signed, "POST /objections/resolve", e).await);
+    }
     c.inner
         .router
         .governance()

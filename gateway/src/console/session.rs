@@ -26,6 +26,12 @@ pub const SESSION_COOKIE: &str = "__Host-fedgate-session";
 /// Name of the language cookie.
 pub const LANG_COOKIE: &str = "fedgate-lang";
 
+/// Whether a token a client sent is `expected`, compared in constant time.
+pub(super) fn same_token(sent: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    sent.len() == expected.len() && bool::from(sent.as_bytes().ct_eq(expected.as_bytes()))
+}
+
 /// The SHA-256 (hex) of a session cookie: the session's id in the store.
 fn session_id(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -56,18 +62,11 @@ impl Signed {
         token: &str,
         what: &str,
     ) -> Result<(), Failure> {
-        let expected = self.csrf.as_bytes();
-        let ok = token.len() == expected.len()
-            && token
-                .bytes()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if ok {
+        if same_token(token, &self.csrf) {
             return Ok(());
         }
         let message = format!("{what}: the form's CSRF token does not belong to this session");
-        console.refused(self.actor(), &message, self.lang).await;
+        console.refused(self.actor(), &message).await;
         Err(Failure::new(StatusCode::FORBIDDEN, message, self.lang))
     }
 }
@@ -118,8 +117,18 @@ impl IntoResponse for NoSession {
 }
 
 impl Console {
+    /// Refuses `e`, bad input of the signed-in user `s` to `what`, as the gRPC edge refuses a message: audited
+    /// where it is refused, answered with the status its code maps to.
+    pub(super) async fn invalid(&self, s: &Signed, what: &str, e: Error) -> Failure {
+        let r = crate::limits::refusal(s.actor(), &format!("console {what}"), &e);
+        if let Err(err) = self.inner.audit.record(r).await {
+            tracing::error!(error = %err, "console refusal not audited");
+        }
+        Failure::of(e, s.lang)
+    }
+
     /// Records a refused console request.
-    pub(super) async fn refused(&self, actor: String, detail: &str, _lang: Lang) {
+    pub(super) async fn refused(&self, actor: String, detail: &str) {
         let mut r = audit::event(AuditOperation::ConsoleRefused, actor);
         r.outcome = audit::outcome(tonic::Code::PermissionDenied);
         r.detail = crate::limits::excerpt(detail);
@@ -270,7 +279,7 @@ impl FromRequestParts<Console> for Signed {
         let posting = parts.method != Method::GET && parts.method != Method::HEAD;
         if posting && cross_site(parts) {
             let message = format!("{}: a form posted from another site", parts.uri.path());
-            c.refused("anonymous".into(), &message, lang).await;
+            c.refused("anonymous".into(), &message).await;
             return Err(NoSession::Refused(Failure::new(
                 StatusCode::FORBIDDEN,
                 message,
@@ -281,7 +290,7 @@ impl FromRequestParts<Console> for Signed {
             Ok(Some(s)) => Ok(s),
             Ok(None) if posting => {
                 let message = format!("{}: not signed in, or the session ended", parts.uri.path());
-                c.refused("anonymous".into(), &message, lang).await;
+                c.refused("anonymous".into(), &message).await;
                 Err(NoSession::Refused(Failure::new(
                     StatusCode::FORBIDDEN,
                     message,
@@ -306,7 +315,7 @@ async fn with_role(parts: &mut Parts, c: &Console, role: ConsoleRole) -> Result<
         super::accounts::role_name(role as i32),
         super::accounts::role_name(s.user.role)
     );
-    c.refused(s.actor(), &message, s.lang).await;
+    c.refused(s.actor(), &message).await;
     Err(NoSession::Refused(Failure::new(
         StatusCode::FORBIDDEN,
         message,

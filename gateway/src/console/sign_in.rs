@@ -122,9 +122,9 @@ pub async fn submit(
         return Failure::new(StatusCode::TOO_MANY_REQUESTS, message, lang).into_response();
     }
     let expected = jar.get(PRE_COOKIE).map(|c| c.value().to_owned());
-    if expected.as_deref() != Some(f.csrf.as_str()) || f.csrf.len() != 64 {
+    if f.csrf.len() != 64 || !expected.is_some_and(|e| super::session::same_token(&f.csrf, &e)) {
         let message = "sign-in: the form's CSRF token does not match its cookie";
-        c.refused(actor, message, lang).await;
+        c.refused(actor, message).await;
         return Failure::new(StatusCode::FORBIDDEN, message, lang).into_response();
     }
     let outcome = match c

@@ -215,3 +215,10 @@ pub fn mode_name(m: i32) -> &'static str {
         ShareMode::Bulk => "BULK",
     }
 }
+
+/// The query of a page about one document (`?id=…`).
+#[derive(serde::Deserialize)]
+pub struct IdQuery {
+    /// The document's id.
+    pub id: String,
+}

@@ -11,7 +11,7 @@ pub mod scrape;
 pub use agency::AgencyService;
 pub use federation::FederationService;
 pub use open_data::OpenDataService;
-pub use operator::OperatorService;
+pub use operator::{OperatorService, subtree_audit};
 
 use std::time::{Duration, Instant};
 

@@ -28,6 +28,41 @@ use crate::limits::{Bounded, LimitsConfig};
 use crate::store::Store;
 use crate::uplink::Uplink;
 
+/// The audit records of `node`'s subtree that an operator's request (already within the limits) asks for: the
+/// one query behind `Operator.QueryAudit` and the console's audit search.
+pub async fn subtree_audit(
+    node: DivisionCode,
+    store: &dyn Store,
+    r: &OperatorAuditRequest,
+) -> crate::error::Result<QueryAuditResponse> {
+    let party = if r.agency.is_empty() {
+        None
+    } else {
+        Some(
+            r.agency
+                .parse::<Uscc>()
+                .map_err(|e| Error::InvalidArgument(format!("agency: {e}")))?
+                .to_string(),
+        )
+    };
+    let node_prefix = if r.node_code.is_empty() {
+        None
+    } else {
+        let code: DivisionCode = r
+            .node_code
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("node_code: {e}")))?;
+        if !node.contains(&code) {
+            return Err(Error::InvalidArgument(format!(
+                "node_code {code} is outside the subtree of node {node}"
+            )));
+        }
+        Some(subtree_prefix(code))
+    };
+    let q = r.query.clone().unwrap_or_default();
+    audit_query(store, &q, party, None, node_prefix).await
+}
+
 /// The Operator service of one node.
 #[derive(Clone)]
 pub struct OperatorService {
@@ -176,36 +211,8 @@ impl Operator for OperatorService {
             }
             return Err(e.into());
         }
-        let r = req.into_inner();
-        let party = if r.agency.is_empty() {
-            None
-        } else {
-            Some(
-                r.agency
-                    .parse::<Uscc>()
-                    .map_err(|e| Error::InvalidArgument(format!("agency: {e}")))?
-                    .to_string(),
-            )
-        };
-        let node_prefix = if r.node_code.is_empty() {
-            None
-        } else {
-            let code: DivisionCode = r
-                .node_code
-                .parse()
-                .map_err(|e| Error::InvalidArgument(format!("node_code: {e}")))?;
-            if !self.node.contains(&code) {
-                return Err(Error::InvalidArgument(format!(
-                    "node_code {code} is outside the subtree of node {}",
-                    self.node
-                ))
-                .into());
-            }
-            Some(subtree_prefix(code))
-        };
-        let q = r.query.unwrap_or_default();
         Ok(Response::new(
-            audit_query(self.store.as_ref(), &q, party, None, node_prefix).await?,
+            subtree_audit(self.node, self.store.as_ref(), &req.into_inner()).await?,
         ))
     }
 
