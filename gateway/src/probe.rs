@@ -13,9 +13,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::watch;
+use tonic::{Request, Response as GrpcResponse, Status};
 use tonic_health::ServingStatus;
-use tonic_health::pb::health_server::HealthServer;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_check_response};
 use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::store::Store;
@@ -88,7 +91,11 @@ impl Probe {
 
     /// The health service of one gRPC listener, answering for the overall server ("") and for each of
     /// `services` (fully qualified names) with the node's readiness.
-    pub async fn health_service(&self, services: &[&'static str]) -> HealthServer<HealthService> {
+    pub async fn health_service(&self, services: &[&'static str]) -> HealthServer<ListenerHealth> {
+        HealthServer::new(self.listener_health(services).await)
+    }
+
+    async fn listener_health(&self, services: &[&'static str]) -> ListenerHealth {
         let reporter = HealthReporter::new();
         let status = self.status();
         reporter.set_service_status("", status).await;
@@ -96,11 +103,15 @@ impl Probe {
             reporter.set_service_status(*s, status).await;
         }
         lock(&self.inner.listeners).push((reporter.clone(), services.to_vec()));
-        HealthServer::new(HealthService::from_health_reporter(reporter))
+        ListenerHealth {
+            probe: self.clone(),
+            services: services.to_vec(),
+            reporter: HealthService::from_health_reporter(reporter),
+        }
     }
 
-    /// Marks the node as draining: every service of every listener turns NOT_SERVING, and each `Watch` stream
-    /// ends after it has told its watcher, so that no watcher holds the drain open.
+    /// Marks the node as draining: every service of every listener turns NOT_SERVING (`Check` keeps answering
+    /// so), and each `Watch` stream ends after it has told its watcher, so that no watcher holds the drain open.
     pub async fn drain(&self) {
         let _publishing = self.inner.publishing.lock().await;
         self.inner.draining.store(true, Ordering::SeqCst);
@@ -178,6 +189,58 @@ impl Probe {
     }
 }
 
+/// The gRPC health service of one listener: the reporter's statuses while the node runs; once it drains,
+/// NOT_SERVING for every service the listener serves, each `Watch` answering once and ending.
+#[derive(Debug)]
+pub struct ListenerHealth {
+    probe: Probe,
+    services: Vec<&'static str>,
+    reporter: HealthService,
+}
+
+impl ListenerHealth {
+    /// NOT_SERVING for a service of this listener while the node drains; `None` while it runs.
+    fn draining(&self, service: &str) -> Option<Result<HealthCheckResponse, Status>> {
+        if !self.probe.inner.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        if !service.is_empty() && !self.services.contains(&service) {
+            return Some(Err(Status::not_found(format!(
+                "service {service:?} is not served on this listener"
+            ))));
+        }
+        Some(Ok(HealthCheckResponse {
+            status: health_check_response::ServingStatus::NotServing.into(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Health for ListenerHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<GrpcResponse<HealthCheckResponse>, Status> {
+        match self.draining(&request.get_ref().service) {
+            Some(answer) => answer.map(GrpcResponse::new),
+            None => self.reporter.check(request).await,
+        }
+    }
+
+    type WatchStream = BoxStream<'static, Result<HealthCheckResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<GrpcResponse<Self::WatchStream>, Status> {
+        if let Some(answer) = self.draining(&request.get_ref().service) {
+            return Ok(GrpcResponse::new(stream::once(async { answer }).boxed()));
+        }
+        let watching = self.reporter.watch(request).await?.into_inner();
+        Ok(GrpcResponse::new(watching.boxed()))
+    }
+}
+
 /// `GET /livez` (200 while the process answers) and `GET /readyz` (200 when ready, else 503 naming each
 /// reason), for the metrics listener.
 pub fn routes(probe: Probe) -> axum::Router {
@@ -226,5 +289,55 @@ mod tests {
         );
         probe.set_storage(None).await;
         assert_eq!(probe.readiness(), Err(vec![NotReady::Draining]));
+    }
+
+    async fn check(health: &ListenerHealth, service: &str) -> Result<i32, tonic::Code> {
+        let asked = Request::new(HealthCheckRequest {
+            service: service.into(),
+        });
+        health
+            .check(asked)
+            .await
+            .map(|r| r.into_inner().status)
+            .map_err(|s| s.code())
+    }
+
+    #[tokio::test]
+    async fn check_and_watch_answer_not_serving_through_the_drain() {
+        use health_check_response::ServingStatus as S;
+        let probe = Probe::new();
+        let health = &probe.listener_health(&["fedgate.v1.Agency"]).await;
+        assert_eq!(
+            check(health, "fedgate.v1.Agency").await,
+            Ok(S::Serving.into())
+        );
+        let mut before = health
+            .watch(Request::new(HealthCheckRequest { service: "".into() }))
+            .await
+            .map(GrpcResponse::into_inner)
+            .ok();
+        probe.drain().await;
+        for s in ["", "fedgate.v1.Agency"] {
+            assert_eq!(check(health, s).await, Ok(S::NotServing.into()), "{s:?}");
+        }
+        assert_eq!(
+            check(health, "fedgate.v1.Provider").await,
+            Err(tonic::Code::NotFound)
+        );
+        let mut during = health
+            .watch(Request::new(HealthCheckRequest {
+                service: "fedgate.v1.Agency".into(),
+            }))
+            .await
+            .map(GrpcResponse::into_inner)
+            .ok();
+        for stream in [&mut before, &mut during] {
+            let stream = stream.as_mut().expect("a watch stream");
+            let mut seen = Vec::new();
+            while let Some(next) = stream.next().await {
+                seen.push(next.map(|r| r.status).map_err(|s| s.code()));
+            }
+            assert_eq!(seen.last(), Some(&Ok(S::NotServing.into())), "{seen:?}");
+        }
     }
 }

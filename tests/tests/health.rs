@@ -10,7 +10,7 @@ use fedgate_gateway::config::StorageConfig;
 use fedgate_gateway::ident::Peer;
 use fedgate_node::devnet::{Devnet, NodeSpec};
 use fedgate_tests::probe::http_get;
-use fedgate_tests::{channel_to, code, eventually, init, standard};
+use fedgate_tests::{channel_to, code, eventually, init, key_at, query, registry, standard};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -235,6 +235,70 @@ async fn health_is_per_service_and_turns_not_serving_while_the_node_drains() -> 
         "the watcher did not hold the drain for the whole grace ({:?})",
         started.elapsed()
     );
+    net.shutdown().await
+}
+
+/// While a call in flight holds the drain open, `/readyz` answers 503 naming the drain; the call is still
+/// answered in full.
+#[tokio::test]
+async fn readyz_says_draining_while_a_call_in_flight_holds_the_drain_open() -> Result<()> {
+    use fedgate_proto::v1::ShareType::{Conditional, Unconditional};
+    init();
+    let city = code("350100");
+    let latency = Duration::from_secs(4);
+    let mut net = Devnet::start(vec![
+        NodeSpec::new("350100")?
+            .consumer(1, "Fuzhou consumer")?
+            .provider(
+                2,
+                "Fuzhou provider",
+                registry(Unconditional, Conditional, 3),
+            )?
+            .provider_latency(latency),
+    ])
+    .await?;
+    let metrics = net
+        .node(city)?
+        .metrics_addr()
+        .context("the metrics listener")?;
+    assert_eq!(http_get(metrics, "/readyz").await?, (200, "ready\n".into()));
+    let provider = net
+        .provider_at(city)?
+        .provider
+        .clone()
+        .context("the provider serves a registry")?;
+    let mut consumer = net.client(&net.consumer_at(city)?.uscc).await?;
+    let share = query("350100:household", &key_at(&net, "350100", 0)?, &["name"]);
+    let call = tokio::spawn(async move { consumer.share(share).await });
+    eventually("the provider has the call", Duration::from_secs(10), || {
+        let received = provider.received();
+        async move { Ok(received > 0) }
+    })
+    .await?;
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(net.take_node(city)?.shutdown());
+    eventually(
+        "/readyz says the node drains",
+        Duration::from_secs(5),
+        || async {
+            let (status, body) = http_get(metrics, "/readyz").await?;
+            Ok(status == 503 && body == "not ready: draining\n")
+        },
+    )
+    .await?;
+    assert!(
+        !call.is_finished(),
+        "the drain was seen while the call still ran ({:?} into the drain)",
+        started.elapsed()
+    );
+    let answered = call
+        .await?
+        .map_err(|s| anyhow::anyhow!("the call in flight failed: {s:?}"))?;
+    assert_eq!(answered.into_inner().records.len(), 1);
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .context("the node stopped")???;
     net.shutdown().await
 }
 
