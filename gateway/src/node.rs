@@ -23,7 +23,7 @@ use crate::config::{Checked, NodeConfig, StorageConfig};
 use crate::downlink::Downlink;
 use crate::governance::{Governance, SCAN_PAGE};
 use crate::grant::{GrantError, GrantKey};
-use crate::ident::DivisionCode;
+use crate::ident::{DivisionCode, Peer};
 use crate::limits::GuardLayer;
 use crate::metrics::NodeMetrics;
 use crate::probe::{Probe, STORAGE_PROBE_EVERY, STORAGE_PROBE_TIMEOUT};
@@ -509,9 +509,39 @@ pub async fn start_with_clock(
         admission.clone(),
         shutdown_rx.clone(),
     )));
+    let mutual_tls = tls::MutualTls::new(dynamic_tls.server_config()?, revoked);
+    tasks.push(tokio::spawn({
+        let refusals = refusals.clone();
+        let metrics = metrics.clone();
+        mutual_tls.live().clone().watch(
+            dynamic_tls.clone(),
+            move |d: tls::live::Distrusted| {
+                const REASON: &str = "no_longer_trusted";
+                metrics
+                    .connections_refused
+                    .get_or_create(&[("listener", "backbone"), ("reason", REASON)])
+                    .inc();
+                let consumer_uscc = match &d.peer.peer {
+                    Peer::Agency(uscc) => uscc.as_str().to_owned(),
+                    Peer::Node(_) => String::new(),
+                };
+                refusals.note(Refusal {
+                    kind: RefusalKind::Handshake,
+                    actor: d.peer.peer.to_uri(),
+                    reason: REASON,
+                    detail: format!(
+                        "backbone listener: closed the open connection from {}: the certificate of {} no longer passes: {}",
+                        d.peer.remote, d.peer.peer, d.reason
+                    ),
+                    consumer_uscc,
+                });
+            },
+            shutdown_rx.clone(),
+        )
+    }));
     let incoming = accept::incoming(
         listener,
-        tls::MutualTls::new(dynamic_tls.server_config()?, revoked),
+        mutual_tls,
         limits_of(connections.backbone()),
         on_refused("backbone"),
     );
@@ -660,10 +690,17 @@ async fn follow_changes(
 /// A tonic server with the HTTP/2 settings of `[connections]` (TCP keepalive is set by the accept loop).
 fn http2_server(c: &accept::ConnectionsConfig) -> tonic::transport::Server {
     let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(secs(c.http2_keepalive_interval_secs))
         .http2_keepalive_timeout(secs(c.http2_keepalive_timeout_secs))
-        .max_concurrent_streams(c.max_concurrent_streams)
+        .max_concurrent_streams(c.max_concurrent_streams);
+    if let Some(age) = secs(c.max_connection_age_secs) {
+        server = server.max_connection_age(age);
+        if let Some(grace) = secs(c.max_connection_age_grace_secs) {
+            server = server.max_connection_age_grace(grace);
+        }
+    }
+    server
 }
 
 /// Forgets the rate state of quiet callers once a minute.

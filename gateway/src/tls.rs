@@ -29,6 +29,7 @@ use crate::ident::{IdentError, Peer};
 use crate::pki;
 
 pub mod dynamic;
+pub mod live;
 pub mod reload;
 pub mod trust;
 mod watch;
@@ -310,6 +311,8 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// The client's certificate (DER), as verified.
     pub certificate: Arc<[u8]>,
+    /// The chain the client sent after its certificate, to verify it again after a reload.
+    pub intermediates: Arc<[rustls::pki_types::CertificateDer<'static>]>,
     /// For an agency, the node its certificate says it is registered at.
     pub registered_at: Option<crate::ident::DivisionCode>,
 }
@@ -404,7 +407,11 @@ impl HandshakeFailure {
 /// The handshake of the backbone listener: TLS with a client certificate from the federation's CA that names
 /// a fedgate identity.
 #[derive(Clone)]
-pub struct MutualTls(TlsAcceptor, crate::statement::RevokedSerials);
+pub struct MutualTls(
+    TlsAcceptor,
+    crate::statement::RevokedSerials,
+    live::LiveConnections,
+);
 
 impl MutualTls {
     /// Handshakes under `config` (from [`server_config`]), refusing client certificates in `revoked`.
@@ -412,7 +419,12 @@ impl MutualTls {
         config: Arc<rustls::ServerConfig>,
         revoked: crate::statement::RevokedSerials,
     ) -> Self {
-        Self(TlsAcceptor::from(config), revoked)
+        Self(TlsAcceptor::from(config), revoked, Default::default())
+    }
+
+    /// The connections this handshake has admitted that are still open.
+    pub fn live(&self) -> &live::LiveConnections {
+        &self.2
     }
 }
 
@@ -434,14 +446,17 @@ impl Handshake for MutualTls {
                 error: e.to_string(),
             })?;
         let identity = match stream.get_ref().1.peer_certificates() {
-            Some([leaf, ..]) => match self.1.revoked(leaf) {
+            Some([leaf, rest @ ..]) => match self.1.revoked(leaf) {
                 Some(serial) => Err(TlsError::Revoked { serial }),
-                None => peer_from_cert(leaf).map(|peer| (peer, Arc::<[u8]>::from(leaf.as_ref()))),
+                None => peer_from_cert(leaf).map(|peer| {
+                    let rest: Arc<[_]> = rest.iter().map(|c| c.clone().into_owned()).collect();
+                    (peer, Arc::<[u8]>::from(leaf.as_ref()), rest)
+                }),
             },
             _ => Err(TlsError::NoPeerCertificate),
         };
         match identity {
-            Ok((peer, certificate)) => {
+            Ok((peer, certificate, intermediates)) => {
                 tracing::debug!(%peer, %remote, "mutual TLS connection established");
                 let registered_at = registered_node(&certificate);
                 Ok((
@@ -450,6 +465,7 @@ impl Handshake for MutualTls {
                         peer,
                         remote,
                         certificate,
+                        intermediates,
                         registered_at,
                     },
                 ))
@@ -459,6 +475,10 @@ impl Handshake for MutualTls {
                 error: e.to_string(),
             }),
         }
+    }
+
+    fn established(&self, conn: &crate::accept::ConnInfo<PeerInfo>) {
+        self.2.add(conn);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Certificates changed while nodes run, over real nodes and real TLS: a node's certificate rotated (by the
 //! file watch in process, by SIGHUP for a node process) under live traffic that sees no failed call; a broken
-//! file that leaves the old certificate in use; a CA bundle rotation; a serial revoked at run time; one more
+//! file that leaves the old certificate in use; a CA bundle rotation; a serial revoked at run time (new handshakes refused, open connections and streams closed); one more
 //! certificate issued by `fedgate certs --ca-existing` that joins the federation; the expiry gauge.
 
 use std::time::Duration;
@@ -224,6 +224,80 @@ async fn a_serial_revoked_at_run_time_refuses_that_peers_next_handshake_and_it_i
     // The node's own traffic is not affected: the real 350102 holds another certificate.
     let key = key_at(&net, "350102", 0)?;
     net.client(&net.consumer_at(code("350103"))?.uscc)
+        .await?
+        .share(query("350102:household", &key, &["name"]))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_serial_revoked_at_run_time_closes_that_peers_open_connection_and_stream_and_it_is_audited()
+-> Result<()> {
+    use fedgate_proto::v1::WatchNoticesRequest;
+    use fedgate_proto::v1::agency_client::AgencyClient;
+    let net = standard().await?;
+    let county = code("350103");
+    let uscc = net.consumer_at(county)?.uscc.clone();
+    // A second certificate of the county's consumer, with a connection open and a notice stream following.
+    let cert = net.ca().issue_agency(&uscc, county, &[])?;
+    let serial = serial_of(&cert.cert_pem)?;
+    let mut agency = AgencyClient::new(fedgate_tests::channel_to(&net, "350103", &cert)?);
+    agency
+        .search_catalog(SearchCatalogRequest {
+            node_code: "350103".into(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await?;
+    let mut notices = agency
+        .watch_notices(WatchNoticesRequest { after_seq: 0 })
+        .await?
+        .into_inner();
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(300), notices.message()).await {
+        anyhow::ensure!(
+            next?.is_some(),
+            "the notice stream ended before the revocation"
+        );
+    }
+
+    change_config_file(&net, "350103", |c| {
+        c.trust.revoked_serials = vec![serial.clone()]
+    })?;
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match notices.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .context("the open stream was closed after the revocation")?;
+    assert!(ended.is_err(), "the stream was cut, not ended as complete");
+    // Calls that follow fail: the connection is gone and each new handshake is refused.
+    for _ in 0..3 {
+        agency
+            .search_catalog(SearchCatalogRequest {
+                node_code: "350103".into(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .expect_err("the revoked certificate gets no further call");
+    }
+    eventually("the closing is audited", DEADLINE, || async {
+        Ok(own_audit_records(&net, "350103").await?.iter().any(|r| {
+            r.operation == AuditOperation::TlsRefused as i32
+                && r.actor == Peer::Agency(uscc.clone()).to_uri()
+                && r.consumer_uscc == uscc.as_str()
+                && r.detail.contains("closed the open connection")
+                && r.detail.contains(&format!("{serial} is revoked"))
+        }))
+    })
+    .await?;
+    // The consumer's own certificate is another: its calls go on.
+    let key = key_at(&net, "350102", 0)?;
+    net.client(&uscc)
         .await?
         .share(query("350102:household", &key, &["name"]))
         .await?;

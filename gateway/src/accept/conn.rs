@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use super::{GatePermit, IdleBy, ListenerLimits};
@@ -87,12 +87,24 @@ pub struct ConnInfo<I> {
     /// What the handshake learnt.
     pub info: I,
     activity: Activity,
+    /// Cancelled when the connection is closed, by the node or because it ended.
+    closer: CancellationToken,
 }
 
 impl<I> ConnInfo<I> {
     /// The connection's activity (to mark calls in flight).
     pub fn activity(&self) -> &Activity {
         &self.activity
+    }
+
+    /// Closes the connection at once: its next read or write fails, and the calls on it with it.
+    pub fn close(&self) {
+        self.closer.cancel();
+    }
+
+    /// Whether the connection has been closed or has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closer.is_cancelled()
     }
 }
 
@@ -104,8 +116,10 @@ pub struct Tracked<IO, I> {
     idle_timeout: Option<Duration>,
     idle_by: IdleBy,
     timer: Pin<Box<Sleep>>,
-    /// Resolves when the listener closes all its connections.
+    /// Resolves when the listener closes all its connections or the node closes this one.
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Marks the connection closed once it ends, for those holding its [`ConnInfo`].
+    _ended: DropGuard,
     _permit: GatePermit,
 }
 
@@ -119,18 +133,21 @@ impl<IO, I> Tracked<IO, I> {
     ) -> Self {
         let activity = Activity::new();
         activity.touch();
+        // A token of its own: polling it never contends with the listener's other connections.
+        let closer = limits.closing.child_token();
         Self {
             io,
             info: ConnInfo {
                 remote,
                 info,
                 activity,
+                closer: closer.clone(),
             },
             idle_timeout: limits.idle_timeout,
             idle_by: limits.idle_by,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            // A token of its own: polling it never contends with the listener's other connections.
-            closing: Box::pin(limits.closing.child_token().cancelled_owned()),
+            closing: Box::pin(closer.clone().cancelled_owned()),
+            _ended: closer.drop_guard(),
             _permit: permit,
         }
     }
@@ -151,7 +168,7 @@ impl<IO, I> Tracked<IO, I> {
         self.closing.as_mut().poll(cx).is_ready().then(|| {
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "the node closed the connection: it is shutting down",
+                "the node closed the connection (it is shutting down, or the peer is no longer trusted)",
             )
         })
     }

@@ -55,6 +55,11 @@ pub struct ConnectionsConfig {
     pub max_connections_per_source: usize,
     /// Seconds a backbone connection may stay with no call in flight before it is closed; 0 keeps it.
     pub idle_timeout_secs: u64,
+    /// Seconds a backbone connection may live before the node asks its client to reconnect (HTTP/2 GOAWAY;
+    /// calls in flight finish), so that connections move onto reloaded certificates; 0 keeps them.
+    pub max_connection_age_secs: u64,
+    /// Seconds the calls and streams of a connection past its age may still run before it is closed; 0 waits.
+    pub max_connection_age_grace_secs: u64,
     /// Calls (HTTP/2 streams) open at once on one connection.
     pub max_concurrent_streams: u32,
     /// Calls in flight at once on the backbone listener, over all connections.
@@ -91,6 +96,8 @@ impl Default for ConnectionsConfig {
             max_connections: 4096,
             max_connections_per_source: 256,
             idle_timeout_secs: 300,
+            max_connection_age_secs: 3600,
+            max_connection_age_grace_secs: 300,
             max_concurrent_streams: 200,
             max_calls_in_flight: 4096,
             max_calls_in_flight_per_source: 1024,
@@ -214,6 +221,9 @@ pub trait Handshake: Clone + Send + Sync + 'static {
         tcp: TcpStream,
         remote: SocketAddr,
     ) -> impl Future<Output = Result<(Self::Io, Self::Info), HandshakeFailure>> + Send;
+
+    /// Told of each connection once it is admitted (to keep track of the open connections).
+    fn established(&self, _conn: &ConnInfo<Self::Info>) {}
 }
 
 /// No handshake: the TCP connection as it is (the plain-HTTP metrics listener).
@@ -352,6 +362,7 @@ async fn accept_loop<H: Handshake>(
                 Ok(Ok(established)) => established,
             };
             let conn = Tracked::new(io, info, remote, conn_permit, &limits);
+            handshake.established(conn.conn_info());
             if tx.send(Ok(conn)).await.is_err() {
                 debug!(%remote, "server stopped; dropping established connection");
             }

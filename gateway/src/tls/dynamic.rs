@@ -148,6 +148,25 @@ impl DynamicTls {
         self.0.state.load().leaf().cloned()
     }
 
+    /// Whether a client certificate (DER) and the chain it came with still pass under the material in use now
+    /// (trust bundle, CRLs, revoked serials, validity); why not, if not.
+    pub fn still_trusted(
+        &self,
+        leaf: &[u8],
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), String> {
+        if let Some(serial) = self.0.revoked.revoked(leaf) {
+            return Err(format!("its serial {serial} is revoked"));
+        }
+        self.0
+            .state
+            .load()
+            .client_verifier
+            .verify_client_cert(&CertificateDer::from(leaf), intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// The revoked serials this TLS refuses.
     pub fn revoked(&self) -> &RevokedSerials {
         &self.0.revoked
