@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use fedgate_proto::v1::federation_client::FederationClient;
 use fedgate_proto::v1::{CacheInvalidation, InvalidationNotice, Revocation, RevocationNotice};
+use tracing::Instrument;
 
 use crate::cache::{ServedNodes, ShareCache};
 use crate::catalog::parse_resource_id;
@@ -267,18 +268,20 @@ impl Downlink {
         let mut nodes = vec![self.topology.code.to_string()];
         if let Some(next) = self.toward(&checked.body().consumer_node, &notice.route)? {
             let (neighbour, _) = self.topology.next_hop(next)?;
+            let span = self.forward_span(neighbour.code, "Invalidate");
             let mut client = FederationClient::new(neighbour.channel());
-            let mut req = crate::telemetry::traced(notice);
+            let mut req = span.in_scope(|| crate::telemetry::traced(notice));
             req.set_timeout(self.timeout);
             let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();
             let ack = crate::opmon::next_hop(peer, client.invalidate(req));
-            let ack = ack.await.map_err(|s| {
+            let ack = ack.instrument(span.clone()).await.map_err(|s| {
                 call_error(
                     s,
                     &format!("node {} at {}", neighbour.code, neighbour.address),
                 )
-            })?;
-            nodes.extend(ack.into_inner().nodes);
+            });
+            crate::telemetry::record_outcome(&span, &ack);
+            nodes.extend(ack?.into_inner().nodes);
         }
         Ok(nodes)
     }
@@ -308,17 +311,33 @@ impl Downlink {
         next: DivisionCode,
     ) -> Result<Vec<String>> {
         let (neighbour, _) = self.topology.next_hop(next)?;
+        let span = self.forward_span(neighbour.code, "Revoke");
         let mut client = FederationClient::new(neighbour.channel());
-        let mut req = crate::telemetry::traced(notice.clone());
+        let mut req = span.in_scope(|| crate::telemetry::traced(notice.clone()));
         req.set_timeout(self.timeout);
         let peer = || crate::ident::Peer::Node(neighbour.code).to_uri();
         let ack = crate::opmon::next_hop(peer, client.revoke(req));
-        let ack = ack.await.map_err(|s| {
+        let ack = ack.instrument(span.clone()).await.map_err(|s| {
             call_error(
                 s,
                 &format!("node {} at {}", neighbour.code, neighbour.address),
             )
-        })?;
-        Ok(ack.into_inner().nodes)
+        });
+        crate::telemetry::record_outcome(&span, &ack);
+        Ok(ack?.into_inner().nodes)
+    }
+
+    /// The client span of handing a notice to neighbour `next` (its server span is the next hop's child).
+    fn forward_span(&self, next: DivisionCode, rpc: &'static str) -> tracing::Span {
+        tracing::info_span!(
+            "forward",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            fedgate.node = %self.topology.code,
+            fedgate.next = %next,
+            fedgate.direction = "Down",
+            rpc.method = rpc,
+            fedgate.outcome = tracing::field::Empty,
+        )
     }
 }

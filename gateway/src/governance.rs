@@ -219,12 +219,15 @@ impl Governance {
     }
 
     async fn write(&self, record: AuditRecord) -> Result<()> {
-        self.audit.record(record).await.map(|_| ()).map_err(|e| {
-            Error::Unavailable(format!(
-                "node {} could not write its audit trail: {e}",
-                self.node
-            ))
-        })
+        crate::route::durably(&self.audit, record)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "node {} could not write its audit trail: {e}",
+                    self.node
+                ))
+            })
     }
 
     async fn local_entry(&self, resource_id: &str) -> Result<CatalogEntry> {

@@ -37,6 +37,7 @@ mod hop_record;
 mod revoke;
 
 use hop_record::HopRecord;
+pub(crate) use hop_record::durably;
 
 /// What a hop returns: the provider node's encoded answer and the route with elapsed times.
 #[derive(Debug, Clone)]

@@ -1,7 +1,8 @@
 //! Certificates changed while nodes run, over real nodes and real TLS: a node's certificate rotated (by the
 //! file watch in process, by SIGHUP for a node process) under live traffic that sees no failed call; a broken
-//! file that leaves the old certificate in use; a CA bundle rotation; a serial revoked at run time (new handshakes refused, open connections and streams closed); one more
-//! certificate issued by `fedgate certs --ca-existing` that joins the federation; the expiry gauge.
+//! file that leaves the old certificate in use; a CA bundle rotation; a serial revoked at run time (new
+//! handshakes refused, open connections and streams closed); one more certificate issued by
+//! `fedgate certs --ca-existing` that joins the federation; the expiry gauge.
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
 //! Traces across hops: every node a request passes adds its server span to one trace, with child spans for
 //! admission, cache lookup, forwarding, the provider call, masking and the audit commit, and attributes that
-//! name identifiers, never data. In-process nodes share one exporter; each span names its node.
+//! name identifiers, never data; an application and a revocation are each one trace hop by hop too. In-process
+//! nodes share one exporter; each span names its node.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -317,6 +318,126 @@ async fn a_cross_city_share_is_one_trace_over_all_five_nodes_naming_no_data() ->
         },
     )
     .await?;
+    net.shutdown().await
+}
+
+/// The finished trace whose root is the server span of `method` called at `node`, once it holds a server span
+/// of each of `nodes`.
+async fn whole_trace(node: &str, method: &str, nodes: &[&str]) -> Result<Vec<SpanData>> {
+    let want: BTreeSet<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
+    let root = |spans: &[SpanData]| -> Option<TraceId> {
+        spans
+            .iter()
+            .find(|s| {
+                s.span_kind == SpanKind::Server
+                    && s.parent_span_id == SpanId::INVALID
+                    && attr_str(s, "fedgate.node") == node
+                    && attr_str(s, "rpc.method") == method
+            })
+            .map(|s| s.span_context.trace_id())
+    };
+    let mut spans = Vec::new();
+    eventually(
+        &format!("the trace of {method} at {node} to reach {nodes:?}"),
+        Duration::from_secs(10),
+        || {
+            let found = root(&captured().spans.get_finished_spans().unwrap_or_default())
+                .map(trace)
+                .unwrap_or_default();
+            let whole = server_nodes(&found) == want;
+            spans = found;
+            async move { Ok(whole) }
+        },
+    )
+    .await?;
+    Ok(spans)
+}
+
+/// Each hop's server span in `spans` follows a `forward` span of the node before it on `route`, and each of
+/// `route`'s nodes committed its audit record in the trace.
+fn hop_by_hop(spans: &[SpanData], route: &[&str], method: &str) -> Result<()> {
+    let by_id: HashMap<SpanId, &SpanData> = spans
+        .iter()
+        .map(|s| (s.span_context.span_id(), s))
+        .collect();
+    for pair in route.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        let server = spans
+            .iter()
+            .find(|s| s.span_kind == SpanKind::Server && attr_str(s, "fedgate.node") == to)
+            .with_context(|| format!("{method}: node {to}'s server span"))?;
+        assert_eq!(attr_str(server, "rpc.method"), method);
+        let parent = by_id
+            .get(&server.parent_span_id)
+            .with_context(|| format!("{method}: the parent of node {to}'s span"))?;
+        assert_eq!(
+            parent.name, "forward",
+            "{method}: node {to}'s span follows a forward"
+        );
+        assert_eq!(attr_str(parent, "fedgate.node"), from);
+        assert_eq!(attr_str(parent, "fedgate.next"), to);
+        assert_eq!(attr_str(parent, "fedgate.outcome"), "OK");
+    }
+    for node in route {
+        let committed = spans
+            .iter()
+            .any(|s| s.name == "audit.commit" && node_of(s, &by_id).as_deref() == Some(*node));
+        assert!(committed, "{method}: an audit.commit span at node {node}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_application_and_the_revocation_of_its_grant_are_each_one_trace_over_their_route()
+-> Result<()> {
+    use fedgate_proto::v1::{ApplyRequest, DecideRequest, RevokeRequest, ShareMode};
+    use prost::Message as _;
+    captured();
+    let net = standard().await?;
+    let mut consumer = net.client(&net.consumer_at(code("350203"))?.uscc).await?;
+    let mut provider = net.client(&net.provider_at(code("350102"))?.uscc).await?;
+    let applied = consumer
+        .apply(ApplyRequest {
+            resource_id: "350102:marriage".into(),
+            purpose: "social assistance eligibility check".into(),
+            scenario: "minimum living allowance application".into(),
+            fields: vec!["name".into()],
+            mode: ShareMode::Query as i32,
+            requested_expires_at: 0,
+        })
+        .await?
+        .into_inner();
+    let up = ["350203", "350200", "350000", "350100", "350102"];
+    let spans = whole_trace("350203", "Apply", &up).await?;
+    let root = spans
+        .iter()
+        .find(|s| s.parent_span_id == SpanId::INVALID)
+        .context("the application's root span")?;
+    assert_eq!(attr_str(root, "fedgate.resource"), "350102:marriage");
+    assert_eq!(attr_str(root, "fedgate.outcome"), "OK");
+    hop_by_hop(&spans, &up, "Forward")?;
+
+    let decided = provider
+        .decide(DecideRequest {
+            application_id: applied.id,
+            approve: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let grant = decided.grant.context("the approval carries a grant")?;
+    let grant = fedgate_proto::v1::Grant::decode(grant.grant.as_slice())?;
+    let revoked = provider
+        .revoke(RevokeRequest {
+            grant_id: grant.id.clone(),
+            reason: "purpose fulfilled".into(),
+        })
+        .await?
+        .into_inner();
+    let down = ["350102", "350100", "350000", "350200", "350203"];
+    assert_eq!(revoked.notified_nodes, down);
+    let spans = whole_trace("350102", "Revoke", &down).await?;
+    hop_by_hop(&spans, &down, "Revoke")?;
     net.shutdown().await
 }
 

@@ -673,7 +673,7 @@ impl Federation for FederationService {
         if let Err(e) = &result {
             r.outcome = audit::outcome(e.code());
         }
-        self.audit.record(r).await.map_err(|e| {
+        crate::route::durably(&self.audit, r).await.map_err(|e| {
             Status::unavailable(format!("node {me} could not write its audit trail: {e}"))
         })?;
         Ok(Response::new(RevocationAck { nodes: result? }))
