@@ -180,9 +180,21 @@ fn init_tracing(command: &Command) -> Result<Option<Telemetry>> {
         _ => (None, LogFormat::Text),
     };
     match telemetry::install(service.as_deref(), format, "info") {
-        Ok(t) => Ok(Some(t)),
-        Err(e @ telemetry::TelemetryError::Exporter(_)) => Err(ConfigError(e.to_string()).into()),
-        Err(telemetry::TelemetryError::Installed(_)) => Ok(None),
+        Ok(t) => {
+            if let Some(service) = &service {
+                if t.exporting() {
+                    tracing::info!(%service, "traces exported over OTLP/gRPC");
+                } else {
+                    tracing::info!("traces not exported: OTEL_EXPORTER_OTLP_ENDPOINT is not set");
+                }
+            }
+            Ok(Some(t))
+        }
+        Err(e @ telemetry::TelemetryError::Installed(_)) => {
+            eprintln!("fedgate: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(ConfigError(e.to_string()).into()),
     }
 }
 

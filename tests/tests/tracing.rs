@@ -516,6 +516,20 @@ impl TraceService for Collector {
     }
 }
 
+/// What the last run of `node` wrote to its standard error.
+fn last_stderr(
+    fed: &fedgate_tests::process::ProcessFederation,
+    node: fedgate_tests::DivisionCode,
+) -> Result<String> {
+    let stderr = fed
+        .log_files(node)
+        .into_iter()
+        .rev()
+        .find(|p| p.extension().is_some_and(|e| e == "err"))
+        .context("the node's standard error")?;
+    Ok(std::fs::read_to_string(&stderr)?)
+}
+
 #[tokio::test]
 async fn a_node_process_exports_over_otlp_as_its_service_and_flushes_on_sigterm() -> Result<()> {
     use fedgate_proto::v1::ShareType::{Conditional, Unconditional};
@@ -538,6 +552,10 @@ async fn a_node_process_exports_over_otlp_as_its_service_and_flushes_on_sigterm(
     let gulou = code("350102");
     let mut fed = ProcessFederation::start(specs, &[]).await?;
     fed.terminate(gulou).await?;
+    assert!(
+        last_stderr(&fed, gulou)?.contains("traces not exported"),
+        "without the OTLP variables a node says it exports nothing"
+    );
     let endpoint = format!("http://{otlp}");
     fed.set_launch(
         gulou,
@@ -582,13 +600,7 @@ async fn a_node_process_exports_over_otlp_as_its_service_and_flushes_on_sigterm(
         );
     }
 
-    let stderr = fed
-        .log_files(gulou)
-        .into_iter()
-        .rev()
-        .find(|p| p.extension().is_some_and(|e| e == "err"))
-        .context("the node's standard error")?;
-    let text = std::fs::read_to_string(&stderr)?;
+    let text = last_stderr(&fed, gulou)?;
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l}")))
@@ -596,6 +608,24 @@ async fn a_node_process_exports_over_otlp_as_its_service_and_flushes_on_sigterm(
     assert!(
         lines.iter().any(|l| l["trace_id"] == trace_id.to_string()),
         "a JSON log line of the node names trace {trace_id}: {text}"
+    );
+    assert!(text.contains("traces exported over OTLP/gRPC"), "{text}");
+
+    // A protocol that is not built in is refused at start, naming the variable, not sent to the wrong port.
+    let refused = tokio::process::Command::new(fedgate_tests::process::fedgate_binary().await?)
+        .arg("node")
+        .arg("--config")
+        .arg(fed.config_path(gulou)?)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .kill_on_drop(true)
+        .output();
+    let refused = tokio::time::timeout(Duration::from_secs(30), refused).await??;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(78), "{said}");
+    assert!(
+        said.contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"http/protobuf\""),
+        "{said}"
     );
     server.abort();
     fed.shutdown().await

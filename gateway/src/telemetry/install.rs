@@ -38,6 +38,14 @@ pub enum TelemetryError {
     /// The OTLP exporter could not be built from the environment.
     #[error("OTLP trace exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// The environment asks for an OTLP protocol other than gRPC, the one built in.
+    #[error("{variable}={value:?}: only the OTLP gRPC protocol (\"grpc\", port 4317) is built in")]
+    Protocol {
+        /// The variable that names it.
+        variable: &'static str,
+        /// What it names.
+        value: String,
+    },
     /// A global subscriber was installed already.
     #[error("tracing is installed already: {0}")]
     Installed(#[from] tracing_subscriber::util::TryInitError),
@@ -75,6 +83,23 @@ pub fn otlp_configured() -> bool {
     .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
 }
 
+/// Refuses an `OTEL_EXPORTER_OTLP_*PROTOCOL` other than `grpc` (spans would go, unread, to a port that speaks
+/// another protocol).
+fn check_protocol() -> Result<(), TelemetryError> {
+    for variable in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Ok(value) = std::env::var(variable)
+            && !value.trim().is_empty()
+            && value.trim() != "grpc"
+        {
+            return Err(TelemetryError::Protocol { variable, value });
+        }
+    }
+    Ok(())
+}
+
 /// The service name node `code` exports its spans under: `OTEL_SERVICE_NAME`, else `fedgate-<code>`.
 pub fn service_name(code: DivisionCode) -> String {
     std::env::var("OTEL_SERVICE_NAME")
@@ -95,7 +120,10 @@ pub fn install(
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let provider = match service {
-        Some(name) if otlp_configured() => Some(otlp_provider(name)?),
+        Some(name) if otlp_configured() => {
+            check_protocol()?;
+            Some(otlp_provider(name)?)
+        }
         _ => None,
     };
     let otel = provider
