@@ -348,19 +348,19 @@ async fn the_histograms_carry_hop_resource_consumer_node_and_outcome() -> Result
     let key = key_at(&net, "350102", 0)?;
     let mut siming = net.client(&net.consumer_at(code("350203"))?.uscc).await?;
     siming.share(share(&key, "opmon-metrics-1")).await?;
-    let labels = |method: &str| {
+    let labels = |method: &str, hop: &str| {
         format!(
-            "{{method=\"{method}\",resource=\"{HOUSEHOLD}\",consumer_node=\"350203\",outcome=\"OK\"}}"
+            "{{method=\"{method}\",hop=\"{hop}\",resource=\"{HOUSEHOLD}\",consumer_node=\"350203\",outcome=\"OK\"}}"
         )
     };
-    for (node, method) in [
-        ("350203", "Agency.Share"),
-        ("350200", "Federation.Forward"),
-        ("350102", "Federation.Forward"),
+    for (node, method, hop) in [
+        ("350203", "Agency.Share", "forwarded"),
+        ("350200", "Federation.Forward", "forwarded"),
+        ("350102", "Federation.Forward", "provider"),
     ] {
         let text = metrics_text(&net, node).await?;
         for h in ["fedgate_op_duration_seconds", "fedgate_op_next_hop_seconds"] {
-            let series = format!("{h}_count{}", labels(method));
+            let series = format!("{h}_count{}", labels(method, hop));
             assert_eq!(
                 sample(&text, &series),
                 Some(1.0),
@@ -379,7 +379,7 @@ async fn the_histograms_carry_hop_resource_consumer_node_and_outcome() -> Result
     refused.request_id = "opmon-metrics-refused".into();
     assert!(siming.share(refused).await.is_err());
     let text = metrics_text(&net, "350102").await?;
-    let series = "fedgate_op_duration_seconds_count{method=\"Federation.Forward\",resource=\"\",consumer_node=\"\",outcome=\"FAILED_PRECONDITION\"}";
+    let series = "fedgate_op_duration_seconds_count{method=\"Federation.Forward\",hop=\"answered\",resource=\"\",consumer_node=\"\",outcome=\"FAILED_PRECONDITION\"}";
     assert_eq!(sample(&text, series), Some(1.0), "{series}");
     assert!(!text.contains("350102:marriage"), "{text}");
     net.shutdown().await

@@ -1,10 +1,11 @@
-//! The histograms of operational monitoring: time at this hop and at the next, per method, resource, consumer
-//! node and outcome, and the sizes of requests and responses per method.
+//! The histograms of operational monitoring: time at this hop and at the next, per method, hop (what this node
+//! did with the call), resource, consumer node and outcome, and the sizes of requests and responses per method.
 //!
 //! Label values are bounded so that no caller can mint series: the method is one of the services' methods
 //! (an unknown one counts as "_unknown"); the resource and the consumer node are named only for calls answered
 //! OK (the resource then is in the catalog and the consumer node was vouched for), at most
-//! [`MAX_LABEL_VALUES`] of each, further ones counting as "_other"; the outcome is one of the 17 gRPC codes.
+//! [`MAX_LABEL_VALUES`] of each, further ones counting as "_other"; the hop is one of three (see [`hop`]); the
+//! outcome is one of the 17 gRPC codes.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
@@ -19,8 +20,8 @@ use prometheus_client::registry::Registry;
 /// Distinct resources (and distinct consumer nodes) named in labels at most.
 pub const MAX_LABEL_VALUES: usize = 2000;
 
-/// Labels of the time histograms: `method`, `resource`, `consumer_node`, `outcome`.
-pub type CallLabels = [(&'static str, String); 4];
+/// Labels of the time histograms: `method`, `hop`, `resource`, `consumer_node`, `outcome`.
+pub type CallLabels = [(&'static str, String); 5];
 /// Labels of the size histograms: `method`.
 pub type MethodLabels = [(&'static str, String); 1];
 
@@ -83,17 +84,29 @@ fn bounded(seen: &Mutex<HashSet<String>>, value: &str) -> String {
     }
 }
 
+/// What this node did with a call, from its next hop: "forwarded" to a neighbour node, "provider" (called the
+/// provider agency), or "answered" here without calling on (cache hits, local answers, refusals).
+pub fn hop(next_hop: &str) -> &'static str {
+    if next_hop.starts_with("urn:fedgate:node:") {
+        "forwarded"
+    } else if next_hop.starts_with("urn:fedgate:agency:") {
+        "provider"
+    } else {
+        "answered"
+    }
+}
+
 impl OpMetrics {
     /// Registers the metrics in `r` (under the registry's prefix).
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "op_duration_seconds",
-            "Time from a request's arrival to the end of its response at this node, by method, resource, consumer node and outcome",
+            "Time from a request's arrival to the end of its response at this node, by method, hop, resource, consumer node and outcome",
             self.duration.clone(),
         );
         r.register(
             "op_next_hop_seconds",
-            "Time spent waiting for the next hop or the provider, by method, resource, consumer node and outcome",
+            "Time spent waiting for the next hop or the provider, by method, hop, resource, consumer node and outcome",
             self.next_hop.clone(),
         );
         r.register(
@@ -140,6 +153,7 @@ impl OpMetrics {
         };
         let labels: CallLabels = [
             ("method", method.clone()),
+            ("hop", hop(&r.next_hop).to_owned()),
             ("resource", named(&self.resources, &r.resource_id)),
             (
                 "consumer_node",
