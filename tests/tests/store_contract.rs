@@ -3271,5 +3271,10 @@ async fn operational_records_filter_page_and_purge(store: Arc<dyn Store>) -> Res
     assert_eq!(store.ops_purge(1_003).await?, 3);
     assert_eq!(by(all.clone()).await?, ["r3", "r4", "r5"]);
     assert_eq!(store.ops_purge(1_003).await?, 0);
+    // The trim keeps the newest records and deletes the oldest beyond the cap.
+    assert_eq!(store.ops_trim(5).await?, 0);
+    assert_eq!(store.ops_trim(2).await?, 1);
+    assert_eq!(by(all.clone()).await?, ["r4", "r5"]);
+    assert_eq!(store.ops_trim(2).await?, 0);
     Ok(())
 }

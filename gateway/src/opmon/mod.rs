@@ -39,6 +39,8 @@ pub struct OpMonitoringConfig {
     pub enabled: bool,
     /// Days records are kept before they are deleted (at least 1).
     pub retention_days: u32,
+    /// Records kept at most; the oldest beyond are deleted (checked every minute).
+    pub max_records: u64,
     /// Records waiting to be stored at most; past it new records are dropped and counted
     /// (`fedgate_op_records_dropped_total`).
     pub max_buffered: usize,
@@ -49,6 +51,7 @@ impl Default for OpMonitoringConfig {
         Self {
             enabled: true,
             retention_days: 7,
+            max_records: 10_000_000,
             max_buffered: 10_000,
         }
     }
@@ -83,8 +86,11 @@ impl OpMonitor {
     ) -> (Self, JoinHandle<()>) {
         let (records, writer) = if config.enabled {
             let (tx, rx) = mpsc::channel(config.max_buffered.max(1));
-            let retention = Duration::from_secs(u64::from(config.retention_days.max(1)) * 86_400);
-            let task = tokio::spawn(writer::run(rx, store, metrics.clone(), retention, shutdown));
+            let keep = writer::Keep {
+                retention: Duration::from_secs(u64::from(config.retention_days.max(1)) * 86_400),
+                max_records: config.max_records.max(1),
+            };
+            let task = tokio::spawn(writer::run(rx, store, metrics.clone(), keep, shutdown));
             (Some(tx), task)
         } else {
             (None, tokio::spawn(async {}))

@@ -1,4 +1,5 @@
-//! Stores operational records in batches as they come, and deletes those past their retention once an hour.
+//! Stores operational records in batches as they come, and once a minute deletes those past their retention
+//! and the oldest beyond the cap.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +12,22 @@ use crate::store::Store;
 
 /// Records stored in one statement at most.
 const BATCH: usize = 256;
-/// How often records past their retention are deleted.
-const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// How often records past their retention or beyond the cap are deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// How many records are kept: those of the last `retention`, at most `max_records`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Keep {
+    pub(super) retention: Duration,
+    pub(super) max_records: u64,
+}
 
 /// Stores what comes through `rx` until `shutdown`, then what is left in it.
 pub(super) async fn run(
     mut rx: mpsc::Receiver<OperationRecord>,
     store: Arc<dyn Store>,
     metrics: Arc<NodeMetrics>,
-    retention: Duration,
+    keep: Keep,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut purge = tokio::time::interval(PURGE_EVERY);
@@ -32,7 +40,7 @@ pub(super) async fn run(
             _ = shutdown.wait_for(|s| *s) => Some(0),
         };
         match got {
-            None => purge_old(store.as_ref(), retention).await,
+            None => purge_old(store.as_ref(), keep).await,
             Some(0) => break,
             Some(_) => store_batch(store.as_ref(), &metrics, &mut batch).await,
         }
@@ -61,9 +69,9 @@ async fn store_batch(store: &dyn Store, metrics: &NodeMetrics, batch: &mut Vec<O
     batch.clear();
 }
 
-async fn purge_old(store: &dyn Store, retention: Duration) {
-    let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
-    let before = super::now_nanos().saturating_sub(keep);
+async fn purge_old(store: &dyn Store, keep: Keep) {
+    let retention = i64::try_from(keep.retention.as_nanos()).unwrap_or(i64::MAX);
+    let before = super::now_nanos().saturating_sub(retention);
     match store.ops_purge(before).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
@@ -72,6 +80,17 @@ async fn purge_old(store: &dyn Store, retention: Duration) {
         ),
         Err(e) => {
             tracing::warn!(error = %e, "operational records past their retention not deleted")
+        }
+    }
+    match store.ops_trim(keep.max_records).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            deleted = n,
+            max_records = keep.max_records,
+            "oldest operational records beyond the cap deleted"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "operational records beyond the cap not deleted")
         }
     }
 }

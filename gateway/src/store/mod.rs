@@ -701,6 +701,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(u64, OperationRecord)>, StoreError>;
     /// Deletes operational records of calls that came in before `before_ns`; returns how many.
     async fn ops_purge(&self, before_ns: i64) -> Result<u64, StoreError>;
+    /// Deletes the oldest operational records beyond the newest `keep`; returns how many.
+    async fn ops_trim(&self, keep: u64) -> Result<u64, StoreError>;
 
     /// Closes the store's connections once their work is done; the store is not used afterwards.
     async fn close(&self) {}

@@ -1041,6 +1041,10 @@ impl Store for PgStore {
         ops::purge(&self.pool, before_ns).await
     }
 
+    async fn ops_trim(&self, keep: u64) -> Result<u64, StoreError> {
+        ops::trim(&self.pool, keep).await
+    }
+
     async fn close(&self) {
         PgStore::close(self).await;
     }

@@ -254,6 +254,10 @@ impl Store for Retrying {
         self.run(|| self.inner.ops_purge(before_ns)).await
     }
 
+    async fn ops_trim(&self, keep: u64) -> Result<u64, StoreError> {
+        self.run(|| self.inner.ops_trim(keep)).await
+    }
+
     async fn audit_count(&self) -> Result<u64, StoreError> {
         self.run(|| self.inner.audit_count()).await
     }

@@ -996,6 +996,10 @@ impl Store for SqliteStore {
         ops::purge(&self.writer, before_ns).await
     }
 
+    async fn ops_trim(&self, keep: u64) -> Result<u64, StoreError> {
+        ops::trim(&self.writer, keep).await
+    }
+
     async fn close(&self) {
         SqliteStore::close(self).await;
     }

@@ -1,5 +1,5 @@
 //! Operational records in Sqlite: appended in batches by the monitor's writer, queried by operators, purged
-//! after their retention.
+//! after their retention or beyond their cap.
 
 use fedgate_proto::v1::OperationRecord;
 use prost::Message;
@@ -78,5 +78,15 @@ pub(super) async fn purge(writer: &sqlx::SqlitePool, before_ns: i64) -> Result<u
         .bind(before_ns)
         .execute(writer)
         .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes the records beyond the newest `keep` (positions only grow, so those are the oldest).
+pub(super) async fn trim(writer: &sqlx::SqlitePool, keep: u64) -> Result<u64, StoreError> {
+    let done =
+        sqlx::query("DELETE FROM op_record WHERE pos <= (SELECT MAX(pos) FROM op_record) - ?")
+            .bind(to_i64(keep))
+            .execute(writer)
+            .await?;
     Ok(done.rows_affected())
 }
