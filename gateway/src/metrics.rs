@@ -257,8 +257,75 @@ impl NodeMetrics {
     }
 }
 
+/// The running totals a node's periodic summary log line compares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Shares served as the provider's node.
+    pub shares_served: u64,
+    /// Shares forwarded to a neighbour.
+    pub shares_forwarded: u64,
+    /// Shares that failed at or below this node.
+    pub shares_failed: u64,
+    /// Connections refused on the TLS listeners.
+    pub handshakes_refused: u64,
+    /// Audit records written.
+    pub audit_records: u64,
+    /// Operational records stored.
+    pub operations: u64,
+}
+
+impl Totals {
+    /// What happened since `earlier`, or `None` when nothing did (an idle node logs no summary).
+    pub fn since(&self, earlier: &Totals) -> Option<Totals> {
+        let d = |now: u64, then: u64| now.saturating_sub(then);
+        let delta = Totals {
+            shares_served: d(self.shares_served, earlier.shares_served),
+            shares_forwarded: d(self.shares_forwarded, earlier.shares_forwarded),
+            shares_failed: d(self.shares_failed, earlier.shares_failed),
+            handshakes_refused: d(self.handshakes_refused, earlier.handshakes_refused),
+            audit_records: d(self.audit_records, earlier.audit_records),
+            operations: d(self.operations, earlier.operations),
+        };
+        (delta != Totals::default()).then_some(delta)
+    }
+}
+
+impl NodeMetrics {
+    /// The totals since the node started.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            shares_served: self.shares_served.get(),
+            shares_forwarded: self.shares_forwarded.get(),
+            shares_failed: self.shares_failed.get(),
+            handshakes_refused: self.tls_handshakes_refused.get(),
+            audit_records: self.audit_records_written.get(),
+            operations: self.ops.stored.get(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_summary_counts_what_happened_since_the_last_and_an_idle_interval_has_none() {
+        let m = super::NodeMetrics::default();
+        let start = m.totals();
+        assert_eq!(m.totals().since(&start), None);
+        m.shares_served.inc_by(3);
+        m.audit_records_written.inc();
+        let delta = m.totals().since(&start).expect("something happened");
+        assert_eq!(
+            (
+                delta.shares_served,
+                delta.audit_records,
+                delta.shares_failed
+            ),
+            (3, 1, 0)
+        );
+        let later = m.totals();
+        assert_eq!(m.totals().since(&later), None);
+    }
+
     use super::*;
 
     #[test]

@@ -276,6 +276,10 @@ pub async fn start_with_clock(
         shutdown_rx.clone(),
     );
     tasks.push(opmon_writer);
+    tasks.push(tokio::spawn(log_summary(
+        metrics.clone(),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(warn_overdue(
         governance.clone(),
         shutdown_rx.clone(),
@@ -721,6 +725,38 @@ const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Stale entries named one by one in each scan's warnings; the rest are counted.
 const STALE_WARNINGS: u64 = 100;
+
+/// How often a node logs a summary of its activity.
+const SUMMARY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Every [`SUMMARY_EVERY`], logs one INFO line counting what the node did in the interval (nothing on an idle
+/// node): under steady load the log holds summaries, not a line per operation.
+async fn log_summary(metrics: Arc<NodeMetrics>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SUMMARY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last = metrics.totals();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let now = metrics.totals();
+        if let Some(d) = now.since(&last) {
+            tracing::info!(
+                interval_secs = SUMMARY_EVERY.as_secs(),
+                shares_served = d.shares_served,
+                shares_forwarded = d.shares_forwarded,
+                shares_failed = d.shares_failed,
+                handshakes_refused = d.handshakes_refused,
+                audit_records = d.audit_records,
+                operations = d.operations,
+                "activity summary"
+            );
+        }
+        last = now;
+    }
+}
 
 /// Once a minute, logs a warning for every application, objection and demand still open past its deadline and for
 /// the node's stale catalog entries, reading the store a page at a time.
