@@ -312,7 +312,7 @@ pub fn invocation(line: &str) -> Option<String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let start = words
         .iter()
-        .position(|w| !(w.contains('=') && !w.starts_with('-')) && *w != "sudo")?;
+        .position(|w| (w.starts_with('-') || !w.contains('=')) && *w != "sudo")?;
     let end = words[start..]
         .iter()
         .position(|w| w.starts_with(['>', '|', ';', '&']) || w.starts_with("2>"))
