@@ -125,6 +125,67 @@ pub enum CalendarError {
     },
 }
 
+impl CalendarError {
+    /// The key of the setting at fault in `config` (the `[calendar]` it was read from), with the index of the
+    /// list entry: `calendar.holidays[2]`, `calendar.makeup_workdays[0]`, `calendar.approval_days`.
+    pub fn key(&self, config: &CalendarConfig) -> String {
+        let at = |list: &str, values: &[String], value: &str| match values
+            .iter()
+            .position(|v| v == value)
+        {
+            Some(i) => format!("calendar.{list}[{i}]"),
+            None => format!("calendar.{list}"),
+        };
+        match self {
+            Self::BadDate { list, value, .. } => {
+                let values = if *list == "holidays" {
+                    &config.holidays
+                } else {
+                    &config.makeup_workdays
+                };
+                // A range's half is reported alone; its entry is the one containing it.
+                match values
+                    .iter()
+                    .position(|v| v == value || v.split("..").any(|h| h == value))
+                {
+                    Some(i) => format!("calendar.{list}[{i}]"),
+                    None => format!("calendar.{list}"),
+                }
+            }
+            Self::BadRange { value, .. } => at("holidays", &config.holidays, value),
+            Self::HolidayAndMakeup { date } => at("makeup_workdays", &config.makeup_workdays, date),
+            Self::MakeupOnWeekday { value, .. } => {
+                at("makeup_workdays", &config.makeup_workdays, value)
+            }
+            Self::OutOfRange { setting, .. } => format!("calendar.{setting}"),
+        }
+    }
+
+    /// What is wrong, without the setting's name (which [`Self::key`] gives).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::BadDate {
+                value,
+                reason,
+                range_hint,
+                ..
+            } => format!(
+                "{value:?} is not a valid date: {reason} (expected \"YYYY-MM-DD\"{range_hint})"
+            ),
+            Self::BadRange { value, reason } => format!("range {value:?} {reason}"),
+            Self::HolidayAndMakeup { date } => {
+                format!("{date} is listed both as a holiday and as a make-up working day")
+            }
+            Self::MakeupOnWeekday { value, weekday } => {
+                format!("{value:?} is a {weekday}; make-up working days are Saturdays or Sundays")
+            }
+            Self::OutOfRange {
+                value, min, max, ..
+            } => format!("{value} is out of range; allowed {min} to {max}"),
+        }
+    }
+}
+
 /// A validated working-day calendar: tells working days apart and counts deadlines.
 #[derive(Clone, Debug)]
 pub struct WorkCalendar {

@@ -243,3 +243,114 @@ pub struct Ran {
     /// Standard error.
     pub stderr: String,
 }
+
+/// The first line of a block a guide shows but the docs test does not run (it needs a cluster, root, a container
+/// engine, or values only the reader has); the test checks its commands' subcommands and flags instead.
+pub const NOT_RUN: &str = "# Not run by the docs test:";
+
+/// Why `block` is not run, if its first line says so (see [`NOT_RUN`]).
+pub fn not_run(block: &Block) -> Option<&str> {
+    block
+        .text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix(NOT_RUN))
+        .map(str::trim)
+}
+
+/// `line` up to a `#` comment that is outside quotes.
+fn without_comment(line: &str) -> &str {
+    let mut quote = None;
+    let mut prev = ' ';
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '#') if prev.is_whitespace() => return &line[..i],
+            _ => {}
+        }
+        prev = c;
+    }
+    line
+}
+
+/// The shell command lines of `text`: continuations joined, comments and here-document bodies dropped.
+pub fn command_lines(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut heredoc: Option<String> = None;
+    for line in text.lines() {
+        if let Some(end) = &heredoc {
+            if line.trim() == end {
+                heredoc = None;
+            }
+            continue;
+        }
+        let code = without_comment(line).trim_end();
+        if let Some(part) = code.strip_suffix('\\') {
+            current.push_str(part);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(code);
+        if let Some((_, tag)) = current.split_once("<<") {
+            heredoc = Some(tag.trim().trim_matches(['\'', '"', '-']).to_owned());
+        }
+        let done = std::mem::take(&mut current);
+        if !done.trim().is_empty() {
+            out.push(done.trim().to_owned());
+        }
+    }
+    out
+}
+
+/// The `fedgate` or `agency-client` invocation in a command line, from the program's name to a redirection,
+/// pipe or list operator: the first word after any `VAR=value`, `sudo` or `kubectl exec … --`; `None` for other
+/// programs.
+pub fn invocation(line: &str) -> Option<String> {
+    let line = line.split_once(" -- ").map_or(line, |(_, rest)| rest);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let start = words
+        .iter()
+        .position(|w| (w.starts_with('-') || !w.contains('=')) && *w != "sudo")?;
+    let end = words[start..]
+        .iter()
+        .position(|w| w.starts_with(['>', '|', ';', '&']) || w.starts_with("2>"))
+        .map_or(words.len(), |n| start + n);
+    let words = &words[..end];
+    let program = words[start].rsplit('/').next()?;
+    if program == "fedgate" || program == "agency-client" {
+        Some(
+            std::iter::once(program)
+                .chain(words[start + 1..].iter().copied())
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+    } else {
+        None
+    }
+}
+
+/// `invocation` with the guide's placeholders (`<provider USCC>`, `…`, `age1...`) given the value `1` and
+/// optional parts (`[--state pending]`) included, so that the real command line parser can check it.
+pub fn filled_in(invocation: &str) -> String {
+    let mut out = String::new();
+    let mut rest = invocation;
+    while let Some(open) = rest.find('<') {
+        out.push_str(&rest[..open]);
+        match rest[open..].find('>') {
+            Some(close) => {
+                out.push('1');
+                rest = &rest[open + close + 1..];
+            }
+            None => {
+                rest = &rest[open..];
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out.replace("age1...", "1")
+        .replace('…', "1")
+        .replace(['[', ']'], "")
+}

@@ -540,3 +540,67 @@ async fn fedgate_certs_issues_one_more_certificate_from_the_existing_ca_and_it_j
     );
     fed.shutdown().await
 }
+
+#[tokio::test]
+async fn the_expiry_warning_names_a_certs_command_that_renews_the_certificate() -> Result<()> {
+    let fed = ProcessFederation::start_configured(
+        vec![fedgate_node::devnet::NodeSpec::new("350000")?],
+        &[],
+        &|c: &mut NodeConfig| c.trust.cert_expiry_warning_days = 100_000,
+    )
+    .await?;
+    let pki = fed.dir().join("pki");
+    std::fs::write(pki.join("ca.key"), fed.ca().ca_key_pem())?;
+    let log = || -> String {
+        fed.log_files(code("350000"))
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+            .collect()
+    };
+    eventually("the expiry warning is logged", DEADLINE, || async {
+        Ok(log().contains("certificate expires soon"))
+    })
+    .await?;
+    let text = log();
+    let line = text
+        .lines()
+        .find(|l| l.contains("certificate expires soon"))
+        .context("warning line")?;
+    let command = line
+        .split('`')
+        .nth(1)
+        .with_context(|| format!("no command in {line:?}"))?;
+    assert_eq!(
+        command,
+        format!(
+            "fedgate certs --ca-existing --out {} --node 350000",
+            pki.display()
+        ),
+        "{line}"
+    );
+    let cert = &fed.node_config(code("350000"))?.tls.cert;
+    let old = serial_of(&std::fs::read_to_string(cert)?)?;
+    // Run as written, by a shell, with `fedgate` being the binary under test.
+    let bin = fedgate_tests::process::fedgate_binary().await?;
+    let run = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command.replacen("fedgate", &bin.display().to_string(), 1))
+        .output()
+        .await?;
+    assert!(
+        run.status.success(),
+        "{command}: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let new = serial_of(&std::fs::read_to_string(cert)?)?;
+    assert_ne!(
+        new, old,
+        "the command wrote a new certificate over the one in use"
+    );
+    eventually("the node reloads the new certificate", DEADLINE, || async {
+        Ok(log().contains("certificates reloaded"))
+    })
+    .await?;
+    fed.shutdown().await
+}

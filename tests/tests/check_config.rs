@@ -124,6 +124,10 @@ async fn each_broken_key_is_named() -> Result<()> {
     let own_key = s.path("node-350100.key").display().to_string();
     let other_key = s.path("node-350200.key").display().to_string();
     let file_as_dir = format!("{}/node.db", s.path("ca.crt").display());
+    std::fs::write(s.path("garbage.key"), "not a signing key\n")?;
+    let p = |n: &str| s.path(n).display().to_string();
+    let signing_key = format!("signing_key = \"{}\"", p("node.key"));
+    let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"";
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "code",
@@ -191,12 +195,106 @@ async fn each_broken_key_is_named() -> Result<()> {
         (
             "limits",
             format!("{good}\n[limits]\nmax_fields = 0\n"),
-            "limits.max_fields must be at least 1",
+            "limits.max_fields: must be at least 1",
         ),
         (
             "calendar",
-            format!("{good}\n[calendar]\nmakeup_workdays = [\"2026-12-02\"]\n"),
-            "calendar makeup_workdays: ",
+            format!("{good}\n[calendar]\nmakeup_workdays = [\"2026-11-28\", \"2026-12-02\"]\n"),
+            "calendar.makeup_workdays[1]: \"2026-12-02\" is a Wednesday",
+        ),
+        (
+            "calendar holiday",
+            format!(
+                "{good}\n[calendar]\nholidays = [\"2026-10-01..2026-10-07\", \"2026-13-01\"]\n"
+            ),
+            "calendar.holidays[1]: \"2026-13-01\" is not a valid date",
+        ),
+        (
+            "calendar setting",
+            format!("{good}\n[calendar]\napproval_days = 0\n"),
+            "calendar.approval_days: 0 is out of range",
+        ),
+        (
+            "revocation list missing",
+            format!("{good}\n[trust]\ncrl = \"{}\"\n", p("missing.crl")),
+            "trust.crl: cannot read",
+        ),
+        (
+            "revocation list not a CRL",
+            format!("{good}\n[trust]\ncrl = \"{}\"\n", p("ca.crt")),
+            "trust.crl: ",
+        ),
+        (
+            "signing key not a key",
+            edit(
+                &good,
+                &signing_key,
+                &format!("signing_key = \"{}\"", p("garbage.key")),
+            ),
+            "signing_key: ",
+        ),
+        (
+            "signing key cannot be created",
+            edit(
+                &good,
+                &signing_key,
+                &format!("signing_key = \"{}/node.key\"", p("ca.crt")),
+            ),
+            "signing_key: ",
+        ),
+        (
+            "open data listen",
+            format!("{good}\n[open_data]\nlisten = \"open-data\"\n"),
+            "open_data.listen: ",
+        ),
+        (
+            "console listen",
+            format!("{good}\n[console]\nlisten = \"7443\"\n"),
+            "console.listen: ",
+        ),
+        (
+            "metrics listen",
+            edit(&good, metrics, "[metrics]\nlisten = \"127.0.0.1:99999\""),
+            "metrics.listen: ",
+        ),
+        (
+            "listener on another's port",
+            edit(
+                &edit(
+                    &good,
+                    r#"listen = "127.0.0.1:0""#,
+                    r#"listen = "127.0.0.1:7400""#,
+                ),
+                metrics,
+                "[metrics]\nlisten = \"0.0.0.0:7400\"",
+            ),
+            "metrics.listen: \"0.0.0.0:7400\" takes the port of listen",
+        ),
+        (
+            "listen host unknown",
+            edit(
+                &good,
+                r#"listen = "127.0.0.1:0""#,
+                r#"listen = "no-such-host.invalid:7400""#,
+            ),
+            "listen: \"no-such-host.invalid:7400\": ",
+        ),
+        (
+            "parent address",
+            edit(&good, "https://127.0.0.1:7401", "http://127.0.0.1:7401"),
+            "parent.address: ",
+        ),
+        (
+            "child at the parent's address",
+            edit(&good, "https://127.0.0.1:7410", "https://127.0.0.1:7401"),
+            "children[0].address: \"https://127.0.0.1:7401\" is also the address of node 350000 (parent.address)",
+        ),
+        (
+            "duplicate child",
+            format!(
+                "{good}\n[[children]]\ncode = \"350102\"\naddress = \"https://127.0.0.1:7411\"\n"
+            ),
+            "children[1].code: 350102 is listed twice",
         ),
         (
             "revoked serial",

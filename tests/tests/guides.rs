@@ -358,6 +358,20 @@ async fn the_sample_topology_guide_runs_as_written() -> Result<()> {
         more.stderr
     );
 
+    // The restore drill of docs/operations.md, on this topology, as written.
+    let ops_blocks = guide::blocks(&read("docs/operations.md")?);
+    let drill = ports.apply(&block(&ops_blocks, "Restore drill", "fedgate restore")?.text);
+    let drilled = scratch.run_ok(&topology, &drill, BLOCK).await?;
+    for expected in ["exit status 65", "nothing was restored", "1 record(s)"] {
+        assert!(
+            drilled.stdout.contains(expected),
+            "{expected}:\n{}\n{}",
+            drilled.stdout,
+            drilled.stderr
+        );
+    }
+    assert!(!topology.join("lost").exists(), "the drill cleans up");
+
     // 6. Stop: every process exits.
     scratch
         .run_ok(&topology, &step("6. Stop", "kill")?, BLOCK)
@@ -378,4 +392,156 @@ async fn the_sample_topology_guide_runs_as_written() -> Result<()> {
 
 fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
+}
+
+/// The operator guides: every `sh` block of these runs in a test or is marked [`guide::NOT_RUN`].
+const OPERATOR_GUIDES: &[&str] = &[
+    "docs/operations.md",
+    "docs/architecture.md",
+    "docs/benchmarks.md",
+    "docs/security.md",
+    "deploy/README.md",
+    "deploy/compose/README.md",
+    "deploy/kubernetes/README.md",
+    "deploy/systemd/README.md",
+];
+
+/// The blocks of the operator guides a test runs: guide, heading, a text the block contains, and the test.
+const RUN: &[(&str, &str, &str, &str)] = &[
+    (
+        "docs/operations.md",
+        "Restore drill",
+        "fedgate restore",
+        "the_sample_topology_guide_runs_as_written",
+    ),
+    (
+        "deploy/kubernetes/README.md",
+        "2. TLS Secrets",
+        "fedgate certs",
+        "every_operator_guide_block_runs_or_is_marked",
+    ),
+];
+
+#[tokio::test]
+async fn every_operator_guide_block_runs_or_is_marked() -> Result<()> {
+    // Every guide under docs/ and deploy/ is in the list.
+    let mut found = Vec::new();
+    for dir in [
+        "docs",
+        "deploy",
+        "deploy/compose",
+        "deploy/kubernetes",
+        "deploy/systemd",
+    ] {
+        for entry in std::fs::read_dir(workspace().join(dir))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".md") {
+                found.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    for f in &found {
+        assert!(
+            OPERATOR_GUIDES.contains(&f.as_str()),
+            "{f} is not in OPERATOR_GUIDES"
+        );
+    }
+    let manifest: toml::Table = toml::from_str(&read("tests/Cargo.toml")?)?;
+    let benches: Vec<String> = manifest["bench"]
+        .as_array()
+        .context("[[bench]]")?
+        .iter()
+        .filter_map(|b| b["name"].as_str().map(str::to_owned))
+        .collect();
+    let scratch = Scratch::new().await?;
+    let root = scratch.root().to_path_buf();
+    let mut unmarked = Vec::new();
+    let mut checked = 0;
+    for guide_path in OPERATOR_GUIDES
+        .iter()
+        .filter(|g| found.iter().any(|f| f == *g))
+    {
+        let blocks = guide::blocks(&read(guide_path)?);
+        for b in blocks.iter().filter(|b| b.lang == "sh") {
+            let run = RUN.iter().any(|(g, heading, needle, _)| {
+                g == guide_path && b.heading.contains(heading) && b.text.contains(needle)
+            });
+            if run {
+                continue;
+            }
+            if guide::not_run(b).is_none() {
+                unmarked.push(format!("{guide_path} under {:?}", b.heading));
+                continue;
+            }
+            // A marked block: each fedgate and agency-client command parses (subcommand, flags, typed values).
+            for line in guide::command_lines(&b.text) {
+                if let Some(inv) = guide::invocation(&line) {
+                    let args = guide::filled_in(&inv);
+                    let ran = scratch.run(&root, &format!("{args} --help"), BLOCK).await?;
+                    assert_eq!(
+                        ran.code,
+                        Some(0),
+                        "{guide_path} under {:?}: {line}\n{}",
+                        b.heading,
+                        ran.stderr
+                    );
+                    checked += 1;
+                }
+                if line.starts_with("cargo bench") || line.contains(" cargo bench ") {
+                    let name = line
+                        .split_whitespace()
+                        .skip_while(|w| *w != "--bench")
+                        .nth(1)
+                        .with_context(|| format!("{line}: no --bench"))?;
+                    assert!(benches.iter().any(|n| n == name), "{line}: no bench {name}");
+                }
+            }
+        }
+    }
+    assert!(
+        unmarked.is_empty(),
+        "sh blocks neither run by a test nor marked {:?}:\n{}",
+        guide::NOT_RUN,
+        unmarked.join("\n")
+    );
+    assert!(checked >= 20, "only {checked} commands checked");
+
+    // The compose file the marked blocks use is valid, where a container engine is at hand.
+    let docker = std::process::Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if docker {
+        let compose = workspace().join("deploy/compose/compose.yaml");
+        scratch
+            .run_ok(
+                &root,
+                &format!(
+                    "docker compose -f {} --profile demo config -q",
+                    compose.display()
+                ),
+                BLOCK,
+            )
+            .await?;
+    }
+
+    // The Kubernetes guide's PKI, as written: every node's and agency's files.
+    let k8s = guide::blocks(&read("deploy/kubernetes/README.md")?);
+    let certs = block(&k8s, "2. TLS Secrets", "fedgate certs")?;
+    scratch.run_ok(&root, &certs.text, BLOCK).await?;
+    for line in guide::command_lines(&certs.text) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for pair in words.windows(2) {
+            let name = match pair[0] {
+                "--node" => format!("node-{}", pair[1]),
+                "--agency" => format!("agency-{}", pair[1]),
+                _ => continue,
+            };
+            for ext in ["crt", "key"] {
+                let file = root.join("pki").join(format!("{name}.{ext}"));
+                assert!(file.exists(), "{} was not written", file.display());
+            }
+        }
+    }
+    Ok(())
 }

@@ -59,10 +59,12 @@ pub struct Checked {
 }
 
 impl NodeConfig {
-    /// Checks everything start-up checks without touching storage or the network: the code, addresses, TLS
-    /// files (readable, parseable, the certificate names this node, the key is its key, in force now), the
-    /// signing key, limits, calendar, audit retention, revoked serials and the topology (the parent's code is this
-    /// code's parent, children's codes its children, agencies' codes valid). Returns every problem found.
+    /// Checks everything start-up checks without touching storage or the network: the code, listen addresses
+    /// (well-formed, resolvable, on ports of their own), TLS files (readable, parseable, the certificate names
+    /// this node and chains to the bundle, the key is its key, in force now), the revocation list, the signing
+    /// key, limits, calendar, audit retention, revoked serials and the topology (the parent's code is this code's
+    /// parent, children's codes its children, agencies' codes valid, no address shared by two neighbours).
+    /// Returns every problem found.
     pub fn check(&self) -> Result<Checked, Vec<Problem>> {
         let mut problems = Vec::new();
         let code = match self.code.parse::<DivisionCode>() {
@@ -88,6 +90,7 @@ impl NodeConfig {
         if let Some(m) = &self.metrics {
             check_listen("metrics.listen", &m.listen, &mut problems);
         }
+        check_listeners_apart(self, &mut problems);
         let before_tls = problems.len();
         let tls = check_tls(self, code, &mut problems);
         let tls_clean = problems.len() == before_tls;
@@ -101,21 +104,27 @@ impl NodeConfig {
                 ),
             ));
         }
-        if let Err(e) = self.limits.validate(self.routing.hop_limit) {
-            problems.push(Problem::new("limits", e));
+        for (key, message) in self.limits.problems(self.routing.hop_limit) {
+            problems.push(Problem::new(key, message));
         }
         let calendar = WorkCalendar::new(&self.calendar)
-            .map_err(|e| problems.push(Problem::new("calendar", e)))
+            .map_err(|e| problems.push(Problem::new(e.key(&self.calendar), e.detail())))
             .ok();
         for (i, s) in self.trust.revoked_serials.iter().enumerate() {
             if let Err(e) = RevokedSerials::parse(std::slice::from_ref(s)) {
                 problems.push(Problem::new(format!("trust.revoked_serials[{i}]"), e));
             }
         }
+        let crl_clean = match &self.trust.crl {
+            Some(path) => crate::tls::trust::read_crl(path)
+                .map_err(|e| problems.push(Problem::new(e.key, e.reason)))
+                .is_ok(),
+            None => true,
+        };
         // Each file read and named above; then the whole set as start-up and every reload load it (chain to
         // the bundle, revocation lists).
         let trust = match (code, &tls) {
-            (Some(code), Some(_)) if tls_clean => {
+            (Some(code), Some(_)) if tls_clean && crl_clean => {
                 let files = crate::tls::trust::TrustFiles::of(self);
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
                 crate::tls::trust::load_trust(&files, code, now)
@@ -141,15 +150,106 @@ impl NodeConfig {
 
 /// A listen address is `host:port` with a port number (the host is resolved when it is bound).
 fn check_listen(key: &str, addr: &str, problems: &mut Vec<Problem>) {
-    let ok = addr.parse::<std::net::SocketAddr>().is_ok()
-        || addr
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-    if !ok {
+    if !is_host_port(addr) {
         problems.push(Problem::new(
             key,
             format!("{addr:?} is not host:port (e.g. \"0.0.0.0:7400\")"),
         ));
+    }
+}
+
+/// Whether `addr` is `host:port`.
+fn is_host_port(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>().is_ok()
+        || addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// A listen address whose host is a name resolves (as binding it would need).
+fn check_resolves(key: &str, addr: &str, problems: &mut Vec<Problem>) {
+    use std::net::ToSocketAddrs;
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return;
+    }
+    match addr.to_socket_addrs() {
+        Ok(found) if !found.as_slice().is_empty() => {}
+        Ok(_) => problems.push(Problem::new(
+            key,
+            format!("{addr:?}: the host has no address"),
+        )),
+        Err(e) => problems.push(Problem::new(
+            key,
+            format!("{addr:?}: cannot resolve the host: {e}"),
+        )),
+    }
+}
+
+/// No two listeners of the node (`listen`, `open_data.listen`, `console.listen`, `metrics.listen`) bind the same
+/// port on overlapping addresses (the second bind would fail); port 0 is never a clash.
+fn check_listeners_apart(config: &NodeConfig, problems: &mut Vec<Problem>) {
+    let mut listeners = vec![("listen", config.listen.as_str())];
+    listeners.extend(
+        config
+            .open_data
+            .iter()
+            .map(|o| ("open_data.listen", o.listen.as_str())),
+    );
+    listeners.extend(
+        config
+            .console
+            .iter()
+            .map(|c| ("console.listen", c.listen.as_str())),
+    );
+    listeners.extend(
+        config
+            .metrics
+            .iter()
+            .map(|m| ("metrics.listen", m.listen.as_str())),
+    );
+    // A malformed address is named by `check_listen` already.
+    listeners.retain(|(_, addr)| is_host_port(addr));
+    let before = problems.len();
+    for (key, addr) in &listeners {
+        check_resolves(key, addr, problems);
+    }
+    if problems.len() > before {
+        return;
+    }
+    let bound: Vec<(&str, Vec<std::net::SocketAddr>)> = listeners
+        .iter()
+        .map(|(key, addr)| {
+            use std::net::ToSocketAddrs;
+            let addrs = addr
+                .to_socket_addrs()
+                .map(Iterator::collect)
+                .unwrap_or_default();
+            (*key, addrs)
+        })
+        .collect();
+    let overlap = |a: &std::net::SocketAddr, b: &std::net::SocketAddr| {
+        a.port() != 0
+            && a.port() == b.port()
+            && a.is_ipv4() == b.is_ipv4()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    for (i, (key, addrs)) in bound.iter().enumerate() {
+        if let Some((earlier, _)) = bound[..i]
+            .iter()
+            .find(|(_, e)| addrs.iter().any(|a| e.iter().any(|b| overlap(a, b))))
+        {
+            problems.push(Problem::new(
+                *key,
+                format!(
+                    "{:?} takes the port of {earlier} ({:?}); each listener needs its own",
+                    listeners[i].1,
+                    listeners
+                        .iter()
+                        .find(|(k, _)| k == earlier)
+                        .map_or("", |(_, a)| a)
+                ),
+            ));
+        }
     }
 }
 
@@ -403,6 +503,7 @@ fn check_topology(config: &NodeConfig, code: Option<DivisionCode>, problems: &mu
             format!("{parent} is not the parent division of node {code}"),
         ));
     }
+    check_neighbour_addresses(config, problems);
     let mut seen = HashSet::new();
     for (i, c) in config.children.iter().enumerate() {
         let Some(child) = peer(format!("children[{i}]"), c, problems) else {
@@ -438,6 +539,45 @@ fn check_topology(config: &NodeConfig, code: Option<DivisionCode>, problems: &mu
                 }
             }
             Err(e) => problems.push(Problem::new(format!("agencies[{i}].uscc"), e)),
+        }
+    }
+}
+
+/// No address is given to two different neighbours: a node answers under one code, so a call that reaches it as
+/// the other is refused by the identity check.
+fn check_neighbour_addresses(config: &NodeConfig, problems: &mut Vec<Problem>) {
+    let mut owner: std::collections::HashMap<String, (String, &str)> =
+        std::collections::HashMap::new();
+    let neighbours = config
+        .parent
+        .iter()
+        .map(|p| ("parent".to_owned(), p))
+        .chain(
+            config
+                .children
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("children[{i}]"), c)),
+        );
+    for (key, p) in neighbours {
+        let addresses = std::iter::once((format!("{key}.address"), &p.address)).chain(
+            p.replicas
+                .iter()
+                .enumerate()
+                .map(|(j, r)| (format!("{key}.replicas[{j}]"), r)),
+        );
+        for (at, address) in addresses {
+            let normal = address.trim_end_matches('/').to_ascii_lowercase();
+            match owner.get(&normal) {
+                Some((first, code)) if *code != p.code => problems.push(Problem::new(
+                    at,
+                    format!("{address:?} is also the address of node {code} ({first})"),
+                )),
+                Some(_) => {}
+                None => {
+                    owner.insert(normal, (at, p.code.as_str()));
+                }
+            }
         }
     }
 }

@@ -151,9 +151,19 @@ impl Default for LimitsConfig {
 
 impl LimitsConfig {
     /// Refuses settings that would let a record or an item outgrow a stream, or that no request could meet;
-    /// `hop_limit` is the routing hop limit in force.
+    /// `hop_limit` is the routing hop limit in force. The error names the first problem of [`Self::problems`].
     pub fn validate(&self, hop_limit: u32) -> Result<()> {
-        let bad = |what: String| Err(Error::InvalidArgument(format!("limits.{what}")));
+        match self.problems(hop_limit).into_iter().next() {
+            Some((key, message)) => Err(Error::InvalidArgument(format!("{key}: {message}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Every setting [`Self::validate`] refuses, as its key (`limits.max_fields`) and what is wrong with it.
+    pub fn problems(&self, hop_limit: u32) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad =
+            |key: &str, message: String| problems.push((format!("limits.{key}"), message));
         let zero = [
             ("max_request_id_chars", self.max_request_id_chars),
             ("max_id_chars", self.max_id_chars),
@@ -171,46 +181,60 @@ impl LimitsConfig {
             ("max_page_bytes", self.max_page_bytes),
             ("max_demand_page", self.max_demand_page as usize),
             ("max_open_demands", self.max_open_demands),
+            ("max_search_page", self.max_search_page as usize),
+            ("max_audit_page", self.max_audit_page as usize),
         ];
-        if let Some((key, _)) = zero.iter().find(|(_, v)| *v == 0) {
-            return bad(format!("{key} must be at least 1"));
+        for (key, _) in zero.iter().filter(|(_, v)| *v == 0) {
+            bad(key, "must be at least 1".into());
         }
         if self.max_text_chars > RECORD_TEXT_CHARS {
-            return bad(format!(
-                "max_text_chars {} is above {RECORD_TEXT_CHARS}, what an audit record keeps",
-                self.max_text_chars
-            ));
+            bad(
+                "max_text_chars",
+                format!(
+                    "{} is above {RECORD_TEXT_CHARS}, what an audit record keeps",
+                    self.max_text_chars
+                ),
+            );
         }
         if self.max_entry_bytes > MAX_ENTRY_CEILING {
-            return bad(format!(
-                "max_entry_bytes {} is above {MAX_ENTRY_CEILING}, what a parent accepts in one item",
-                self.max_entry_bytes
-            ));
+            bad(
+                "max_entry_bytes",
+                format!(
+                    "{} is above {MAX_ENTRY_CEILING}, what a parent accepts in one item",
+                    self.max_entry_bytes
+                ),
+            );
         }
         let one_item = self.max_entry_bytes.max(MAX_RECORD_BYTES) + 64 * 1024;
         if self.max_message_bytes < one_item {
-            return bad(format!(
-                "max_message_bytes {} cannot carry one catalog entry or audit record with its batch ({one_item} bytes)",
-                self.max_message_bytes
-            ));
+            bad(
+                "max_message_bytes",
+                format!(
+                    "{} cannot carry one catalog entry or audit record with its batch ({one_item} bytes)",
+                    self.max_message_bytes
+                ),
+            );
         }
         if self.max_bulk_page > crate::policy::MAX_BULK_PAGE || self.max_bulk_page == 0 {
-            return bad(format!(
-                "max_bulk_page {} must be 1 to {}",
-                self.max_bulk_page,
-                crate::policy::MAX_BULK_PAGE
-            ));
-        }
-        if self.max_search_page == 0 || self.max_audit_page == 0 {
-            return bad("max_search_page and max_audit_page must be at least 1".into());
+            bad(
+                "max_bulk_page",
+                format!(
+                    "{} must be 1 to {}",
+                    self.max_bulk_page,
+                    crate::policy::MAX_BULK_PAGE
+                ),
+            );
         }
         if self.max_route_hops <= hop_limit as usize {
-            return bad(format!(
-                "max_route_hops {} must exceed routing.hop_limit {hop_limit}: a route holds every node passed",
-                self.max_route_hops
-            ));
+            bad(
+                "max_route_hops",
+                format!(
+                    "{} must exceed routing.hop_limit {hop_limit}: a route holds every node passed",
+                    self.max_route_hops
+                ),
+            );
         }
-        Ok(())
+        problems
     }
 
     /// Longest full resource id: a node code, ':' and a local code.

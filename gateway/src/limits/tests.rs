@@ -174,6 +174,13 @@ fn configurations_that_could_jam_a_stream_are_refused() {
         ..ok
     };
     assert!(hops.validate(8).is_err());
+    let several = LimitsConfig {
+        max_fields: 0,
+        max_route_hops: 8,
+        ..ok
+    };
+    let keys: Vec<String> = several.problems(8).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["limits.max_fields", "limits.max_route_hops"]);
     let parsed: LimitsConfig = toml::from_str("max_grant_days = 30").expect("partial section");
     assert_eq!(parsed.max_grant_days, 30);
     assert_eq!(parsed.max_text_chars, ok.max_text_chars);

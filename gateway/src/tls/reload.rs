@@ -272,9 +272,9 @@ impl CertReloader {
         let within = left < i64::try_from(days.saturating_mul(86_400)).unwrap_or(i64::MAX);
         if within && warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
             let c = self.certificate();
+            let renew = renewal_advice(self.0.node, &lock(&self.0.files));
             tracing::warn!(node = %self.0.node, serial = %c.serial, not_after = %rfc3339(c.not_after),
-                days_left = left / 86_400,
-                "the node's certificate expires soon: issue a new one (`fedgate certs issue`) and replace the files");
+                days_left = left / 86_400, "the node's certificate expires soon: {renew}");
             *warned = Some(tokio::time::Instant::now());
         } else if !within {
             *warned = None;
@@ -282,6 +282,105 @@ impl CertReloader {
     }
 }
 
+/// What the expiry warning tells the operator to do: the `fedgate certs` command that issues node `node` a new
+/// certificate from the CA kept beside its CA bundle, and where the new files go.
+pub fn renewal_advice(node: DivisionCode, files: &TrustFiles) -> String {
+    let dir = match files.ca.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let command = renewal_command(node, dir);
+    let issued = |ext: &str| dir.join(format!("node-{node}.{ext}"));
+    let (crt, key) = (issued("crt"), issued("key"));
+    let place = if crt == files.cert && key == files.key {
+        "it replaces the files in use, which the node then reloads".to_owned()
+    } else {
+        format!(
+            "then put {} at {} and {} at {}; the node reloads them",
+            crt.display(),
+            files.cert.display(),
+            key.display(),
+            files.key.display()
+        )
+    };
+    format!(
+        "issue a new one with `{command}` where that directory holds the CA's ca.crt and ca.key; {place}"
+    )
+}
+
+/// `fedgate certs --ca-existing --out <ca_dir> --node <node>`, each argument quoted for a POSIX shell.
+pub fn renewal_command(node: DivisionCode, ca_dir: &Path) -> String {
+    format!(
+        "fedgate certs --ca-existing --out {} --node {node}",
+        shell_word(&ca_dir.display().to_string())
+    )
+}
+
+/// `word` as one word of a POSIX shell command line.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:=+,@%".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(ca: &str, cert: &str, key: &str) -> TrustFiles {
+        TrustFiles {
+            ca: ca.into(),
+            cert: cert.into(),
+            key: key.into(),
+            crl: None,
+            revoked_serials: Vec::new(),
+            warning_days: 30,
+        }
+    }
+
+    #[test]
+    fn the_renewal_advice_names_the_certs_command_of_this_node()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let node: DivisionCode = "350100".parse()?;
+        let beside = renewal_advice(
+            node,
+            &files(
+                "/etc/fedgate/pki/ca.crt",
+                "/etc/fedgate/pki/node-350100.crt",
+                "/etc/fedgate/pki/node-350100.key",
+            ),
+        );
+        assert!(
+            beside.contains("`fedgate certs --ca-existing --out /etc/fedgate/pki --node 350100`"),
+            "{beside}"
+        );
+        assert!(beside.contains("it replaces the files in use"), "{beside}");
+        let elsewhere = renewal_advice(
+            node,
+            &files(
+                "/run/secrets/ca.crt",
+                "/etc/fedgate/tls.crt",
+                "/etc/fedgate/tls.key",
+            ),
+        );
+        assert!(
+            elsewhere.contains("then put /run/secrets/node-350100.crt at /etc/fedgate/tls.crt"),
+            "{elsewhere}"
+        );
+        assert_eq!(
+            renewal_command(node, Path::new("/srv/my pki/it's")),
+            "fedgate certs --ca-existing --out '/srv/my pki/it'\\''s' --node 350100"
+        );
+        Ok(())
+    }
 }
