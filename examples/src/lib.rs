@@ -9,6 +9,7 @@
 //! - [`changelog`]: changes to the registry after generation and the change log `Provider.Changes` answers;
 //! - [`provider`]: the `fedgate.v1.Provider` service its node fetches records, counts and export pages from,
 //!   over mutual TLS;
+//! - [`provider_tls`]: the provider's TLS endpoint, whose certificate and CA bundle reload while it serves;
 //! - [`client`]: connecting to the node's `fedgate.v1.Agency` service, publishing entries, and the grant files
 //!   and JSON lines a consumer keeps;
 //! - [`cli`]: the agency command line (catalog, shares, applications, grants, objections), shared by the
@@ -28,6 +29,7 @@ pub mod changelog;
 pub mod cli;
 pub mod client;
 pub mod provider;
+pub mod provider_tls;
 pub mod registry;
 
 pub use catalog::{MIN_GROUP_SIZE, civil_affairs_entries, share_modes, statistics_dimensions};
@@ -38,6 +40,7 @@ pub use client::{
 pub use provider::{
     DEFAULT_EXPORT_PAGE_SIZE, MAX_EXPORT_PAGE_SIZE, ProviderTls, RegistryProvider, serve_provider,
 };
+pub use provider_tls::{serve_provider_reloading, server_config};
 pub use registry::{Person, Registry, RegistryError, Resource, is_valid_id_number};
 
 #[cfg(test)]

@@ -11,14 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fedgate_proto::v1::provider_server::{Provider, ProviderServer};
+use fedgate_proto::v1::provider_server::Provider;
 use fedgate_proto::v1::{
     AggregateRequest, AggregateResponse, ChangesRequest, ChangesResponse, Dimension, ExportRequest,
     ExportResponse, FetchRequest, FetchResponse, StatGroup,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -474,7 +472,8 @@ pub struct ProviderTls {
     pub key_pem: Vec<u8>,
 }
 
-/// Serves `provider` over mutual TLS on `listener` until `shutdown` completes.
+/// Serves `provider` over mutual TLS on `listener` until `shutdown` completes, always with `tls` (see
+/// [`crate::provider_tls::serve_provider_reloading`] for material that changes).
 ///
 /// Clients must present a certificate signed by `tls.ca_pem`. The process must have installed a rustls crypto
 /// provider first (`rustls::crypto::ring::default_provider().install_default()`).
@@ -483,23 +482,12 @@ pub async fn serve_provider(
     tls: ProviderTls,
     provider: RegistryProvider,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let config = ServerTlsConfig::new()
-        .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
-        .client_ca_root(Certificate::from_pem(tls.ca_pem));
-    Server::builder()
-        .tls_config(config)?
-        .add_service(ProviderServer::new(provider))
-        .serve_with_incoming_shutdown(
-            // Small request/response exchanges must not wait for delayed ACKs.
-            tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
-                conn.inspect(|c| {
-                    let _ = c.set_nodelay(true);
-                })
-            }),
-            shutdown,
-        )
-        .await
+) -> Result<(), crate::provider_tls::ServeError> {
+    let (_fixed, current) = tokio::sync::watch::channel(crate::provider_tls::server_config(&tls)?);
+    Ok(
+        crate::provider_tls::serve_provider_reloading(listener, current, provider, shutdown)
+            .await?,
+    )
 }
 
 #[cfg(test)]
@@ -508,7 +496,7 @@ mod tests {
     use crate::test_pki::Pki;
     use fedgate_proto::v1::provider_client::ProviderClient;
     use tonic::Code;
-    use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
     fn provider() -> RegistryProvider {
         let registry = Registry::generate("350102", 7, 200).unwrap_or_else(|e| panic!("{e}"));
@@ -849,6 +837,16 @@ mod tests {
     }
 
     async fn client_as(pki: &Pki, port: u16, node: &str) -> ProviderClient<Channel> {
+        client_to(pki, port, node)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e:?}"))
+    }
+
+    async fn client_to(
+        pki: &Pki,
+        port: u16,
+        node: &str,
+    ) -> Result<ProviderClient<Channel>, tonic::transport::Error> {
         let (cert, key) = pki.leaf(
             &format!("urn:fedgate:node:{node}"),
             &[&format!("{node}.node.fedgate")],
@@ -858,12 +856,71 @@ mod tests {
             .identity(Identity::from_pem(cert, key))
             .domain_name("91350102ma2xxxxx0a.agency.fedgate");
         let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-            .and_then(|e| e.tls_config(tls))
-            .unwrap_or_else(|e| panic!("{e}"))
+            .and_then(|e| e.tls_config(tls))?
             .connect()
+            .await?;
+        Ok(ProviderClient::new(channel))
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_certificate_and_ca_serve_new_connections_without_a_restart() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let material = |pki: &Pki| {
+            let (cert_pem, key_pem) = pki.leaf(
+                "urn:fedgate:agency:91350102MA2XXXXX0A",
+                &["91350102ma2xxxxx0a.agency.fedgate"],
+            );
+            ProviderTls {
+                ca_pem: pki.ca_pem.clone().into_bytes(),
+                cert_pem: cert_pem.into_bytes(),
+                key_pem: key_pem.into_bytes(),
+            }
+        };
+        let (old, new) = (Pki::new(), Pki::new());
+        let config = |tls: &ProviderTls| {
+            crate::provider_tls::server_config(tls).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (reload, current) = tokio::sync::watch::channel(config(&material(&old)));
+        let p = provider();
+        let id = p.registry().sample_id(1).unwrap_or_default().to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0")
             .await
-            .unwrap_or_else(|e| panic!("connect: {e:?}"));
-        ProviderClient::new(channel)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::provider_tls::serve_provider_reloading(
+            listener,
+            current,
+            p,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let asked = || fetch("350102:household", &id, &["name"]);
+        let before = call_as(&old, port, "350102", asked())
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}"));
+        assert_eq!(before.records.len(), 1);
+
+        // A broken file is refused before it is installed; the material in use stays.
+        let mut broken = material(&new);
+        broken.key_pem =
+            b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n".to_vec();
+        assert!(crate::provider_tls::server_config(&broken).is_err());
+
+        reload
+            .send(config(&material(&new)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let after = call_as(&new, port, "350102", asked())
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}"));
+        assert_eq!(after.records.len(), 1);
+        assert!(
+            client_to(&old, port, "350102").await.is_err(),
+            "a client trusting only the old CA no longer gets in"
+        );
+        let _ = stop.send(());
+        let _ = server.await;
     }
 
     #[tokio::test]

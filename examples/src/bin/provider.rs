@@ -2,6 +2,8 @@
 //!
 //! Generates the registry, optionally publishes the catalog entries of its two resources (`household`,
 //! `marriage`) to the node's Agency service, then serves `fedgate.v1.Provider` over mutual TLS until Ctrl-C.
+//! On SIGHUP it reads its certificate, key and CA bundle again and serves new connections with them (a broken
+//! file is reported and the material in use kept).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use clap::{Parser, ValueEnum};
 use fedgate_examples::registry::MaritalStatus;
 use fedgate_examples::{
     ProviderTls, Registry, RegistryProvider, civil_affairs_entries, connect_agency,
-    describe_status, publish_all, serve_provider,
+    describe_status, publish_all, serve_provider_reloading, server_config,
 };
 use fedgate_proto::v1::ShareType;
 
@@ -101,6 +103,14 @@ fn parse_code(s: &str) -> Result<String, String> {
     }
 }
 
+fn read_tls(args: &Args) -> Result<ProviderTls> {
+    Ok(ProviderTls {
+        ca_pem: read(&args.ca, "CA certificate")?,
+        cert_pem: read(&args.cert, "agency certificate")?,
+        key_pem: read(&args.key, "agency key")?,
+    })
+}
+
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} from {}", path.display()))
 }
@@ -126,11 +136,32 @@ async fn run() -> Result<()> {
         .init();
     let args = Args::parse();
 
-    let tls = ProviderTls {
-        ca_pem: read(&args.ca, "CA certificate")?,
-        cert_pem: read(&args.cert, "agency certificate")?,
-        key_pem: read(&args.key, "agency key")?,
-    };
+    let tls = read_tls(&args)?;
+    let (reload, current) = tokio::sync::watch::channel(server_config(&tls)?);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        let (ca, cert, key) = (args.ca.clone(), args.cert.clone(), args.key.clone());
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let again = ProviderTls {
+                    ca_pem: std::fs::read(&ca).unwrap_or_default(),
+                    cert_pem: std::fs::read(&cert).unwrap_or_default(),
+                    key_pem: std::fs::read(&key).unwrap_or_default(),
+                };
+                match server_config(&again) {
+                    Ok(config) => {
+                        let _ = reload.send(config);
+                        println!("certificates reloaded");
+                    }
+                    Err(e) => eprintln!("certificates not reloaded, the ones in use kept: {e}"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(reload);
     let area = args.area.clone().unwrap_or_else(|| args.node_code.clone());
     let registry =
         Registry::generate(&area, args.seed, args.count).context("generating the registry")?;
@@ -188,7 +219,7 @@ async fn run() -> Result<()> {
         "serving fedgate.v1.Provider on {} for node {} (Ctrl-C to stop)",
         args.listen, args.node_code
     );
-    serve_provider(listener, tls, provider, async {
+    serve_provider_reloading(listener, current, provider, async {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
